@@ -1,0 +1,31 @@
+# The two commands of the Quick start are `make demo` and `make test`; both bootstrap a
+# virtualenv in .venv from pyproject.toml on first use, so a fresh machine needs only Python 3.11+.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test check bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m loadtest.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+check: $(STAMP)
+	for f in rules/*.yaml; do $(VENV)/bin/splitter check $$f || exit 1; done
+
+bench: $(STAMP)
+	$(PY) -m loadtest.bench_decide
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
