@@ -1,0 +1,146 @@
+"""The `splitter` command: a thin layer that maps flags onto the engine and server and formats output.
+
+Exit codes: 0 success, 2 bad rules or bad input (the message names the file and line), 3 the
+server could not start.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+
+import click
+import orjson
+from multidict import CIMultiDict
+
+from proxy import __version__
+from proxy.engine import EventContext, RuleSet, RulesError, decide, load_rules
+from proxy.engine.simulate import Sample, against, tally
+from proxy.inputs import InputError, SampleEvent, read_events
+
+BAD_INPUT = 2
+STARTUP_FAILURE = 3
+
+
+def _load(path: str) -> RuleSet:
+    """Compile a rules file with the process environment, or exit 2 with every problem."""
+    try:
+        return load_rules(path, os.environ)
+    except RulesError as exc:
+        for line in exc.lines:
+            click.echo(line, err=True)
+        sys.exit(BAD_INPUT)
+    except OSError as exc:
+        _fail(f"{path}: cannot read rules: {exc.strerror or exc}")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"splitter: {message}", err=True)
+    sys.exit(BAD_INPUT)
+
+
+def _read_input(path: str) -> list[SampleEvent]:
+    try:
+        if path == "-":
+            return read_events(sys.stdin.read(), "<stdin>")
+        with open(path, encoding="utf-8") as handle:
+            return read_events(handle.read(), path)
+    except InputError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{path}: cannot read: {exc.strerror or exc}")
+    raise AssertionError("unreachable")
+
+
+def _contexts(rules: RuleSet, samples: Iterable[SampleEvent], write_key: str | None, headers: CIMultiDict[str], region: str | None) -> list[Sample]:
+    """Pair each event with the context the proxy would give it; unknown keys are an error."""
+    country = rules.country_from_headers(headers)
+    out: list[Sample] = []
+    for sample in samples:
+        key = write_key or sample.write_key
+        source = rules.source_for_key(key)
+        if key and source is None:
+            _fail(f"{sample.where}: unknown write key (no source in {rules.filename} has it)")
+        out.append((sample.event, EventContext(source.name if source else None, region, country)))
+    return out
+
+
+def _headers(values: tuple[str, ...]) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for value in values:
+        name, sep, content = value.partition(":")
+        if not sep or not name.strip():
+            _fail(f"--header {value!r}: expected 'Name: value'")
+        headers[name.strip()] = content.strip()
+    return headers
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="splitter")
+def main() -> None:
+    """Route or mirror Segment tracking events to Segment, RudderStack or both."""
+
+
+@main.command()
+@click.argument("rules_path", metavar="RULES.yaml")
+def check(rules_path: str) -> None:
+    """Validate a rules file: exit 0 with a summary, or 2 with every problem as FILE:LINE: path: message."""
+    rules = _load(rules_path)
+    splits = sum(1 for rule in rules.rules if rule.route.split)
+    click.echo(
+        f"{rules_path}: ok: {len(rules.rules)} rules ({splits} with a split), "
+        f"{len(rules.destinations)} destinations ({', '.join(rules.destinations)}), "
+        f"{len(rules.sources)} sources, sha256 {rules.sha256[:12]}"
+    )
+
+
+_header_option = click.option("--header", "header_values", multiple=True, metavar="'Name: value'", help="A request header, e.g. a geo header for `country`.")
+_region_option = click.option("--region", envvar="SPLITTER_REGION", default=None, help="The proxy's region, for `region` conditions.")
+_key_option = click.option("--write-key", default=None, help="The write key clients present (selects the source).")
+
+
+@main.command()
+@click.argument("rules_path", metavar="RULES.yaml")
+@click.argument("input_path", metavar="[INPUT]", default="-")
+@_key_option
+@_header_option
+@_region_option
+def explain(rules_path: str, input_path: str, write_key: str | None, header_values: tuple[str, ...], region: str | None) -> None:
+    """Print the decision for each event of INPUT (a file or -): one JSON line per event."""
+    rules = _load(rules_path)
+    samples = _contexts(rules, _read_input(input_path), write_key, _headers(header_values), region)
+    out = sys.stdout.buffer
+    for event, ctx in samples:
+        out.write(orjson.dumps(decide(rules, event, ctx).as_dict()) + b"\n")
+    out.flush()
+
+
+@main.command()
+@click.argument("rules_path", metavar="RULES.yaml")
+@click.argument("events_path", metavar="EVENTS.ndjson")
+@click.option("--against", "old_path", metavar="OLD.yaml", default=None, help="Compare with these rules: which users would change destination.")
+@_key_option
+@_header_option
+@_region_option
+def simulate(rules_path: str, events_path: str, old_path: str | None, write_key: str | None, header_values: tuple[str, ...], region: str | None) -> None:
+    """Tally where a sample of events goes, per rule and destination; rehearse a change with --against."""
+    rules = _load(rules_path)
+    events = _read_input(events_path)
+    headers = _headers(header_values)
+    samples = _contexts(rules, events, write_key, headers, region)
+    result = tally(rules, samples)
+    click.echo(f"{result.events} events, {result.keys} distinct cohort keys ({rules_path})")
+    click.echo(f"{'rule':<24} {'destination':<16} {'role':<8} {'events':>8} {'%events':>8} {'keys':>8} {'%keys':>7}")
+    for row in result.rows:
+        click.echo(
+            f"{row.rule:<24} {row.destination:<16} {row.role:<8} {row.events:>8} {row.events_percent:>7.2f}% {row.keys:>8} {row.keys_percent:>6.2f}%"
+        )
+    if old_path is None:
+        return
+    old = _load(old_path)
+    moved = against(old, rules, _contexts(old, events, write_key, headers, region))
+    share = 100.0 * moved.keys_changed / moved.keys if moved.keys else 0.0
+    click.echo(f"\nagainst {old_path}: {moved.keys_changed} of {moved.keys} cohort keys ({share:.2f}%) change primary destination; {moved.events_changed} events")
+    for (before, after), count in moved.transitions.most_common():
+        click.echo(f"  {before} -> {after}: {count} keys")

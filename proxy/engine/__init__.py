@@ -1,0 +1,34 @@
+"""The routing engine: pure, I/O-free (beyond `load_rules` reading one file).
+
+Everything else in splitter imports the engine from here and only from here.
+"""
+
+from proxy.engine.cohort import BUCKETS, NO_KEY_BUCKET, bucket
+from proxy.engine.decide import decide
+from proxy.engine.errors import Problem, RulesError
+from proxy.engine.events import events_of_body, merge_envelope
+from proxy.engine.masking import mask
+from proxy.engine.model import EVENT_TYPES, Decision, Destination, EventContext, Rule, RuleSet, Source
+from proxy.engine.schema import SCHEMA_VERSION, compile_rules, load_rules
+
+__all__ = [
+    "BUCKETS",
+    "EVENT_TYPES",
+    "NO_KEY_BUCKET",
+    "SCHEMA_VERSION",
+    "Decision",
+    "Destination",
+    "EventContext",
+    "Problem",
+    "Rule",
+    "RuleSet",
+    "RulesError",
+    "Source",
+    "bucket",
+    "compile_rules",
+    "decide",
+    "events_of_body",
+    "load_rules",
+    "mask",
+    "merge_envelope",
+]

@@ -1,0 +1,153 @@
+"""The compiled, immutable form of a rules file: what `decide()` reads on every event.
+
+Everything here is frozen and slotted and built once by `compile_rules`; a reload builds a new
+`RuleSet` and swaps it in whole, so a request never sees half of an old file and half of a new one.
+Split percentages are stored as integer bucket bounds, so the hot path compares integers only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DestinationKind = Literal["segment", "rudderstack"]
+EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
+
+
+@dataclass(frozen=True, slots=True)
+class EventContext:
+    """What the engine may know about an event beyond its body; built by ingress once per request."""
+
+    source: str | None = None
+    region: str | None = None
+    country: str | None = None  # from a request header; the event's context.location.country is the fallback
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    name: str
+    kind: DestinationKind
+    url: str
+    timeout: float = 10.0
+    options: Mapping[str, Any] = field(default_factory=dict)  # delivery settings, read by the delivery layer
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    name: str
+    write_keys: tuple[str, ...]
+    credentials: Mapping[str, str]  # destination name -> write key that destination receives
+
+    def credential_for(self, destination: str, presented_key: str) -> str:
+        """The key to send upstream; without a configured one the client's own key passes through."""
+        return self.credentials.get(destination, presented_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Cohort:
+    fields: tuple[str, ...]
+    paths: tuple[tuple[str, tuple[str, ...]], ...]  # (field name, dotted path split once)
+    salt: str
+    reshuffle: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Ordered arms with cumulative exclusive upper bounds in buckets: [(dest, 500), (dest2, 10000)]."""
+
+    arms: tuple[tuple[str, int], ...]
+
+    def pick(self, bucket: int) -> str:
+        for destination, upper in self.arms:
+            if bucket < upper:
+                return destination
+        return self.arms[-1][0]
+
+    @property
+    def percents(self) -> tuple[tuple[str, float], ...]:
+        lower, out = 0, []
+        for destination, upper in self.arms:
+            out.append((destination, (upper - lower) / 100))
+            lower = upper
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    to: tuple[str, ...] = ()
+    split: Split | None = None
+    mirror: tuple[str, ...] = ()
+
+    def outcome(self, chosen: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(primary, mirror) once the split chose `chosen`; a mirror already primary is not sent twice."""
+        primary = self.to if chosen is None or chosen in self.to else (chosen, *self.to)
+        return primary, tuple(m for m in self.mirror if m not in primary)
+
+
+Predicate = Callable[[Mapping[str, Any], EventContext], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    index: int
+    conditions: tuple[Predicate, ...]
+    route: Route
+    cohort: Cohort
+    reshuffle: bool
+    line: int
+    when_text: Mapping[str, Any] = field(default_factory=dict)  # the `when` as written, for explain/admin
+    decision: Decision | None = None  # precomputed for routes without a split: no per-event allocation
+    arms: tuple[tuple[int, tuple[str, ...], tuple[str, ...]], ...] = ()  # split: (upper, primary, mirror)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one event goes. `bucket`/`cohort_key` are None when the rule has no split."""
+
+    rule: str
+    primary: tuple[str, ...]
+    mirror: tuple[str, ...]
+    bucket: int | None = None
+    cohort_key: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "primary": list(self.primary),
+            "mirror": list(self.mirror),
+            "bucket": self.bucket,
+            "cohort_key": self.cohort_key,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    version: int
+    filename: str
+    sha256: str
+    destinations: Mapping[str, Destination]
+    sources: Mapping[str, Source]
+    sources_by_key: Mapping[str, Source]
+    cohort: Cohort
+    rules: tuple[Rule, ...]
+    country_headers: tuple[str, ...]
+    text: str = ""  # the file as read, for /admin/config
+
+    def rule_named(self, name: str) -> Rule:
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(name)
+
+    def source_for_key(self, write_key: str | None) -> Source | None:
+        return self.sources_by_key.get(write_key) if write_key else None
+
+    def country_from_headers(self, headers: Mapping[str, str]) -> str | None:
+        """The first configured geo header present: the CDN in front of splitter knows best."""
+        for name in self.country_headers:
+            value = headers.get(name)
+            if value:
+                return value.strip().upper()
+        return None

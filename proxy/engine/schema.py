@@ -1,0 +1,318 @@
+"""Compile a rules file (schema version 1) into an immutable `RuleSet`, or fail with every problem.
+
+Layout of the file and the meaning of each key are documented in docs/configuration.md; this
+module is the single place that enforces them. It reads the node tree from `source.py` so each
+problem carries the line it is about, and it never half-builds: any problem raises `RulesError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from decimal import Decimal
+from urllib.parse import urlsplit
+
+import yaml
+
+from proxy.engine import conditions
+from proxy.engine.cohort import BUCKETS
+from proxy.engine.errors import Problem, RulesError
+from proxy.engine.masking import mask
+from proxy.engine.model import Cohort, Decision, Destination, Route, Rule, RuleSet, Source, Split
+from proxy.engine.nodes import NodeReader
+from proxy.engine.source import compose, line_of
+
+SCHEMA_VERSION = 1
+TOP_KEYS = ("version", "destinations", "sources", "cohort", "rules", "country_headers")
+DESTINATION_KEYS = ("kind", "url", "timeout", "delivery")
+SOURCE_KEYS = ("name", "write_keys", "credentials")
+COHORT_KEYS = ("key", "salt", "reshuffle")
+RULE_KEYS = ("name", "when", "route", "cohort", "reshuffle")
+ROUTE_KEYS = ("split", "to", "mirror")
+DEFAULT_COHORT_KEY = ("anonymousId", "userId")
+DEFAULT_SALT = "splitter"
+DEFAULT_COUNTRY_HEADERS = ("CF-IPCountry", "CloudFront-Viewer-Country", "X-Country")
+_HUNDRED = Decimal(100)
+
+
+def compile_rules(text: str, *, filename: str = "rules.yaml", env: Mapping[str, str] | None = None) -> RuleSet:
+    """Pure: text in, RuleSet out. `env` supplies `${VAR}` values (callers pass os.environ)."""
+    document = compose(text, filename=filename, env=env or {})
+    problems = document.problems
+    if document.root is None:
+        if not problems:
+            problems.append(Problem(filename, 1, "", "the file is empty"))
+        raise RulesError(problems)
+    compiler = _Compiler(NodeReader(filename, problems, document.unresolved))
+    ruleset = compiler.compile(document.root, filename, hashlib.sha256(text.encode("utf-8")).hexdigest(), text)
+    if problems or ruleset is None:
+        raise RulesError(problems)
+    return ruleset
+
+
+def load_rules(path: str, env: Mapping[str, str]) -> RuleSet:
+    """The engine's one file read: read `path` and compile it."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    return compile_rules(text, filename=path, env=env)
+
+
+class _Compiler:
+    def __init__(self, reader: NodeReader) -> None:
+        self.r = reader
+        self.destinations: dict[str, Destination] = {}
+        self.destination_names: list[str] = []  # declared, valid or not: references to them are not "unknown"
+        self.sources: dict[str, Source] = {}
+
+    def compile(self, root: yaml.Node, filename: str, sha256: str, text: str) -> RuleSet | None:
+        top = self.r.mapping(root, "", TOP_KEYS)
+        if top is None:
+            return None
+        for required in ("version", "destinations", "sources", "rules"):
+            if required not in top:
+                self.r.problem(root, required, "is required")
+        if "version" in top:
+            version = self.r.scalar(top["version"], "version")
+            if version != SCHEMA_VERSION:
+                self.r.problem(top["version"], "version", f"unsupported schema version {version!r}; this splitter reads version {SCHEMA_VERSION}")
+        if "destinations" in top:
+            self._destinations(top["destinations"])
+        sources_by_key: dict[str, Source] = {}
+        if "sources" in top:
+            sources_by_key = self._sources(top["sources"])
+        cohort = self._cohort(top["cohort"], "cohort", None) if "cohort" in top else _default_cohort()
+        headers = DEFAULT_COUNTRY_HEADERS
+        if "country_headers" in top:
+            headers = tuple(h for h, _ in self.r.strings(top["country_headers"], "country_headers"))
+        rules = self._rules(top["rules"], cohort or _default_cohort()) if "rules" in top else ()
+        if cohort is None or not rules:
+            return None
+        return RuleSet(SCHEMA_VERSION, filename, sha256, self.destinations, self.sources, sources_by_key, cohort, rules, headers, text)
+
+    def _destinations(self, node: yaml.Node) -> None:
+        entries = self.r.mapping(node, "destinations")
+        if entries is not None and not entries:
+            self.r.problem(node, "destinations", "must name at least one destination")
+        self.destination_names = list(entries or {})
+        for name, value in (entries or {}).items():
+            path = f"destinations.{name}"
+            spec = self.r.mapping(value, path, DESTINATION_KEYS)
+            if spec is None:
+                continue
+            kind = self.r.string(spec["kind"], f"{path}.kind") if "kind" in spec else None
+            if "kind" not in spec:
+                self.r.problem(value, f"{path}.kind", "is required (segment or rudderstack)")
+            elif kind is not None and kind not in ("segment", "rudderstack"):
+                self.r.problem(spec["kind"], f"{path}.kind", f"must be segment or rudderstack, not {kind!r}")
+                kind = None
+            url = self._url(spec.get("url"), value, f"{path}.url")
+            timeout = Decimal(10)
+            if "timeout" in spec:
+                timeout = self.r.number(spec["timeout"], f"{path}.timeout", positive=True) or timeout
+            options = {}
+            if "delivery" in spec:
+                delivery = self.r.mapping(spec["delivery"], f"{path}.delivery")
+                options = {key: self.r.scalar(node, f"{path}.delivery.{key}") for key, node in (delivery or {}).items()}
+            if kind is not None and url is not None:
+                self.destinations[name] = Destination(name, kind, url, float(timeout), options)  # type: ignore[arg-type]
+
+    def _url(self, node: yaml.Node | None, parent: yaml.Node, path: str) -> str | None:
+        if node is None:
+            self.r.problem(parent, path, "is required")
+            return None
+        url = self.r.string(node, path)
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            self.r.problem(node, path, f"must be an http:// or https:// URL with a host, not {url!r}")
+            return None
+        if parts.path.rstrip("/").endswith("/v1"):
+            self.r.problem(node, path, f"must not end in /v1 (splitter appends /v1/batch): {url!r}")
+            return None
+        return url.rstrip("/")
+
+    def _sources(self, node: yaml.Node) -> dict[str, Source]:
+        by_key: dict[str, Source] = {}
+        key_owner: dict[str, str] = {}
+        if not isinstance(node, yaml.SequenceNode):
+            self.r.problem(node, "sources", "must be a list of sources")
+            return by_key
+        for index, item in enumerate(node.value):
+            path = f"sources[{index}]"
+            spec = self.r.mapping(item, path, SOURCE_KEYS)
+            if spec is None:
+                continue
+            name = self.r.string(spec["name"], f"{path}.name") if "name" in spec else None
+            if "name" not in spec:
+                self.r.problem(item, f"{path}.name", "is required")
+            if name is not None and name in self.sources:
+                self.r.problem(spec["name"], f"{path}.name", f"duplicate source name {name!r}")
+                name = None
+            keys: list[str] = []
+            if "write_keys" not in spec:
+                self.r.problem(item, f"{path}.write_keys", "is required (the write keys clients of this source present)")
+            for key, key_node in self.r.strings(spec["write_keys"], f"{path}.write_keys") if "write_keys" in spec else []:
+                owner = key_owner.get(key)
+                if owner is not None:
+                    where = "twice in this source" if owner == name else f"already in source {owner!r}"
+                    self.r.problem(key_node, f"{path}.write_keys", f"write key {mask(key)} is {where}")
+                    continue
+                key_owner[key] = name or f"sources[{index}]"
+                keys.append(key)
+            credentials: dict[str, str] = {}
+            for dest, cred_node in (self.r.mapping(spec["credentials"], f"{path}.credentials") or {}).items() if "credentials" in spec else ():
+                if dest not in self.destination_names:
+                    self.r.problem(cred_node, f"{path}.credentials.{dest}", self._unknown_destination(dest))
+                credential = self.r.string(cred_node, f"{path}.credentials.{dest}")
+                if credential is not None:
+                    credentials[dest] = credential
+            if name is not None:
+                source = Source(name, tuple(keys), credentials)
+                self.sources[name] = source
+                by_key.update((key, source) for key in keys)
+        return by_key
+
+    def _unknown_destination(self, name: str) -> str:
+        return f"unknown destination {name!r} (destinations: {', '.join(self.destination_names) or 'none'})"
+
+    def _cohort(self, node: yaml.Node, path: str, base: Cohort | None) -> Cohort | None:
+        spec = self.r.mapping(node, path, COHORT_KEYS)
+        if spec is None:
+            return None
+        fields = base.fields if base else DEFAULT_COHORT_KEY
+        if "key" in spec:
+            fields = tuple(text for text, _ in self.r.strings(spec["key"], f"{path}.key"))
+            for text, field_node in self.r.strings(spec["key"], f"{path}.key"):
+                if any(not part for part in text.split(".")):
+                    self.r.problem(field_node, f"{path}.key", f"{text!r} is not a field path (use names separated by dots)")
+        salt = base.salt if base else DEFAULT_SALT
+        if "salt" in spec:
+            salt = self.r.string(spec["salt"], f"{path}.salt", allow_empty=True) or ""
+        reshuffle = bool("reshuffle" in spec and self.r.boolean(spec["reshuffle"], f"{path}.reshuffle"))
+        return Cohort(fields, tuple((f, tuple(f.split("."))) for f in fields), salt, reshuffle)
+
+    def _rules(self, node: yaml.Node, cohort: Cohort) -> tuple[Rule, ...]:
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            self.r.problem(node, "rules", "must be a non-empty list of rules")
+            return ()
+        rules: list[Rule] = []
+        names: set[str] = set()
+        last = len(node.value) - 1
+        for index, item in enumerate(node.value):
+            path = f"rules[{index}]"
+            spec = self.r.mapping(item, path, RULE_KEYS)
+            if spec is None:
+                continue
+            name = self.r.string(spec["name"], f"{path}.name") if "name" in spec else None
+            if "name" not in spec:
+                self.r.problem(item, f"{path}.name", "is required")
+            elif name is not None and name in names:
+                self.r.problem(spec["name"], f"{path}.name", f"duplicate rule name {name!r}")
+            names.add(name or "")
+            predicates, when_text = (), {}
+            if "when" in spec:
+                predicates, when_text = self._when(spec["when"], f"{path}.when")
+                if index == last:
+                    self.r.problem(spec["when"], f"{path}.when", "the last rule is the default and must have no `when`, so that every event gets a decision")
+            elif index != last:
+                self.r.problem(item, path, "only the last rule may omit `when`: this one would match every event and hide the rules after it")
+            route = self._route(spec["route"], f"{path}.route") if "route" in spec else None
+            if "route" not in spec:
+                self.r.problem(item, f"{path}.route", "is required")
+            rule_cohort = self._cohort(spec["cohort"], f"{path}.cohort", cohort) if "cohort" in spec else cohort
+            reshuffle = bool("reshuffle" in spec and self.r.boolean(spec["reshuffle"], f"{path}.reshuffle"))
+            if name is not None and route is not None and rule_cohort is not None:
+                fixed = None if route.split else Decision(name, *route.outcome(None))
+                arms = tuple((upper, *route.outcome(dest)) for dest, upper in route.split.arms) if route.split else ()
+                rules.append(Rule(name, index, predicates, route, rule_cohort, reshuffle, line_of(item), when_text, fixed, arms))
+        return tuple(rules)
+
+    def _when(self, node: yaml.Node, path: str) -> tuple[tuple[conditions.Predicate, ...], dict[str, object]]:
+        spec = self.r.mapping(node, path, conditions.CONDITION_NAMES)
+        if spec is not None and not spec:
+            self.r.problem(node, path, "must hold at least one condition (leave `when` out for the default rule)")
+        predicates, written = [], {}
+        for name, value_node in (spec or {}).items():
+            values = self.r.strings(value_node, f"{path}.{name}")
+            if not values:
+                continue
+            texts = [text for text, _ in values]
+            written[name] = texts if isinstance(value_node, yaml.SequenceNode) else texts[0]
+            try:
+                if name == "source":
+                    predicates.append(conditions.source_condition(texts, set(self.sources)))
+                else:
+                    predicates.append(conditions.BUILDERS[name](texts))
+            except ValueError as exc:
+                self.r.problem(value_node, f"{path}.{name}", str(exc))
+        return tuple(predicates), written
+
+    def _route(self, node: yaml.Node, path: str) -> Route | None:
+        if not isinstance(node, yaml.MappingNode):
+            to = self._destination_list(node, path)
+            return Route(to=to) if to else None
+        spec = self.r.mapping(node, path, ROUTE_KEYS)
+        if spec is None:
+            return None
+        if "split" not in spec and "to" not in spec:
+            self.r.problem(node, path, "needs `split` and/or `to`: which destinations are primary")
+            return None
+        split = self._split(spec["split"], f"{path}.split") if "split" in spec else None
+        to = self._destination_list(spec["to"], f"{path}.to") if "to" in spec else ()
+        mirror = self._destination_list(spec["mirror"], f"{path}.mirror") if "mirror" in spec else ()
+        for dest in mirror:
+            if dest in to:
+                self.r.problem(spec["mirror"], f"{path}.mirror", f"{dest!r} is always primary here (it is in `to`), so mirroring it does nothing")
+        if ("split" in spec and split is None) or ("to" in spec and not to):
+            return None
+        return Route(to=to, split=split, mirror=mirror)
+
+    def _destination_list(self, node: yaml.Node, path: str) -> tuple[str, ...]:
+        names: list[str] = []
+        for name, name_node in self.r.strings(node, path):
+            if name not in self.destination_names:
+                self.r.problem(name_node, path, self._unknown_destination(name))
+            elif name in names:
+                self.r.problem(name_node, path, f"{name!r} is listed twice")
+            else:
+                names.append(name)
+        return tuple(names)
+
+    def _split(self, node: yaml.Node, path: str) -> Split | None:
+        arms = self.r.mapping(node, path)
+        if arms is None:
+            return None
+        if not arms:
+            self.r.problem(node, path, "must give at least one destination and its percent")
+            return None
+        total, bounds, ok, summable = Decimal(0), [], True, True
+        for dest, pct_node in arms.items():
+            if dest not in self.destination_names:
+                self.r.problem(pct_node, f"{path}.{dest}", self._unknown_destination(dest))
+                ok = False
+            percent = self.r.number(pct_node, f"{path}.{dest}", minimum=0)
+            if percent is None:
+                ok = summable = False
+                continue
+            if percent > _HUNDRED:
+                self.r.problem(pct_node, f"{path}.{dest}", f"percent {_plain(percent)} is over 100")
+                ok = False
+            if percent != percent.quantize(Decimal("0.01")):
+                self.r.problem(pct_node, f"{path}.{dest}", f"percent {_plain(percent)} has more than two decimals (the finest step is 0.01)")
+                ok = False
+            total += percent
+            bounds.append((dest, int(total * 100)))
+        if summable and total != _HUNDRED:
+            self.r.problem(node, path, f"percents sum to {_plain(total)}, must be 100")
+            ok = False
+        return Split(tuple(bounds)) if ok else None
+
+
+def _plain(number: Decimal) -> str:
+    return format(number.normalize(), "f")
+
+
+def _default_cohort() -> Cohort:
+    return Cohort(DEFAULT_COHORT_KEY, tuple((f, (f,)) for f in DEFAULT_COHORT_KEY), DEFAULT_SALT)
+
