@@ -135,3 +135,6 @@ BUILDERS: dict[str, Builder] = {
     "library": library_condition,
 }
 CONDITION_NAMES = ("source", *BUILDERS)
+# Cheapest first: a rule stops at its first failing condition, so reading the request context
+# (source, region) and top-level fields before nested ones and version parsing saves work per event.
+EVALUATION_ORDER = ("source", "region", "type", "event", "country", "library", "os", "app_version")

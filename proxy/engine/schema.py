@@ -233,7 +233,7 @@ class _Compiler:
         if spec is not None and not spec:
             self.r.problem(node, path, "must hold at least one condition (leave `when` out for the default rule)")
         predicates, written = [], {}
-        for name, value_node in (spec or {}).items():
+        for name, value_node in sorted((spec or {}).items(), key=lambda item: conditions.EVALUATION_ORDER.index(item[0])):
             values = self.r.strings(value_node, f"{path}.{name}")
             if not values:
                 continue
@@ -246,7 +246,7 @@ class _Compiler:
                     predicates.append(conditions.BUILDERS[name](texts))
             except ValueError as exc:
                 self.r.problem(value_node, f"{path}.{name}", str(exc))
-        return tuple(predicates), written
+        return tuple(predicates), {name: written[name] for name in (spec or {}) if name in written}  # as written
 
     def _route(self, node: yaml.Node, path: str) -> Route | None:
         if not isinstance(node, yaml.MappingNode):

@@ -36,8 +36,28 @@ _OPERATORS: dict[str, Callable[[Version, Version], bool]] = {
 _RELEASE_MARK = 1  # sorts after any pre-release marker (0) of the same release
 
 
+_CACHE: dict[str, Version | None] = {}
+_CACHE_LIMIT = 4096  # apps report few distinct versions; the bound only guards against junk input
+
+
 def parse_version(text: object) -> Version | None:
-    """Read a version leniently; None when `text` is not recognisably a version."""
+    """Read a version leniently; None when `text` is not recognisably a version.
+
+    Memoised: the same few version strings arrive millions of times, and a parse is a regex match.
+    """
+    if type(text) is str:
+        cached = _CACHE.get(text, _CACHE)
+        if cached is not _CACHE:
+            return cached  # type: ignore[return-value]
+        parsed = _parse_version(text)
+        if len(_CACHE) >= _CACHE_LIMIT:
+            _CACHE.clear()
+        _CACHE[text] = parsed
+        return parsed
+    return _parse_version(text)
+
+
+def _parse_version(text: object) -> Version | None:
     if not isinstance(text, str):
         if isinstance(text, (int, float)) and not isinstance(text, bool):
             text = str(text)
