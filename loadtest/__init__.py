@@ -1,0 +1,1 @@
+"""Load-test, demo and stand-in upstream tooling for splitter (not shipped in the package)."""

@@ -1,0 +1,76 @@
+"""`splitter serve` settings: parsed and checked once, frozen, then passed to everything else.
+
+Every flag also reads a `SPLITTER_*` environment variable (the CLI maps them); the checks that
+involve several settings at once (a public admin port needs a token) live here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work; the message names the flag and the environment variable."""
+
+
+def parse_address(text: str, flag: str) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SettingsError(f"{flag} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9090")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    config: str
+    listen: tuple[str, int] = ("0.0.0.0", 8080)
+    admin: tuple[str, int] = ("127.0.0.1", 9090)
+    region: str | None = None
+    admin_token: str | None = None
+    drain_timeout: float = 25.0
+    reload_poll_interval: float = 1.0
+    trusted_proxies: tuple[IPNetwork, ...] = field(default_factory=lambda: tuple(ipaddress.ip_network(n) for n in DEFAULT_TRUSTED_PROXIES))
+    cors_origins: tuple[str, ...] = ("*",)
+    mirror_queue_size: int = 10_000  # events waiting per mirror destination before drops are counted
+    mirror_concurrency: int = 4
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        admin_host = self.admin[0]
+        if not is_loopback(admin_host) and not self.admin_token:
+            raise SettingsError(
+                f"--admin {admin_host}:{self.admin[1]} is not a loopback address: set SPLITTER_ADMIN_TOKEN "
+                "so that /admin/* requires a bearer token (or bind the admin port to 127.0.0.1)"
+            )
+        if self.drain_timeout < 0:
+            raise SettingsError("--drain-timeout must be 0 or more seconds")
+        if self.mirror_queue_size < 1 or self.mirror_concurrency < 1:
+            raise SettingsError("--mirror-queue-size and --mirror-concurrency must be at least 1")
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    """A comma-separated list of addresses or CIDR ranges, e.g. `10.0.0.0/8,127.0.0.1`."""
+    networks = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise SettingsError(f"--trusted-proxies: {part!r} is not an IP address or CIDR range") from None
+    return tuple(networks)
