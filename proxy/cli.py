@@ -83,6 +83,45 @@ def main() -> None:
 
 
 @main.command()
+@click.option("--config", "config", envvar="SPLITTER_CONFIG", required=True, metavar="RULES.yaml", help="The rules file (hot-reloaded).")
+@click.option("--listen", envvar="SPLITTER_LISTEN", default="0.0.0.0:8080", show_default=True, help="Ingress address for SDK traffic.")
+@click.option("--admin", envvar="SPLITTER_ADMIN", default="127.0.0.1:9090", show_default=True, help="Admin address: /metrics /healthz /readyz /admin/*.")
+@click.option("--region", envvar="SPLITTER_REGION", default=None, help="This replica's region, for `region` conditions.")
+@click.option("--drain-timeout", envvar="SPLITTER_DRAIN_TIMEOUT", type=float, default=25.0, show_default=True, help="Seconds to finish in-flight work on SIGTERM.")
+@click.option("--reload-interval", envvar="SPLITTER_RELOAD_INTERVAL", type=float, default=1.0, show_default=True, help="Seconds between checks of the rules file.")
+@click.option("--trusted-proxies", envvar="SPLITTER_TRUSTED_PROXIES", default="127.0.0.0/8,::1", show_default=True, help="Peers whose X-Forwarded-For is believed (CIDRs, comma-separated).")
+@click.option("--cors-origins", envvar="SPLITTER_CORS_ORIGINS", default="*", show_default=True, help="Browser origins allowed to send (comma-separated, * for any).")
+@click.option("--max-in-flight", envvar="SPLITTER_MAX_IN_FLIGHT", type=int, default=2000, show_default=True, help="Concurrent client requests before answering 429.")
+@click.option("--mirror-queue-size", envvar="SPLITTER_MIRROR_QUEUE_SIZE", type=int, default=10_000, show_default=True, help="Mirror events queued per destination before drops are counted.")
+@click.option("--log-level", envvar="SPLITTER_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+def serve(config: str, listen: str, admin: str, region: str | None, drain_timeout: float, reload_interval: float, trusted_proxies: str,
+          cors_origins: str, max_in_flight: int, mirror_queue_size: int, log_level: str) -> None:
+    """Run the proxy. The admin token, when the admin port is not loopback, comes from SPLITTER_ADMIN_TOKEN."""
+    from proxy.server import run
+    from proxy.settings import ServeSettings, SettingsError, parse_address, parse_networks
+
+    try:
+        settings = ServeSettings(
+            config=config,
+            listen=parse_address(listen, "--listen"),
+            admin=parse_address(admin, "--admin"),
+            region=region,
+            admin_token=os.environ.get("SPLITTER_ADMIN_TOKEN") or None,
+            drain_timeout=drain_timeout,
+            reload_poll_interval=reload_interval,
+            trusted_proxies=parse_networks(trusted_proxies),
+            cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
+            max_in_flight=max_in_flight,
+            mirror_queue_size=mirror_queue_size,
+            log_level=log_level,
+        )
+    except SettingsError as exc:
+        click.echo(f"splitter: {exc}", err=True)
+        sys.exit(STARTUP_FAILURE)
+    sys.exit(run(settings))
+
+
+@main.command()
 @click.argument("rules_path", metavar="RULES.yaml")
 def check(rules_path: str) -> None:
     """Validate a rules file: exit 0 with a summary, or 2 with every problem as FILE:LINE: path: message."""

@@ -48,6 +48,8 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ("*",)
     mirror_queue_size: int = 10_000  # events waiting per mirror destination before drops are counted
     mirror_concurrency: int = 4
+    max_in_flight: int = 2000  # client requests handled at once; past it, 429 with Retry-After
+    reuse_port: bool = False
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -1,0 +1,142 @@
+"""`make demo`: the proxy on the bundled rules, real stand-in receivers, sample traffic, the split.
+
+Starts a Segment and a RudderStack stand-in on loopback, runs `splitter serve` as a real process on
+`rules/default.yaml` pointed at them, sends a few thousand events from many users (batches from a
+server SDK and single calls as analytics.js sends them), then prints what each destination received
+against what the rules promise, and stops everything with SIGTERM. Bounded: it ends on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from loadtest.receivers import start_receiver
+from proxy.engine import EventContext, decide, load_rules
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "rules" / "default.yaml"
+WRITE_KEY = "demo-sdk-write-key"
+RUDDER_KEY = "demo-rudderstack-write-key"
+USERS = 2000
+BATCHES = 60
+BATCH_SIZE = 50
+SINGLES = 400
+
+
+def sample_events(rng: random.Random) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    def event(i: int) -> dict[str, Any]:
+        user = rng.randrange(USERS)
+        kind = rng.choice(["track", "track", "track", "page", "identify"])
+        body: dict[str, Any] = {"type": kind, "anonymousId": f"anon-{user:05d}", "messageId": f"demo-{i}", "properties": {"n": i}}
+        if kind == "track":
+            body["event"] = rng.choice(["Product Viewed", "Order Completed", "Signed Up"])
+        if kind == "identify" or rng.random() < 0.3:
+            body["userId"] = f"user-{user:05d}"
+        return body
+
+    counter = iter(range(10**9))
+    batches = [[event(next(counter)) for _ in range(BATCH_SIZE)] for _ in range(BATCHES)]
+    singles = [event(next(counter)) for _ in range(SINGLES)]
+    return batches, singles
+
+
+async def launch(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str, str]:
+    """Start `splitter serve` and read the ingress and admin addresses from its `started` log line."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(RULES), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        env=env, stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = await asyncio.wait_for(process.stdout.readline(), timeout=20)
+        if not line:
+            raise SystemExit(f"splitter exited during start-up (code {await process.wait()})")
+        record = orjson.loads(line)
+        if record.get("event") == "started":
+            asyncio.ensure_future(_discard(process.stdout))
+            return process, f"http://{record['listen'][0]}", f"http://{record['admin'][0]}"
+    raise SystemExit("splitter did not start within 20 s")
+
+
+async def _discard(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
+async def main() -> int:
+    rng = random.Random(2026)
+    segment = await start_receiver("segment")
+    rudder = await start_receiver("rudderstack", valid_keys=[RUDDER_KEY])
+    env = dict(os.environ, SEGMENT_URL=segment.url, RUDDERSTACK_DATA_PLANE_URL=rudder.url,
+               SPLITTER_WRITE_KEY=WRITE_KEY, RUDDERSTACK_WRITE_KEY=RUDDER_KEY)
+    process, ingress, admin = await launch(env)
+    batches, singles = sample_events(rng)
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
+    statuses: Counter[int] = Counter()
+    try:
+        async with aiohttp.ClientSession() as client:
+            async def post(path: str, body: dict[str, Any], headers: dict[str, str]) -> None:
+                async with client.post(ingress + path, data=orjson.dumps(body), headers=headers) as response:
+                    statuses[response.status] += 1
+
+            await asyncio.gather(*(post("/v1/batch", {"batch": b}, {**auth, "Content-Type": "application/json"}) for b in batches))
+            browser = {"Content-Type": "text/plain", "Origin": "https://shop.example"}
+            await asyncio.gather(*(post(f"/v1/{e['type'][0]}", {**e, "writeKey": WRITE_KEY}, browser) for e in singles))
+            async with client.get(admin + "/metrics") as response:
+                metrics_text = await response.text()
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), timeout=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await segment.close()
+        await rudder.close()
+    report(batches, singles, env, statuses, segment.receiver, rudder.receiver, metrics_text, code)
+    return 0 if code == 0 and set(statuses) == {200} else 1
+
+
+def report(batches: list[list[dict[str, Any]]], singles: list[dict[str, Any]], env: dict[str, str], statuses: Counter[int],
+           segment: Any, rudder: Any, metrics_text: str, exit_code: int) -> None:
+    rules = load_rules(str(RULES), env)
+    events = [e for b in batches for e in b] + singles
+    ctx = EventContext("default")
+    expected: Counter[str] = Counter()
+    users: dict[str, set[str]] = {"segment": set(), "rudderstack": set()}
+    for event in events:
+        decision = decide(rules, event, ctx)
+        for destination in (*decision.primary, *decision.mirror):
+            expected[destination] += 1
+        users[decision.primary[0]].add(event["anonymousId"])
+    received = {"segment": segment.count, "rudderstack": rudder.count}
+    split = dict(rules.rules[-1].route.split.percents)  # type: ignore[union-attr]
+    total_users = len(users["segment"]) + len(users["rudderstack"])
+    print(f"\nsplitter demo: {len(events)} events from {total_users} users via {len(batches)} batches and {len(singles)} browser calls")
+    print(f"client answers: {dict(statuses)}   proxy exit code after SIGTERM: {exit_code}\n")
+    print(f"{'destination':<13}{'received':>10}{'expected':>10}   primary users   configured split")
+    for name in ("rudderstack", "segment"):
+        share = 100.0 * len(users[name]) / total_users
+        print(f"{name:<13}{received[name]:>10}{expected[name]:>10}   {len(users[name]):>5} ({share:5.1f} %)   {split[name]:.0f} %")
+    mirrored = sum(1 for r in segment.events if r.event["messageId"] in set(rudder.message_ids()))
+    print(f"\nsegment also holds a mirror copy of {mirrored} RudderStack events, with the same messageId on both sides.")
+    for line in metrics_text.splitlines():
+        if line.startswith("splitter_rollout_percent"):
+            print("  " + line)
+    ok = received == dict(expected) and exit_code == 0
+    print("\nall events delivered as the rules say" if ok else "\nMISMATCH between what was sent and what arrived")
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

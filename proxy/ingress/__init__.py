@@ -1,0 +1,1 @@
+"""The client-facing side: Segment's HTTP API, answered the way Segment's SDKs expect."""

@@ -1,0 +1,106 @@
+"""The ingress application: Segment's routes, CORS for browsers, JSON errors, request metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.ingress import responses
+from proxy.ingress.auth import key_from_header
+from proxy.ingress.handlers import IngressDeps, ingest_handler, telemetry_handler
+from proxy.ingress.prepare import CallShape
+from proxy.ingress.responses import IngressError
+from proxy.log import get_logger
+
+log = get_logger("splitter.ingress")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SINGLE_PATHS = {"track": "track", "identify": "identify", "page": "page", "screen": "screen", "group": "group", "alias": "alias"}
+SHORT_PATHS = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g": "group", "a": "alias"}
+BATCH_PATHS = {"batch": False, "import": True, "b": True}  # path -> events come from a client app
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Retry-Count"
+
+
+def routes() -> dict[str, CallShape]:
+    table = {f"/v1/{path}": CallShape(False, kind) for path, kind in SINGLE_PATHS.items()}
+    table.update({f"/v1/{path}": CallShape(False, kind, from_client=True) for path, kind in SHORT_PATHS.items()})
+    table.update({f"/v1/{path}": CallShape(True, from_client=client) for path, client in BATCH_PATHS.items()})
+    return table
+
+
+def _route_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*",), max_in_flight: int = 2000) -> web.Application:
+    metrics = deps.metrics
+    in_flight = 0
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal in_flight
+        started = time.perf_counter()
+        path = _route_label(request)
+        if in_flight >= max_in_flight and request.method == "POST":
+            response: web.StreamResponse = responses.error(429, "too_many_requests", "splitter is at capacity; retry shortly", {"Retry-After": "1"})
+        else:
+            in_flight += 1
+            try:
+                response = await _answer(request, handler)
+            finally:
+                in_flight -= 1
+        metrics.child(metrics.requests, path, str(response.status)).inc()
+        metrics.child(metrics.request_duration, path).observe(time.perf_counter() - started)
+        _cors(request, response, cors_origins)
+        return response
+
+    app = web.Application(middlewares=[observe], client_max_size=1024**2)
+    for path, shape in routes().items():
+        app.router.add_post(path, ingest_handler(deps, shape))
+    app.router.add_post("/v1/m", telemetry_handler(deps))
+    return app
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "OPTIONS":
+        return web.Response(status=204)  # CORS preflight; headers added by the caller
+    try:
+        return await handler(request)
+    except IngressError as exc:
+        if exc.status != 429 and exc.status < 500:
+            log.info("request_rejected", path=request.path, code=exc.code, status=exc.status, source=request.get("source"),
+                     write_key=_presented_key(request))
+        return responses.from_exception(exc)
+    except web.HTTPException as exc:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status, "http_error")
+        return responses.error(exc.status, code, exc.reason)
+    except Exception:
+        log.exception("request_failed", path=request.path)
+        return responses.error(500, "internal_error", "splitter failed to handle the request; it is safe to retry")
+
+
+def _presented_key(request: web.Request) -> str | None:
+    try:
+        return key_from_header(request.headers)
+    except IngressError:
+        return None
+
+
+def _cors(request: web.Request, response: web.StreamResponse, allowed: tuple[str, ...]) -> None:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return
+    if "*" in allowed:
+        response.headers["Access-Control-Allow-Origin"] = "*"
+    elif origin in allowed:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+    else:
+        return
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+        response.headers["Access-Control-Max-Age"] = "86400"

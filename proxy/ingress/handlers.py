@@ -1,0 +1,85 @@
+"""The ingest handler: authenticate, read, prepare, deliver, answer. Thin on purpose.
+
+One rules snapshot is read at the start and used to the end, so a reload mid-request cannot mix
+two rule sets. The synchronous `_prepare_request` holds every parsed object; the handler itself
+keeps only bytes across its awaits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from proxy.delivery import Delivery
+from proxy.engine import EventContext, RuleSet, Source
+from proxy.ingress import responses
+from proxy.ingress.auth import authenticate, key_from_header
+from proxy.ingress.body import parse_json, read_body
+from proxy.ingress.client_ip import client_address
+from proxy.ingress.prepare import CallShape, Prepared, prepare
+from proxy.ingress.responses import IngressError
+from proxy.log import get_logger
+from proxy.metrics import Metrics
+from proxy.settings import IPNetwork
+from proxy.state import ActiveRules
+
+log = get_logger("splitter.ingress")
+
+
+@dataclass(frozen=True, slots=True)
+class IngressDeps:
+    active: ActiveRules
+    delivery: Delivery
+    metrics: Metrics
+    region: str | None
+    trusted_proxies: tuple[IPNetwork, ...]
+
+
+def _prepare_request(rules: RuleSet, data: bytes, header_key: str | None, shape: CallShape, ctx_base: EventContext,
+                     client_ip: str | None) -> tuple[Prepared, Source, str]:
+    body: Any = parse_json(data)
+    source, key = authenticate(rules, header_key, body)
+    ctx = EventContext(source.name, ctx_base.region, ctx_base.country)
+    return prepare(rules, body, shape, source, ctx, client_ip), source, key
+
+
+def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-untyped-def]
+    metrics = deps.metrics
+
+    async def handle(request: web.Request) -> web.Response:
+        rules = deps.active.current
+        header_key = key_from_header(request.headers)
+        if header_key is not None and rules.source_for_key(header_key) is None:
+            raise IngressError(401, "invalid_write_key", "unknown write key")  # before reading the body
+        data = await read_body(request)
+        client_ip, forwarded_for = client_address(request.remote, request.headers.get("X-Forwarded-For"), deps.trusted_proxies)
+        ctx = EventContext(None, deps.region, rules.country_from_headers(request.headers))
+        prepared, source, key = _prepare_request(rules, data, header_key, shape, ctx, client_ip)
+        request["source"] = source.name
+        for rejection in prepared.rejected:
+            metrics.child(metrics.events_rejected, source.name, rejection["code"]).inc()
+        outcome = await deps.delivery.send_primary(rules, prepared.primary, source, key, forwarded_for)
+        if not outcome.ok:
+            headers = {"Retry-After": str(max(1, round(outcome.retry_after)))} if outcome.retry_after else None
+            log.warning("upstream_failed", status=outcome.status, source=source.name, write_key=key, error=outcome.message)
+            raise IngressError(outcome.status, outcome.code, outcome.message, headers)
+        deps.delivery.send_mirror(rules, prepared.mirror, source, key, forwarded_for)
+        for labels, count in prepared.routed.items():
+            metrics.child(metrics.events, *labels).inc(count)
+        if prepared.rejected:
+            log.info("events_rejected", source=source.name, write_key=key, count=len(prepared.rejected), codes=sorted({r["code"] for r in prepared.rejected}))
+            return responses.success({"rejected": prepared.rejected})
+        return responses.success()
+
+    return handle
+
+
+def telemetry_handler(deps: IngressDeps):  # type: ignore[no-untyped-def]
+    async def handle(request: web.Request) -> web.Response:
+        data = await read_body(request)
+        deps.delivery.forward_telemetry(deps.active.current, data, request.headers.get("Content-Type", "text/plain"))
+        return responses.success()
+
+    return handle

@@ -1,0 +1,43 @@
+"""JSON answers in the shape every Segment SDK understands.
+
+Success is `200 {"success": true}` (the Python SDKs accept nothing else). Every error carries
+`success: false`, a `code` and a `message`: analytics-python reads `code` and `message` from any
+non-200 JSON body and, if either is missing, raises KeyError and retries even a permanent 4xx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+JSON = "application/json"
+SUCCESS_BODY = b'{"success":true}'
+
+
+class IngressError(Exception):
+    """A request splitter refuses; rendered as JSON by the error middleware."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def success(extra: Mapping[str, Any] | None = None) -> web.Response:
+    if not extra:
+        return web.Response(body=SUCCESS_BODY, content_type=JSON)
+    return web.Response(body=orjson.dumps({"success": True, **extra}), content_type=JSON)
+
+
+def error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    body = orjson.dumps({"success": False, "code": code, "message": message})
+    return web.Response(status=status, body=body, content_type=JSON, headers=headers)
+
+
+def from_exception(exc: IngressError) -> web.Response:
+    return error(exc.status, exc.code, exc.message, exc.headers)

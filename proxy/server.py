@@ -1,0 +1,109 @@
+"""The composition root: build every part, listen, react to signals, drain, exit.
+
+Lifecycle, in order: compile the rules (a bad file stops start-up with its FILE:LINE errors),
+start delivery, the ingress and admin listeners, the reload loop and file watcher; then wait.
+SIGHUP asks for a reload. SIGTERM/SIGINT: stop accepting, let in-flight requests finish within the
+drain timeout, let queued mirror copies go out, close upstream connections, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from proxy.admin import build_admin_app
+from proxy.delivery import Delivery
+from proxy.engine import RulesError, load_rules
+from proxy.ingress.app import build_ingress_app
+from proxy.ingress.handlers import IngressDeps
+from proxy.log import configure, get_logger
+from proxy.metrics import Metrics
+from proxy.reload import Reloader
+from proxy.settings import ServeSettings
+from proxy.state import ActiveRules
+from proxy.watch import RulesWatcher
+
+log = get_logger("splitter.server")
+OK, BAD_RULES, STARTUP_FAILURE = 0, 2, 3
+
+
+def _bound(runner: web.AppRunner) -> list[str]:
+    addresses = []
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        for sock in getattr(server, "sockets", None) or ():
+            host, port = sock.getsockname()[:2]
+            addresses.append(f"{host}:{port}")
+    return addresses
+
+
+async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    configure(settings.log_level)
+    try:
+        rules = await asyncio.to_thread(load_rules, settings.config, env)
+    except RulesError as exc:
+        log.error("config_invalid", file=settings.config, errors=exc.lines)
+        return BAD_RULES
+    except OSError as exc:
+        log.error("config_unreadable", file=settings.config, error=str(exc))
+        return BAD_RULES
+
+    metrics = Metrics()
+    metrics.show_rules(rules)
+    active = ActiveRules(rules)
+    delivery = Delivery(metrics, mirror_queue_size=settings.mirror_queue_size, mirror_concurrency=settings.mirror_concurrency)
+    reloader = Reloader(settings.config, active, metrics, env)
+    ready = False
+    deps = IngressDeps(active, delivery, metrics, settings.region, settings.trusted_proxies)
+    ingress = web.AppRunner(build_ingress_app(deps, cors_origins=settings.cors_origins, max_in_flight=settings.max_in_flight),
+                            access_log=None, shutdown_timeout=settings.drain_timeout, handle_signals=False)
+    admin = web.AppRunner(
+        build_admin_app(active=active, reloader=reloader, metrics=metrics, token=settings.admin_token, is_ready=lambda: ready),
+        access_log=None, shutdown_timeout=2.0, handle_signals=False,
+    )
+    watcher = RulesWatcher(settings.config, lambda: reloader.reload("file_change"), interval=settings.reload_poll_interval)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        await ingress.setup()
+        await admin.setup()
+        await web.TCPSite(ingress, *settings.listen, reuse_port=settings.reuse_port, backlog=1024).start()
+        await web.TCPSite(admin, *settings.admin).start()
+    except OSError as exc:
+        log.error("listen_failed", error=str(exc), listen=f"{settings.listen[0]}:{settings.listen[1]}", admin=f"{settings.admin[0]}:{settings.admin[1]}")
+        await ingress.cleanup()
+        await admin.cleanup()
+        return STARTUP_FAILURE
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
+    reloader.start()
+    watcher.start()
+    ready = True
+    log.info("started", listen=_bound(ingress), admin=_bound(admin), rules=settings.config, sha256=rules.sha256[:12], region=settings.region, pid=os.getpid())
+
+    await stop.wait()
+    ready = False
+    log.info("draining", timeout=settings.drain_timeout)
+    await watcher.stop()
+    await reloader.stop()
+    await ingress.cleanup()  # stops accepting, waits for in-flight requests up to the drain timeout
+    await delivery.close(drain_timeout=settings.drain_timeout)
+    await admin.cleanup()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return OK
+
+
+def run(settings: ServeSettings) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        return asyncio.run(serve(settings))
+    return uvloop.run(serve(settings))
