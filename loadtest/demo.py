@@ -12,9 +12,7 @@ import asyncio
 import base64
 import os
 import random
-import signal
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from loadtest.process import launch_splitter
 from loadtest.receivers import start_receiver
 from proxy.engine import EventContext, decide, load_rules
 
@@ -52,37 +51,14 @@ def sample_events(rng: random.Random) -> tuple[list[list[dict[str, Any]]], list[
     return batches, singles
 
 
-async def launch(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str, str]:
-    """Start `splitter serve` and read the ingress and admin addresses from its `started` log line."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(RULES), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        env=env, stdout=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = await asyncio.wait_for(process.stdout.readline(), timeout=20)
-        if not line:
-            raise SystemExit(f"splitter exited during start-up (code {await process.wait()})")
-        record = orjson.loads(line)
-        if record.get("event") == "started":
-            asyncio.ensure_future(_discard(process.stdout))
-            return process, f"http://{record['listen'][0]}", f"http://{record['admin'][0]}"
-    raise SystemExit("splitter did not start within 20 s")
-
-
-async def _discard(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
-
-
 async def main() -> int:
     rng = random.Random(2026)
     segment = await start_receiver("segment")
     rudder = await start_receiver("rudderstack", valid_keys=[RUDDER_KEY])
     env = dict(os.environ, SEGMENT_URL=segment.url, RUDDERSTACK_DATA_PLANE_URL=rudder.url,
                SPLITTER_WRITE_KEY=WRITE_KEY, RUDDERSTACK_WRITE_KEY=RUDDER_KEY)
-    process, ingress, admin = await launch(env)
+    splitter = await launch_splitter(str(RULES), env)
+    ingress, admin = splitter.ingress, splitter.admin
     batches, singles = sample_events(rng)
     auth = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
     statuses: Counter[int] = Counter()
@@ -97,11 +73,9 @@ async def main() -> int:
             await asyncio.gather(*(post(f"/v1/{e['type'][0]}", {**e, "writeKey": WRITE_KEY}, browser) for e in singles))
             async with client.get(admin + "/metrics") as response:
                 metrics_text = await response.text()
-        process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(process.wait(), timeout=30)
+        code = await splitter.stop()
     finally:
-        if process.returncode is None:
-            process.kill()
+        await splitter.stop()
         await segment.close()
         await rudder.close()
     report(batches, singles, env, statuses, segment.receiver, rudder.receiver, metrics_text, code)
