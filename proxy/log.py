@@ -20,9 +20,19 @@ SECRET_FIELDS = frozenset({"write_key", "writekey", "writeKey", "credential", "a
 
 def mask_write_keys(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for name, value in event_dict.items():
-        if name in SECRET_FIELDS and isinstance(value, str):
-            event_dict[name] = mask(value)
+        event_dict[name] = _masked(name, value)
     return event_dict
+
+
+def _masked(name: str, value: Any) -> Any:
+    """Secrets under a secret-looking name are masked at any depth (lists and nested objects too)."""
+    if name in SECRET_FIELDS and isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {key: _masked(str(key), inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_masked(name, item) for item in value]
+    return value
 
 
 def configure(level: str = "info") -> None:

@@ -65,14 +65,24 @@ class Metrics:
         return found
 
     def show_rules(self, rules: RuleSet) -> None:
-        """Publish the active file's identity and split; called at start-up and on every reload."""
-        self.config_info.clear()
+        """Publish the active file's identity and split; called at start-up and on every reload.
+
+        New values are set before stale label sets are removed, so a scrape never sees neither.
+        """
         self.config_info.labels(rules.sha256).set(1)
-        self.rollout_percent.clear()
-        self._children = {k: v for k, v in self._children.items() if k[0] != id(self.rollout_percent)}
+        _remove_except(self.config_info, {(rules.sha256,)})
+        live = set()
         for rule in rules.rules:
             for destination, percent in rollout_of(rule):
                 self.rollout_percent.labels(rule.name, destination).set(percent)
+                live.add((rule.name, destination))
+        _remove_except(self.rollout_percent, live)
+
+
+def _remove_except(gauge: Gauge, keep: set[tuple[str, ...]]) -> None:
+    for labels in list(gauge._metrics):  # prometheus_client keeps children by label tuple
+        if labels not in keep:
+            gauge.remove(*labels)
 
 
 def rollout_of(rule: Any) -> Iterable[tuple[str, float]]:

@@ -66,7 +66,7 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None) -
         build_admin_app(active=active, reloader=reloader, metrics=metrics, token=settings.admin_token, is_ready=lambda: ready),
         access_log=None, shutdown_timeout=2.0, handle_signals=False,
     )
-    watcher = RulesWatcher(settings.config, lambda: reloader.reload("file_change"), interval=settings.reload_poll_interval)
+    watcher = RulesWatcher(settings.config, lambda: reloader.reload("file_change"), interval=settings.reload_poll_interval, baseline=rules.sha256)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     try:

@@ -35,8 +35,12 @@ DEFAULT_COUNTRY_HEADERS = ("CF-IPCountry", "CloudFront-Viewer-Country", "X-Count
 _HUNDRED = Decimal(100)
 
 
-def compile_rules(text: str, *, filename: str = "rules.yaml", env: Mapping[str, str] | None = None) -> RuleSet:
-    """Pure: text in, RuleSet out. `env` supplies `${VAR}` values (callers pass os.environ)."""
+def compile_rules(text: str, *, filename: str = "rules.yaml", env: Mapping[str, str] | None = None, sha256: str | None = None) -> RuleSet:
+    """Pure: text in, RuleSet out. `env` supplies `${VAR}` values (callers pass os.environ).
+
+    `sha256` is the digest of the file's bytes when the caller has them (so it matches `sha256sum`);
+    otherwise the digest of the text encoded as UTF-8.
+    """
     document = compose(text, filename=filename, env=env or {})
     problems = document.problems
     if document.root is None:
@@ -44,17 +48,22 @@ def compile_rules(text: str, *, filename: str = "rules.yaml", env: Mapping[str, 
             problems.append(Problem(filename, 1, "", "the file is empty"))
         raise RulesError(problems)
     compiler = _Compiler(NodeReader(filename, problems, document.unresolved))
-    ruleset = compiler.compile(document.root, filename, hashlib.sha256(text.encode("utf-8")).hexdigest(), text)
+    ruleset = compiler.compile(document.root, filename, sha256 or hashlib.sha256(text.encode("utf-8")).hexdigest(), text)
     if problems or ruleset is None:
         raise RulesError(problems)
     return ruleset
 
 
 def load_rules(path: str, env: Mapping[str, str]) -> RuleSet:
-    """The engine's one file read: read `path` and compile it."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    return compile_rules(text, filename=path, env=env)
+    """The engine's one file read: read `path` and compile it. The sha256 is of the bytes on disk."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RulesError([Problem(path, line, "", f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})")]) from None
+    return compile_rules(text, filename=path, env=env, sha256=hashlib.sha256(data).hexdigest())
 
 
 class _Compiler:
@@ -124,11 +133,12 @@ class _Compiler:
         if url is None:
             return None
         parts = urlsplit(url)
+        shown = _without_userinfo(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            self.r.problem(node, path, f"must be an http:// or https:// URL with a host, not {url!r}")
+            self.r.problem(node, path, f"must be an http:// or https:// URL with a host, not {shown!r}")
             return None
         if parts.path.rstrip("/").endswith("/v1"):
-            self.r.problem(node, path, f"must not end in /v1 (splitter appends /v1/batch): {url!r}")
+            self.r.problem(node, path, f"must not end in /v1 (splitter appends /v1/batch): {shown!r}")
             return None
         return url.rstrip("/")
 
@@ -307,6 +317,15 @@ class _Compiler:
             self.r.problem(node, path, f"percents sum to {_plain(total)}, must be 100")
             ok = False
         return Split(tuple(bounds)) if ok else None
+
+
+def _without_userinfo(url: str) -> str:
+    """A URL fit for an error message: credentials in `user:pass@` are not repeated."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, tail = rest.partition("/")
+    if sep and "@" in authority:
+        return f"{scheme}://****@{authority.rpartition('@')[2]}{slash}{tail}"
+    return url
 
 
 def _plain(number: Decimal) -> str:

@@ -1,0 +1,163 @@
+"""The admin app: metrics and probes for the platform, reload and config for operators.
+
+`/metrics`, `/healthz` and `/readyz` are open: Prometheus and the kubelet carry no credentials.
+`/admin/*` changes or reveals configuration, so with a token set each of those handlers checks the
+bearer token itself (constant-time), rather than a middleware matching path prefixes that a
+differently spelled path could slip past. `/admin/config` describes the active rules from the
+compiled `RuleSet`, never from the file's text, which may hold literal write keys: every key goes
+through `mask()` and destination URLs lose their userinfo and query, where credentials can hide.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.engine import RuleSet, mask
+from proxy.engine.model import Cohort, Rule
+from proxy.metrics import Metrics
+from proxy.reload import Reloader, ReloadResult
+from proxy.state import ActiveRules
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ACTIVE = web.AppKey("active", ActiveRules)
+RELOADER = web.AppKey("reloader", Reloader)
+METRICS = web.AppKey("metrics", Metrics)
+TOKEN = web.AppKey("token", bytes)  # empty: /admin/* is open (settings allow that on loopback only)
+IS_READY = web.AppKey[Callable[[], bool]]("is_ready")
+ERROR_CODES = {"error": "invalid_rules", "refused": "reshuffle_refused"}
+
+
+def build_admin_app(
+    *, active: ActiveRules, reloader: Reloader, metrics: Metrics, token: str | None, is_ready: Callable[[], bool]
+) -> web.Application:
+    app = web.Application()
+    app[ACTIVE], app[RELOADER], app[METRICS], app[IS_READY] = active, reloader, metrics, is_ready
+    app[TOKEN] = _bytes(token) if token else b""
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/admin/reload", _guarded(reload_handler))
+    app.router.add_get("/admin/config", _guarded(config_handler))
+    return app
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if not request.app[IS_READY]():
+        return web.json_response({"status": "not ready"}, status=503)
+    return web.json_response({"status": "ready", "sha256": request.app[ACTIVE].current.sha256})
+
+
+async def reload_handler(request: web.Request) -> web.Response:
+    result = await request.app[RELOADER].reload("admin")
+    if result.ok:
+        return web.json_response({"success": True, "status": result.status, "sha256": result.sha256, "rollbacks": list(result.rollbacks)})
+    return web.json_response(_failure_body(result), status=400)
+
+
+def _failure_body(result: ReloadResult) -> dict[str, Any]:
+    if result.status == "refused":
+        message = "the new rules would reshuffle users between destinations; the previous rules stay active"
+    else:
+        message = f"the rules file has {len(result.errors)} problem(s); the previous rules stay active"
+    return {
+        "success": False,
+        "status": result.status,
+        "code": ERROR_CODES.get(result.status, "reload_failed"),
+        "message": message,
+        "errors": list(result.errors),
+        "sha256": result.sha256,
+    }
+
+
+async def config_handler(request: web.Request) -> web.Response:
+    snapshot = request.app[ACTIVE].snapshot
+    body = describe(snapshot.rules)
+    body["loaded_at"] = datetime.fromtimestamp(snapshot.loaded_at, UTC).isoformat()
+    return web.json_response(body)
+
+
+def describe(rules: RuleSet) -> dict[str, Any]:
+    """The active rules as JSON-ready data, with every credential masked."""
+    return {
+        "sha256": rules.sha256,
+        "file": rules.filename,
+        "version": rules.version,
+        "destinations": {
+            name: {"kind": dest.kind, "url": public_url(dest.url), "timeout": dest.timeout} for name, dest in rules.destinations.items()
+        },
+        "sources": [
+            {
+                "name": source.name,
+                "write_keys": [mask(key) for key in source.write_keys],
+                "credentials": {dest: mask(key) for dest, key in source.credentials.items()},
+            }
+            for source in rules.sources.values()
+        ],
+        "cohort": _cohort(rules.cohort),
+        "country_headers": list(rules.country_headers),
+        "rules": [_rule(rule) for rule in rules.rules],
+    }
+
+
+def _rule(rule: Rule) -> dict[str, Any]:
+    split = rule.route.split
+    return {
+        "name": rule.name,
+        "when": dict(rule.when_text),
+        "route": {
+            "to": list(rule.route.to),
+            "split": dict(split.percents) if split else None,
+            "mirror": list(rule.route.mirror),
+        },
+        "cohort": _cohort(rule.cohort),
+    }
+
+
+def _cohort(cohort: Cohort) -> dict[str, Any]:
+    return {"key": list(cohort.fields), "salt": cohort.salt}
+
+
+def public_url(url: str) -> str:
+    """`url` without `user:pass@` or a query string, the two places a credential can ride along."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def _guarded(handler: Handler) -> Handler:
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        expected = request.app[TOKEN]
+        if expected and not hmac.compare_digest(_bearer(request), expected):
+            return web.json_response(
+                {"success": False, "code": "unauthorized", "message": "send Authorization: Bearer <admin token>"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="splitter-admin"'},
+            )
+        return await handler(request)
+
+    return guarded
+
+
+def _bearer(request: web.Request) -> bytes:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return _bytes(value.strip()) if scheme.lower() == "bearer" else b""
+
+
+def _bytes(text: str) -> bytes:
+    # Header values arrive as surrogate-escaped UTF-8; compare_digest on str rejects non-ASCII.
+    return text.encode("utf-8", "surrogateescape")

@@ -1,0 +1,124 @@
+"""Reload the rules file: compile it whole, then swap it in or keep the old rules.
+
+Every trigger (SIGHUP, the file watcher, `POST /admin/reload`) ends in `Reloader.reload`, which is
+all-or-nothing: a file that does not compile, or that would reshuffle users between destinations
+without saying `reshuffle: true`, is logged and counted and the last good rules stay active. Reloads
+are serialized by a lock, so two triggers can never compare against, or swap over, each other.
+
+Signal handlers must not do work, so `request()` only records a trigger and sets an event; the
+`run()` task wakes, takes every trigger recorded so far, and reloads once for the whole burst.
+The rules text is never logged (it may hold literal write keys), only the engine's located errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from proxy.engine import RuleSet, RulesError, load_rules
+from proxy.engine.rollout import compare
+from proxy.log import get_logger
+from proxy.metrics import Metrics
+from proxy.state import ActiveRules
+
+log = get_logger(__name__)
+Status = Literal["success", "error", "refused", "unchanged"]
+_USERINFO = re.compile(r"(?<=://)[^/\s@'\"]+@")  # `user:pass@` in a URL an error message quotes
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    status: Status
+    trigger: str
+    sha256: str | None  # of the rules active after the attempt
+    errors: tuple[str, ...] = ()  # `FILE:LINE: path: message` lines, or why a reshuffle was refused
+    rollbacks: tuple[dict[str, Any], ...] = ()  # {"rule", "buckets_back"} per split that moved users back
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("success", "unchanged")
+
+
+class Reloader:
+    def __init__(self, path: str, active: ActiveRules, metrics: Metrics, env: Mapping[str, str]) -> None:
+        self._path = path
+        self._active = active
+        self._metrics = metrics
+        self._env = env
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._triggers: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def reload(self, trigger: str) -> ReloadResult:
+        """Compile the file and install it if it is valid, new, and reshuffles no one unasked."""
+        async with self._lock:
+            result = await self._attempt(trigger)
+            self._metrics.config_reloads.labels(result=result.status).inc()
+            return result
+
+    async def _attempt(self, trigger: str) -> ReloadResult:
+        old = self._active.current
+        try:
+            new = await asyncio.to_thread(load_rules, self._path, self._env)
+        except RulesError as exc:
+            return self._failed(trigger, old, [_redact(line) for line in exc.lines])
+        except OSError as exc:
+            return self._failed(trigger, old, [f"{self._path}: cannot read the rules file: {exc.strerror or exc}"])
+        except Exception as exc:  # an engine bug must not take the last good rules down with it
+            log.exception("config_reload_crashed", trigger=trigger, path=self._path)
+            return self._failed(trigger, old, [f"{self._path}: internal error while compiling: {type(exc).__name__}"])
+        if new.sha256 == old.sha256:
+            log.info("config_reload_unchanged", trigger=trigger, sha256=old.sha256[:12])
+            return ReloadResult("unchanged", trigger, old.sha256)
+        report = compare(old, new)
+        if report.refused:
+            log.error("config_reload_refused", trigger=trigger, path=self._path, sha256=new.sha256[:12], errors=list(report.refused))
+            return ReloadResult("refused", trigger, old.sha256, report.refused)
+        self._active.swap(new)
+        self._metrics.show_rules(new)
+        log.info("config_reloaded", trigger=trigger, old_sha256=old.sha256[:12], new_sha256=new.sha256[:12])
+        for change in report.rollbacks:
+            log.warning("config_rollback", trigger=trigger, rule=change.rule, buckets_back=change.buckets_back)
+        rollbacks = tuple({"rule": c.rule, "buckets_back": c.buckets_back} for c in report.rollbacks)
+        return ReloadResult("success", trigger, new.sha256, (), rollbacks)
+
+    def _failed(self, trigger: str, old: RuleSet, errors: list[str]) -> ReloadResult:
+        log.error("config_reload_failed", trigger=trigger, path=self._path, errors=errors)
+        return ReloadResult("error", trigger, old.sha256, tuple(errors))
+
+    def request(self, trigger: str) -> None:
+        """Ask `run()` for a reload. Only records and wakes, so a signal handler may call it."""
+        self._triggers.append(trigger)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Reload once per burst of `request()`s; one arriving mid-reload causes one more pass."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            triggers, self._triggers = self._triggers, []
+            try:
+                await self.reload(",".join(dict.fromkeys(triggers)) or "request")
+            except Exception:
+                log.exception("config_reload_crashed", trigger=",".join(triggers))
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(), name="rules-reloader")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _redact(line: str) -> str:
+    """Engine messages may quote a bad URL verbatim; its userinfo can be a credential."""
+    return _USERINFO.sub("****@", line)
