@@ -23,6 +23,7 @@ class SplitterProcess:
     admin: str
     log: list[dict[str, object]] = field(default_factory=list)  # every JSON log line, as it arrives
     _reader: asyncio.Task[None] | None = None
+    _terminated: bool = False
 
     def events(self, name: str) -> list[dict[str, object]]:
         return [record for record in self.log if record.get("event") == name]
@@ -37,12 +38,13 @@ class SplitterProcess:
         raise TimeoutError(f"no {name!r} log line within {timeout} s")
 
     def signal(self, sig: signal.Signals) -> None:
+        self._terminated = self._terminated or sig in (signal.SIGTERM, signal.SIGINT)
         self.process.send_signal(sig)
 
     async def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, then wait; SIGKILL if it does not exit in time (the test then fails on the code)."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
+        if self.process.returncode is None and not self._terminated:
+            self.signal(signal.SIGTERM)
         try:
             code = await asyncio.wait_for(self.process.wait(), timeout)
         except asyncio.TimeoutError:

@@ -95,8 +95,8 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None) -
     await ingress.cleanup()  # stops accepting, waits for in-flight requests up to the drain timeout
     await delivery.close(drain_timeout=settings.drain_timeout)
     await admin.cleanup()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.remove_signal_handler(sig)
+    # The handlers stay installed to the end: a second SIGTERM while draining must not kill the
+    # process with the default action (losing the drain); it only sets an already-set event.
     log.info("stopped")
     return OK
 

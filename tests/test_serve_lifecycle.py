@@ -214,6 +214,7 @@ async def test_sigterm_finishes_in_flight_requests_then_exits_zero(tmp_path: Pat
         started = time.monotonic()
         splitter.signal(signal.SIGTERM)
         await splitter.wait_for_log("draining")
+        splitter.process.send_signal(signal.SIGTERM)  # an impatient second SIGTERM must not cut the drain short
         with pytest.raises(aiohttp.ClientConnectionError):
             async with client.post(splitter.ingress + "/v1/batch", data=b"{}", headers=AUTH, timeout=aiohttp.ClientTimeout(total=2)):
                 pass
