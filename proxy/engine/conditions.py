@@ -40,7 +40,12 @@ def type_condition(values: list[str]) -> Predicate:
     if bad:
         raise ValueError(f"unknown event type {bad[0]!r} (expected one of: {', '.join(EVENT_TYPES)})")
     types = frozenset(values)
-    return lambda event, ctx: event.get("type") in types
+
+    def matches(event: Mapping[str, Any], ctx: EventContext) -> bool:
+        value = event.get("type")
+        return type(value) is str and value in types
+
+    return matches
 
 
 def glob_to_regex(pattern: str) -> str:
@@ -63,7 +68,12 @@ def event_condition(values: list[str]) -> Predicate:
     exact = frozenset(v for v in values if "*" not in v and "?" not in v)
     globs = [v for v in values if v not in exact]
     if not globs:
-        return lambda event, ctx: event.get("event") in exact
+
+        def is_exact(event: Mapping[str, Any], ctx: EventContext) -> bool:
+            name = event.get("event")
+            return type(name) is str and name in exact
+
+        return is_exact
     matcher = re.compile("|".join(f"(?:{glob_to_regex(g)})" for g in globs), re.DOTALL).fullmatch
 
     def matches(event: Mapping[str, Any], ctx: EventContext) -> bool:
@@ -121,7 +131,12 @@ def os_condition(values: list[str]) -> Predicate:
 
 def library_condition(values: list[str]) -> Predicate:
     names = frozenset(values)
-    return lambda event, ctx: _context_field(event, "library", "name") in names
+
+    def matches(event: Mapping[str, Any], ctx: EventContext) -> bool:
+        name = _context_field(event, "library", "name")
+        return type(name) is str and name in names
+
+    return matches
 
 
 Builder = Callable[[list[str]], Predicate]

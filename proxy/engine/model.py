@@ -147,7 +147,7 @@ class RuleSet:
     def country_from_headers(self, headers: Mapping[str, str]) -> str | None:
         """The first configured geo header present: the CDN in front of splitter knows best."""
         for name in self.country_headers:
-            value = headers.get(name)
+            value = (headers.get(name) or "").strip()
             if value:
-                return value.strip().upper()
+                return value.upper()
         return None

@@ -82,7 +82,7 @@ class _Compiler:
                 self.r.problem(root, required, "is required")
         if "version" in top:
             version = self.r.scalar(top["version"], "version")
-            if version != SCHEMA_VERSION:
+            if isinstance(version, bool) or version != SCHEMA_VERSION:
                 self.r.problem(top["version"], "version", f"unsupported schema version {version!r}; this splitter reads version {SCHEMA_VERSION}")
         if "destinations" in top:
             self._destinations(top["destinations"])
@@ -162,13 +162,14 @@ class _Compiler:
             keys: list[str] = []
             if "write_keys" not in spec:
                 self.r.problem(item, f"{path}.write_keys", "is required (the write keys clients of this source present)")
+            owner_name = name or f"sources[{index}]"
             for key, key_node in self.r.strings(spec["write_keys"], f"{path}.write_keys") if "write_keys" in spec else []:
                 owner = key_owner.get(key)
                 if owner is not None:
-                    where = "twice in this source" if owner == name else f"already in source {owner!r}"
+                    where = "twice in this source" if owner == owner_name else f"already in source {owner!r}"
                     self.r.problem(key_node, f"{path}.write_keys", f"write key {mask(key)} is {where}")
                     continue
-                key_owner[key] = name or f"sources[{index}]"
+                key_owner[key] = owner_name
                 keys.append(key)
             credentials: dict[str, str] = {}
             for dest, cred_node in (self.r.mapping(spec["credentials"], f"{path}.credentials") or {}).items() if "credentials" in spec else ():
@@ -192,8 +193,9 @@ class _Compiler:
             return None
         fields = base.fields if base else DEFAULT_COHORT_KEY
         if "key" in spec:
-            fields = tuple(text for text, _ in self.r.strings(spec["key"], f"{path}.key"))
-            for text, field_node in self.r.strings(spec["key"], f"{path}.key"):
+            written = self.r.strings(spec["key"], f"{path}.key")
+            fields = tuple(text for text, _ in written)
+            for text, field_node in written:
                 if any(not part for part in text.split(".")):
                     self.r.problem(field_node, f"{path}.key", f"{text!r} is not a field path (use names separated by dots)")
         salt = base.salt if base else DEFAULT_SALT

@@ -51,19 +51,22 @@ def compose(text: str, *, filename: str, env: Mapping[str, str]) -> Document:
         return Document(filename, None, [Problem(filename, 1, "", f"invalid YAML: {exc}")])
     document = Document(filename, root)
     if root is not None:
-        _expand(root, document, env)
+        _expand(root, document, env, set())
     return document
 
 
-def _expand(node: yaml.Node, document: Document, env: Mapping[str, str]) -> None:
+def _expand(node: yaml.Node, document: Document, env: Mapping[str, str], seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: expanded once; a recursive one (`&r [*r]`) must not loop forever
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.ScalarNode):
         _expand_scalar(node, document, env)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _expand(item, document, env)
+            _expand(item, document, env, seen)
     elif isinstance(node, yaml.MappingNode):
         for key, value in node.value:
-            _expand(value, document, env)
+            _expand(value, document, env, seen)
 
 
 def _expand_scalar(node: yaml.ScalarNode, document: Document, env: Mapping[str, str]) -> None:

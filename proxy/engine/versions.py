@@ -104,7 +104,8 @@ def parse_range(text: str) -> VersionRange:
         match = _COMPARISON.match(part)
         if match is None:
             raise ValueError(f"empty comparison in version range {text!r}")
-        version = parse_version(match.group("version"))
+        bound = match.group("version")
+        version = None if any(ch.isspace() for ch in bound) else parse_version(bound)  # bounds are strict: "3.0 <4" is a typo
         if version is None:
             raise ValueError(f"{match.group('version')!r} in version range {text!r} is not a version")
         checks.append((_OPERATORS[match.group("op") or "=="], version))
