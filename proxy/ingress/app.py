@@ -9,7 +9,7 @@ from aiohttp import web
 
 from proxy.ingress import responses
 from proxy.ingress.auth import key_from_header
-from proxy.ingress.handlers import IngressDeps, ingest_handler, telemetry_handler
+from proxy.ingress.handlers import SOURCE_KEY, IngressDeps, ingest_handler, telemetry_handler
 from proxy.ingress.prepare import CallShape
 from proxy.ingress.responses import IngressError
 from proxy.log import get_logger
@@ -57,7 +57,9 @@ def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*"
         _cors(request, response, cors_origins)
         return response
 
-    app = web.Application(middlewares=[observe], client_max_size=1024**2)
+    # auto_decompress off: body.py inflates gzip itself, with a cap; aiohttp's own inflation would
+    # hand it already-inflated bytes (every gzip body then fails as invalid_gzip) with no cap.
+    app = web.Application(middlewares=[observe], client_max_size=1024**2, handler_args={"auto_decompress": False})
     for path, shape in routes().items():
         app.router.add_post(path, ingest_handler(deps, shape))
     app.router.add_post("/v1/m", telemetry_handler(deps))
@@ -71,7 +73,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except IngressError as exc:
         if exc.status != 429 and exc.status < 500:
-            log.info("request_rejected", path=request.path, code=exc.code, status=exc.status, source=request.get("source"),
+            log.info("request_rejected", path=request.path, code=exc.code, status=exc.status, source=request.get(SOURCE_KEY),
                      write_key=_presented_key(request))
         return responses.from_exception(exc)
     except web.HTTPException as exc:

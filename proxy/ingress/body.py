@@ -53,6 +53,8 @@ def gunzip(raw: bytes) -> bytes:
         raise IngressError(400, "invalid_gzip", f"body is not valid gzip: {exc}") from None
     if len(data) > MAX_REQUEST_BYTES or inflater.unconsumed_tail:
         raise too_large("500 KB")
+    if not inflater.eof:
+        raise IngressError(400, "invalid_gzip", "body is not valid gzip: the stream is truncated")
     return data
 
 

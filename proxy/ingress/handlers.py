@@ -18,7 +18,7 @@ from proxy.ingress import responses
 from proxy.ingress.auth import authenticate, key_from_header
 from proxy.ingress.body import parse_json, read_body
 from proxy.ingress.client_ip import client_address
-from proxy.ingress.prepare import CallShape, Prepared, prepare
+from proxy.ingress.prepare import CallShape, Prepared, prepare, single_call_error
 from proxy.ingress.responses import IngressError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
@@ -26,6 +26,8 @@ from proxy.settings import IPNetwork
 from proxy.state import ActiveRules
 
 log = get_logger("splitter.ingress")
+# The source a request authenticated as, for the error log. A plain str key warns on aiohttp >= 3.14.
+SOURCE_KEY: Any = web.RequestKey("source", str) if hasattr(web, "RequestKey") else "source"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +59,11 @@ def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-unty
         client_ip, forwarded_for = client_address(request.remote, request.headers.get("X-Forwarded-For"), deps.trusted_proxies)
         ctx = EventContext(None, deps.region, rules.country_from_headers(request.headers))
         prepared, source, key = _prepare_request(rules, data, header_key, shape, ctx, client_ip)
-        request["source"] = source.name
+        request[SOURCE_KEY] = source.name
         for rejection in prepared.rejected:
             metrics.child(metrics.events_rejected, source.name, rejection["code"]).inc()
+        if not shape.is_batch and prepared.rejected:
+            raise single_call_error(prepared.rejected[0])
         outcome = await deps.delivery.send_primary(rules, prepared.primary, source, key, forwarded_for)
         if not outcome.ok:
             headers = {"Retry-After": str(max(1, round(outcome.retry_after)))} if outcome.retry_after else None

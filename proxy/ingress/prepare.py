@@ -51,6 +51,8 @@ def message_id_for(source: str, event: dict[str, Any]) -> str:
     A random id would differ between the first attempt and the SDK's retry, and warehouses
     de-duplicate on messageId, so a retried event would be counted twice.
     """
+    if "sentAt" in event:  # when the request was sent: a retry carries a new one, so it is not the event's identity
+        event = {name: value for name, value in event.items() if name != "sentAt"}
     digest = hashlib.sha256(source.encode() + b"\0" + orjson.dumps(event, option=orjson.OPT_SORT_KEYS)).digest()
     return str(uuid.UUID(bytes=digest[:16], version=4))
 
@@ -107,11 +109,13 @@ def prepare(
             _reject(prepared, index, "event_too_large", f"event is {len(encoded)} bytes; the limit is 32 KB per event")
             continue
         _file(prepared, decision, encoded, source.name, bounded_type(event["type"]))
-    if not shape.is_batch and prepared.rejected:
-        rejection = prepared.rejected[0]
-        status = 413 if rejection["code"] == "event_too_large" else 400
-        raise IngressError(status, rejection["code"], rejection["message"])
     return prepared
+
+
+def single_call_error(rejection: dict[str, Any]) -> IngressError:
+    """The error for a single-event call whose event was rejected (the handler counts it first)."""
+    status = 413 if rejection["code"] == "event_too_large" else 400
+    return IngressError(status, rejection["code"], rejection["message"])
 
 
 def _channel_is_client(event: dict[str, Any]) -> bool:

@@ -1,0 +1,182 @@
+"""The real splitter ingress + delivery stack in-process, on real loopback sockets, no mocks.
+
+`proxy_stack()` starts a stand-in Segment and RudderStack receiver (RudderStack validates the
+credentials, so a wrong key is a 401 there), compiles a rules file pointing at them, builds
+`Delivery` and the ingress app exactly as `proxy.server` does, serves it on 127.0.0.1 and opens a
+client session. `Stack.post()` sends a call the way an SDK would (any of Segment's auth forms,
+optionally gzipped) and returns (status, parsed JSON or None, response headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip as gzip_module
+import ipaddress
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import aiohttp
+import orjson
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDictProxy
+
+from loadtest.receivers import Receiver, RunningReceiver, start_receiver
+from proxy.delivery import Delivery
+from proxy.engine import RuleSet, compile_rules
+from proxy.ingress.app import build_ingress_app
+from proxy.ingress.handlers import IngressDeps
+from proxy.metrics import Metrics
+from proxy.settings import DEFAULT_TRUSTED_PROXIES, IPNetwork
+from proxy.state import ActiveRules
+
+WEB_KEY = "web-key-0123456789"
+SERVER_KEY = "server-key-0123456789"
+CREDENTIALS = {
+    "web": {"segment": "seg-web-key-0123456789", "rudderstack": "rs-web-key-0123456789"},
+    "server": {"segment": "seg-server-key-0123456789", "rudderstack": "rs-server-key-0123456789"},
+}
+RUDDER_KEYS = tuple(c["rudderstack"] for c in CREDENTIALS.values())
+LOOPBACK: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in DEFAULT_TRUSTED_PROXIES)
+
+# `Mirror *` tracks: Segment primary, RudderStack mirror. `Split *` tracks: 50/50 by cohort.
+# Everything else (identify, page, unknown types, ...) goes to both as primaries, so a test sees
+# both receivers' recordings as soon as the client has its answer.
+DEFAULT_RULES = """\
+version: 1
+destinations:
+  segment: {kind: segment, url: "${SEGMENT_URL}", timeout: 5}
+  rudderstack: {kind: rudderstack, url: "${RUDDERSTACK_URL}", timeout: 5}
+sources:
+  - name: web
+    write_keys: ["web-key-0123456789"]
+    credentials: {segment: "seg-web-key-0123456789", rudderstack: "rs-web-key-0123456789"}
+  - name: server
+    write_keys: ["server-key-0123456789"]
+    credentials: {segment: "seg-server-key-0123456789", rudderstack: "rs-server-key-0123456789"}
+cohort: {key: [anonymousId, userId], salt: "t"}
+rules:
+  - name: mirrored
+    when: {type: track, event: ["Mirror *"]}
+    route: {to: [segment], mirror: [rudderstack]}
+  - name: split
+    when: {type: track, event: ["Split *"]}
+    route: {split: {rudderstack: 50, segment: 50}}
+  - name: everyone
+    route: {to: [segment, rudderstack]}
+"""
+
+Auth = Literal["basic", "basic-nocolon", "body", "bearer"] | None
+
+
+def basic(key: str, colon: bool = True) -> str:
+    return "Basic " + base64.b64encode(f"{key}:".encode() if colon else key.encode()).decode()
+
+
+class Stack:
+    def __init__(self, segment: RunningReceiver, rudder: RunningReceiver, rules: RuleSet, metrics: Metrics,
+                 delivery: Delivery, server: TestServer, session: aiohttp.ClientSession) -> None:
+        self.segment_running = segment
+        self.rudder_running = rudder
+        self.rules = rules
+        self.metrics = metrics
+        self.delivery = delivery
+        self.server = server
+        self.session = session
+        self.url = str(server.make_url("")).rstrip("/")
+
+    @property
+    def segment(self) -> Receiver:
+        return self.segment_running.receiver
+
+    @property
+    def rudder(self) -> Receiver:
+        return self.rudder_running.receiver
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value, 0.0 when the series does not exist (yet)."""
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    async def wait_metric(self, name: str, at_least: float, timeout: float = 3.0, **labels: str) -> float:
+        """Poll a metric fed by background work until it reaches `at_least`."""
+        deadline = time.monotonic() + timeout
+        while (value := self.metric(name, **labels)) < at_least:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}{labels} = {value}, expected >= {at_least}")
+            await asyncio.sleep(0.01)
+        return value
+
+    async def request(self, method: str, path: str, *, data: bytes | None = None,
+                      headers: Mapping[str, str] | None = None) -> tuple[int, Any, CIMultiDictProxy[str]]:
+        async with self.session.request(method, self.url + path, data=data, headers=dict(headers or {})) as response:
+            raw = await response.read()
+            try:
+                parsed = orjson.loads(raw) if raw else None
+            except orjson.JSONDecodeError:
+                parsed = raw.decode("utf-8", "replace")
+            return response.status, parsed, response.headers
+
+    async def post(self, path: str, body: Any, *, key: str | None = WEB_KEY, auth: Auth = "basic", gzip: bool = False,
+                   headers: Mapping[str, str] | None = None,
+                   content_type: str = "application/json") -> tuple[int, Any, CIMultiDictProxy[str]]:
+        """POST a call. `body` is JSON-encoded unless it is bytes; `auth` picks how `key` travels:
+        Basic `key:`, Basic `key` (no colon), top-level `writeKey` in the body, or `Bearer xyz`
+        plus `writeKey` in the body. None sends no key at all."""
+        sent_headers: dict[str, str] = {"Content-Type": content_type}
+        if auth in ("body", "bearer") and isinstance(body, dict) and key is not None:
+            body = {**body, "writeKey": key}
+        if auth == "basic" and key is not None:
+            sent_headers["Authorization"] = basic(key)
+        elif auth == "basic-nocolon" and key is not None:
+            sent_headers["Authorization"] = basic(key, colon=False)
+        elif auth == "bearer":
+            sent_headers["Authorization"] = "Bearer xyz"
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
+        if gzip:
+            data = gzip_module.compress(data)
+            sent_headers["Content-Encoding"] = "gzip"
+        sent_headers.update(headers or {})
+        return await self.request("POST", path, data=data, headers=sent_headers)
+
+
+@asynccontextmanager
+async def proxy_stack(
+    rules_text: str = DEFAULT_RULES,
+    *,
+    trusted_proxies: tuple[IPNetwork, ...] = LOOPBACK,
+    cors_origins: tuple[str, ...] = ("*",),
+    max_in_flight: int = 2000,
+    mirror_queue_size: int = 10_000,
+    mirror_concurrency: int = 4,
+    region: str | None = None,
+    drain_timeout: float = 0.5,
+) -> AsyncIterator[Stack]:
+    segment = await start_receiver("segment", record=True)
+    rudder = await start_receiver("rudderstack", valid_keys=RUDDER_KEYS, record=True)
+    delivery: Delivery | None = None
+    server: TestServer | None = None
+    session: aiohttp.ClientSession | None = None
+    try:
+        rules = compile_rules(rules_text, env={"SEGMENT_URL": segment.url, "RUDDERSTACK_URL": rudder.url})
+        metrics = Metrics()
+        metrics.show_rules(rules)
+        delivery = Delivery(metrics, mirror_queue_size=mirror_queue_size, mirror_concurrency=mirror_concurrency)
+        deps = IngressDeps(ActiveRules(rules), delivery, metrics, region, trusted_proxies)
+        app = build_ingress_app(deps, cors_origins=cors_origins, max_in_flight=max_in_flight)
+        server = TestServer(app, host="127.0.0.1", shutdown_timeout=2.0)
+        await server.start_server()
+        session = aiohttp.ClientSession(auto_decompress=False)
+        yield Stack(segment, rudder, rules, metrics, delivery, server, session)
+    finally:
+        if session is not None:
+            await session.close()
+        if server is not None:
+            await server.close()
+        if delivery is not None:
+            await delivery.close(drain_timeout=drain_timeout)
+        segment.receiver.faults.delay = 0  # requests already sleeping are cut by the runner's short shutdown
+        rudder.receiver.faults.delay = 0
+        await rudder.close()
+        await segment.close()

@@ -1,0 +1,74 @@
+"""Delivery behaviour seen from outside: timeouts, cutting big fan-outs, credentials, draining mirrors."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from proxy.delivery.batches import MAX_UPSTREAM_BODY
+from proxy_harness import DEFAULT_RULES, SERVER_KEY, proxy_stack
+
+
+def track(i: int, **extra: Any) -> dict[str, Any]:
+    return {"type": "track", "event": "Clicked", "userId": f"user-{i}", "messageId": f"msg-{i}", **extra}
+
+
+async def test_primary_timeout_is_503_and_counted() -> None:
+    rules = DEFAULT_RULES.replace("timeout: 5}\n  rudderstack", "timeout: 0.3}\n  rudderstack")
+    async with proxy_stack(rules) as stack:
+        assert stack.rules.destinations["segment"].timeout == 0.3
+        stack.segment.faults.delay = 1.0
+        started = time.perf_counter()
+        status, body, _ = await stack.post("/v1/track", track(0))
+        assert 0.3 <= time.perf_counter() - started < 0.9
+        assert status == 503 and body["success"] is False and body["code"] == "upstream_unavailable"
+        assert "segment: no answer within 0.3s" in body["message"]
+        assert stack.metric("splitter_upstream_requests_total", destination="segment", code="timeout") == 1
+        assert stack.metric("splitter_upstream_duration_seconds_count", destination="segment") == 1
+        assert [r.event for r in stack.rudder.events] == [track(0)]  # the other primary still got it
+
+
+async def test_fan_out_over_500_kb_is_cut_into_several_upstream_requests() -> None:
+    """A 500 KB request can grow upstream (the envelope is copied into each event): bodies stay under the limit."""
+    async with proxy_stack() as stack:
+        envelope = {"context": {"library": {"name": "analytics-python"}, "pad": "c" * 12_000}}
+        batch = [track(i, properties={"pad": "p" * 12_000}) for i in range(30)]
+        body = orjson.dumps({"batch": batch, **envelope})
+        assert len(body) < 500 * 1024
+        status, answer, _ = await stack.post("/v1/batch", body, key=SERVER_KEY)
+        assert (status, answer) == (200, {"success": True})
+        for receiver in (stack.segment, stack.rudder):
+            assert receiver.message_ids() == [f"msg-{i}" for i in range(30)]  # all, once, in order
+            assert receiver.requests >= 2 and receiver.rejected == 0
+            sizes = {int(r.headers["Content-Length"]) for r in receiver.events}
+            assert len(sizes) == receiver.requests and max(sizes) <= MAX_UPSTREAM_BODY
+            assert {r.headers["Content-Type"] for r in receiver.events} == {"application/json"}
+            assert {r.headers["User-Agent"] for r in receiver.events} == {"splitter/0.1"}
+            assert all(r.event["context"]["pad"] == "c" * 12_000 for r in receiver.events)
+
+
+async def test_source_without_credentials_passes_the_client_key_through() -> None:
+    rules = DEFAULT_RULES.replace(
+        '    credentials: {segment: "seg-server-key-0123456789", rudderstack: "rs-server-key-0123456789"}\n',
+        '    credentials: {rudderstack: "rs-server-key-0123456789"}\n',
+    )
+    async with proxy_stack(rules) as stack:
+        status, answer, _ = await stack.post("/v1/track", track(0), key=SERVER_KEY, auth="body")
+        assert (status, answer) == (200, {"success": True})
+        assert [r.write_key for r in stack.segment.events] == [SERVER_KEY]
+        assert [r.write_key for r in stack.rudder.events] == ["rs-server-key-0123456789"]
+        assert "writeKey" not in stack.segment.events[0].event
+
+
+async def test_close_drains_queued_mirror_copies() -> None:
+    async with proxy_stack(drain_timeout=3.0, mirror_concurrency=1) as stack:
+        stack.rudder.faults.delay = 0.1
+        for i in range(4):
+            status, _, _ = await stack.post("/v1/track", track(i, event="Mirror x"))
+            assert status == 200
+        assert stack.rudder.count < 4  # still queued when the stack starts closing
+        rudder = stack.rudder
+    assert rudder.message_ids() == [f"msg-{i}" for i in range(4)]  # drained in order by the single worker
+    assert stack.metric("splitter_mirror_queue_depth", destination="rudderstack") == 0
