@@ -48,6 +48,30 @@ class Metrics:
             ["destination", "reason"], registry=r,
         )
         self.mirror_queue = Gauge("splitter_mirror_queue_depth", "Mirror events waiting to be sent, per destination.", ["destination"], registry=r)
+        per_destination = ["destination"]
+        self.events_delivered = Counter("splitter_events_delivered", "Events accepted by the upstream.", per_destination, registry=r)
+        self.events_dead_lettered = Counter(
+            "splitter_events_dead_lettered", "Events an upstream refused for good, written to the dead-letter file.", per_destination, registry=r
+        )
+        self.events_dropped = Counter(
+            "splitter_events_dropped", "Events not kept, by destination and reason (spool_full for mirrors at quota).", ["destination", "reason"], registry=r
+        )
+        self.upstream_retries = Counter("splitter_upstream_retries", "Upstream requests retried after a retryable failure.", per_destination, registry=r)
+        self.spool_replayed = Counter(
+            "splitter_spool_replayed", "Spooled events found at start-up and sent again (some may be duplicates).", per_destination, registry=r
+        )
+        self.spool_truncated_bytes = Counter(
+            "splitter_spool_truncated_bytes", "Bytes of torn or corrupt spool tails cut off at start-up.", per_destination, registry=r
+        )
+        self.spool_bytes = Gauge("splitter_spool_bytes", "Bytes of spool segment files on disk.", per_destination, registry=r)
+        self.spool_records = Gauge("splitter_spool_records", "Events in the spool not yet accepted upstream.", per_destination, registry=r)
+        self.spool_oldest_age = Gauge(
+            "splitter_spool_oldest_event_age_seconds", "Age of the oldest event waiting in the spool.", per_destination, registry=r
+        )
+        self.delivery_queue_depth = Gauge(
+            "splitter_delivery_queue_depth", "Events read from the spool and in flight to the upstream.", per_destination, registry=r
+        )
+        self.breaker_state = Gauge("splitter_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", per_destination, registry=r)
         self.config_reloads = Counter("splitter_config_reloads", "Rules reloads by result (success, error, refused, unchanged).", ["result"], registry=r)
         self.config_info = Gauge("splitter_config_info", "The active rules file: always 1, labelled with its sha256.", ["sha256"], registry=r)
         self.rollout_percent = Gauge(

@@ -157,9 +157,33 @@ def test_destination_problems(spec: str, message: str) -> None:
 
 def test_destination_url_trailing_slash_is_dropped_and_timeout_read() -> None:
     lines = HEAD.splitlines(keepends=True)
-    lines[2] = '  segment: {kind: segment, url: "https://s.test/base/", timeout: 2.5, delivery: {retries: 3}}\n'
+    lines[2] = '  segment: {kind: segment, url: "https://s.test/base/", timeout: 2.5, delivery: {max_in_flight: 3, retry_base: 0.25}}\n'
     dest = compile_rules("".join(lines) + DEFAULT_RULE, env={}).destinations["segment"]
-    assert (dest.url, dest.timeout, dict(dest.options)) == ("https://s.test/base", 2.5, {"retries": 3})
+    assert (dest.url, dest.timeout, dict(dest.options)) == ("https://s.test/base", 2.5, {"max_in_flight": 3, "retry_base": 0.25})
+
+
+@pytest.mark.parametrize(
+    "delivery, message",
+    [
+        ("{retries: 3}", "destinations.segment.delivery.retries: unknown key 'retries' (expected one of: batch_max_events, batch_max_bytes, "
+                         "flush_interval, max_in_flight, retry_base, retry_max, breaker_failures, breaker_cooldown, spool_quota_mb)"),
+        ("{batch_max_events: 2.5}", "destinations.segment.delivery.batch_max_events: must be a whole number, not 2.5"),
+        ("{batch_max_events: 3000}", "destinations.segment.delivery.batch_max_events: must be between 1 and 2500, not 3000"),
+        ("{flush_interval: -1}", "destinations.segment.delivery.flush_interval: must be between 0 and 5, not -1"),
+        ("{spool_quota_mb: lots}", "destinations.segment.delivery.spool_quota_mb: must be a number, not 'lots'"),
+    ],
+)
+def test_delivery_option_problems(delivery: str, message: str) -> None:
+    assert dest_errors(f'{{kind: segment, url: "http://s.test", delivery: {delivery}}}') == [f"rules.yaml:3: {message}"]
+
+
+def test_delivery_options_in_the_schema_are_the_delivery_layers() -> None:
+    from dataclasses import fields
+
+    from proxy.delivery.options import DeliveryOptions
+    from proxy.engine.schema import DELIVERY_OPTIONS
+
+    assert set(DELIVERY_OPTIONS) == {f.name for f in fields(DeliveryOptions)}
 
 
 def test_empty_destinations() -> None:

@@ -32,6 +32,18 @@ ROUTE_KEYS = ("split", "to", "mirror")
 DEFAULT_COHORT_KEY = ("anonymousId", "userId")
 DEFAULT_SALT = "splitter"
 DEFAULT_COUNTRY_HEADERS = ("CF-IPCountry", "CloudFront-Viewer-Country", "X-Country")
+# destinations.NAME.delivery: name -> (integer?, minimum, maximum). Defaults live with the delivery layer.
+DELIVERY_OPTIONS: dict[str, tuple[bool, float, float]] = {
+    "batch_max_events": (True, 1, 2500),
+    "batch_max_bytes": (True, 1024, 500 * 1024),
+    "flush_interval": (False, 0, 5),
+    "max_in_flight": (True, 1, 64),
+    "retry_base": (False, 0.001, 60),
+    "retry_max": (False, 0.01, 3600),
+    "breaker_failures": (True, 1, 1000),
+    "breaker_cooldown": (False, 0.01, 3600),
+    "spool_quota_mb": (False, 0.001, 10**7),
+}
 _HUNDRED = Decimal(100)
 
 
@@ -118,12 +130,24 @@ class _Compiler:
             timeout = Decimal(10)
             if "timeout" in spec:
                 timeout = self.r.number(spec["timeout"], f"{path}.timeout", positive=True) or timeout
-            options = {}
-            if "delivery" in spec:
-                delivery = self.r.mapping(spec["delivery"], f"{path}.delivery")
-                options = {key: self.r.scalar(node, f"{path}.delivery.{key}") for key, node in (delivery or {}).items()}
+            options = self._delivery(spec["delivery"], f"{path}.delivery") if "delivery" in spec else {}
             if kind is not None and url is not None:
                 self.destinations[name] = Destination(name, kind, url, float(timeout), options)  # type: ignore[arg-type]
+
+    def _delivery(self, node: yaml.Node, path: str) -> dict[str, float | int]:
+        options: dict[str, float | int] = {}
+        for key, value_node in (self.r.mapping(node, path, tuple(DELIVERY_OPTIONS)) or {}).items():
+            integer, low, high = DELIVERY_OPTIONS[key]
+            number = self.r.number(value_node, f"{path}.{key}")
+            if number is None:
+                continue
+            if integer and number != number.to_integral_value():
+                self.r.problem(value_node, f"{path}.{key}", f"must be a whole number, not {_plain(number)}")
+            elif not Decimal(str(low)) <= number <= Decimal(str(high)):
+                self.r.problem(value_node, f"{path}.{key}", f"must be between {low:g} and {high:g}, not {_plain(number)}")
+            else:
+                options[key] = int(number) if integer else float(number)
+        return options
 
     def _url(self, node: yaml.Node | None, parent: yaml.Node, path: str) -> str | None:
         if node is None:

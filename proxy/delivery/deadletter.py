@@ -1,0 +1,40 @@
+"""Dead letters: events an upstream refused for good, kept with the reason instead of retried forever.
+
+One NDJSON file per destination (`<dir>/<destination>.ndjson`), one line per event:
+`{"time", "destination", "status", "response", "event"}`. The event is embedded verbatim, so a
+fixed copy can be replayed with `splitter`'s own ingest (or any Segment SDK) after the cause is fixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import orjson
+
+
+class DeadLetters:
+    def __init__(self, directory: Path, destination: str) -> None:
+        self.path = directory / f"{destination}.ndjson"
+        self.destination = destination
+
+    async def write(self, events: Sequence[bytes], status: int, response: bytes) -> None:
+        now = datetime.now(timezone.utc).isoformat()
+        text = response.decode("utf-8", "replace").strip()[:2000]
+        lines = b"".join(
+            orjson.dumps({"time": now, "destination": self.destination, "status": status, "response": text, "event": orjson.Fragment(event)}) + b"\n"
+            for event in events
+        )
+        await asyncio.to_thread(self._append, lines)
+
+    def _append(self, lines: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, lines)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,185 @@
+"""One sender per destination: spool → upstream `/v1/batch`, with retries, breaker and dead letters.
+
+Records are read from the spool in order and coalesced across client requests into upstream
+batches (one per credential, within the size and count limits). A batch is retried on 5xx, 429,
+timeouts and connection errors with exponential backoff and full jitter, never sooner than a
+`Retry-After`, and the breaker stops the retries from hammering an upstream that is down. A
+permanent rejection (400/413) is split in halves until the bad events are found; those, and
+whole batches refused for their credential (401/403), go to the dead-letter file. Acks reach the
+spool in read order even when batches finish out of order, so its on-disk notes never claim a
+record was delivered while an earlier one was not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from proxy.delivery.batches import batch_bodies
+from proxy.delivery.breaker import STATE_VALUES, Breaker
+from proxy.delivery.deadletter import DeadLetters
+from proxy.delivery.errors import UpstreamError, UpstreamRejected
+from proxy.delivery.options import DeliveryOptions
+from proxy.delivery.spool import Record, Spool
+from proxy.delivery.upstream import Upstream
+from proxy.log import get_logger
+from proxy.metrics import Metrics
+
+log = get_logger("splitter.delivery")
+CREDENTIAL_STATUSES = (401, 403)
+
+
+@dataclass
+class _InFlight:
+    records: list[Record]
+    done: bool = False
+
+
+@dataclass
+class Pipeline:
+    upstream: Upstream
+    spool: Spool
+    dead_letters: DeadLetters
+    metrics: Metrics
+    options: DeliveryOptions
+    breaker: Breaker = field(init=False)
+    _in_flight: deque[_InFlight] = field(default_factory=deque, init=False)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _runner: asyncio.Task[None] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.breaker = Breaker(failures=self.options.breaker_failures, cooldown=self.options.breaker_cooldown, max_cooldown=self.options.retry_max)
+        name = self.name
+        m = self.metrics
+        self._delivered = m.child(m.events_delivered, name)
+        self._dead = m.child(m.events_dead_lettered, name)
+        self._retries = m.child(m.upstream_retries, name)
+        m.child(m.spool_bytes, name).set_function(lambda: self.spool.disk_bytes)
+        m.child(m.spool_records, name).set_function(lambda: self.spool.pending)
+        m.child(m.spool_oldest_age, name).set_function(self.spool.oldest_age)
+        m.child(m.delivery_queue_depth, name).set_function(lambda: sum(len(e.records) for e in self._in_flight))
+        m.child(m.breaker_state, name).set_function(lambda: STATE_VALUES[self.breaker.state])
+
+    @property
+    def name(self) -> str:
+        return self.upstream.destination.name
+
+    def start(self) -> None:
+        self._runner = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        slots = asyncio.Semaphore(self.options.max_in_flight)
+        while not self._stopping.is_set():
+            await slots.acquire()
+            reading = asyncio.ensure_future(self.spool.read(self.options.batch_max_events, self.options.batch_max_bytes, self.options.flush_interval))
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not reading.done():
+                reading.cancel()
+                slots.release()
+                break
+            entry = _InFlight(reading.result())
+            self._in_flight.append(entry)
+            task = asyncio.ensure_future(self._deliver(entry))
+            self._tasks.add(task)
+            task.add_done_callback(lambda t, e=entry: self._finished(t, e, slots))
+
+    def _finished(self, task: asyncio.Task[None], entry: _InFlight, slots: asyncio.Semaphore) -> None:
+        self._tasks.discard(task)
+        slots.release()
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                log.error("delivery_task_failed", destination=self.name, error=repr(task.exception()))
+            return  # not acked: the records stay in the spool and are sent again after a restart
+        entry.done = True
+        while self._in_flight and self._in_flight[0].done:
+            self.spool.ack(self._in_flight.popleft().records)
+
+    async def _deliver(self, entry: _InFlight) -> None:
+        groups: dict[str, list[Record]] = {}
+        for record in entry.records:
+            groups.setdefault(record.credential, []).append(record)
+        for records in groups.values():
+            start = 0
+            for _, count in batch_bodies([r.event for r in records], self.options.batch_max_bytes):
+                await self._deliver_batch(records[start:start + count])
+                start += count
+
+    async def _deliver_batch(self, records: list[Record]) -> None:
+        rejection = await self._send_with_retry(records)
+        if rejection is None:
+            self._delivered.inc(len(records))
+            return
+        if len(records) == 1 or rejection.status in CREDENTIAL_STATUSES:
+            await self.dead_letters.write([r.event for r in records], rejection.status, rejection.body)
+            self._dead.inc(len(records))
+            log.error("events_dead_lettered", destination=self.name, events=len(records), status=rejection.status, error=rejection.detail)
+            return
+        middle = len(records) // 2
+        await self._deliver_batch(records[:middle])
+        await self._deliver_batch(records[middle:])
+
+    async def _send_with_retry(self, records: list[Record]) -> UpstreamRejected | None:
+        """None once the upstream accepted the batch; the rejection if it refused it for good."""
+        forwarded = records[0].forwarded_for
+        if any(r.forwarded_for != forwarded for r in records):
+            forwarded = None  # events from different clients: context.ip carries each one's address
+        body = b'{"batch":[' + b",".join(r.event for r in records) + b"]}"
+        attempt = 0
+        while True:
+            wait = self.breaker.wait_time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            try:
+                await self.upstream.send(body, records[0].credential, forwarded)
+            except UpstreamRejected as exc:
+                if not exc.retryable:
+                    self.breaker.success()  # the upstream is up; it just refuses this
+                    return exc
+                delay = self._backoff(attempt, exc.retry_after)
+                if exc.status != 429:  # throttling is the upstream working as designed, not an outage
+                    self.breaker.failure()
+            except UpstreamError as exc:
+                delay = self._backoff(attempt, None)
+                self.breaker.failure()
+                if attempt == 0 or self.breaker.state == "open":
+                    log.warning("upstream_unavailable", destination=self.name, error=exc.detail, attempt=attempt, breaker=self.breaker.state)
+            else:
+                self.breaker.success()
+                return None
+            self._retries.inc()
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        ceiling = min(self.options.retry_max, self.options.retry_base * (2 ** min(attempt, 30)))
+        delay = random.uniform(0, ceiling)  # full jitter: replicas recovering together don't stampede
+        return max(delay, retry_after or 0.0)
+
+    async def stop(self, timeout: float) -> bool:
+        """Stop reading; give batches in flight `timeout` to finish. True if nothing was left undone."""
+        self._stopping.set()
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, timeout))
+        leftover = set(self._tasks)
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            await asyncio.gather(*leftover, return_exceptions=True)
+        await self.spool.close()
+        return not leftover and self.spool.pending == 0
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the spool to empty (everything delivered or dead-lettered)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.spool.pending > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return self.spool.pending == 0

@@ -1,0 +1,363 @@
+"""The on-disk spool: a per-destination write-ahead log of events not yet accepted upstream.
+
+Every event a client is told `200` for is in a spool first: appended to the active segment file and
+covered by an fsync before the answer goes out. Concurrent requests share one fsync (group commit),
+so durability costs one fsync per batch of requests, not one per request.
+
+Segment files (`NNNNNNNNNNNN.seg`) hold records
+
+    u32 length | u32 crc32(payload) | payload
+    payload = f64 appended_at | u16 len(credential) | u16 len(forwarded_for) | credential | forwarded_for | event JSON
+
+read back in order by the destination's sender, which acks what the upstream accepted. A sealed
+segment whose records are all acked is deleted. The count of acked records at the head of each
+segment is noted in `NNNNNNNNNNNN.ack` (best effort, not fsynced): after a crash, at worst a few
+already-delivered records are sent again (same messageId, so warehouses drop them), never fewer.
+At start-up every segment is scanned; a torn or corrupt tail is truncated and reported, and the
+records before it survive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+HEADER = struct.Struct("<II")
+PREFIX = struct.Struct("<dHH")
+MAX_RECORD = 8 * 1024 * 1024  # anything longer is corruption, not an event
+READ_CHUNK = 1024 * 1024
+
+
+class SpoolFull(Exception):
+    """The destination's spool is at its quota: primaries answer 503, mirrors are dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    segment: int
+    appended_at: float
+    credential: str
+    forwarded_for: str | None
+    event: bytes
+    encoded_size: int  # bytes the record takes in its segment file
+
+    @property
+    def size(self) -> int:
+        return len(self.event)
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    segments: int
+    records: int  # pending records found (to be delivered)
+    skipped: int  # records already acked before the stop, per the .ack notes
+    truncated_bytes: int  # torn or corrupt tail bytes cut off
+    truncated_segments: tuple[str, ...]
+
+
+def encode(appended_at: float, credential: str, forwarded_for: str | None, event: bytes) -> bytes:
+    cred = credential.encode()
+    forwarded = (forwarded_for or "").encode()
+    payload = PREFIX.pack(appended_at, len(cred), len(forwarded)) + cred + forwarded + event
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def decode(segment: int, payload: bytes) -> Record:
+    appended_at, cred_len, fwd_len = PREFIX.unpack_from(payload)
+    start = PREFIX.size
+    credential = payload[start:start + cred_len].decode()
+    forwarded = payload[start + cred_len:start + cred_len + fwd_len].decode() or None
+    return Record(segment, appended_at, credential, forwarded, payload[start + cred_len + fwd_len:], HEADER.size + len(payload))
+
+
+def scan(data: bytes, start: int = 0) -> tuple[list[bytes], int]:
+    """Complete, valid record payloads in `data` from `start`, and the offset just past the last one."""
+    payloads, offset, end = [], start, len(data)
+    while offset + HEADER.size <= end:
+        length, crc = HEADER.unpack_from(data, offset)
+        body_start = offset + HEADER.size
+        if length < PREFIX.size or length > MAX_RECORD or body_start + length > end:
+            break
+        payload = data[body_start:body_start + length]
+        if zlib.crc32(payload) != crc:
+            break
+        payloads.append(payload)
+        offset = body_start + length
+    return payloads, offset
+
+
+class _Segment:
+    __slots__ = ("id", "path", "records", "acked", "acked_offset", "size", "sealed")
+
+    def __init__(self, segment_id: int, path: Path, records: int = 0, acked: int = 0, size: int = 0, acked_offset: int = 0) -> None:
+        self.id, self.path, self.records, self.acked, self.size, self.sealed = segment_id, path, records, acked, size, False
+        self.acked_offset = acked_offset  # where the first unacked record starts
+
+
+class Spool:
+    def __init__(self, directory: Path, *, quota_bytes: int, segment_bytes: int = 16 * 1024 * 1024) -> None:
+        self.directory = directory
+        self.quota_bytes = quota_bytes
+        self.segment_bytes = segment_bytes
+        self._segments: dict[int, _Segment] = {}
+        self._order: deque[int] = deque()
+        self._active: _Segment | None = None
+        self._fd: int | None = None
+        self._dirty: set[int] = set()  # fds written since the last fsync
+        self._dir_dirty = False
+        self._appended = 0  # records ever appended (tickets)
+        self._committed = 0
+        self._commit_task: asyncio.Task[None] | None = None
+        self._commit_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._readable = asyncio.Event()
+        self._cursor: tuple[int, int] | None = None  # (segment id, offset) of the next record to read
+        self._unread = 0  # appended (or recovered) and not yet handed out by read()
+        self.disk_bytes = 0
+        self.pending = 0  # appended and not yet acked
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def open(self) -> Recovery:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        truncated, truncated_names, pending, skipped = 0, [], 0, 0
+        ids = sorted(int(p.stem) for p in self.directory.glob("*.seg") if p.stem.isdigit())
+        for segment_id in ids:
+            path = self._path(segment_id)
+            data = path.read_bytes()
+            payloads, valid = scan(data)
+            if valid < len(data):
+                truncated += len(data) - valid
+                truncated_names.append(path.name)
+                with open(path, "r+b") as handle:
+                    handle.truncate(valid)
+                    os.fsync(handle.fileno())
+            acked = min(self._read_ack(segment_id), len(payloads))
+            if acked == len(payloads):
+                self._remove_files(segment_id)
+                skipped += acked
+                continue
+            acked_offset = sum(HEADER.size + len(p) for p in payloads[:acked])
+            segment = _Segment(segment_id, path, len(payloads), acked, valid, acked_offset)
+            segment.sealed = True
+            self._segments[segment_id] = segment
+            self._order.append(segment_id)
+            self.disk_bytes += valid
+            pending += len(payloads) - acked
+            skipped += acked
+        self.pending = self._unread = pending
+        first = next((self._segments[i] for i in self._order if self._segments[i].acked < self._segments[i].records), None)
+        if first is not None:
+            self._cursor = (first.id, first.acked_offset)
+            self._readable.set()
+        self._new_segment((ids[-1] + 1) if ids else 1)
+        return Recovery(len(ids), pending, skipped, truncated, tuple(truncated_names))
+
+    # -- writing ----------------------------------------------------------------------------------
+    def has_room(self, size: int) -> bool:
+        return self.disk_bytes + size <= self.quota_bytes
+
+    def append(self, entries: list[tuple[str, str | None, bytes]]) -> int:
+        """Write records for `entries` (credential, forwarded_for, event); returns a commit ticket.
+
+        Raises SpoolFull, writing nothing, when they would not fit the quota.
+        """
+        now = time.time()
+        data = b"".join(encode(now, credential, forwarded, event) for credential, forwarded, event in entries)
+        if not self.has_room(len(data)):
+            raise SpoolFull(f"spool at {self.directory} is at its quota of {self.quota_bytes} bytes")
+        assert self._active is not None and self._fd is not None
+        if self._active.size and self._active.size + len(data) > self.segment_bytes:
+            self._new_segment(self._active.id + 1)
+        assert self._active is not None and self._fd is not None
+        os.write(self._fd, data)
+        self._dirty.add(self._fd)
+        segment = self._active
+        if self._cursor is None:
+            self._cursor = (segment.id, segment.size)
+        segment.size += len(data)
+        segment.records += len(entries)
+        self.disk_bytes += len(data)
+        self.pending += len(entries)
+        self._unread += len(entries)
+        self._appended += len(entries)
+        self._readable.set()
+        return self._appended
+
+    async def commit(self, ticket: int) -> None:
+        """Return once everything appended up to `ticket` is on stable storage."""
+        if ticket <= self._committed:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commit_waiters.append((ticket, future))
+        if self._commit_task is None or self._commit_task.done():
+            self._commit_task = asyncio.ensure_future(self._group_commit())
+        await future
+
+    async def _group_commit(self) -> None:
+        while self._commit_waiters:
+            target = self._appended
+            fds, self._dirty = self._dirty, set()
+            sync_dir, self._dir_dirty = self._dir_dirty, False
+            try:
+                await asyncio.to_thread(self._sync, fds, sync_dir)
+            except OSError as exc:
+                waiters, self._commit_waiters = self._commit_waiters, []
+                for _, future in waiters:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            self._committed = target
+            waiting = []
+            for ticket, future in self._commit_waiters:
+                if ticket <= target:
+                    if not future.done():
+                        future.set_result(None)
+                else:
+                    waiting.append((ticket, future))
+            self._commit_waiters = waiting
+
+    def _sync(self, fds: set[int], sync_dir: bool) -> None:
+        for fd in fds:
+            try:
+                os.fsync(fd)
+            except OSError:
+                if fd == self._fd:
+                    raise  # a sealed segment's fd may already be closed after it was synced
+        if sync_dir:
+            directory = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+    def _new_segment(self, segment_id: int) -> None:
+        if self._active is not None and self._fd is not None:
+            os.fsync(self._fd)  # sealing: what the old segment holds is durable before it closes
+            self._dirty.discard(self._fd)
+            os.close(self._fd)
+            self._active.sealed = True
+        path = self._path(segment_id)  # always a new file: recovered segments are sealed, never appended to
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        segment = _Segment(segment_id, path)
+        self._segments[segment_id] = segment
+        self._order.append(segment_id)
+        self._active = segment
+        self._dir_dirty = True
+
+    # -- reading and acking ------------------------------------------------------------------------
+    async def read(self, max_events: int, max_bytes: int, linger: float = 0.0) -> list[Record]:
+        """The next records in order (at least one; waits for them), up to the limits.
+
+        With `linger`, a short wait for more when fewer than `max_events` are ready: larger upstream
+        batches for a few milliseconds of delay, the trade every batching client makes.
+        """
+        while self._unread <= 0:
+            self._readable.clear()
+            await self._readable.wait()
+        if linger > 0 and self._unread < max_events:
+            await asyncio.sleep(linger)
+        return self._read_now(max_events, max_bytes)
+
+    def _read_now(self, max_events: int, max_bytes: int) -> list[Record]:
+        records: list[Record] = []
+        size = 0
+        while self._cursor is not None and self._unread > 0 and len(records) < max_events and size < max_bytes:
+            segment_id, offset = self._cursor
+            segment = self._segments[segment_id]
+            if offset >= segment.size:
+                later = [i for i in self._order if i > segment_id]
+                if not later:
+                    break
+                self._cursor = (later[0], 0)
+                continue
+            with open(segment.path, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(max(READ_CHUNK, min(max_bytes - size, segment.size - offset)))
+            payloads, _ = scan(data)
+            if not payloads:
+                break  # cannot happen for appended data; a later append will wake the reader again
+            for payload in payloads:
+                if len(records) >= max_events or (records and size + len(payload) > max_bytes):
+                    break
+                record = decode(segment_id, payload)
+                records.append(record)
+                size += record.size
+                offset += record.encoded_size
+            self._cursor = (segment_id, offset)
+        self._unread -= len(records)
+        return records
+
+    def ack(self, records: list[Record]) -> None:
+        """Mark `records` (handed out by `read`, acked in read order) as delivered."""
+        touched: dict[int, int] = {}
+        for record in records:
+            touched[record.segment] = touched.get(record.segment, 0) + 1
+        sizes: dict[int, int] = {}
+        for record in records:
+            sizes[record.segment] = sizes.get(record.segment, 0) + record.encoded_size
+        for segment_id, count in touched.items():
+            segment = self._segments.get(segment_id)
+            if segment is None:
+                continue
+            segment.acked += count
+            segment.acked_offset += sizes[segment_id]
+            self.pending -= count
+            if segment.acked >= segment.records and segment is not self._active:
+                self._remove(segment_id)
+            else:
+                self._write_ack(segment)
+
+    def _remove(self, segment_id: int) -> None:
+        segment = self._segments.pop(segment_id)
+        self._order.remove(segment_id)
+        self.disk_bytes -= segment.size
+        self._remove_files(segment_id)
+
+    def _remove_files(self, segment_id: int) -> None:
+        for suffix in (".seg", ".ack"):
+            try:
+                os.unlink(self._path(segment_id).with_suffix(suffix))
+            except FileNotFoundError:
+                pass
+
+    def _write_ack(self, segment: _Segment) -> None:
+        temporary = segment.path.with_suffix(".ack.tmp")
+        temporary.write_text(str(segment.acked))
+        os.replace(temporary, segment.path.with_suffix(".ack"))
+
+    def _read_ack(self, segment_id: int) -> int:
+        try:
+            return int(self._path(segment_id).with_suffix(".ack").read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def _path(self, segment_id: int) -> Path:
+        return self.directory / f"{segment_id:012d}.seg"
+
+    # -- observation and shutdown ---------------------------------------------------------------------
+    def oldest_age(self, now: float | None = None) -> float:
+        """Seconds since the oldest unacked record was spooled (0 when nothing is pending)."""
+        if self.pending <= 0:
+            return 0.0
+        for segment_id in self._order:
+            segment = self._segments[segment_id]
+            if segment.acked < segment.records:
+                with open(segment.path, "rb") as handle:
+                    handle.seek(segment.acked_offset + HEADER.size)
+                    prefix = handle.read(PREFIX.size)
+                if len(prefix) == PREFIX.size:
+                    return max(0.0, (now or time.time()) - PREFIX.unpack(prefix)[0])
+        return 0.0
+
+    async def close(self) -> None:
+        if self._commit_task is not None:
+            await asyncio.gather(self._commit_task, return_exceptions=True)
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
