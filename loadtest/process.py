@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import signal
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 
@@ -66,7 +68,13 @@ async def _collect(stream: asyncio.StreamReader, log: list[dict[str, object]]) -
 
 async def launch_splitter(rules: str, env: Mapping[str, str], extra: Sequence[str] = (), timeout: float = 20.0,
                           prefix: Sequence[str] = ()) -> SplitterProcess:
-    """Start `splitter serve` on loopback with kernel-chosen ports; `prefix` e.g. ("taskset", "-c", "1")."""
+    """Start `splitter serve` on loopback with kernel-chosen ports; `prefix` e.g. ("taskset", "-c", "1").
+
+    Without `--spool-dir` in `extra`, the spool and dead letters go to a fresh temporary directory.
+    """
+    if "--spool-dir" not in extra:
+        scratch = Path(tempfile.mkdtemp(prefix="splitter-"))
+        extra = [*extra, "--spool-dir", str(scratch / "spool"), "--dead-letter-dir", str(scratch / "dead-letter")]
     process = await asyncio.create_subprocess_exec(
         *prefix, sys.executable, "-m", "proxy", "serve", "--config", rules, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", *extra,
         env=dict(env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

@@ -92,10 +92,11 @@ def main() -> None:
 @click.option("--trusted-proxies", envvar="SPLITTER_TRUSTED_PROXIES", default="127.0.0.0/8,::1", show_default=True, help="Peers whose X-Forwarded-For is believed (CIDRs, comma-separated).")
 @click.option("--cors-origins", envvar="SPLITTER_CORS_ORIGINS", default="*", show_default=True, help="Browser origins allowed to send (comma-separated, * for any).")
 @click.option("--max-in-flight", envvar="SPLITTER_MAX_IN_FLIGHT", type=int, default=2000, show_default=True, help="Concurrent client requests before answering 429.")
-@click.option("--mirror-queue-size", envvar="SPLITTER_MIRROR_QUEUE_SIZE", type=int, default=10_000, show_default=True, help="Mirror events queued per destination before drops are counted.")
+@click.option("--spool-dir", envvar="SPLITTER_SPOOL_DIR", default="var/spool", show_default=True, help="Where undelivered events wait (keep it on a volume).")
+@click.option("--dead-letter-dir", envvar="SPLITTER_DEAD_LETTER_DIR", default="var/dead-letter", show_default=True, help="Where events refused for good are written.")
 @click.option("--log-level", envvar="SPLITTER_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(config: str, listen: str, admin: str, region: str | None, drain_timeout: float, reload_interval: float, trusted_proxies: str,
-          cors_origins: str, max_in_flight: int, mirror_queue_size: int, log_level: str) -> None:
+          cors_origins: str, max_in_flight: int, spool_dir: str, dead_letter_dir: str, log_level: str) -> None:
     """Run the proxy. The admin token, when the admin port is not loopback, comes from SPLITTER_ADMIN_TOKEN."""
     from proxy.server import run
     from proxy.settings import ServeSettings, SettingsError, parse_address, parse_networks
@@ -112,7 +113,8 @@ def serve(config: str, listen: str, admin: str, region: str | None, drain_timeou
             trusted_proxies=parse_networks(trusted_proxies),
             cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
             max_in_flight=max_in_flight,
-            mirror_queue_size=mirror_queue_size,
+            spool_dir=spool_dir,
+            dead_letter_dir=dead_letter_dir,
             log_level=log_level,
         )
     except SettingsError as exc:

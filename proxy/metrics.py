@@ -32,6 +32,7 @@ class Metrics:
         self.request_duration = Histogram(
             "splitter_request_duration_seconds", "Time to answer a client request.", ["path"], buckets=LATENCY_BUCKETS, registry=r
         )
+        self.requests_in_flight = Gauge("splitter_requests_in_flight", "Client requests being handled now.", registry=r)
         self.events = Counter(
             "splitter_events", "Events routed, by source, type, rule, destination and role (primary|mirror).",
             ["source", "type", "rule", "destination", "role"], registry=r,
@@ -44,10 +45,9 @@ class Metrics:
             "splitter_upstream_duration_seconds", "Upstream request latency.", ["destination"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.mirror_dropped = Counter(
-            "splitter_mirror_dropped", "Mirror events not delivered, by destination and reason (queue_full, upstream_error, rejected).",
+            "splitter_mirror_dropped", "Mirror events not kept, by destination and reason (spool_full, spool_error).",
             ["destination", "reason"], registry=r,
         )
-        self.mirror_queue = Gauge("splitter_mirror_queue_depth", "Mirror events waiting to be sent, per destination.", ["destination"], registry=r)
         per_destination = ["destination"]
         self.events_delivered = Counter("splitter_events_delivered", "Events accepted by the upstream.", per_destination, registry=r)
         self.events_dead_lettered = Counter(

@@ -2,8 +2,8 @@
 
 Lifecycle, in order: compile the rules (a bad file stops start-up with its FILE:LINE errors),
 start delivery, the ingress and admin listeners, the reload loop and file watcher; then wait.
-SIGHUP asks for a reload. SIGTERM/SIGINT: stop accepting, let in-flight requests finish within the
-drain timeout, let queued mirror copies go out, close upstream connections, exit 0.
+SIGHUP asks for a reload. SIGTERM/SIGINT: stop accepting, let in-flight requests finish, deliver
+what the spools hold until the drain timeout, leave the rest spooled for the next start, exit 0.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import asyncio
 import os
 import signal
 from collections.abc import Mapping
+from pathlib import Path
 
 from aiohttp import web
 
 from proxy.admin import build_admin_app
-from proxy.delivery import Delivery
+from proxy.delivery import Delivery, SpoolLocked
 from proxy.engine import RulesError, load_rules
 from proxy.ingress.app import build_ingress_app
 from proxy.ingress.handlers import IngressDeps
@@ -56,7 +57,12 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None) -
     metrics = Metrics()
     metrics.show_rules(rules)
     active = ActiveRules(rules)
-    delivery = Delivery(metrics, mirror_queue_size=settings.mirror_queue_size, mirror_concurrency=settings.mirror_concurrency)
+    delivery = Delivery(metrics, spool_dir=Path(settings.spool_dir), dead_letter_dir=Path(settings.dead_letter_dir))
+    try:
+        delivery.start(rules)  # recovers each destination's spool: what a crash left is sent first
+    except (SpoolLocked, OSError) as exc:
+        log.error("spool_unavailable", spool_dir=settings.spool_dir, error=str(exc))
+        return STARTUP_FAILURE
     reloader = Reloader(settings.config, active, metrics, env)
     ready = False
     deps = IngressDeps(active, delivery, metrics, settings.region, settings.trusted_proxies)
@@ -78,6 +84,7 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None) -
         log.error("listen_failed", error=str(exc), listen=f"{settings.listen[0]}:{settings.listen[1]}", admin=f"{settings.admin[0]}:{settings.admin[1]}")
         await ingress.cleanup()
         await admin.cleanup()
+        await delivery.close(drain_timeout=0)
         return STARTUP_FAILURE
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -90,10 +97,11 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None) -
     await stop.wait()
     ready = False
     log.info("draining", timeout=settings.drain_timeout)
+    drain_deadline = loop.time() + settings.drain_timeout
     await watcher.stop()
     await reloader.stop()
     await ingress.cleanup()  # stops accepting, waits for in-flight requests up to the drain timeout
-    await delivery.close(drain_timeout=settings.drain_timeout)
+    await delivery.close(drain_timeout=max(0.0, drain_deadline - loop.time()))  # deliver what it can; the rest stays spooled
     await admin.cleanup()
     # The handlers stay installed to the end: a second SIGTERM while draining must not kill the
     # process with the default action (losing the drain); it only sets an already-set event.

@@ -46,8 +46,8 @@ class ServeSettings:
     reload_poll_interval: float = 1.0
     trusted_proxies: tuple[IPNetwork, ...] = field(default_factory=lambda: tuple(ipaddress.ip_network(n) for n in DEFAULT_TRUSTED_PROXIES))
     cors_origins: tuple[str, ...] = ("*",)
-    mirror_queue_size: int = 10_000  # events waiting per mirror destination before drops are counted
-    mirror_concurrency: int = 4
+    spool_dir: str = "var/spool"  # one subdirectory per destination; must survive restarts (a volume)
+    dead_letter_dir: str = "var/dead-letter"
     max_in_flight: int = 2000  # client requests handled at once; past it, 429 with Retry-After
     reuse_port: bool = False
     log_level: str = "info"
@@ -61,8 +61,6 @@ class ServeSettings:
             )
         if self.drain_timeout < 0:
             raise SettingsError("--drain-timeout must be 0 or more seconds")
-        if self.mirror_queue_size < 1 or self.mirror_concurrency < 1:
-            raise SettingsError("--mirror-queue-size and --mirror-concurrency must be at least 1")
 
 
 def parse_networks(text: str) -> tuple[IPNetwork, ...]:

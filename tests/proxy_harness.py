@@ -13,9 +13,11 @@ import asyncio
 import base64
 import gzip as gzip_module
 import ipaddress
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
@@ -47,8 +49,8 @@ LOOPBACK: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in DEFAULT
 DEFAULT_RULES = """\
 version: 1
 destinations:
-  segment: {kind: segment, url: "${SEGMENT_URL}", timeout: 5}
-  rudderstack: {kind: rudderstack, url: "${RUDDERSTACK_URL}", timeout: 5}
+  segment: {kind: segment, url: "${SEGMENT_URL}", timeout: 5, delivery: {FAST}}
+  rudderstack: {kind: rudderstack, url: "${RUDDERSTACK_URL}", timeout: 5, delivery: {FAST}}
 sources:
   - name: web
     write_keys: ["web-key-0123456789"]
@@ -67,6 +69,17 @@ rules:
   - name: everyone
     route: {to: [segment, rudderstack]}
 """
+
+# Retries, breaker probes and batch lingering in milliseconds, so fault tests finish quickly.
+FAST_DELIVERY = "retry_base: 0.02, retry_max: 0.2, breaker_failures: 3, breaker_cooldown: 0.1, flush_interval: 0.002"
+DEFAULT_RULES = DEFAULT_RULES.replace("{FAST}", "{" + FAST_DELIVERY + "}")
+
+
+def with_delivery(destination: str, options: str, rules: str = DEFAULT_RULES) -> str:
+    """DEFAULT_RULES with more delivery options for one destination (e.g. `spool_quota_mb: 0.001`)."""
+    marker = f'url: "${{{"SEGMENT_URL" if destination == "segment" else "RUDDERSTACK_URL"}}}", timeout: 5, delivery: {{'
+    return rules.replace(marker, marker + options + ", ")
+
 
 Auth = Literal["basic", "basic-nocolon", "body", "bearer"] | None
 
@@ -118,12 +131,22 @@ class Stack:
                 parsed = raw.decode("utf-8", "replace")
             return response.status, parsed, response.headers
 
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every destination's spool is empty: what was accepted has been delivered."""
+        deadline = time.monotonic() + timeout
+        names = list(self.rules.destinations)
+        while any(self.metric("splitter_spool_records", destination=name) > 0 for name in names):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"spools not empty after {timeout} s: {[self.metric('splitter_spool_records', destination=n) for n in names]}")
+            await asyncio.sleep(0.005)
+
     async def post(self, path: str, body: Any, *, key: str | None = WEB_KEY, auth: Auth = "basic", gzip: bool = False,
-                   headers: Mapping[str, str] | None = None,
-                   content_type: str = "application/json") -> tuple[int, Any, CIMultiDictProxy[str]]:
+                   headers: Mapping[str, str] | None = None, content_type: str = "application/json",
+                   settle: bool = True) -> tuple[int, Any, CIMultiDictProxy[str]]:
         """POST a call. `body` is JSON-encoded unless it is bytes; `auth` picks how `key` travels:
         Basic `key:`, Basic `key` (no colon), top-level `writeKey` in the body, or `Bearer xyz`
-        plus `writeKey` in the body. None sends no key at all."""
+        plus `writeKey` in the body. None sends no key at all. With `settle`, a 200 is followed by
+        a wait until the spools are empty, so the receivers hold what the call delivered."""
         sent_headers: dict[str, str] = {"Content-Type": content_type}
         if auth in ("body", "bearer") and isinstance(body, dict) and key is not None:
             body = {**body, "writeKey": key}
@@ -138,7 +161,10 @@ class Stack:
             data = gzip_module.compress(data)
             sent_headers["Content-Encoding"] = "gzip"
         sent_headers.update(headers or {})
-        return await self.request("POST", path, data=data, headers=sent_headers)
+        answer = await self.request("POST", path, data=data, headers=sent_headers)
+        if settle and answer[0] == 200:
+            await self.settle()
+        return answer
 
 
 @asynccontextmanager
@@ -148,8 +174,6 @@ async def proxy_stack(
     trusted_proxies: tuple[IPNetwork, ...] = LOOPBACK,
     cors_origins: tuple[str, ...] = ("*",),
     max_in_flight: int = 2000,
-    mirror_queue_size: int = 10_000,
-    mirror_concurrency: int = 4,
     region: str | None = None,
     drain_timeout: float = 0.5,
 ) -> AsyncIterator[Stack]:
@@ -162,7 +186,9 @@ async def proxy_stack(
         rules = compile_rules(rules_text, env={"SEGMENT_URL": segment.url, "RUDDERSTACK_URL": rudder.url})
         metrics = Metrics()
         metrics.show_rules(rules)
-        delivery = Delivery(metrics, mirror_queue_size=mirror_queue_size, mirror_concurrency=mirror_concurrency)
+        scratch = Path(tempfile.mkdtemp(prefix="splitter-test-"))
+        delivery = Delivery(metrics, spool_dir=scratch / "spool", dead_letter_dir=scratch / "dead-letter")
+        delivery.start(rules)
         deps = IngressDeps(ActiveRules(rules), delivery, metrics, region, trusted_proxies)
         app = build_ingress_app(deps, cors_origins=cors_origins, max_in_flight=max_in_flight)
         server = TestServer(app, host="127.0.0.1", shutdown_timeout=2.0)

@@ -97,6 +97,17 @@ async def metric(client: aiohttp.ClientSession, splitter: SplitterProcess, name:
     return None
 
 
+async def settled(client: aiohttp.ClientSession, splitter: SplitterProcess, timeout: float = 10.0) -> None:
+    """Wait until every spool is empty: all accepted events have been delivered upstream."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pending = [await metric(client, splitter, "splitter_spool_records", destination=d) for d in ("segment", "rudderstack")]
+        if all(p == 0.0 for p in pending):
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"spools not empty after {timeout} s: {pending}")
+
+
 def batch(prefix: str, count: int) -> dict[str, Any]:
     return {"batch": [{"type": "track", "event": "E", "anonymousId": f"{prefix}-{i}", "messageId": f"{prefix}-{i}"} for i in range(count)]}
 
@@ -131,12 +142,14 @@ async def test_reload_under_continuous_traffic_via_configmap_swap(tmp_path: Path
 
             # After the reload, events are routed by the new split, exactly as decide() says.
             new_rules = compile_rules(rules_text(60), env=splitter_env(segment, rudder))
+            await settled(client, splitter)
             segment.receiver.clear()
             rudder.receiver.clear()
             probe = batch("after", 400)
             async with client.post(splitter.ingress + "/v1/batch", data=orjson.dumps(probe), headers=AUTH) as r:
                 assert r.status == 200
             expected = Counter(decide(new_rules, e, EventContext("web")).primary[0] for e in probe["batch"])
+            await settled(client, splitter)
             assert {"segment": segment.receiver.count, "rudderstack": rudder.receiver.count} == dict(expected)
             assert 180 < expected["rudderstack"] < 300  # about 60 %: the new split is live
     finally:
@@ -162,6 +175,7 @@ async def test_bad_reload_is_refused_and_old_rules_keep_serving(tmp_path: Path, 
                 assert r.status == 200
             old_rules = compile_rules(rules_text(10), env=splitter_env(segment, rudder))
             expected = sum(1 for e in batch("x", 50)["batch"] if decide(old_rules, e, EventContext("web")).primary == ("rudderstack",))
+            await settled(client, splitter)
             assert rudder.receiver.count == expected
             assert await metric(client, splitter, "splitter_config_reloads_total", result="error") == 1.0
             assert await metric(client, splitter, "splitter_rollout_percent", rule="rollout", destination="rudderstack") == 10.0

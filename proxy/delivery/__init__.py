@@ -1,32 +1,43 @@
-"""Delivery: getting encoded events to each destination.
+"""Delivery: every accepted event reaches each destination it was routed to, or a dead-letter file.
 
 The ingress hands over, per request, the encoded events for each primary and mirror destination.
-Primaries are awaited and summarised in one `Outcome` the handler turns into the client's answer;
-mirrors are queued and never awaited. This facade is the whole interface: the lossless pipeline
-(batching across requests, retries, spool) replaces what is behind it, not how it is called.
+`accept()` appends them to each destination's spool and returns once they are on stable storage
+(one group-committed fsync shared by concurrent requests): that is when the client may be told 200.
+Each destination's `Pipeline` then sends from its spool, coalescing events across requests into
+upstream batches, retrying through outages, splitting out poison events into dead letters. An
+upstream outage therefore costs clients neither errors nor latency, and a crash loses nothing that
+was acknowledged: the spool is replayed at the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import fcntl
+import os
+import time
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from proxy.delivery.batches import batch_bodies
-from proxy.delivery.errors import UpstreamError, UpstreamRejected
-from proxy.delivery.mirror import MirrorJob, MirrorQueue
+from proxy.delivery.deadletter import DeadLetters
+from proxy.delivery.errors import UpstreamError
+from proxy.delivery.options import DeliveryOptions
+from proxy.delivery.pipeline import Pipeline
+from proxy.delivery.spool import Spool, SpoolFull
 from proxy.delivery.upstream import Upstream
 from proxy.engine import Destination, RuleSet, Source
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 
 log = get_logger("splitter.delivery")
-DestinationKey = tuple[str, str, str, float]
+RECORD_OVERHEAD = 24  # spool record framing, for quota checks before writing
+MAX_TELEMETRY_IN_FLIGHT = 16  # /v1/m forwards at once; more are dropped (it is analytics.js's own telemetry)
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """How the primaries took a request's events: `ok`, or the status the client should see."""
+    """How a request's events were taken: `ok`, or the status the client should see."""
 
     ok: bool
     status: int = 200
@@ -38,106 +49,145 @@ class Outcome:
 OK = Outcome(True)
 
 
-def _key(destination: Destination) -> DestinationKey:
-    return (destination.name, destination.kind, destination.url, destination.timeout)
+class SpoolLocked(RuntimeError):
+    """Another splitter process owns this spool directory: two writers would corrupt it."""
 
 
 class Delivery:
-    def __init__(self, metrics: Metrics, *, mirror_queue_size: int = 10_000, mirror_concurrency: int = 4) -> None:
+    def __init__(self, metrics: Metrics, *, spool_dir: Path, dead_letter_dir: Path) -> None:
         self.metrics = metrics
-        self._mirror_queue_size = mirror_queue_size
-        self._mirror_concurrency = mirror_concurrency
-        self._upstreams: dict[DestinationKey, Upstream] = {}
-        self._mirrors: dict[DestinationKey, MirrorQueue] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self.spool_dir = spool_dir
+        self.dead_letter_dir = dead_letter_dir
+        self._pipelines: dict[str, Pipeline] = {}
+        self._retired: list[Upstream] = []
+        self._telemetry: set[asyncio.Task[None]] = set()
+        self._lock_fd: int | None = None
+        self._last_drop_log: dict[str, float] = {}
 
-    def upstream(self, destination: Destination) -> Upstream:
-        """The client for a destination as the active rules define it (a reload may change its URL)."""
-        key = _key(destination)
-        found = self._upstreams.get(key)
-        if found is None:
-            found = self._upstreams[key] = Upstream(destination, self.metrics)
-        return found
-
-    async def send_primary(self, rules: RuleSet, parts: Mapping[str, list[bytes]], source: Source, presented_key: str,
-                           forwarded_for: str | None) -> Outcome:
-        if not parts:
-            return OK
-        names = list(parts)
-        results = await asyncio.gather(
-            *(self._send_all(rules.destinations[name], parts[name], source.credential_for(name, presented_key), forwarded_for) for name in names),
-            return_exceptions=True,
-        )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        for failure in failures:
-            if not isinstance(failure, UpstreamError):
-                raise failure
-        return summarise([f for f in failures if isinstance(f, UpstreamError)])
-
-    async def _send_all(self, destination: Destination, events: list[bytes], write_key: str, forwarded_for: str | None) -> None:
-        upstream = self.upstream(destination)
-        for body, _ in batch_bodies(events):
-            await upstream.send(body, write_key, forwarded_for)
-
-    def send_mirror(self, rules: RuleSet, parts: Mapping[str, list[bytes]], source: Source, presented_key: str,
-                    forwarded_for: str | None) -> None:
-        for name, events in parts.items():
-            destination = rules.destinations[name]
-            queue = self._mirrors.get(_key(destination))
-            if queue is None:
-                queue = self._mirrors[_key(destination)] = MirrorQueue(
-                    self.upstream(destination), self.metrics, max_events=self._mirror_queue_size, workers=self._mirror_concurrency
-                )
-            queue.offer(MirrorJob(events, source.credential_for(name, presented_key), forwarded_for))
-
-    def forward_telemetry(self, rules: RuleSet, body: bytes, content_type: str) -> None:
-        """analytics.js metrics (`/v1/m`) go to Segment destinations only, in the background."""
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def start(self, rules: RuleSet) -> None:
+        """Lock the spool directory, recover every destination's spool and start its sender."""
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.spool_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SpoolLocked(f"spool directory {self.spool_dir} is in use by another splitter process") from None
         for destination in rules.destinations.values():
-            if destination.kind == "segment":
-                self._spawn(self._telemetry(self.upstream(destination), body, content_type))
+            self._pipeline(destination)
+        for leftover in sorted(p for p in self.spool_dir.iterdir() if p.is_dir() and p.name not in rules.destinations):
+            if any(leftover.glob("*.seg")):
+                log.error("spool_orphaned", destination=leftover.name, directory=str(leftover),
+                          hint="this destination is no longer in the rules; add it back to deliver what is spooled for it")
 
-    async def _telemetry(self, upstream: Upstream, body: bytes, content_type: str) -> None:
+    def _pipeline(self, destination: Destination) -> Pipeline:
+        found = self._pipelines.get(destination.name)
+        if found is not None:
+            if found.upstream.destination != destination:
+                self._retarget(found, destination)
+            return found
+        options = DeliveryOptions.from_mapping(destination.options)
+        spool = Spool(self.spool_dir / destination.name, quota_bytes=options.spool_quota_bytes)
+        recovery = spool.open()
+        if recovery.records or recovery.truncated_bytes:
+            log.warning("spool_recovered", destination=destination.name, pending=recovery.records, already_delivered=recovery.skipped,
+                        truncated_bytes=recovery.truncated_bytes, truncated_segments=list(recovery.truncated_segments))
+            self.metrics.child(self.metrics.spool_replayed, destination.name).inc(recovery.records)
+            self.metrics.child(self.metrics.spool_truncated_bytes, destination.name).inc(recovery.truncated_bytes)
+        pipeline = Pipeline(Upstream(destination, self.metrics), spool, DeadLetters(self.dead_letter_dir, destination.name), self.metrics, options)
+        pipeline.start()
+        self._pipelines[destination.name] = pipeline
+        return pipeline
+
+    def _retarget(self, pipeline: Pipeline, destination: Destination) -> None:
+        """A reload changed the destination's URL, timeout or delivery options: new client, same spool."""
+        self._retired.append(pipeline.upstream)
+        pipeline.upstream = Upstream(destination, self.metrics)
+        options = DeliveryOptions.from_mapping(destination.options)
+        pipeline.options = options
+        pipeline.spool.quota_bytes = options.spool_quota_bytes
+        log.info("destination_updated", destination=destination.name, url=destination.url.split("@")[-1])
+
+    async def close(self, drain_timeout: float) -> None:
+        """Deliver what can be delivered within `drain_timeout`; the rest stays spooled for the next start."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, drain_timeout)
+        drained = await asyncio.gather(*(p.drain(max(0.0, deadline - loop.time())) for p in self._pipelines.values()))
+        for pipeline, done in zip(self._pipelines.values(), drained):
+            left = await pipeline.stop(max(0.0, deadline - loop.time()))
+            if not done or not left:
+                log.warning("spooled_for_next_start", destination=pipeline.name, events=pipeline.spool.pending)
+        if self._telemetry:
+            await asyncio.wait(self._telemetry, timeout=max(0.1, deadline - loop.time()))
+        for upstream in [*(p.upstream for p in self._pipelines.values()), *self._retired]:
+            await upstream.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- the request path -----------------------------------------------------------------------------------
+    async def accept(self, rules: RuleSet, primary: Mapping[str, list[bytes]], mirror: Mapping[str, list[bytes]], source: Source,
+                     presented_key: str, forwarded_for: str | None) -> Outcome:
+        staged = []
+        for name, events in primary.items():
+            pipeline = self._pipeline(rules.destinations[name])
+            entries = [(source.credential_for(name, presented_key), forwarded_for, event) for event in events]
+            if not pipeline.spool.has_room(_size(entries)):  # checked for every primary before writing any
+                return _spool_full(name)
+            staged.append((pipeline, entries))
+        tickets = []
+        try:
+            for pipeline, entries in staged:
+                tickets.append((pipeline.spool, pipeline.spool.append(entries)))
+        except SpoolFull:
+            return _spool_full(pipeline.name)
+        except OSError as exc:
+            log.error("spool_write_failed", destination=pipeline.name, error=str(exc))
+            return Outcome(False, 503, "spool_unavailable", f"{pipeline.name}: cannot write the spool: {exc.strerror or exc}", 5.0)
+        for name, events in mirror.items():
+            pipeline = self._pipeline(rules.destinations[name])
+            try:
+                tickets.append((pipeline.spool, pipeline.spool.append([(source.credential_for(name, presented_key), forwarded_for, e) for e in events])))
+            except (SpoolFull, OSError) as exc:
+                self._drop_mirror(name, len(events), exc)
+        try:
+            await asyncio.gather(*(spool.commit(ticket) for spool, ticket in tickets))
+        except OSError as exc:
+            log.error("spool_sync_failed", error=str(exc))
+            return Outcome(False, 503, "spool_unavailable", f"cannot sync the spool: {exc.strerror or exc}", 5.0)
+        return OK
+
+    def _drop_mirror(self, name: str, count: int, exc: Exception) -> None:
+        reason = "spool_full" if isinstance(exc, SpoolFull) else "spool_error"
+        self.metrics.child(self.metrics.events_dropped, name, reason).inc(count)
+        self.metrics.child(self.metrics.mirror_dropped, name, reason).inc(count)
+        now = time.monotonic()
+        if now - self._last_drop_log.get(name, 0.0) >= 1.0:  # loud, but one line a second, not one per request
+            self._last_drop_log[name] = now
+            log.error("mirror_events_dropped", destination=name, events=count, reason=reason, error=str(exc))
+
+    # -- analytics.js telemetry ---------------------------------------------------------------------------------
+    def forward_telemetry(self, rules: RuleSet, body: bytes, content_type: str) -> None:
+        """`/v1/m` goes to Segment destinations only, best effort, with bounded concurrency."""
+        for destination in rules.destinations.values():
+            if destination.kind == "segment" and len(self._telemetry) < MAX_TELEMETRY_IN_FLIGHT:
+                self._spawn(self._send_telemetry(self._pipeline(destination).upstream, body, content_type))
+
+    async def _send_telemetry(self, upstream: Upstream, body: bytes, content_type: str) -> None:
         try:
             await upstream.send(body, None, path="/v1/m", content_type=content_type)
         except UpstreamError as exc:
             log.info("telemetry_forward_failed", destination=upstream.destination.name, error=exc.detail)
 
-    def _spawn(self, coroutine: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def close(self, drain_timeout: float = 5.0) -> None:
-        """Let queued mirror copies go out within `drain_timeout`, then close every connection."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + drain_timeout
-        for queue in self._mirrors.values():
-            drained = await queue.drain(max(0.0, deadline - loop.time()))
-            if not drained:
-                log.warning("mirror_drain_incomplete", destination=queue.upstream.destination.name, events=queue.queued_events)
-        if self._background:
-            await asyncio.wait(self._background, timeout=max(0.1, deadline - loop.time()))
-        for queue in self._mirrors.values():
-            await queue.close()
-        for upstream in self._upstreams.values():
-            await upstream.close()
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._telemetry.add(task)
+        task.add_done_callback(self._telemetry.discard)
 
 
-def summarise(failures: list[UpstreamError]) -> Outcome:
-    """One answer for the client from every primary's failure.
+def _size(entries: list[tuple[str, str | None, bytes]]) -> int:
+    return sum(RECORD_OVERHEAD + len(c) + len(f or "") + len(e) for c, f, e in entries)
 
-    Something a retry can fix wins (503, or 429 when the only trouble is throttling), so the SDK
-    keeps the events and tries again; a permanent rejection is passed through with its status.
-    """
-    if not failures:
-        return OK
-    retryable = [f for f in failures if f.retryable]
-    throttled = [f for f in retryable if isinstance(f, UpstreamRejected) and f.status == 429]
-    if throttled and len(throttled) == len(retryable):
-        wait = max((f.retry_after or 0.0) for f in throttled) or 5.0
-        return Outcome(False, 429, "rate_limited", "; ".join(f"{f}" for f in throttled), wait)
-    if retryable:
-        return Outcome(False, 503, "upstream_unavailable", "; ".join(str(f) for f in retryable))
-    first = failures[0]
-    status = first.status if isinstance(first, UpstreamRejected) else 502
-    return Outcome(False, status, "upstream_rejected", "; ".join(str(f) for f in failures))
+
+def _spool_full(name: str) -> Outcome:
+    return Outcome(False, 503, "spool_full", f"{name}: splitter's spool for this destination is full; retry later", 5.0)

@@ -12,7 +12,7 @@ class DeliveryOptions:
     batch_max_events: int = 500  # per upstream request
     batch_max_bytes: int = 480 * 1024  # per upstream request, under Segment's 500 KB
     flush_interval: float = 0.02  # seconds a sender waits for a fuller batch when few events are ready
-    max_in_flight: int = 2  # upstream requests at once per destination
+    max_in_flight: int = 1  # upstream requests at once per destination; above 1, order across batches is not kept during retries
     retry_base: float = 0.5  # seconds; backoff doubles per attempt, with full jitter
     retry_max: float = 30.0  # seconds, cap of the backoff and of the breaker's cool-down
     breaker_failures: int = 5  # consecutive failures that open the breaker

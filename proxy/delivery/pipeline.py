@@ -47,7 +47,6 @@ class Pipeline:
     breaker: Breaker = field(init=False)
     _in_flight: deque[_InFlight] = field(default_factory=deque, init=False)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
-    _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _runner: asyncio.Task[None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -71,18 +70,13 @@ class Pipeline:
         self._runner = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
+        """Read, spawn, repeat; cancelled by `stop()`. Cancelling is safe at any await here: the
+        spool hands records out only when `read()` returns, with no await in between."""
         slots = asyncio.Semaphore(self.options.max_in_flight)
-        while not self._stopping.is_set():
+        while True:
             await slots.acquire()
-            reading = asyncio.ensure_future(self.spool.read(self.options.batch_max_events, self.options.batch_max_bytes, self.options.flush_interval))
-            stopping = asyncio.ensure_future(self._stopping.wait())
-            await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not reading.done():
-                reading.cancel()
-                slots.release()
-                break
-            entry = _InFlight(reading.result())
+            records = await self.spool.read(self.options.batch_max_events, self.options.batch_max_bytes, self.options.flush_interval)
+            entry = _InFlight(records)
             self._in_flight.append(entry)
             task = asyncio.ensure_future(self._deliver(entry))
             self._tasks.add(task)
@@ -163,8 +157,8 @@ class Pipeline:
 
     async def stop(self, timeout: float) -> bool:
         """Stop reading; give batches in flight `timeout` to finish. True if nothing was left undone."""
-        self._stopping.set()
         if self._runner is not None:
+            self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, timeout))

@@ -281,14 +281,18 @@ class Spool:
             payloads, _ = scan(data)
             if not payloads:
                 break  # cannot happen for appended data; a later append will wake the reader again
+            full = False
             for payload in payloads:
                 if len(records) >= max_events or (records and size + len(payload) > max_bytes):
+                    full = True  # the limits are reached: stop here, the rest is for the next read
                     break
                 record = decode(segment_id, payload)
                 records.append(record)
                 size += record.size
                 offset += record.encoded_size
             self._cursor = (segment_id, offset)
+            if full:
+                break
         self._unread -= len(records)
         return records
 

@@ -38,6 +38,7 @@ def _route_label(request: web.Request) -> str:
 def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*",), max_in_flight: int = 2000) -> web.Application:
     metrics = deps.metrics
     in_flight = 0
+    metrics.requests_in_flight.set_function(lambda: in_flight)
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -64,12 +64,11 @@ def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-unty
             metrics.child(metrics.events_rejected, source.name, rejection["code"]).inc()
         if not shape.is_batch and prepared.rejected:
             raise single_call_error(prepared.rejected[0])
-        outcome = await deps.delivery.send_primary(rules, prepared.primary, source, key, forwarded_for)
+        outcome = await deps.delivery.accept(rules, prepared.primary, prepared.mirror, source, key, forwarded_for)
         if not outcome.ok:
             headers = {"Retry-After": str(max(1, round(outcome.retry_after)))} if outcome.retry_after else None
-            log.warning("upstream_failed", status=outcome.status, source=source.name, write_key=key, error=outcome.message)
+            log.warning("events_not_accepted", status=outcome.status, code=outcome.code, source=source.name, write_key=key, error=outcome.message)
             raise IngressError(outcome.status, outcome.code, outcome.message, headers)
-        deps.delivery.send_mirror(rules, prepared.mirror, source, key, forwarded_for)
         for labels, count in prepared.routed.items():
             metrics.child(metrics.events, *labels).inc(count)
         if prepared.rejected:
