@@ -25,7 +25,9 @@ check: $(STAMP)
 	for f in rules/*.yaml; do $(VENV)/bin/splitter check $$f || exit 1; done
 
 bench: $(STAMP)
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || (sudo apt-get update -qq && sudo apt-get install -y -qq wrk)
 	$(PY) -m loadtest.bench_decide
+	$(PY) -m loadtest.bench_delivery
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -241,6 +241,8 @@ class Spool:
             self._dirty.discard(self._fd)
             os.close(self._fd)
             self._active.sealed = True
+            if self._active.acked >= self._active.records:  # everything in it was delivered before it filled up
+                self._remove(self._active.id)
         path = self._path(segment_id)  # always a new file: recovered segments are sealed, never appended to
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         segment = _Segment(segment_id, path)
@@ -268,16 +270,19 @@ class Spool:
         size = 0
         while self._cursor is not None and self._unread > 0 and len(records) < max_events and size < max_bytes:
             segment_id, offset = self._cursor
-            segment = self._segments[segment_id]
-            if offset >= segment.size:
+            segment = self._segments.get(segment_id)  # gone if it was fully acked and deleted meanwhile
+            if segment is None or offset >= segment.size:
                 later = [i for i in self._order if i > segment_id]
                 if not later:
                     break
-                self._cursor = (later[0], 0)
+                self._cursor = (later[0], self._segments[later[0]].acked_offset)  # its acked head is not re-read
                 continue
             with open(segment.path, "rb") as handle:
                 handle.seek(offset)
-                data = handle.read(max(READ_CHUNK, min(max_bytes - size, segment.size - offset)))
+                header = handle.read(HEADER.size)
+                wanted = HEADER.size + HEADER.unpack(header)[0] if len(header) == HEADER.size else 0
+                handle.seek(offset)
+                data = handle.read(max(READ_CHUNK, wanted, min(max_bytes - size, segment.size - offset)))
             payloads, _ = scan(data)
             if not payloads:
                 break  # cannot happen for appended data; a later append will wake the reader again

@@ -1,0 +1,114 @@
+"""Lossless delivery under load: throughput with a healthy upstream, and during an outage (spooling).
+
+One bounded run: the proxy (pinned to core 1) on `rules/bench.yaml`, count-only receivers and wrk
+(core 0), batches of 50 events (~30 KB). Phase 1 healthy; phase 2 with RudderStack down, so its
+share is spooled and retried while clients keep getting 200; then recovery, and the time to drain
+the backlog. Every phase checks that the receivers got exactly what the rules promise for the
+requests answered 200. Run: `python -m loadtest.bench_delivery [--seconds 10]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from loadtest.harness import LOAD_CORE, PROXY_CORE, balanced_batches, cpu_seconds, pin, pinning_available, rss_mb, run_wrk, start_receivers
+from loadtest.process import launch_splitter
+from proxy.engine import load_rules
+
+RULES = Path(__file__).resolve().parent / "rules" / "bench.yaml"
+WRITE_KEY = "bench-web-key"
+BATCH, RUDDER_SHARE, CONNECTIONS = 50, 15, 32  # per request: 15 events to RudderStack (30 % split), all 50 to Segment (primary + mirror)
+
+
+async def spool_records(admin: str) -> float:
+    async with aiohttp.ClientSession() as client, client.get(admin + "/metrics") as response:
+        text = await response.text()
+    return sum(float(m) for m in re.findall(r"^splitter_spool_records\{[^}]*\} (\S+)$", text, re.M))
+
+
+async def drained(admin: str, timeout: float) -> float | None:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if await spool_records(admin) == 0:
+            return time.monotonic() - started
+        await asyncio.sleep(0.1)
+    return None
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    receivers = start_receivers(["rs-web-key"])
+    env = dict(os.environ, SEGMENT_URL=receivers.segment, RUDDERSTACK_DATA_PLANE_URL=receivers.rudderstack, SPLITTER_WRITE_KEY=WRITE_KEY)
+    rules = load_rules(str(RULES), env)
+    bodies = [orjson.dumps({"batch": b}) for b in balanced_batches(rules, 200, BATCH, RUDDER_SHARE, "web")]
+    auth = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    splitter = await launch_splitter(str(RULES), env, prefix=pin(PROXY_CORE))
+    results: dict[str, Any] = {"pinned": pinning_available(), "proxy_core": PROXY_CORE, "load_core": LOAD_CORE,
+                               "body_bytes": sum(map(len, bodies)) // len(bodies), "events_per_request": BATCH}
+    ok = True
+    try:
+        run_wrk(splitter.ingress, "/v1/batch", bodies, auth, seconds=2)  # warm-up
+        await drained(splitter.admin, 30)
+        await receivers.reset()
+        for phase in ("healthy", "outage"):
+            if phase == "outage":
+                await receivers.faults("rudderstack", down=True)
+            before = cpu_seconds([splitter.process.pid])
+            run = run_wrk(splitter.ingress, "/v1/batch", bodies, auth, seconds=args.seconds, connections=CONNECTIONS)
+            cpu = cpu_seconds([splitter.process.pid]) - before
+            if phase == "outage":
+                backlog = await spool_records(splitter.admin)
+                await receivers.faults("rudderstack", down=False)
+            drain = await drained(splitter.admin, 120)
+            segment, rudder = await receivers.stats("segment"), await receivers.stats("rudderstack")
+            events = run.ok * BATCH
+            # Every accepted request fans out identically (50 to Segment, 15 to RudderStack), so the ratio is exact;
+            # wrk stops counting with CONNECTIONS requests still in flight, which splitter accepted and delivered too.
+            requests_delivered, remainder = divmod(segment["count"], BATCH)
+            delivered_ok = (remainder == 0 and rudder["count"] == requests_delivered * RUDDER_SHARE
+                            and run.ok <= requests_delivered <= run.ok + CONNECTIONS)
+            ok = ok and delivered_ok and run.ok == run.requests and drain is not None
+            results[phase] = {
+                "requests_per_s": round(run.ok / run.seconds), "events_per_s": round(events / run.seconds),
+                "cpu_us_per_event": round(1e6 * cpu / events, 2) if events else None,
+                "p50_ms": run.p50_ms, "p99_ms": run.p99_ms, "non_200": run.requests - run.ok, "socket_errors": run.errors,
+                "rss_mb": round(rss_mb(splitter.process.pid), 1),
+                "delivered_exactly": delivered_ok, "drain_seconds": None if drain is None else round(drain, 2),
+                "received": {"segment": segment["count"], "rudderstack": rudder["count"]},
+                "answered_200": run.ok,
+            }
+            if phase == "outage":
+                results[phase]["spooled_at_recovery"] = int(backlog)
+            await receivers.reset()
+    finally:
+        await splitter.stop()
+        receivers.stop()
+    pinned = f"proxy on core {PROXY_CORE}, wrk and receivers on core {LOAD_CORE}" if results["pinned"] else "not pinned (no taskset or one core)"
+    print(f"splitter delivery benchmark: batches of {BATCH} events (~{results['body_bytes'] // 1024} KB), {args.seconds:g} s per phase, {pinned}")
+    print(f"{'phase':<9}{'req/s':>8}{'events/s':>10}{'CPU µs/event':>14}{'p50 ms':>8}{'p99 ms':>8}{'non-200':>9}{'drain s':>9}  delivered")
+    for phase in ("healthy", "outage"):
+        r = results[phase]
+        print(f"{phase:<9}{r['requests_per_s']:>8}{r['events_per_s']:>10}{r['cpu_us_per_event']!s:>14}{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}"
+              f"{r['non_200']:>9}{r['drain_seconds']!s:>9}  {'all, exactly' if r['delivered_exactly'] else 'MISMATCH'}")
+    print(json.dumps({k: results[k] for k in ("healthy", "outage")}))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))

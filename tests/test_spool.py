@@ -1,0 +1,599 @@
+"""The spool on real files: order, acks, rotation, crash recovery, torn tails, quota, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from proxy.delivery import Delivery, SpoolLocked
+from proxy.delivery.spool import Record, Recovery, Spool, SpoolFull
+from proxy.engine import compile_rules
+from proxy.metrics import Metrics
+
+BIG = 1 << 30
+Entry = tuple[str, "str | None", bytes]
+
+
+def opened(directory: Path, *, quota_bytes: int = BIG, segment_bytes: int = 16 * 1024 * 1024) -> tuple[Spool, Recovery]:
+    spool = Spool(directory, quota_bytes=quota_bytes, segment_bytes=segment_bytes)
+    return spool, spool.open()
+
+
+async def put(spool: Spool, entries: list[Entry]) -> int:
+    ticket = spool.append(entries)
+    await spool.commit(ticket)
+    return ticket
+
+
+async def read(spool: Spool, max_events: int = 1000, max_bytes: int = BIG, linger: float = 0.0, timeout: float = 2.0) -> list[Record]:
+    async with asyncio.timeout(timeout):
+        return await spool.read(max_events, max_bytes, linger)
+
+
+async def read_n(spool: Spool, count: int, max_events: int = 1000) -> list[Record]:
+    records: list[Record] = []
+    while len(records) < count:
+        records += await read(spool, max_events)
+    return records
+
+
+def triples(records: list[Record]) -> list[Entry]:
+    return [(r.credential, r.forwarded_for, r.event) for r in records]
+
+
+def seg_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.suffix in (".seg", ".ack"))
+
+
+def ev(i: int, pad: int = 0) -> bytes:
+    return b'{"messageId":"m-%d","pad":"%s"}' % (i, b"p" * pad)
+
+
+# -- append, commit, read ----------------------------------------------------------------------------------
+
+
+async def test_appended_records_are_read_back_in_order_with_their_fields(tmp_path: Path) -> None:
+    spool, recovery = opened(tmp_path)
+    assert recovery == Recovery(0, 0, 0, 0, ())
+    before = time.time()
+    entries = [("seg-key", "203.0.113.9", ev(0)), ("clé-ünïcode-🔑", None, ev(1)), ("k", "2001:db8::1", b"")]
+    await put(spool, entries[:2])
+    await put(spool, entries[2:])
+    after = time.time()
+    assert spool.pending == 3
+    records = await read(spool)
+    assert triples(records) == entries
+    assert all(before - 1 <= r.appended_at <= after + 1 for r in records)
+    assert [r.size for r in records] == [len(e) for _, _, e in entries]
+    assert {r.segment for r in records} == {1}
+    await spool.close()
+
+
+async def test_read_waits_until_something_is_appended(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        await put(spool, [("k", None, ev(7))])
+
+    writer = asyncio.create_task(later())
+    started = time.monotonic()
+    records = await read(spool)
+    assert time.monotonic() - started >= 0.04
+    assert triples(records) == [("k", None, ev(7))]
+    await writer
+    await spool.close()
+
+
+async def test_read_respects_max_events_and_max_bytes_without_splitting_records(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+    events = [ev(i, pad=100) for i in range(20)]
+    await put(spool, [("k", None, e) for e in events])
+    got: list[Record] = []
+    first = await read(spool, max_events=3)
+    assert len(first) == 3
+    got += first
+    size = len(events[0])
+    limit = size * 4 + size // 2  # room for 4 whole records, not 5
+    second = await read(spool, max_events=100, max_bytes=limit)
+    assert 1 <= len(second) <= 4 and sum(r.size for r in second) <= limit
+    got += second
+    while len(got) < 20:
+        batch = await read(spool, max_events=5, max_bytes=limit)
+        assert 1 <= len(batch) <= 5 and sum(r.size for r in batch) <= limit
+        got += batch
+    assert [r.event for r in got] == events  # whole records, none split, none lost, in order
+    await spool.close()
+
+
+async def test_a_record_larger_than_max_bytes_is_still_returned_alone(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+    big = ev(1, pad=5000)
+    await put(spool, [("k", None, ev(0)), ("k", None, big), ("k", None, ev(2))])
+    assert [r.event for r in await read(spool, max_bytes=len(ev(0)) + 10)] == [ev(0)]
+    assert [r.event for r in await read(spool, max_bytes=100)] == [big]  # alone, no endless empty reads
+    assert [r.event for r in await read(spool, max_bytes=100)] == [ev(2)]
+    await spool.close()
+
+
+async def test_a_record_larger_than_the_read_chunk_is_still_returned_alone(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+    big = b'"' + b"x" * (1536 * 1024) + b'"'
+    await put(spool, [("k", None, big), ("k", None, ev(1))])
+    records = await read(spool, max_events=10, max_bytes=480 * 1024)
+    assert [r.event for r in records] == [big]  # read() promises at least one record
+
+
+async def test_linger_waits_for_more_records_when_few_are_ready(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+    await put(spool, [("k", None, ev(0))])
+
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        await put(spool, [("k", None, ev(1))])
+
+    writer = asyncio.create_task(later())
+    records = await read(spool, max_events=10, linger=0.3)
+    assert [r.event for r in records] == [ev(0), ev(1)]
+    await writer
+    # no linger: what is ready is returned at once
+    await put(spool, [("k", None, ev(2))])
+    started = time.monotonic()
+    assert [r.event for r in await read(spool, max_events=10)] == [ev(2)]
+    assert time.monotonic() - started < 0.2
+    # enough ready for max_events: no lingering either
+    await put(spool, [("k", None, ev(3)), ("k", None, ev(4))])
+    started = time.monotonic()
+    assert [r.event for r in await read(spool, max_events=2, linger=5.0)] == [ev(3), ev(4)]
+    assert time.monotonic() - started < 1.0
+    await spool.close()
+
+
+# -- acks, rotation, deletion -----------------------------------------------------------------------------------
+
+
+async def test_acks_in_read_order_lower_pending_and_note_a_watermark(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+    await put(spool, [("k", None, ev(i)) for i in range(5)])
+    assert spool.pending == 5
+    first = await read(spool, max_events=2)
+    spool.ack(first)
+    assert spool.pending == 3
+    assert (tmp_path / "000000000001.ack").read_text().strip() == "2"
+    rest = await read(spool)
+    assert spool.pending == 3  # read is not ack
+    spool.ack(rest)
+    assert spool.pending == 0
+    assert (tmp_path / "000000000001.ack").read_text().strip() == "5"
+    assert (tmp_path / "000000000001.seg").exists()  # the active segment is kept for more appends
+    await spool.close()
+
+
+async def test_rotation_makes_several_segments_read_across_them_and_delete_fully_acked_ones(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path, segment_bytes=400)
+    events = [ev(i, pad=100) for i in range(12)]
+    for e in events:  # one append each: rotation happens between appends
+        await put(spool, [("k", "198.51.100.1", e)])
+    names = [n for n in seg_files(tmp_path) if n.endswith(".seg")]
+    assert len(names) >= 4
+    assert all((tmp_path / n).stat().st_size <= 400 for n in names)
+    disk_before = spool.disk_bytes
+    records = await read(spool)  # one read crosses every boundary
+    assert [r.event for r in records] == events
+    assert len({r.segment for r in records}) == len(names)
+    first_segment = [r for r in records if r.segment == records[0].segment]
+    spool.ack(first_segment[:-1])
+    assert (tmp_path / names[0]).exists() and (tmp_path / names[0].replace(".seg", ".ack")).exists()
+    spool.ack(first_segment[-1:])
+    assert names[0] not in seg_files(tmp_path) and names[0].replace(".seg", ".ack") not in seg_files(tmp_path)
+    assert spool.disk_bytes < disk_before
+    spool.ack(records[len(first_segment):])
+    assert spool.pending == 0
+    assert seg_files(tmp_path) == sorted([names[-1], names[-1].replace(".seg", ".ack")])  # only the active one is left
+    assert spool.disk_bytes == (tmp_path / names[-1]).stat().st_size
+    await spool.close()
+
+
+async def test_reading_on_after_the_segment_under_the_cursor_was_deleted(tmp_path: Path) -> None:
+    """The sender's normal rhythm: read what is there, appends rotate the segment meanwhile, then ack."""
+    spool, _ = opened(tmp_path, segment_bytes=150)
+    await put(spool, [("k", None, ev(0, pad=80))])
+    first = await read(spool)  # caught up: the cursor sits at the end of segment 1
+    await put(spool, [("k", None, ev(1, pad=80))])  # rotates: segment 1 is sealed
+    spool.ack(first)  # sealed and fully acked: deleted
+    assert "000000000001.seg" not in seg_files(tmp_path)
+    assert [r.event for r in await read(spool)] == [ev(1, pad=80)]
+
+
+async def test_a_segment_fully_acked_before_rotation_is_deleted_when_sealed(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path, segment_bytes=150)
+    await put(spool, [("k", None, ev(0, pad=80))])
+    spool.ack(await read(spool))  # the sender kept up: all acked while the segment is active
+    await put(spool, [("k", None, ev(1, pad=80))])  # rotation seals segment 1
+    try:
+        assert "000000000001.seg" not in seg_files(tmp_path)
+        assert spool.disk_bytes == (tmp_path / "000000000002.seg").stat().st_size
+    finally:
+        await spool.close()
+
+
+# -- crash recovery -------------------------------------------------------------------------------------------------
+
+
+async def test_reopen_resumes_after_the_acked_records(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+    entries = [(f"key-{i}", None if i % 2 else f"10.0.0.{i}", ev(i)) for i in range(10)]
+    await put(spool, entries)
+    records = await read(spool)
+    spool.ack(records[:3])
+    spool.ack(records[3:4])  # K = 4 acked, 6 read but not acked
+    await spool.close()  # a stop without acking the rest
+
+    again, recovery = opened(tmp_path)
+    assert (recovery.records, recovery.skipped, recovery.truncated_bytes, recovery.truncated_segments) == (6, 4, 0, ())
+    assert again.pending == 6
+    assert triples(await read_n(again, 6)) == entries[4:]
+    await again.close()
+
+
+async def test_reopen_without_close_sees_what_was_committed(tmp_path: Path) -> None:
+    """A crash: no close(), another instance opens the same directory."""
+    spool, _ = opened(tmp_path)
+    entries = [("k", None, ev(i)) for i in range(5)]
+    await put(spool, entries)
+    spool.ack(await read(spool, max_events=2))
+    again, recovery = opened(tmp_path)
+    assert (recovery.records, recovery.skipped) == (3, 2)
+    assert triples(await read_n(again, 3)) == entries[2:]
+    await spool.close()
+    await again.close()
+
+
+async def test_a_segment_acked_in_full_before_the_stop_is_removed_at_open(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path, segment_bytes=200)
+    for i in range(2):
+        await put(spool, [("k", None, ev(i, pad=100))])  # one segment each
+    spool.ack(await read(spool))  # segment 1 (sealed) is deleted now; segment 2 is active, acked in full
+    assert seg_files(tmp_path) == ["000000000002.ack", "000000000002.seg"]
+    await spool.close()
+
+    again, recovery = opened(tmp_path, segment_bytes=200)
+    assert (recovery.records, recovery.skipped, recovery.truncated_bytes) == (0, 1, 0)
+    assert seg_files(tmp_path) == ["000000000003.seg"]  # both .seg and .ack of segment 2 are gone
+    await put(again, [("k", None, ev(9))])
+    assert [r.event for r in await read(again)] == [ev(9)]
+    await again.close()
+
+
+async def test_everything_acked_leaves_nothing_to_replay(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+    await put(spool, [("k", None, ev(i)) for i in range(4)])
+    spool.ack(await read(spool))
+    await spool.close()
+    again, recovery = opened(tmp_path)
+    assert (recovery.segments, recovery.records, recovery.skipped) == (1, 0, 4)
+    assert seg_files(tmp_path) == ["000000000002.seg"]  # only the new, empty active segment
+    assert again.pending == 0 and again.oldest_age() == 0.0
+    await again.close()
+
+
+async def test_a_stale_earlier_segment_does_not_lose_the_pending_tail_of_the_next(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path, segment_bytes=100)
+    await put(spool, [("k", None, b'"A' + b"a" * 60 + b'"')])
+    segment_1 = (tmp_path / "000000000001.seg").read_bytes()
+    await put(spool, [("k", None, b'"B"'), ("k", None, b'"C"')])  # segment 2
+    records = await read(spool)
+    spool.ack(records[:2])  # segment 1 deleted, segment 2 notes 1 acked
+    await spool.close()
+    (tmp_path / "000000000001.seg").write_bytes(segment_1)  # the unlink did not survive the crash
+
+    again, recovery = opened(tmp_path, segment_bytes=100)
+    assert (recovery.records, recovery.skipped) == (2, 1)
+    got = await read(again, max_events=2)  # what recovery counted as pending: A (note lost) and C
+    again.ack(got)
+    assert b'"C"' in [r.event for r in got] or again.pending > 0  # C is delivered or still pending, never dropped
+    await put(again, [("k", None, b'"D"')])
+    assert [r.event for r in await read(again)][-1:] == [b'"D"']
+    await again.close()
+
+
+# -- torn and corrupt tails ---------------------------------------------------------------------------------------------
+
+
+async def three_records(directory: Path) -> tuple[list[Entry], list[int]]:
+    """Three committed records in segment 1, and the file's size after each."""
+    spool, _ = opened(directory)
+    entries = [("k", "192.0.2.1", ev(i, pad=20)) for i in range(3)]
+    sizes = []
+    for entry in entries:
+        await put(spool, [entry])
+        sizes.append((directory / "000000000001.seg").stat().st_size)
+    await spool.close()
+    return entries, sizes
+
+
+def flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 0x01])
+
+
+def claim_4gb(data: bytes, start: int) -> bytes:
+    return data[:start] + struct.pack("<I", 0xFFFFFFF0) + data[start + 4:]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "short_garbage", "cut", "crc", "length_4gb"])
+async def test_a_torn_or_corrupt_tail_is_truncated_and_reported(tmp_path: Path, damage: str) -> None:
+    entries, sizes = await three_records(tmp_path)
+    path = tmp_path / "000000000001.seg"
+    data = path.read_bytes()
+    assert len(data) == sizes[-1]
+    if damage == "garbage":
+        path.write_bytes(data + b"\xde\xad\xbe\xef" * 7)
+        survivors, valid = 3, sizes[2]
+    elif damage == "short_garbage":
+        path.write_bytes(data + b"\x01\x02\x03")  # less than a header
+        survivors, valid = 3, sizes[2]
+    elif damage == "cut":
+        path.write_bytes(data[:-5])
+        survivors, valid = 2, sizes[1]
+    elif damage == "crc":
+        path.write_bytes(flip_last_byte(data))  # the last byte of the last event: crc mismatch
+        survivors, valid = 2, sizes[1]
+    else:
+        path.write_bytes(claim_4gb(data, sizes[1]))
+        survivors, valid = 2, sizes[1]
+    damaged_size = path.stat().st_size
+
+    spool, recovery = opened(tmp_path)
+    assert recovery.truncated_bytes == damaged_size - valid > 0
+    assert recovery.truncated_segments == ("000000000001.seg",)
+    assert recovery.records == survivors
+    assert path.stat().st_size == valid
+    assert triples(await read_n(spool, survivors)) == entries[:survivors]
+    await spool.close()
+    _, clean = opened(tmp_path)  # repaired for good: nothing more to cut at the next start
+    assert clean.truncated_bytes == 0 and clean.records == survivors
+
+
+async def test_corruption_in_the_middle_of_an_older_segment_keeps_what_precedes_it(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path, segment_bytes=250)
+    entries = [("k", None, ev(i, pad=30)) for i in range(9)]
+    sizes: dict[int, list[int]] = {}
+    for entry in entries:
+        await put(spool, [entry])
+        newest = max(tmp_path.glob("*.seg"))
+        sizes.setdefault(int(newest.stem), []).append(newest.stat().st_size)
+    await spool.close()
+    assert len(sizes) >= 3 and len(sizes[1]) >= 3
+    per_segment = {segment: len(s) for segment, s in sizes.items()}
+    path = tmp_path / "000000000001.seg"
+    data = bytearray(path.read_bytes())
+    data[sizes[1][0] + 12] ^= 0xFF  # inside the second record's payload
+    path.write_bytes(bytes(data))
+
+    again, recovery = opened(tmp_path, segment_bytes=250)
+    assert recovery.truncated_segments == ("000000000001.seg",)
+    assert recovery.truncated_bytes == sizes[1][-1] - sizes[1][0]
+    assert path.stat().st_size == sizes[1][0]
+    expected = entries[:1] + entries[per_segment[1]:]  # segment 1's first record, and all later segments
+    assert recovery.records == len(expected)
+    assert triples(await read_n(again, len(expected))) == expected
+    await again.close()
+
+
+# -- quota ---------------------------------------------------------------------------------------------------------------
+
+
+async def test_quota_refuses_a_batch_that_does_not_fit_and_writes_nothing(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path, quota_bytes=1000, segment_bytes=300)
+    path = tmp_path / "000000000001.seg"
+    await put(spool, [("k", None, ev(0, pad=100))])
+    one = spool.disk_bytes
+    assert one == path.stat().st_size > 100
+    assert spool.has_room(1000 - one) and not spool.has_room(1000 - one + 1)
+    with pytest.raises(SpoolFull):
+        spool.append([("k", None, ev(i, pad=100)) for i in range(1, 10)])
+    assert path.stat().st_size == one and spool.disk_bytes == one and spool.pending == 1
+    assert seg_files(tmp_path) == ["000000000001.seg"]
+    for i in range(1, 10):  # fill it up one by one, rotating
+        try:
+            await put(spool, [("k", None, ev(i, pad=100))])
+        except SpoolFull:
+            break
+    assert not spool.has_room(one)
+    total = sum(p.stat().st_size for p in tmp_path.glob("*.seg"))
+    assert total == spool.disk_bytes <= 1000
+    with pytest.raises(SpoolFull):
+        spool.append([("k", None, ev(99, pad=100))])
+    assert sum(p.stat().st_size for p in tmp_path.glob("*.seg")) == total
+    # the sender catches up: sealed segments are deleted and the room comes back
+    spool.ack(await read(spool))
+    assert spool.disk_bytes < total and spool.has_room(one)
+    await put(spool, [("k", None, ev(100, pad=100))])
+    assert [r.event for r in await read(spool)] == [ev(100, pad=100)]
+    await spool.close()
+
+
+# -- group commit -------------------------------------------------------------------------------------------------------------
+
+
+async def test_fifty_concurrent_commits_complete_together(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+
+    async def request(i: int) -> int:
+        ticket = spool.append([("k", None, ev(i))])
+        await spool.commit(ticket)
+        return ticket
+
+    started = time.monotonic()
+    async with asyncio.timeout(10):
+        tickets = await asyncio.gather(*(request(i) for i in range(50)))
+    assert time.monotonic() - started < 5.0
+    assert sorted(tickets) == list(range(1, 51))
+    for ticket in tickets:  # all covered: committing again does not even yield to the loop
+        coroutine = spool.commit(ticket)
+        with pytest.raises(StopIteration):
+            coroutine.send(None)
+    assert [r.event for r in await read(spool)] == [ev(i) for i in range(50)]
+    await spool.close()
+
+
+async def test_one_commit_covers_every_earlier_ticket(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+    tickets = [spool.append([("k", None, ev(i))]) for i in range(50)]
+    await spool.commit(tickets[-1])  # one fsync round for all of them
+    for ticket in tickets:
+        coroutine = spool.commit(ticket)
+        with pytest.raises(StopIteration):
+            coroutine.send(None)
+    again, recovery = opened(tmp_path)  # and it is all on disk for another reader
+    assert recovery.records == 50
+    await spool.close()
+    await again.close()
+
+
+# -- oldest age ---------------------------------------------------------------------------------------------------------------------
+
+
+async def test_oldest_age_follows_the_oldest_unacked_record(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+    assert spool.oldest_age() == 0.0 and spool.oldest_age(now=time.time() + 100) == 0.0
+    await put(spool, [("k", None, ev(0))])
+    await asyncio.sleep(0.02)
+    await put(spool, [("k", None, ev(1))])
+    first, second = await read(spool)
+    assert second.appended_at > first.appended_at
+    assert spool.oldest_age(now=first.appended_at + 5) == pytest.approx(5.0)
+    assert spool.oldest_age(now=first.appended_at + 60) == pytest.approx(60.0)
+    assert spool.oldest_age(now=first.appended_at - 10) == 0.0  # never negative
+    assert 0.0 <= spool.oldest_age() < 5.0
+    spool.ack([first])
+    assert spool.oldest_age(now=second.appended_at + 5) == pytest.approx(5.0)
+    spool.ack([second])
+    assert spool.oldest_age(now=second.appended_at + 5) == 0.0
+    await spool.close()
+
+
+async def test_oldest_age_survives_a_reopen(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+    await put(spool, [("k", None, ev(0)), ("k", None, ev(1))])
+    first, second = await read(spool)
+    spool.ack([first])
+    await spool.close()
+    again, _ = opened(tmp_path)
+    assert again.oldest_age(now=second.appended_at + 7) == pytest.approx(7.0)
+    await again.close()
+
+
+# -- one owner per spool directory ------------------------------------------------------------------------------------------------
+
+
+RULES = """\
+version: 1
+destinations:
+  segment: {kind: segment, url: "http://127.0.0.1:9", timeout: 1}
+  rudderstack: {kind: rudderstack, url: "http://127.0.0.1:9", timeout: 1}
+sources:
+  - name: web
+    write_keys: ["web-key-0123456789"]
+    credentials: {segment: "seg-web-key-0123456789", rudderstack: "rs-web-key-0123456789"}
+cohort: {key: [anonymousId, userId], salt: "t"}
+rules:
+  - name: everyone
+    route: {to: [segment, rudderstack]}
+"""
+
+
+async def test_a_second_delivery_on_the_same_spool_dir_is_refused(tmp_path: Path) -> None:
+    rules = compile_rules(RULES)
+    first = Delivery(Metrics(), spool_dir=tmp_path / "spool", dead_letter_dir=tmp_path / "dead")
+    second = Delivery(Metrics(), spool_dir=tmp_path / "spool", dead_letter_dir=tmp_path / "dead")
+    third = Delivery(Metrics(), spool_dir=tmp_path / "spool", dead_letter_dir=tmp_path / "dead")
+    try:
+        first.start(rules)
+        assert {p.name for p in (tmp_path / "spool").iterdir()} >= {".lock", "segment", "rudderstack"}
+        with pytest.raises(SpoolLocked):
+            second.start(rules)
+    finally:
+        await first.close(0)
+        await second.close(0)
+    try:
+        third.start(rules)  # released by close(): the next process may take it
+    finally:
+        await third.close(0)
+
+
+# -- property: exactly the unacked events survive a reopen, in order -----------------------------------------------------
+
+
+credentials = st.text(min_size=0, max_size=12)
+forwarded = st.none() | st.text(min_size=1, max_size=20)
+entries_strategy = st.lists(st.tuples(credentials, forwarded, st.binary(max_size=300)), min_size=1, max_size=25)
+
+
+def roundtrip(entries: list[Entry], batches: list[int], rounds: int, acked_rounds: int, segment_bytes: int, one_append_each: bool) -> None:
+    with tempfile.TemporaryDirectory() as name:
+        asyncio.run(_roundtrip(Path(name), entries, batches, rounds, acked_rounds, segment_bytes, one_append_each))
+
+
+async def _roundtrip(directory: Path, entries: list[Entry], batches: list[int], rounds: int, acked_rounds: int,
+                     segment_bytes: int, one_append_each: bool) -> None:
+    spool, _ = opened(directory, segment_bytes=segment_bytes)
+    if one_append_each:
+        tickets = [spool.append([entry]) for entry in entries]
+    else:
+        tickets = [spool.append(part) for part in (entries[: len(entries) // 2], entries[len(entries) // 2:]) if part]
+    await spool.commit(tickets[-1])
+    sizes = itertools.cycle(batches)
+    read_batches: list[list[Record]] = []
+    seen = 0
+    for _ in range(rounds):  # before the reopen: read some batches, ack a prefix of them in order
+        if seen == len(entries):
+            break
+        batch = await read(spool, max_events=next(sizes))
+        read_batches.append(batch)
+        seen += len(batch)
+        if len(read_batches) <= acked_rounds:
+            spool.ack(batch)
+    acked = sum(len(b) for b in read_batches[:acked_rounds])
+    assert triples([r for b in read_batches for r in b]) == entries[:seen]
+    await spool.close()
+
+    again, recovery = opened(directory, segment_bytes=segment_bytes)
+    assert (recovery.records, recovery.truncated_bytes) == (len(entries) - acked, 0)
+    if segment_bytes >= 16 * 1024 * 1024:
+        assert recovery.skipped == acked  # one segment: all of its acks are in its note
+    else:
+        assert recovery.skipped <= acked  # segments deleted while running are not counted
+    after: list[Record] = []
+    while len(after) < len(entries) - acked:
+        batch = await read(again, max_events=next(sizes))
+        after += batch
+        again.ack(batch)
+    assert triples(after) == entries[acked:]  # the acked ones are not returned, every other one is, in order
+    assert again.pending == 0
+    await again.close()
+
+
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=entries_strategy, batches=st.lists(st.integers(1, 6), min_size=1, max_size=5),
+       rounds=st.integers(0, 10), acked_rounds=st.integers(0, 10), one_append_each=st.booleans())
+def test_property_acked_events_are_gone_after_a_reopen_and_the_rest_come_back_in_order(
+        entries: list[Entry], batches: list[int], rounds: int, acked_rounds: int, one_append_each: bool) -> None:
+    roundtrip(entries, batches, rounds, acked_rounds, 16 * 1024 * 1024, one_append_each)
+
+
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@example(entries=[("k", None, b"x" * 80)] * 3, batches=[1], rounds=3, acked_rounds=3, segment_bytes=150, one_append_each=True)
+@given(entries=entries_strategy, batches=st.lists(st.integers(1, 6), min_size=1, max_size=5),
+       rounds=st.integers(0, 10), acked_rounds=st.integers(0, 10), segment_bytes=st.integers(50, 2000), one_append_each=st.booleans())
+def test_property_the_same_across_many_small_segments(
+        entries: list[Entry], batches: list[int], rounds: int, acked_rounds: int, segment_bytes: int, one_append_each: bool) -> None:
+    roundtrip(entries, batches, rounds, acked_rounds, segment_bytes, one_append_each)
