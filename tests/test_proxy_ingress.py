@@ -605,3 +605,27 @@ def _samples(stack: Stack, name: str) -> dict[tuple[str, ...], float]:
                 labels = sample.labels
                 found[(labels["source"], labels["type"], labels["rule"], labels["destination"], labels["role"])] = sample.value
     return found
+
+
+# ------------------------------------------------------------------------- review follow-ups
+async def test_identical_events_without_ids_in_one_batch_get_distinct_ids(stack: Stack) -> None:
+    same = {"type": "track", "event": "Tapped", "anonymousId": "a-1"}
+    assert_ok(await stack.post("/v1/batch", {"batch": [same, same]}))
+    first, second = stack.segment.message_ids()
+    assert first != second and uuid.UUID(first) and uuid.UUID(second)
+
+
+async def test_forwarded_for_hops_that_are_not_addresses_are_not_believed(stack: Stack) -> None:
+    assert_ok(await stack.post("/v1/t", {"event": "x", "anonymousId": "a"}, headers={"X-Forwarded-For": "203.0.113.9, unknown"},
+                               content_type="text/plain"))
+    [record] = stack.segment.events
+    assert record.event["context"]["ip"] == "127.0.0.1"
+    assert record.headers["X-Forwarded-For"] == "127.0.0.1"
+
+
+async def test_cors_preflight_allows_the_headers_the_page_asks_for(stack: Stack) -> None:
+    status, _, headers = await stack.request("OPTIONS", "/v1/t", headers={
+        "Origin": "https://shop.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-shop-tenant, content-type"})
+    assert status == 204
+    allowed = [h.strip().lower() for h in headers["Access-Control-Allow-Headers"].split(",")]
+    assert "x-shop-tenant" in allowed and allowed.count("content-type") == 1

@@ -105,5 +105,9 @@ def _cors(request: web.Request, response: web.StreamResponse, allowed: tuple[str
         return
     if request.method == "OPTIONS":
         response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+        requested = request.headers.get("Access-Control-Request-Headers", "")
+        # Echo what the browser asks for too: analytics.js lets sites add headers (deliveryStrategy.config.headers).
+        names = {h.lower(): h for h in (h.strip() for h in requested.split(",")) if h}
+        names.update({h.lower(): h for h in CORS_ALLOW_HEADERS.split(", ")})
+        response.headers["Access-Control-Allow-Headers"] = ", ".join(names.values())
         response.headers["Access-Control-Max-Age"] = "86400"

@@ -22,6 +22,14 @@ def _trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
     return any(ip in network for network in trusted)
 
 
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
 def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequence[IPNetwork]) -> tuple[str | None, str | None]:
     """(client ip, X-Forwarded-For to send upstream)."""
     if peer is None:
@@ -33,6 +41,8 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequenc
     kept: list[str] = []
     for position in range(len(chain) - 1, -1, -1):
         hop = chain[position]
+        if not _is_ip(hop):
+            break  # "unknown", obfuscated or garbage: nothing further left can be believed
         kept.insert(0, hop)
         client = hop
         if not _trusted(hop, trusted):

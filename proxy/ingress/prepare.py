@@ -45,15 +45,16 @@ class Prepared:
     accepted: int = 0
 
 
-def message_id_for(source: str, event: dict[str, Any]) -> str:
-    """A UUID derived from the event's content: a client retry of the same event gets the same id.
+def message_id_for(source: str, event: dict[str, Any], index: int = 0) -> str:
+    """A UUID derived from the event's content and its place in the request: a client retry of the
+    same request gets the same ids, while two identical events in one batch still get two.
 
     A random id would differ between the first attempt and the SDK's retry, and warehouses
     de-duplicate on messageId, so a retried event would be counted twice.
     """
     if "sentAt" in event:  # when the request was sent: a retry carries a new one, so it is not the event's identity
         event = {name: value for name, value in event.items() if name != "sentAt"}
-    digest = hashlib.sha256(source.encode() + b"\0" + orjson.dumps(event, option=orjson.OPT_SORT_KEYS)).digest()
+    digest = hashlib.sha256(f"{source}\0{index}\0".encode() + orjson.dumps(event, option=orjson.OPT_SORT_KEYS)).digest()
     return str(uuid.UUID(bytes=digest[:16], version=4))
 
 
@@ -100,7 +101,7 @@ def prepare(
             continue
         message_id = event.get("messageId")
         if not isinstance(message_id, str) or not message_id.strip():
-            event["messageId"] = message_id_for(source.name, event)
+            event["messageId"] = message_id_for(source.name, event, index)
         if client_ip is not None and (shape.from_client or _channel_is_client(event)):
             _set_ip(event, client_ip)
         decision = decide(rules, event, ctx)
