@@ -153,3 +153,4 @@ CONDITION_NAMES = ("source", *BUILDERS)
 # Cheapest first: a rule stops at its first failing condition, so reading the request context
 # (source, region) and top-level fields before nested ones and version parsing saves work per event.
 EVALUATION_ORDER = ("source", "region", "type", "event", "country", "library", "os", "app_version")
+CONTEXT_ONLY = frozenset({"source", "region"})  # depend on the request, never on the event

@@ -18,8 +18,8 @@ NO_CONTEXT = EventContext()
 
 
 def decide(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext = NO_CONTEXT) -> Decision:
-    for rule in rules.rules:
-        for condition in rule.conditions:
+    for rule in rules.candidates(ctx):
+        for condition in rule.event_conditions:
             if not condition(event, ctx):
                 break
         else:

@@ -86,6 +86,7 @@ class Route:
 
 
 Predicate = Callable[[Mapping[str, Any], EventContext], bool]
+_NO_EVENT: Mapping[str, Any] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,8 @@ class Rule:
     when_text: Mapping[str, Any] = field(default_factory=dict)  # the `when` as written, for explain/admin
     decision: Decision | None = None  # precomputed for routes without a split: no per-event allocation
     arms: tuple[tuple[int, tuple[str, ...], tuple[str, ...]], ...] = ()  # split: (upper, primary, mirror)
+    context_conditions: tuple[Predicate, ...] = ()  # source/region: the same for every event of a request
+    event_conditions: tuple[Predicate, ...] = ()  # the rest, evaluated per event
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,21 @@ class RuleSet:
     rules: tuple[Rule, ...]
     country_headers: tuple[str, ...]
     text: str = ""  # the file as read, for /admin/config
+    _candidates: dict[tuple[str | None, str | None], tuple[Rule, ...]] = field(default_factory=dict, compare=False, repr=False)
+
+    def candidates(self, ctx: EventContext) -> tuple[Rule, ...]:
+        """The rules whose request-level conditions (source, region) hold for `ctx`, in order.
+
+        Computed once per (source, region) and cached: a 10-rule file where half the rules are for
+        other sources costs each event only the rules that can still match it.
+        """
+        key = (ctx.source, ctx.region)
+        found = self._candidates.get(key)
+        if found is None:
+            found = tuple(rule for rule in self.rules if all(condition(_NO_EVENT, ctx) for condition in rule.context_conditions))
+            if len(self._candidates) < 1024:  # sources x regions is small; the bound only guards odd callers
+                self._candidates[key] = found
+        return found
 
     def rule_named(self, name: str) -> Rule:
         for rule in self.rules:

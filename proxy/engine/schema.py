@@ -261,10 +261,14 @@ class _Compiler:
             if name is not None and route is not None and rule_cohort is not None:
                 fixed = None if route.split else Decision(name, *route.outcome(None))
                 arms = tuple((upper, *route.outcome(dest)) for dest, upper in route.split.arms) if route.split else ()
-                rules.append(Rule(name, index, predicates, route, rule_cohort, reshuffle, line_of(item), when_text, fixed, arms))
+                rules.append(Rule(
+                    name, index, tuple(p for _, p in predicates), route, rule_cohort, reshuffle, line_of(item), when_text, fixed, arms,
+                    context_conditions=tuple(p for n, p in predicates if n in conditions.CONTEXT_ONLY),
+                    event_conditions=tuple(p for n, p in predicates if n not in conditions.CONTEXT_ONLY),
+                ))
         return tuple(rules)
 
-    def _when(self, node: yaml.Node, path: str) -> tuple[tuple[conditions.Predicate, ...], dict[str, object]]:
+    def _when(self, node: yaml.Node, path: str) -> tuple[tuple[tuple[str, conditions.Predicate], ...], dict[str, object]]:
         spec = self.r.mapping(node, path, conditions.CONDITION_NAMES)
         if spec is not None and not spec:
             self.r.problem(node, path, "must hold at least one condition (leave `when` out for the default rule)")
@@ -277,9 +281,9 @@ class _Compiler:
             written[name] = texts if isinstance(value_node, yaml.SequenceNode) else texts[0]
             try:
                 if name == "source":
-                    predicates.append(conditions.source_condition(texts, set(self.sources)))
+                    predicates.append((name, conditions.source_condition(texts, set(self.sources))))
                 else:
-                    predicates.append(conditions.BUILDERS[name](texts))
+                    predicates.append((name, conditions.BUILDERS[name](texts)))
             except ValueError as exc:
                 self.r.problem(value_node, f"{path}.{name}", str(exc))
         return tuple(predicates), {name: written[name] for name in (spec or {}) if name in written}  # as written
