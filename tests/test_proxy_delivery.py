@@ -74,3 +74,22 @@ async def test_close_drains_spooled_mirror_copies() -> None:
         rudder = stack.rudder
     assert rudder.message_ids() == [f"msg-{i}" for i in range(4)]  # drained, in order
     assert stack.metric("splitter_spool_records", destination="rudderstack") == 0
+
+
+async def test_an_unexpected_failure_while_delivering_is_retried_not_abandoned(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A dead-letter directory that cannot be written (a file is in its way) fails the poison batch;
+    the sender retries it instead of leaving it unacked, and delivers it once the path is fixed."""
+    async with proxy_stack() as stack:
+        blocker = stack.delivery.dead_letter_dir
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("not a directory")
+        stack.segment.faults.reject_message_ids = {"msg-1"}
+        status, _, _ = await stack.post("/v1/batch", {"batch": [track(0), track(1)]}, settle=False)
+        assert status == 200
+        await stack.segment.wait_for(1)
+        await stack.wait_metric("splitter_upstream_requests_total", 4, destination="segment", code="400")  # retried
+        assert stack.metric("splitter_spool_records", destination="segment") == 2  # still held, not lost
+        blocker.unlink()
+        await stack.settle()
+        assert stack.metric("splitter_events_dead_lettered_total", destination="segment") == 1
+        assert (blocker / "segment.ndjson").exists()

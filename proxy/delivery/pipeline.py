@@ -78,7 +78,7 @@ class Pipeline:
             records = await self.spool.read(self.options.batch_max_events, self.options.batch_max_bytes, self.options.flush_interval)
             entry = _InFlight(records)
             self._in_flight.append(entry)
-            task = asyncio.ensure_future(self._deliver(entry))
+            task = asyncio.ensure_future(self._deliver_until_done(entry))
             self._tasks.add(task)
             task.add_done_callback(lambda t, e=entry: self._finished(t, e, slots))
 
@@ -92,6 +92,22 @@ class Pipeline:
         entry.done = True
         while self._in_flight and self._in_flight[0].done:
             self.spool.ack(self._in_flight.popleft().records)
+
+    async def _deliver_until_done(self, entry: _InFlight) -> None:
+        """Deliver a batch, surviving the unexpected (a dead-letter write on a full disk, a bug):
+        an abandoned batch would never be acked and, acks being in order, would hold back every
+        later one. Retrying may resend part of the batch; messageIds make that harmless."""
+        attempt = 0
+        while True:
+            try:
+                await self._deliver(entry)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("delivery_failed_unexpectedly", destination=self.name, events=len(entry.records), attempt=attempt)
+                await asyncio.sleep(self._backoff(attempt, None))
+                attempt += 1
 
     async def _deliver(self, entry: _InFlight) -> None:
         groups: dict[str, list[Record]] = {}
