@@ -94,9 +94,13 @@ def main() -> None:
 @click.option("--max-in-flight", envvar="SPLITTER_MAX_IN_FLIGHT", type=int, default=2000, show_default=True, help="Concurrent client requests before answering 429.")
 @click.option("--spool-dir", envvar="SPLITTER_SPOOL_DIR", default="var/spool", show_default=True, help="Where undelivered events wait (keep it on a volume).")
 @click.option("--dead-letter-dir", envvar="SPLITTER_DEAD_LETTER_DIR", default="var/dead-letter", show_default=True, help="Where events refused for good are written.")
+@click.option("--cdn-url", envvar="SPLITTER_CDN_URL", default="https://cdn.segment.com", show_default=True, help="CDN that GET /v1/projects/*/settings and /analytics.js/* are forwarded to.")
+@click.option("--public-url", envvar="SPLITTER_PUBLIC_URL", default=None, help="splitter's address as browsers see it (e.g. https://analytics.example.com); written into the settings' apiHost. Default: the request's host.")
+@click.option("--cdn-cache-seconds", envvar="SPLITTER_CDN_CACHE_SECONDS", type=float, default=300.0, show_default=True, help="Seconds to cache CDN answers (0 disables).")
 @click.option("--log-level", envvar="SPLITTER_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
 def serve(config: str, listen: str, admin: str, region: str | None, drain_timeout: float, reload_interval: float, trusted_proxies: str,
-          cors_origins: str, max_in_flight: int, spool_dir: str, dead_letter_dir: str, log_level: str) -> None:
+          cors_origins: str, max_in_flight: int, spool_dir: str, dead_letter_dir: str, cdn_url: str, public_url: str | None,
+          cdn_cache_seconds: float, log_level: str) -> None:
     """Run the proxy. The admin token, when the admin port is not loopback, comes from SPLITTER_ADMIN_TOKEN."""
     from proxy.server import run
     from proxy.settings import ServeSettings, SettingsError, parse_address, parse_networks
@@ -115,6 +119,9 @@ def serve(config: str, listen: str, admin: str, region: str | None, drain_timeou
             max_in_flight=max_in_flight,
             spool_dir=spool_dir,
             dead_letter_dir=dead_letter_dir,
+            cdn_url=cdn_url.rstrip("/"),
+            public_url=public_url.rstrip("/") if public_url else None,
+            cdn_cache_seconds=cdn_cache_seconds,
             log_level=log_level,
         )
     except SettingsError as exc:

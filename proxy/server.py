@@ -66,7 +66,9 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None) -
     reloader = Reloader(settings.config, active, metrics, env)
     ready = False
     deps = IngressDeps(active, delivery, metrics, settings.region, settings.trusted_proxies)
-    ingress = web.AppRunner(build_ingress_app(deps, cors_origins=settings.cors_origins, max_in_flight=settings.max_in_flight),
+    ingress_app = build_ingress_app(deps, cors_origins=settings.cors_origins, max_in_flight=settings.max_in_flight,
+                                    cdn_url=settings.cdn_url, public_url=settings.public_url, cdn_cache_seconds=settings.cdn_cache_seconds)
+    ingress = web.AppRunner(ingress_app,
                             access_log=None, shutdown_timeout=settings.drain_timeout, handle_signals=False)
     admin = web.AppRunner(
         build_admin_app(active=active, reloader=reloader, metrics=metrics, token=settings.admin_token, is_ready=lambda: ready),

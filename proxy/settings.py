@@ -7,6 +7,7 @@ involve several settings at once (a public admin port needs a token) live here.
 from __future__ import annotations
 
 import ipaddress
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -51,6 +52,9 @@ class ServeSettings:
     max_in_flight: int = 2000  # client requests handled at once; past it, 429 with Retry-After
     reuse_port: bool = False
     log_level: str = "info"
+    cdn_url: str = "https://cdn.segment.com"  # analytics.js settings and bundles are fetched from here
+    public_url: str | None = None  # splitter's address as browsers see it; written into the settings' apiHost
+    cdn_cache_seconds: float = 300.0  # 0 disables the CDN cache
 
     def __post_init__(self) -> None:
         admin_host = self.admin[0]
@@ -61,6 +65,18 @@ class ServeSettings:
             )
         if self.drain_timeout < 0:
             raise SettingsError("--drain-timeout must be 0 or more seconds")
+        check_http_url(self.cdn_url, "--cdn-url (SPLITTER_CDN_URL)")
+        if self.public_url is not None:
+            check_http_url(self.public_url, "--public-url (SPLITTER_PUBLIC_URL)")
+        if self.cdn_cache_seconds < 0:
+            raise SettingsError("--cdn-cache-seconds (SPLITTER_CDN_CACHE_SECONDS) must be 0 or more seconds")
+
+
+def check_http_url(text: str, flag: str) -> None:
+    """An absolute http(s) URL with a host, no query or fragment."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise SettingsError(f"{flag} {text!r}: expected an http(s) URL such as https://cdn.segment.com")
 
 
 def parse_networks(text: str) -> tuple[IPNetwork, ...]:

@@ -176,7 +176,11 @@ async def proxy_stack(
     max_in_flight: int = 2000,
     region: str | None = None,
     drain_timeout: float = 0.5,
+    cdn_url: str | None = None,
+    public_url: str | None = None,
+    cdn_cache_seconds: float = 300.0,
 ) -> AsyncIterator[Stack]:
+    """`cdn_url` None keeps the default CDN (never contacted unless a test GETs a CDN route)."""
     segment = await start_receiver("segment", record=True)
     rudder = await start_receiver("rudderstack", valid_keys=RUDDER_KEYS, record=True)
     delivery: Delivery | None = None
@@ -190,7 +194,9 @@ async def proxy_stack(
         delivery = Delivery(metrics, spool_dir=scratch / "spool", dead_letter_dir=scratch / "dead-letter")
         delivery.start(rules)
         deps = IngressDeps(ActiveRules(rules), delivery, metrics, region, trusted_proxies)
-        app = build_ingress_app(deps, cors_origins=cors_origins, max_in_flight=max_in_flight)
+        cdn = {"cdn_url": cdn_url} if cdn_url is not None else {}
+        app = build_ingress_app(deps, cors_origins=cors_origins, max_in_flight=max_in_flight, public_url=public_url,
+                                cdn_cache_seconds=cdn_cache_seconds, **cdn)
         server = TestServer(app, host="127.0.0.1", shutdown_timeout=2.0)
         await server.start_server()
         session = aiohttp.ClientSession(auto_decompress=False)

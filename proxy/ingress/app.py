@@ -9,6 +9,7 @@ from aiohttp import web
 
 from proxy.ingress import responses
 from proxy.ingress.auth import key_from_header
+from proxy.ingress.cdn import DEFAULT_CDN_URL, CdnProxy
 from proxy.ingress.handlers import SOURCE_KEY, IngressDeps, ingest_handler, telemetry_handler
 from proxy.ingress.prepare import CallShape
 from proxy.ingress.responses import IngressError
@@ -35,7 +36,8 @@ def _route_label(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*",), max_in_flight: int = 2000) -> web.Application:
+def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*",), max_in_flight: int = 2000,
+                      cdn_url: str = DEFAULT_CDN_URL, public_url: str | None = None, cdn_cache_seconds: float = 300.0) -> web.Application:
     metrics = deps.metrics
     in_flight = 0
     metrics.requests_in_flight.set_function(lambda: in_flight)
@@ -64,6 +66,7 @@ def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*"
     for path, shape in routes().items():
         app.router.add_post(path, ingest_handler(deps, shape))
     app.router.add_post("/v1/m", telemetry_handler(deps))
+    CdnProxy(cdn_url, public_url=public_url, cache_seconds=cdn_cache_seconds).register(app)  # GET: settings, analytics.js
     return app
 
 
@@ -104,7 +107,7 @@ def _cors(request: web.Request, response: web.StreamResponse, allowed: tuple[str
     else:
         return
     if request.method == "OPTIONS":
-        response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
         requested = request.headers.get("Access-Control-Request-Headers", "")
         # Echo what the browser asks for too: analytics.js lets sites add headers (deliveryStrategy.config.headers).
         names = {h.lower(): h for h in (h.strip() for h in requested.split(",")) if h}
