@@ -629,3 +629,10 @@ async def test_cors_preflight_allows_the_headers_the_page_asks_for(stack: Stack)
     assert status == 204
     allowed = [h.strip().lower() for h in headers["Access-Control-Allow-Headers"].split(",")]
     assert "x-shop-tenant" in allowed and allowed.count("content-type") == 1
+
+
+async def test_cors_preflights_are_counted_under_their_ingest_path(stack: Stack) -> None:
+    await stack.request("OPTIONS", "/v1/t", headers={"Origin": "https://shop.example", "Access-Control-Request-Method": "POST"})
+    await stack.request("OPTIONS", "/v1/secret-user-123", headers={"Origin": "https://shop.example"})
+    assert stack.metric("splitter_requests_total", path="/v1/t", code="204") == 1
+    assert stack.metric("splitter_requests_total", path="unmatched", code="204") == 1  # unknown paths never become labels

@@ -31,9 +31,17 @@ def routes() -> dict[str, CallShape]:
     return table
 
 
+_INGEST_PATHS = frozenset([*routes(), "/v1/m"])
+
+
 def _route_label(request: web.Request) -> str:
+    """The route template: bounded. A CORS preflight to an ingest path counts under that path."""
     resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
+    if resource is not None:
+        return resource.canonical
+    if request.method == "OPTIONS" and request.path in _INGEST_PATHS:
+        return request.path
+    return "unmatched"
 
 
 def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*",), max_in_flight: int = 2000,
