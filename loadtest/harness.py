@@ -7,7 +7,6 @@ core 0 (when `taskset` is present), so the proxy's CPU per event is measured on 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
@@ -15,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,16 +45,6 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])
     return total / CLOCK_TICKS
-
-
-def peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except FileNotFoundError:
-        pass
-    return 0.0
 
 
 def rss_mb(pid: int) -> float:
@@ -193,12 +181,3 @@ def run_wrk(url: str, path: str, bodies: list[bytes], auth: str, *, seconds: flo
     data = json.loads(line[len("WRKJSON "):])
     shutil.rmtree(scratch, ignore_errors=True)
     return WrkResult(data["requests"], data["duration_us"] / 1e6, data["errors"], data["p50_us"] / 1000, data["p99_us"] / 1000, data["non_2xx"])
-
-
-async def wait_until(check: Any, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(interval)
-    return False

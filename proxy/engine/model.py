@@ -58,12 +58,6 @@ class Split:
 
     arms: tuple[tuple[str, int], ...]
 
-    def pick(self, bucket: int) -> str:
-        for destination, upper in self.arms:
-            if bucket < upper:
-                return destination
-        return self.arms[-1][0]
-
     @property
     def percents(self) -> tuple[tuple[str, float], ...]:
         lower, out = 0, []
@@ -93,7 +87,6 @@ _NO_EVENT: Mapping[str, Any] = {}
 class Rule:
     name: str
     index: int
-    conditions: tuple[Predicate, ...]
     route: Route
     cohort: Cohort
     reshuffle: bool

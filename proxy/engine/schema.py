@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 import yaml
 
 from proxy.engine import conditions
-from proxy.engine.cohort import BUCKETS
 from proxy.engine.errors import Problem, RulesError
 from proxy.engine.masking import mask
 from proxy.engine.model import Cohort, Decision, Destination, Route, Rule, RuleSet, Source, Split
@@ -262,7 +261,7 @@ class _Compiler:
                 fixed = None if route.split else Decision(name, *route.outcome(None))
                 arms = tuple((upper, *route.outcome(dest)) for dest, upper in route.split.arms) if route.split else ()
                 rules.append(Rule(
-                    name, index, tuple(p for _, p in predicates), route, rule_cohort, reshuffle, line_of(item), when_text, fixed, arms,
+                    name, index, route, rule_cohort, reshuffle, line_of(item), when_text, fixed, arms,
                     context_conditions=tuple(p for n, p in predicates if n in conditions.CONTEXT_ONLY),
                     event_conditions=tuple(p for n, p in predicates if n not in conditions.CONTEXT_ONLY),
                 ))
