@@ -28,6 +28,7 @@ bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || (sudo apt-get update -qq && sudo apt-get install -y -qq wrk)
 	$(PY) -m loadtest.bench_decide
 	$(PY) -m loadtest.bench_delivery
+	$(PY) -m loadtest.bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

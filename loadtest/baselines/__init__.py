@@ -1,0 +1,1 @@
+"""What a user would otherwise run: baselines measured side by side with splitter."""
