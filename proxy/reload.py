@@ -13,8 +13,6 @@ The rules text is never logged (it may hold literal write keys), only the engine
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,10 +22,10 @@ from proxy.engine.rollout import compare
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 from proxy.state import ActiveRules
+from proxy.tasks import BackgroundTask
 
 log = get_logger(__name__)
 Status = Literal["success", "error", "refused", "unchanged"]
-_USERINFO = re.compile(r"(?<=://)[^/\s@'\"]+@")  # `user:pass@` in a URL an error message quotes
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._triggers: list[str] = []
-        self._task: asyncio.Task[None] | None = None
+        self._background = BackgroundTask(self.run, "rules-reloader")
 
     async def reload(self, trigger: str) -> ReloadResult:
         """Compile the file and install it if it is valid, new, and reshuffles no one unasked."""
@@ -66,7 +64,7 @@ class Reloader:
         try:
             new = await asyncio.to_thread(load_rules, self._path, self._env)
         except RulesError as exc:
-            return self._failed(trigger, old, [_redact(line) for line in exc.lines])
+            return self._failed(trigger, old, list(exc.lines))  # the engine never quotes URL credentials
         except OSError as exc:
             return self._failed(trigger, old, [f"{self._path}: cannot read the rules file: {exc.strerror or exc}"])
         except Exception as exc:  # an engine bug must not take the last good rules down with it
@@ -108,17 +106,8 @@ class Reloader:
                 log.exception("config_reload_crashed", trigger=",".join(triggers))
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run(), name="rules-reloader")
+        self._background.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.stop()
 
-
-def _redact(line: str) -> str:
-    """Engine messages may quote a bad URL verbatim; its userinfo can be a credential."""
-    return _USERINFO.sub("****@", line)

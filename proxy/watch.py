@@ -10,11 +10,11 @@ short debounce apart agree, so an editor saving in several writes triggers one r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable
 
 from proxy.log import get_logger
+from proxy.tasks import BackgroundTask
 
 log = get_logger(__name__)
 
@@ -33,18 +33,13 @@ class RulesWatcher:
         self._debounce = min(interval / 2, 0.5)
         self._seen = baseline
         self._error: str | None = None  # the last read error logged: each distinct one is logged once
-        self._task: asyncio.Task[None] | None = None
+        self._background = BackgroundTask(self._run, "rules-watcher")
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="rules-watcher")
+        self._background.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.stop()
 
     async def _run(self) -> None:
         while True:

@@ -128,17 +128,21 @@ class Delivery:
     # -- the request path -----------------------------------------------------------------------------------
     async def accept(self, rules: RuleSet, primary: Mapping[str, list[bytes]], mirror: Mapping[str, list[bytes]], source: Source,
                      presented_key: str, forwarded_for: str | None) -> Outcome:
+        def entries(name: str, events: list[bytes]) -> list[tuple[str, str | None, bytes]]:
+            credential = source.credential_for(name, presented_key)  # once per destination, not per event
+            return [(credential, forwarded_for, event) for event in events]
+
         staged = []
         for name, events in primary.items():
             pipeline = self._pipeline(rules.destinations[name])
-            entries = [(source.credential_for(name, presented_key), forwarded_for, event) for event in events]
-            if not pipeline.spool.has_room(_size(entries)):  # checked for every primary before writing any
+            batch = entries(name, events)
+            if not pipeline.spool.has_room(_size(batch)):  # checked for every primary before writing any
                 return _spool_full(name)
-            staged.append((pipeline, entries))
+            staged.append((pipeline, batch))
         tickets = []
         try:
-            for pipeline, entries in staged:
-                tickets.append((pipeline.spool, pipeline.spool.append(entries)))
+            for pipeline, batch in staged:
+                tickets.append((pipeline.spool, pipeline.spool.append(batch)))
         except SpoolFull:
             return _spool_full(pipeline.name)
         except OSError as exc:
@@ -147,7 +151,7 @@ class Delivery:
         for name, events in mirror.items():
             pipeline = self._pipeline(rules.destinations[name])
             try:
-                tickets.append((pipeline.spool, pipeline.spool.append([(source.credential_for(name, presented_key), forwarded_for, e) for e in events])))
+                tickets.append((pipeline.spool, pipeline.spool.append(entries(name, events))))
             except (SpoolFull, OSError) as exc:
                 self._drop_mirror(name, len(events), exc)
         try:

@@ -61,11 +61,21 @@ class Recovery:
     truncated_segments: tuple[str, ...]
 
 
-def encode(appended_at: float, credential: str, forwarded_for: str | None, event: bytes) -> bytes:
+def record_prefix(appended_at: float, credential: str, forwarded_for: str | None) -> bytes:
+    """The part of a payload before the event: the same for every event of one request."""
     cred = credential.encode()
     forwarded = (forwarded_for or "").encode()
-    payload = PREFIX.pack(appended_at, len(cred), len(forwarded)) + cred + forwarded + event
-    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    return PREFIX.pack(appended_at, len(cred), len(forwarded)) + cred + forwarded
+
+
+def encode_with(prefix: bytes, prefix_crc: int, event: bytes) -> tuple[bytes, bytes, bytes]:
+    """One record as (header, prefix, event), to be joined; the crc continues from the prefix's."""
+    return HEADER.pack(len(prefix) + len(event), zlib.crc32(event, prefix_crc)), prefix, event
+
+
+def encode(appended_at: float, credential: str, forwarded_for: str | None, event: bytes) -> bytes:
+    prefix = record_prefix(appended_at, credential, forwarded_for)
+    return b"".join(encode_with(prefix, zlib.crc32(prefix), event))
 
 
 def decode(segment: int, payload: bytes) -> Record:
@@ -167,7 +177,15 @@ class Spool:
         Raises SpoolFull, writing nothing, when they would not fit the quota.
         """
         now = time.time()
-        data = b"".join(encode(now, credential, forwarded, event) for credential, forwarded, event in entries)
+        prefixes: dict[tuple[str, str | None], tuple[bytes, int]] = {}  # encoded once per credential, not per event
+        parts: list[bytes] = []
+        for credential, forwarded, event in entries:
+            found = prefixes.get((credential, forwarded))
+            if found is None:
+                prefix = record_prefix(now, credential, forwarded)
+                found = prefixes[(credential, forwarded)] = (prefix, zlib.crc32(prefix))
+            parts.extend(encode_with(found[0], found[1], event))
+        data = b"".join(parts)
         if not self.has_room(len(data)):
             raise SpoolFull(f"spool at {self.directory} is at its quota of {self.quota_bytes} bytes")
         assert self._active is not None and self._fd is not None

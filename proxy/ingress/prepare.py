@@ -104,12 +104,11 @@ def prepare(
             event["messageId"] = message_id_for(source.name, event, index)
         if client_ip is not None and (shape.from_client or _channel_is_client(event)):
             _set_ip(event, client_ip)
-        decision = decide(rules, event, ctx)
         encoded = orjson.dumps(event)
         if len(encoded) > MAX_EVENT_BYTES:
             _reject(prepared, index, "event_too_large", f"event is {len(encoded)} bytes; the limit is 32 KB per event")
             continue
-        _file(prepared, decision, encoded, source.name, bounded_type(event["type"]))
+        _file(prepared, decide(rules, event, ctx), encoded, source.name, bounded_type(event["type"]))
     return prepared
 
 
