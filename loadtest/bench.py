@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from loadtest.bench_delivery import BATCH, CONNECTIONS, RUDDER_SHARE, RULES, WRITE_KEY, drained
-from loadtest.harness import PROXY_CORE, balanced_batches, cpu_seconds, pin, pinning_available, rss_mb, run_wrk, start_receivers
+from loadtest.bench_delivery import BATCH, CONNECTIONS, RULES, delivered_exactly, drained, prepare_load
+from loadtest.harness import PROXY_CORE, cpu_seconds, pin, pinning_available, rss_mb, run_wrk
 from loadtest.process import launch_splitter
-from proxy.engine import load_rules
 
 
 def start_forwarder(upstream: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -39,11 +34,7 @@ async def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    receivers = start_receivers(["rs-web-key"])
-    env = dict(os.environ, SEGMENT_URL=receivers.segment, RUDDERSTACK_DATA_PLANE_URL=receivers.rudderstack, SPLITTER_WRITE_KEY=WRITE_KEY)
-    rules = load_rules(str(RULES), env)
-    bodies = [orjson.dumps({"batch": b}) for b in balanced_batches(rules, 200, BATCH, RUDDER_SHARE, "web")]
-    auth = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    receivers, env, bodies, auth = prepare_load()
     rows: dict[str, dict[str, Any]] = {}
     ok = True
     try:
@@ -77,8 +68,7 @@ async def main() -> int:
             cpu = cpu_seconds([splitter.process.pid]) - before
             await drained(splitter.admin, 60)
             segment, rudder = await receivers.stats("segment"), await receivers.stats("rudderstack")
-            requests_delivered, remainder = divmod(segment["count"], BATCH)
-            delivered = remainder == 0 and rudder["count"] == requests_delivered * RUDDER_SHARE and run.ok <= requests_delivered <= run.ok + CONNECTIONS
+            delivered = delivered_exactly(segment["count"], rudder["count"], run.ok)
             rows["splitter"] = {"events_per_s": round(run.ok * BATCH / run.seconds), "cpu_us_per_event": round(1e6 * cpu / (run.ok * BATCH), 2),
                                 "rss_mb": round(rss_mb(splitter.process.pid), 1), "delivered": delivered}
         finally:

@@ -8,7 +8,7 @@ problem carries the line it is about, and it never half-builds: any problem rais
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from urllib.parse import urlsplit
 
@@ -176,12 +176,7 @@ class _Compiler:
             spec = self.r.mapping(item, path, SOURCE_KEYS)
             if spec is None:
                 continue
-            name = self.r.string(spec["name"], f"{path}.name") if "name" in spec else None
-            if "name" not in spec:
-                self.r.problem(item, f"{path}.name", "is required")
-            if name is not None and name in self.sources:
-                self.r.problem(spec["name"], f"{path}.name", f"duplicate source name {name!r}")
-                name = None
+            name = self._unique_name(item, spec, path, self.sources.keys(), "source")
             keys: list[str] = []
             if "write_keys" not in spec:
                 self.r.problem(item, f"{path}.write_keys", "is required (the write keys clients of this source present)")
@@ -206,6 +201,17 @@ class _Compiler:
                 self.sources[name] = source
                 by_key.update((key, source) for key in keys)
         return by_key
+
+    def _unique_name(self, item: yaml.Node, spec: dict[str, yaml.Node], path: str, taken: Iterable[str], what: str) -> str | None:
+        """The required `name` of a source or rule; None when missing, invalid or already used."""
+        if "name" not in spec:
+            self.r.problem(item, f"{path}.name", "is required")
+            return None
+        name = self.r.string(spec["name"], f"{path}.name")
+        if name is not None and name in taken:
+            self.r.problem(spec["name"], f"{path}.name", f"duplicate {what} name {name!r}")
+            return None
+        return name
 
     def _unknown_destination(self, name: str) -> str:
         return f"unknown destination {name!r} (destinations: {', '.join(self.destination_names) or 'none'})"
@@ -239,11 +245,7 @@ class _Compiler:
             spec = self.r.mapping(item, path, RULE_KEYS)
             if spec is None:
                 continue
-            name = self.r.string(spec["name"], f"{path}.name") if "name" in spec else None
-            if "name" not in spec:
-                self.r.problem(item, f"{path}.name", "is required")
-            elif name is not None and name in names:
-                self.r.problem(spec["name"], f"{path}.name", f"duplicate rule name {name!r}")
+            name = self._unique_name(item, spec, path, names, "rule")
             names.add(name or "")
             predicates, when_text = (), {}
             if "when" in spec:
