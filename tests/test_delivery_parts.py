@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.delivery.batches import MAX_UPSTREAM_BODY, batch_bodies
+from proxy.delivery.batches import MAX_UPSTREAM_BODY, Batch, upstream_batches
 from proxy.delivery.breaker import Breaker
 from proxy.delivery.deadletter import DeadLetters
 from proxy.delivery.options import DeliveryOptions
+from proxy.delivery.spool import HEADER, Record, decode, encode
 
 # -- breaker ---------------------------------------------------------------------------------------------------------
 
@@ -90,56 +91,88 @@ def test_breaker_without_now_uses_the_monotonic_clock() -> None:
 # -- upstream bodies -------------------------------------------------------------------------------------------------------
 
 
-def bodies(events: list[bytes], limit: int = MAX_UPSTREAM_BODY) -> list[tuple[bytes, int]]:
-    return list(batch_bodies(events, limit))
+def record(events: list[bytes], forwarded_for: str | None = None) -> Record:
+    """A record exactly as the sender gets it from the spool."""
+    return decode(1, encode(0.0, "key", forwarded_for, events)[HEADER.size:])
 
 
-def test_small_events_share_one_body_in_order() -> None:
-    events = [orjson.dumps({"messageId": f"m-{i}", "n": i}) for i in range(5)]
-    [(body, count)] = bodies(events)
-    assert count == 5
-    assert orjson.loads(body) == {"batch": [orjson.loads(e) for e in events]}
-    assert body == b'{"batch":[' + b",".join(events) + b"]}"  # joined, not re-serialised
+def batches(records: list[Record], max_events: int = 500, limit: int = MAX_UPSTREAM_BODY) -> list[Batch]:
+    return list(upstream_batches(records, max_events, limit))
 
 
-def test_no_events_no_bodies() -> None:
-    assert bodies([]) == []
+def ev(i: int, pad: int = 0) -> bytes:
+    return orjson.dumps({"messageId": f"m-{i}", "pad": "p" * pad})
 
 
-def test_bodies_are_cut_at_the_limit_and_an_oversized_event_goes_alone() -> None:
-    small = b'{"e":"' + b"s" * 30 + b'"}'  # 38 bytes
-    huge = b'{"e":"' + b"h" * 300 + b'"}'
-    limit = 12 + 38 * 2 + 1  # exactly two small events per body
-    result = bodies([small, small, small, huge, small], limit)
-    assert [count for _, count in result] == [2, 1, 1, 1]
-    assert len(result[0][0]) == limit
-    assert result[2][0] == b'{"batch":[' + huge + b"]}" and len(result[2][0]) > limit
-    assert all(len(body) <= limit for body, count in result if count > 1)
+def test_records_share_one_body_in_order_joined_not_reserialised() -> None:
+    first, second = [ev(0), ev(1), ev(2)], [ev(3), ev(4)]
+    [batch] = batches([record(first), record(second)])
+    assert batch.count == 5 and batch.credential == "key"
+    assert batch.body() == b'{"batch":[' + b",".join(first + second) + b"]}"
+    assert orjson.loads(batch.body()) == {"batch": [orjson.loads(e) for e in first + second]}
+    assert batch.events() == first + second
+
+
+def test_bodies_are_cut_between_records_at_the_byte_and_the_event_limits() -> None:
+    records = [record([ev(i)]) for i in range(5)]
+    one = len(records[0].joined)
+    by_bytes = batches(records, limit=12 + one * 2 + 1)  # exactly two events per body
+    assert [b.count for b in by_bytes] == [2, 2, 1]
+    assert all(len(b.body()) <= 12 + one * 2 + 1 for b in by_bytes)
+    by_count = batches([record([ev(0), ev(1)]), record([ev(2), ev(3)]), record([ev(4)])], max_events=3)
+    assert [b.count for b in by_count] == [2, 3]
+    assert [e for b in by_count for e in b.events()] == [ev(i) for i in range(5)]
+
+
+def test_a_record_over_a_limit_is_split_into_its_events_and_an_oversized_event_goes_alone() -> None:
+    huge = ev(9, pad=300)
+    result = batches([record([ev(0)]), record([ev(1), ev(2), huge, ev(3)]), record([ev(4)])], limit=12 + len(ev(0)) * 2 + 1)
+    assert [e for b in result for e in b.events()] == [ev(0), ev(1), ev(2), huge, ev(3), ev(4)]
+    assert [b.count for b in result] == [2, 1, 1, 2]
+    assert result[2].body() == b'{"batch":[' + huge + b"]}"
+    many = batches([record([ev(i) for i in range(7)])], max_events=3)
+    assert [b.count for b in many] == [3, 3, 1]
+
+
+def test_forwarded_for_is_kept_only_when_every_event_shares_it() -> None:
+    [same] = batches([record([ev(0)], "198.51.100.7"), record([ev(1)], "198.51.100.7")])
+    assert same.forwarded_for == "198.51.100.7"
+    [mixed] = batches([record([ev(0)], "198.51.100.7"), record([ev(1)], None)])
+    assert mixed.forwarded_for is None
+
+
+def test_halves_split_a_rejected_batch_into_its_events_in_order() -> None:
+    [batch] = batches([record([ev(0), ev(1), ev(2)]), record([ev(3), ev(4)])])
+    left, right = batch.halves()
+    assert (left.events(), right.events()) == ([ev(0), ev(1)], [ev(2), ev(3), ev(4)])
+    assert (left.count, right.count) == (2, 3)
+    assert left.body() == b'{"batch":[' + ev(0) + b"," + ev(1) + b"]}"
+    assert [h.events() for h in right.halves()] == [[ev(2)], [ev(3), ev(4)]]
 
 
 events_strategy = st.lists(
     st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-(2**53), 2**53), st.text(max_size=60), st.booleans(), st.none()), max_size=4)
     .map(orjson.dumps),
-    max_size=40,
+    min_size=1,
+    max_size=8,
 )
 
 
 @settings(max_examples=200, deadline=None, database=None)
-@given(events=events_strategy, limit=st.integers(min_value=1, max_value=600))
-def test_property_bodies_hold_every_event_once_in_order_within_the_limit(events: list[bytes], limit: int) -> None:
-    result = bodies(events, limit)
-    assert sum(count for _, count in result) == len(events)
-    assert all(count >= 1 for _, count in result)
-    start, decoded = 0, []
-    for index, (body, count) in enumerate(result):
+@given(chunks=st.lists(events_strategy, min_size=1, max_size=8), max_events=st.integers(1, 12), limit=st.integers(min_value=1, max_value=600))
+def test_property_batches_hold_every_event_once_in_order_within_the_limits(chunks: list[list[bytes]], max_events: int, limit: int) -> None:
+    events = [e for chunk in chunks for e in chunk]
+    result = batches([record(chunk) for chunk in chunks], max_events, limit)
+    assert sum(b.count for b in result) == len(events)
+    decoded = []
+    for batch in result:
+        body = batch.body()
         parsed = orjson.loads(body)
-        assert list(parsed) == ["batch"]
-        assert parsed["batch"] == [orjson.loads(e) for e in events[start:start + count]]
-        assert len(body) <= limit or count == 1  # only a lone event may be over the limit
-        if index + 1 < len(result):  # greedy: the next event would not have fitted
-            assert len(body) + 1 + len(events[start + count]) > limit
+        assert list(parsed) == ["batch"] and len(parsed["batch"]) == batch.count >= 1
+        assert batch.count <= max_events
+        assert len(body) <= limit or batch.count == 1  # only a lone event may be over the limit
+        assert [orjson.loads(e) for e in batch.events()] == parsed["batch"]
         decoded += parsed["batch"]
-        start += count
     assert decoded == [orjson.loads(e) for e in events]
 
 

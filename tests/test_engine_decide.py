@@ -506,3 +506,44 @@ def test_events_of_body_single_and_odd_bodies() -> None:
     assert events_of_body({"batch": [], "writeKey": 5}) == ([], None)
     assert events_of_body({"batch": "nope"}) == ([{"batch": "nope"}], None)
     assert events_of_body([1, 2]) == ([[1, 2]], None)
+
+
+# --- remembered first matches ---------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from proxy.engine.conditions import CONDITION_NAMES  # noqa: E402
+from proxy.engine.decide import SIGNATURE_CONDITIONS  # noqa: E402
+
+EVERY_CONDITION = compile_("""\
+rules:
+  - {name: old-ios, when: {source: ios, app_version: "<4.2"}, route: segment}
+  - {name: eu, when: {region: [eu-west-1]}, route: {split: {rudderstack: 50, segment: 50}}}
+  - {name: checkout, when: {type: track, event: ["Checkout *", "Order Completed"]}, route: {to: [segment], mirror: [rudderstack]}}
+  - {name: german, when: {country: [DE]}, route: rudderstack}
+  - {name: droid, when: {os: android, library: [analytics-android]}, route: warehouse}
+  - {name: rest, route: {split: {rudderstack: 30, segment: 70}}}
+""")
+scalar = st.none() | st.sampled_from(["track", "identify", "Checkout Started", "Order Completed", "DE", "de", "FR", "4.1.0", "4.2",
+                                      "android", "Android", "analytics-android", "iOS", ""]) | st.integers(0, 5) | st.booleans() | st.floats(0, 5)
+section = st.none() | st.integers() | st.fixed_dictionaries({}, optional={"version": scalar, "name": scalar, "country": scalar})
+events = st.fixed_dictionaries({}, optional={
+    "type": scalar, "event": scalar, "anonymousId": st.text(max_size=6),
+    "context": st.none() | st.lists(scalar, max_size=1) | st.fixed_dictionaries(
+        {}, optional={"app": section, "os": section, "library": section, "location": section}),
+})
+contexts = st.builds(EventContext, st.sampled_from([None, "web", "ios"]), st.sampled_from([None, "eu-west-1"]), st.sampled_from([None, "DE", "US"]))
+
+
+def test_the_routing_signature_covers_every_condition() -> None:
+    assert SIGNATURE_CONDITIONS == set(CONDITION_NAMES)  # a new condition must say what it reads
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(batch=st.lists(st.tuples(events, contexts), min_size=1, max_size=30))
+def test_property_a_remembered_first_match_is_the_rule_the_conditions_pick(batch: list[tuple[dict[str, Any], EventContext]]) -> None:
+    for event, ctx in batch + batch:  # twice: the second pass is answered from memory where it can be
+        expected = next(rule for rule in EVERY_CONDITION.rules
+                        if all(c(event, ctx) for c in (*rule.context_conditions, *rule.event_conditions)))
+        assert decide(EVERY_CONDITION, event, ctx).rule == expected.name

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.delivery import Delivery, SpoolLocked
-from proxy.delivery.spool import Record, Recovery, Spool, SpoolFull
+from proxy.delivery.spool import MAGIC, Record, Recovery, Spool, SpoolFormatError, SpoolFull
 from proxy.engine import compile_rules
 from proxy.metrics import Metrics
 
@@ -27,10 +27,24 @@ def opened(directory: Path, *, quota_bytes: int = BIG, segment_bytes: int = 16 *
     return spool, spool.open()
 
 
+def append(spool: Spool, entries: list[Entry]) -> int:
+    """One record per run of entries with the same credential and forwarded-for (as one request's)."""
+    ticket = 0
+    for (credential, forwarded), run in itertools.groupby(entries, key=lambda e: (e[0], e[1])):
+        ticket = spool.append(credential, forwarded, [event for _, _, event in run])
+    return ticket
+
+
 async def put(spool: Spool, entries: list[Entry]) -> int:
-    ticket = spool.append(entries)
+    ticket = append(spool, entries)
     await spool.commit(ticket)
     return ticket
+
+
+async def put_each(spool: Spool, entries: list[Entry]) -> None:
+    """One record per event, as from one single-event request each."""
+    for entry in entries:
+        await put(spool, [entry])
 
 
 async def read(spool: Spool, max_events: int = 1000, max_bytes: int = BIG, linger: float = 0.0, timeout: float = 2.0) -> list[Record]:
@@ -40,13 +54,17 @@ async def read(spool: Spool, max_events: int = 1000, max_bytes: int = BIG, linge
 
 async def read_n(spool: Spool, count: int, max_events: int = 1000) -> list[Record]:
     records: list[Record] = []
-    while len(records) < count:
+    while sum(r.count for r in records) < count:
         records += await read(spool, max_events)
     return records
 
 
 def triples(records: list[Record]) -> list[Entry]:
-    return [(r.credential, r.forwarded_for, r.event) for r in records]
+    return [(r.credential, r.forwarded_for, event) for r in records for event in r.events()]
+
+
+def events_of(records: list[Record]) -> list[bytes]:
+    return [event for r in records for event in r.events()]
 
 
 def seg_files(directory: Path) -> list[str]:
@@ -96,7 +114,7 @@ async def test_read_waits_until_something_is_appended(tmp_path: Path) -> None:
 async def test_read_respects_max_events_and_max_bytes_without_splitting_records(tmp_path: Path) -> None:
     spool, _ = opened(tmp_path)
     events = [ev(i, pad=100) for i in range(20)]
-    await put(spool, [("k", None, e) for e in events])
+    await put_each(spool, [("k", None, e) for e in events])
     got: list[Record] = []
     first = await read(spool, max_events=3)
     assert len(first) == 3
@@ -110,26 +128,26 @@ async def test_read_respects_max_events_and_max_bytes_without_splitting_records(
         batch = await read(spool, max_events=5, max_bytes=limit)
         assert 1 <= len(batch) <= 5 and sum(r.size for r in batch) <= limit
         got += batch
-    assert [r.event for r in got] == events  # whole records, none split, none lost, in order
+    assert events_of(got) == events  # whole records, none split, none lost, in order
     await spool.close()
 
 
 async def test_a_record_larger_than_max_bytes_is_still_returned_alone(tmp_path: Path) -> None:
     spool, _ = opened(tmp_path)
     big = ev(1, pad=5000)
-    await put(spool, [("k", None, ev(0)), ("k", None, big), ("k", None, ev(2))])
-    assert [r.event for r in await read(spool, max_bytes=len(ev(0)) + 10)] == [ev(0)]
-    assert [r.event for r in await read(spool, max_bytes=100)] == [big]  # alone, no endless empty reads
-    assert [r.event for r in await read(spool, max_bytes=100)] == [ev(2)]
+    await put_each(spool, [("k", None, ev(0)), ("k", None, big), ("k", None, ev(2))])
+    assert events_of(await read(spool, max_bytes=len(ev(0)) + 10)) == [ev(0)]
+    assert events_of(await read(spool, max_bytes=100)) == [big]  # alone, no endless empty reads
+    assert events_of(await read(spool, max_bytes=100)) == [ev(2)]
     await spool.close()
 
 
 async def test_a_record_larger_than_the_read_chunk_is_still_returned_alone(tmp_path: Path) -> None:
     spool, _ = opened(tmp_path)
     big = b'"' + b"x" * (1536 * 1024) + b'"'
-    await put(spool, [("k", None, big), ("k", None, ev(1))])
+    await put_each(spool, [("k", None, big), ("k", None, ev(1))])
     records = await read(spool, max_events=10, max_bytes=480 * 1024)
-    assert [r.event for r in records] == [big]  # read() promises at least one record
+    assert events_of(records) == [big]  # read() promises at least one record
 
 
 async def test_linger_waits_for_more_records_when_few_are_ready(tmp_path: Path) -> None:
@@ -142,17 +160,17 @@ async def test_linger_waits_for_more_records_when_few_are_ready(tmp_path: Path) 
 
     writer = asyncio.create_task(later())
     records = await read(spool, max_events=10, linger=0.3)
-    assert [r.event for r in records] == [ev(0), ev(1)]
+    assert events_of(records) == [ev(0), ev(1)]
     await writer
     # no linger: what is ready is returned at once
     await put(spool, [("k", None, ev(2))])
     started = time.monotonic()
-    assert [r.event for r in await read(spool, max_events=10)] == [ev(2)]
+    assert events_of(await read(spool, max_events=10)) == [ev(2)]
     assert time.monotonic() - started < 0.2
     # enough ready for max_events: no lingering either
     await put(spool, [("k", None, ev(3)), ("k", None, ev(4))])
     started = time.monotonic()
-    assert [r.event for r in await read(spool, max_events=2, linger=5.0)] == [ev(3), ev(4)]
+    assert events_of(await read(spool, max_events=2, linger=5.0)) == [ev(3), ev(4)]
     assert time.monotonic() - started < 1.0
     await spool.close()
 
@@ -162,19 +180,22 @@ async def test_linger_waits_for_more_records_when_few_are_ready(tmp_path: Path) 
 
 async def test_acks_in_read_order_lower_pending_and_note_a_watermark(tmp_path: Path) -> None:
     spool, _ = opened(tmp_path)
-    await put(spool, [("k", None, ev(i)) for i in range(5)])
-    assert spool.pending == 5
+    await put_each(spool, [("k", None, ev(i)) for i in range(5)])
+    await put(spool, [("k", None, ev(5)), ("k", None, ev(6))])  # one record of two events
+    assert spool.pending == 7
     first = await read(spool, max_events=2)
+    assert len(first) == 2
     spool.ack(first)
-    assert spool.pending == 3
-    assert (tmp_path / "000000000001.ack").read_text().strip() == "2"
+    assert spool.pending == 5
+    assert (tmp_path / "000000000001.ack").read_text().strip() == "2"  # records, not events
     rest = await read(spool)
-    assert spool.pending == 3  # read is not ack
+    assert spool.pending == 5  # read is not ack
     spool.ack(rest)
     assert spool.pending == 0
-    assert (tmp_path / "000000000001.ack").read_text().strip() == "5"
+    assert (tmp_path / "000000000001.ack").read_text().strip() == "2"  # notes are rewritten at most every ACK_NOTE_INTERVAL
     assert (tmp_path / "000000000001.seg").exists()  # the active segment is kept for more appends
     await spool.close()
+    assert (tmp_path / "000000000001.ack").read_text().strip() == "6"  # close() writes what is due
 
 
 async def test_rotation_makes_several_segments_read_across_them_and_delete_fully_acked_ones(tmp_path: Path) -> None:
@@ -187,7 +208,7 @@ async def test_rotation_makes_several_segments_read_across_them_and_delete_fully
     assert all((tmp_path / n).stat().st_size <= 400 for n in names)
     disk_before = spool.disk_bytes
     records = await read(spool)  # one read crosses every boundary
-    assert [r.event for r in records] == events
+    assert events_of(records) == events
     assert len({r.segment for r in records}) == len(names)
     first_segment = [r for r in records if r.segment == records[0].segment]
     spool.ack(first_segment[:-1])
@@ -210,7 +231,7 @@ async def test_reading_on_after_the_segment_under_the_cursor_was_deleted(tmp_pat
     await put(spool, [("k", None, ev(1, pad=80))])  # rotates: segment 1 is sealed
     spool.ack(first)  # sealed and fully acked: deleted
     assert "000000000001.seg" not in seg_files(tmp_path)
-    assert [r.event for r in await read(spool)] == [ev(1, pad=80)]
+    assert events_of(await read(spool)) == [ev(1, pad=80)]
 
 
 async def test_a_segment_fully_acked_before_rotation_is_deleted_when_sealed(tmp_path: Path) -> None:
@@ -248,7 +269,7 @@ async def test_reopen_without_close_sees_what_was_committed(tmp_path: Path) -> N
     """A crash: no close(), another instance opens the same directory."""
     spool, _ = opened(tmp_path)
     entries = [("k", None, ev(i)) for i in range(5)]
-    await put(spool, entries)
+    await put_each(spool, entries)
     spool.ack(await read(spool, max_events=2))
     again, recovery = opened(tmp_path)
     assert (recovery.records, recovery.skipped) == (3, 2)
@@ -269,7 +290,7 @@ async def test_a_segment_acked_in_full_before_the_stop_is_removed_at_open(tmp_pa
     assert (recovery.records, recovery.skipped, recovery.truncated_bytes) == (0, 1, 0)
     assert seg_files(tmp_path) == ["000000000003.seg"]  # both .seg and .ack of segment 2 are gone
     await put(again, [("k", None, ev(9))])
-    assert [r.event for r in await read(again)] == [ev(9)]
+    assert events_of(await read(again)) == [ev(9)]
     await again.close()
 
 
@@ -289,7 +310,7 @@ async def test_a_stale_earlier_segment_does_not_lose_the_pending_tail_of_the_nex
     spool, _ = opened(tmp_path, segment_bytes=100)
     await put(spool, [("k", None, b'"A' + b"a" * 60 + b'"')])
     segment_1 = (tmp_path / "000000000001.seg").read_bytes()
-    await put(spool, [("k", None, b'"B"'), ("k", None, b'"C"')])  # segment 2
+    await put_each(spool, [("k", None, b'"B"'), ("k", None, b'"C"')])  # segment 2
     records = await read(spool)
     spool.ack(records[:2])  # segment 1 deleted, segment 2 notes 1 acked
     await spool.close()
@@ -299,9 +320,9 @@ async def test_a_stale_earlier_segment_does_not_lose_the_pending_tail_of_the_nex
     assert (recovery.records, recovery.skipped) == (2, 1)
     got = await read(again, max_events=2)  # what recovery counted as pending: A (note lost) and C
     again.ack(got)
-    assert b'"C"' in [r.event for r in got] or again.pending > 0  # C is delivered or still pending, never dropped
+    assert b'"C"' in events_of(got) or again.pending > 0  # C is delivered or still pending, never dropped
     await put(again, [("k", None, b'"D"')])
-    assert [r.event for r in await read(again)][-1:] == [b'"D"']
+    assert events_of(await read(again))[-1:] == [b'"D"']
     await again.close()
 
 
@@ -363,7 +384,7 @@ async def test_a_torn_or_corrupt_tail_is_truncated_and_reported(tmp_path: Path, 
 
 
 async def test_corruption_in_the_middle_of_an_older_segment_keeps_what_precedes_it(tmp_path: Path) -> None:
-    spool, _ = opened(tmp_path, segment_bytes=250)
+    spool, _ = opened(tmp_path, segment_bytes=300)
     entries = [("k", None, ev(i, pad=30)) for i in range(9)]
     sizes: dict[int, list[int]] = {}
     for entry in entries:
@@ -378,7 +399,7 @@ async def test_corruption_in_the_middle_of_an_older_segment_keeps_what_precedes_
     data[sizes[1][0] + 12] ^= 0xFF  # inside the second record's payload
     path.write_bytes(bytes(data))
 
-    again, recovery = opened(tmp_path, segment_bytes=250)
+    again, recovery = opened(tmp_path, segment_bytes=300)
     assert recovery.truncated_segments == ("000000000001.seg",)
     assert recovery.truncated_bytes == sizes[1][-1] - sizes[1][0]
     assert path.stat().st_size == sizes[1][0]
@@ -386,6 +407,22 @@ async def test_corruption_in_the_middle_of_an_older_segment_keeps_what_precedes_
     assert recovery.records == len(expected)
     assert triples(await read_n(again, len(expected))) == expected
     await again.close()
+
+
+async def test_a_segment_torn_while_being_created_is_dropped_at_open(tmp_path: Path) -> None:
+    (tmp_path / "000000000001.seg").write_bytes(MAGIC[:3])
+    spool, recovery = opened(tmp_path)
+    assert (recovery.records, recovery.truncated_bytes) == (0, 0)
+    assert seg_files(tmp_path) == ["000000000002.seg"]
+    await spool.close()
+
+
+async def test_a_segment_of_another_format_stops_the_open_with_its_path(tmp_path: Path) -> None:
+    old = tmp_path / "000000000001.seg"
+    old.write_bytes(struct.pack("<II", 20, 0) + b"\0" * 20)  # format 1 had no marker
+    with pytest.raises(SpoolFormatError, match=r"000000000001\.seg is not a spool segment of format 2"):
+        opened(tmp_path)
+    assert old.stat().st_size == 28  # left as it was: not truncated as if it were corrupt
 
 
 # -- quota ---------------------------------------------------------------------------------------------------------------
@@ -399,7 +436,7 @@ async def test_quota_refuses_a_batch_that_does_not_fit_and_writes_nothing(tmp_pa
     assert one == path.stat().st_size > 100
     assert spool.has_room(1000 - one) and not spool.has_room(1000 - one + 1)
     with pytest.raises(SpoolFull):
-        spool.append([("k", None, ev(i, pad=100)) for i in range(1, 10)])
+        spool.append("k", None, [ev(i, pad=100) for i in range(1, 10)])
     assert path.stat().st_size == one and spool.disk_bytes == one and spool.pending == 1
     assert seg_files(tmp_path) == ["000000000001.seg"]
     for i in range(1, 10):  # fill it up one by one, rotating
@@ -411,13 +448,13 @@ async def test_quota_refuses_a_batch_that_does_not_fit_and_writes_nothing(tmp_pa
     total = sum(p.stat().st_size for p in tmp_path.glob("*.seg"))
     assert total == spool.disk_bytes <= 1000
     with pytest.raises(SpoolFull):
-        spool.append([("k", None, ev(99, pad=100))])
+        spool.append("k", None, [ev(99, pad=100)])
     assert sum(p.stat().st_size for p in tmp_path.glob("*.seg")) == total
     # the sender catches up: sealed segments are deleted and the room comes back
     spool.ack(await read(spool))
     assert spool.disk_bytes < total and spool.has_room(one)
     await put(spool, [("k", None, ev(100, pad=100))])
-    assert [r.event for r in await read(spool)] == [ev(100, pad=100)]
+    assert events_of(await read(spool)) == [ev(100, pad=100)]
     await spool.close()
 
 
@@ -428,7 +465,7 @@ async def test_fifty_concurrent_commits_complete_together(tmp_path: Path) -> Non
     spool, _ = opened(tmp_path)
 
     async def request(i: int) -> int:
-        ticket = spool.append([("k", None, ev(i))])
+        ticket = spool.append("k", None, [ev(i)])
         await spool.commit(ticket)
         return ticket
 
@@ -441,13 +478,13 @@ async def test_fifty_concurrent_commits_complete_together(tmp_path: Path) -> Non
         coroutine = spool.commit(ticket)
         with pytest.raises(StopIteration):
             coroutine.send(None)
-    assert [r.event for r in await read(spool)] == [ev(i) for i in range(50)]
+    assert events_of(await read(spool)) == [ev(i) for i in range(50)]
     await spool.close()
 
 
 async def test_one_commit_covers_every_earlier_ticket(tmp_path: Path) -> None:
     spool, _ = opened(tmp_path)
-    tickets = [spool.append([("k", None, ev(i))]) for i in range(50)]
+    tickets = [spool.append("k", None, [ev(i)]) for i in range(50)]
     await spool.commit(tickets[-1])  # one fsync round for all of them
     for ticket in tickets:
         coroutine = spool.commit(ticket)
@@ -483,7 +520,7 @@ async def test_oldest_age_follows_the_oldest_unacked_record(tmp_path: Path) -> N
 
 async def test_oldest_age_survives_a_reopen(tmp_path: Path) -> None:
     spool, _ = opened(tmp_path)
-    await put(spool, [("k", None, ev(0)), ("k", None, ev(1))])
+    await put_each(spool, [("k", None, ev(0)), ("k", None, ev(1))])
     first, second = await read(spool)
     spool.ack([first])
     await spool.close()
@@ -547,9 +584,9 @@ async def _roundtrip(directory: Path, entries: list[Entry], batches: list[int], 
                      segment_bytes: int, one_append_each: bool) -> None:
     spool, _ = opened(directory, segment_bytes=segment_bytes)
     if one_append_each:
-        tickets = [spool.append([entry]) for entry in entries]
+        tickets = [append(spool, [entry]) for entry in entries]
     else:
-        tickets = [spool.append(part) for part in (entries[: len(entries) // 2], entries[len(entries) // 2:]) if part]
+        tickets = [append(spool, part) for part in (entries[: len(entries) // 2], entries[len(entries) // 2:]) if part]
     await spool.commit(tickets[-1])
     sizes = itertools.cycle(batches)
     read_batches: list[list[Record]] = []
@@ -559,10 +596,10 @@ async def _roundtrip(directory: Path, entries: list[Entry], batches: list[int], 
             break
         batch = await read(spool, max_events=next(sizes))
         read_batches.append(batch)
-        seen += len(batch)
+        seen += sum(r.count for r in batch)
         if len(read_batches) <= acked_rounds:
             spool.ack(batch)
-    acked = sum(len(b) for b in read_batches[:acked_rounds])
+    acked = sum(r.count for b in read_batches[:acked_rounds] for r in b)
     assert triples([r for b in read_batches for r in b]) == entries[:seen]
     await spool.close()
 
@@ -573,7 +610,7 @@ async def _roundtrip(directory: Path, entries: list[Entry], batches: list[int], 
     else:
         assert recovery.skipped <= acked  # segments deleted while running are not counted
     after: list[Record] = []
-    while len(after) < len(entries) - acked:
+    while sum(r.count for r in after) < len(entries) - acked:
         batch = await read(again, max_events=next(sizes))
         after += batch
         again.ack(batch)

@@ -24,14 +24,13 @@ from proxy.delivery.deadletter import DeadLetters
 from proxy.delivery.errors import UpstreamError
 from proxy.delivery.options import DeliveryOptions
 from proxy.delivery.pipeline import Pipeline
-from proxy.delivery.spool import Spool, SpoolFull
+from proxy.delivery.spool import Spool, SpoolFull, encode
 from proxy.delivery.upstream import Upstream
 from proxy.engine import Destination, RuleSet, Source
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 
 log = get_logger("splitter.delivery")
-RECORD_OVERHEAD = 24  # spool record framing, for quota checks before writing
 MAX_TELEMETRY_IN_FLIGHT = 16  # /v1/m forwards at once; more are dropped (it is analytics.js's own telemetry)
 
 
@@ -65,6 +64,11 @@ class Delivery:
         self._last_drop_log: dict[str, float] = {}
 
     # -- lifecycle --------------------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Events spooled for any destination and not yet delivered (or dead-lettered)."""
+        return sum(pipeline.spool.pending for pipeline in self._pipelines.values())
+
     def start(self, rules: RuleSet) -> None:
         """Lock the spool directory, recover every destination's spool and start its sender."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -128,30 +132,35 @@ class Delivery:
     # -- the request path -----------------------------------------------------------------------------------
     async def accept(self, rules: RuleSet, primary: Mapping[str, list[bytes]], mirror: Mapping[str, list[bytes]], source: Source,
                      presented_key: str, forwarded_for: str | None) -> Outcome:
-        def entries(name: str, events: list[bytes]) -> list[tuple[str, str | None, bytes]]:
-            credential = source.credential_for(name, presented_key)  # once per destination, not per event
-            return [(credential, forwarded_for, event) for event in events]
+        now = time.time()
+
+        def record(name: str, events: list[bytes]) -> bytes:  # one spool record per destination and request
+            return encode(now, source.credential_for(name, presented_key), forwarded_for, events)
 
         staged = []
         for name, events in primary.items():
+            if not events:
+                continue
             pipeline = self._pipeline(rules.destinations[name])
-            batch = entries(name, events)
-            if not pipeline.spool.has_room(_size(batch)):  # checked for every primary before writing any
+            data = record(name, events)
+            if not pipeline.spool.has_room(len(data)):  # checked for every primary before writing any
                 return _spool_full(name)
-            staged.append((pipeline, batch))
+            staged.append((pipeline, data, len(events)))
         tickets = []
         try:
-            for pipeline, batch in staged:
-                tickets.append((pipeline.spool, pipeline.spool.append(batch)))
+            for pipeline, data, count in staged:
+                tickets.append((pipeline.spool, pipeline.spool.write(data, count)))
         except SpoolFull:
             return _spool_full(pipeline.name)
         except OSError as exc:
             log.error("spool_write_failed", destination=pipeline.name, error=str(exc))
             return Outcome(False, 503, "spool_unavailable", f"{pipeline.name}: cannot write the spool: {exc.strerror or exc}", 5.0)
         for name, events in mirror.items():
+            if not events:
+                continue
             pipeline = self._pipeline(rules.destinations[name])
             try:
-                tickets.append((pipeline.spool, pipeline.spool.append(entries(name, events))))
+                tickets.append((pipeline.spool, pipeline.spool.write(record(name, events), len(events))))
             except (SpoolFull, OSError) as exc:
                 self._drop_mirror(name, len(events), exc)
         try:
@@ -187,10 +196,6 @@ class Delivery:
         task = asyncio.ensure_future(coroutine)
         self._telemetry.add(task)
         task.add_done_callback(self._telemetry.discard)
-
-
-def _size(entries: list[tuple[str, str | None, bytes]]) -> int:
-    return sum(RECORD_OVERHEAD + len(c) + len(f or "") + len(e) for c, f, e in entries)
 
 
 def _spool_full(name: str) -> Outcome:

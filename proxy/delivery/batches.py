@@ -1,30 +1,92 @@
-"""Upstream request bodies from already-encoded events: joined, never re-serialised.
+"""Upstream batches from spooled records: joined, never re-serialised.
 
-Events were encoded once at ingress; here they are only concatenated into `{"batch":[...]}`
-bodies, cut so that none exceeds the upstream's request limit (Segment: 500 KB).
+Events were encoded once at ingress and spooled comma-joined per request; here whole records are
+only concatenated into `{"batch":[...]}` bodies, cut so that none exceeds the upstream's limits
+(Segment: 500 KB per request). A record is split into its events only when it alone would break a
+limit, or when a rejected batch has to be bisected to find a poison event.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from proxy.delivery.spool import Record
 
 MAX_UPSTREAM_BODY = 500 * 1024 - 1024  # headroom under Segment's 500 KB for the envelope
 _OPEN, _CLOSE, _COMMA = b'{"batch":[', b"]}", b","
 
 
-def batch_bodies(events: Sequence[bytes], limit: int = MAX_UPSTREAM_BODY) -> Iterator[tuple[bytes, int]]:
-    """(body, number of events) for consecutive runs of `events`, each body within `limit`."""
-    start, size = 0, len(_OPEN) + len(_CLOSE)
-    for index, event in enumerate(events):
-        added = len(event) + (1 if index > start else 0)
-        if index > start and size + added > limit:
-            yield _join(events[start:index]), index - start
-            start, size = index, len(_OPEN) + len(_CLOSE) + len(event)
-        else:
-            size += added
-    if start < len(events):
-        yield _join(events[start:]), len(events) - start
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Events for one upstream request: parts that are whole records (comma-joined events) or
+    single events, with the record each part is (None for a single event)."""
+
+    credential: str
+    forwarded_for: str | None  # None when the events came from different clients
+    parts: tuple[bytes, ...]
+    sources: tuple[Record | None, ...]
+    count: int
+
+    def body(self) -> bytes:
+        return _OPEN + _COMMA.join(self.parts) + _CLOSE
+
+    def events(self) -> list[bytes]:
+        return [event for part, source in zip(self.parts, self.sources) for event in (source.events() if source else (part,))]
+
+    def halves(self) -> tuple[Batch, Batch]:
+        events = self.events()
+        middle = len(events) // 2
+        return self._of(events[:middle]), self._of(events[middle:])
+
+    def _of(self, events: list[bytes]) -> Batch:
+        return Batch(self.credential, self.forwarded_for, tuple(events), (None,) * len(events), len(events))
 
 
-def _join(events: Sequence[bytes]) -> bytes:
-    return _OPEN + _COMMA.join(events) + _CLOSE
+def upstream_batches(records: Sequence[Record], max_events: int, max_bytes: int = MAX_UPSTREAM_BODY) -> Iterator[Batch]:
+    """Batches for `records` (all with one credential), in order, each within both limits."""
+    builder = _Builder(records[0].credential, max_events, max_bytes)
+    for record in records:
+        if not builder.fits(record.size, record.count) and builder.count and builder.fits_alone(record.size, record.count):
+            yield builder.take()
+        if builder.fits(record.size, record.count):
+            builder.add(record.joined, record, record.count, record.forwarded_for)
+            continue
+        for event in record.events():  # alone it breaks a limit: event by event (an event always fits an empty batch)
+            if not builder.fits(len(event), 1) and builder.count:
+                yield builder.take()
+            builder.add(event, None, 1, record.forwarded_for)
+    if builder.count:
+        yield builder.take()
+
+
+class _Builder:
+    def __init__(self, credential: str, max_events: int, max_bytes: int) -> None:
+        self.credential, self.max_events, self.max_bytes = credential, max_events, max_bytes
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parts: list[bytes] = []
+        self.sources: list[Record | None] = []
+        self.count = 0
+        self.size = len(_OPEN) + len(_CLOSE)
+        self.forwarded: set[str | None] = set()
+
+    def fits(self, size: int, count: int) -> bool:
+        return self.count + count <= self.max_events and self.size + size + (1 if self.parts else 0) <= self.max_bytes
+
+    def fits_alone(self, size: int, count: int) -> bool:
+        return count <= self.max_events and len(_OPEN) + len(_CLOSE) + size <= self.max_bytes
+
+    def add(self, part: bytes, source: Record | None, count: int, forwarded_for: str | None) -> None:
+        self.size += len(part) + (1 if self.parts else 0)
+        self.parts.append(part)
+        self.sources.append(source)
+        self.count += count
+        self.forwarded.add(forwarded_for)
+
+    def take(self) -> Batch:
+        forwarded = next(iter(self.forwarded)) if len(self.forwarded) == 1 else None
+        batch = Batch(self.credential, forwarded, tuple(self.parts), tuple(self.sources), self.count)
+        self._reset()
+        return batch

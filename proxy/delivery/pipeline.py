@@ -1,7 +1,8 @@
 """One sender per destination: spool → upstream `/v1/batch`, with retries, breaker and dead letters.
 
-Records are read from the spool in order and coalesced across client requests into upstream
-batches (one per credential, within the size and count limits). A batch is retried on 5xx, 429,
+Records (one client request's events each) are read from the spool in order and coalesced
+across client requests into upstream batches (one per credential, within the size and count
+limits), by joining their bytes. A batch is retried on 5xx, 429,
 timeouts and connection errors with exponential backoff and full jitter, never sooner than a
 `Retry-After`, and the breaker stops the retries from hammering an upstream that is down. A
 permanent rejection (400/413) is split in halves until the bad events are found; those, and
@@ -17,7 +18,7 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from proxy.delivery.batches import batch_bodies
+from proxy.delivery.batches import Batch, upstream_batches
 from proxy.delivery.breaker import STATE_VALUES, Breaker
 from proxy.delivery.deadletter import DeadLetters
 from proxy.delivery.errors import UpstreamError, UpstreamRejected
@@ -59,7 +60,7 @@ class Pipeline:
         m.child(m.spool_bytes, name).set_function(lambda: self.spool.disk_bytes)
         m.child(m.spool_records, name).set_function(lambda: self.spool.pending)
         m.child(m.spool_oldest_age, name).set_function(self.spool.oldest_age)
-        m.child(m.delivery_queue_depth, name).set_function(lambda: sum(len(e.records) for e in self._in_flight))
+        m.child(m.delivery_queue_depth, name).set_function(lambda: sum(r.count for e in self._in_flight for r in e.records))
         m.child(m.breaker_state, name).set_function(lambda: STATE_VALUES[self.breaker.state])
 
     @property
@@ -105,7 +106,7 @@ class Pipeline:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("delivery_failed_unexpectedly", destination=self.name, events=len(entry.records), attempt=attempt)
+                log.exception("delivery_failed_unexpectedly", destination=self.name, events=sum(r.count for r in entry.records), attempt=attempt)
                 await asyncio.sleep(self._backoff(attempt, None))
                 attempt += 1
 
@@ -114,31 +115,26 @@ class Pipeline:
         for record in entry.records:
             groups.setdefault(record.credential, []).append(record)
         for records in groups.values():
-            start = 0
-            for _, count in batch_bodies([r.event for r in records], self.options.batch_max_bytes):
-                await self._deliver_batch(records[start:start + count])
-                start += count
+            for batch in upstream_batches(records, self.options.batch_max_events, self.options.batch_max_bytes):
+                await self._deliver_batch(batch)
 
-    async def _deliver_batch(self, records: list[Record]) -> None:
-        rejection = await self._send_with_retry(records)
+    async def _deliver_batch(self, batch: Batch) -> None:
+        rejection = await self._send_with_retry(batch)
         if rejection is None:
-            self._delivered.inc(len(records))
+            self._delivered.inc(batch.count)
             return
-        if len(records) == 1 or rejection.status in CREDENTIAL_STATUSES:
-            await self.dead_letters.write([r.event for r in records], rejection.status, rejection.body)
-            self._dead.inc(len(records))
-            log.error("events_dead_lettered", destination=self.name, events=len(records), status=rejection.status, error=rejection.detail)
+        if batch.count == 1 or rejection.status in CREDENTIAL_STATUSES:
+            await self.dead_letters.write(batch.events(), rejection.status, rejection.body)
+            self._dead.inc(batch.count)
+            log.error("events_dead_lettered", destination=self.name, events=batch.count, status=rejection.status, error=rejection.detail)
             return
-        middle = len(records) // 2
-        await self._deliver_batch(records[:middle])
-        await self._deliver_batch(records[middle:])
+        for half in batch.halves():
+            await self._deliver_batch(half)
 
-    async def _send_with_retry(self, records: list[Record]) -> UpstreamRejected | None:
-        """None once the upstream accepted the batch; the rejection if it refused it for good."""
-        forwarded = records[0].forwarded_for
-        if any(r.forwarded_for != forwarded for r in records):
-            forwarded = None  # events from different clients: context.ip carries each one's address
-        body = b'{"batch":[' + b",".join(r.event for r in records) + b"]}"
+    async def _send_with_retry(self, batch: Batch) -> UpstreamRejected | None:
+        """None once the upstream accepted the batch; the rejection if it refused it for good.
+        A batch of events from different clients has no X-Forwarded-For: context.ip carries each one's address."""
+        body = batch.body()
         attempt = 0
         while True:
             wait = self.breaker.wait_time()
@@ -146,7 +142,7 @@ class Pipeline:
                 await asyncio.sleep(wait)
                 continue
             try:
-                await self.upstream.send(body, records[0].credential, forwarded)
+                await self.upstream.send(body, batch.credential, batch.forwarded_for)
             except UpstreamRejected as exc:
                 if not exc.retryable:
                     self.breaker.success()  # the upstream is up; it just refuses this

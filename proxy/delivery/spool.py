@@ -4,17 +4,24 @@ Every event a client is told `200` for is in a spool first: appended to the acti
 covered by an fsync before the answer goes out. Concurrent requests share one fsync (group commit),
 so durability costs one fsync per batch of requests, not one per request.
 
-Segment files (`NNNNNNNNNNNN.seg`) hold records
+A record is one request's events for this destination (a chunk), so the cost of the spool is per
+request, not per event. Segment files (`NNNNNNNNNNNN.seg`) start with an 8-byte format marker and
+hold records
 
     u32 length | u32 crc32(payload) | payload
-    payload = f64 appended_at | u16 len(credential) | u16 len(forwarded_for) | credential | forwarded_for | event JSON
+    payload = f64 appended_at | u16 len(credential) | u16 len(forwarded_for) | u32 n
+              | credential | forwarded_for | n x u32 event length | events joined by ","
 
-read back in order by the destination's sender, which acks what the upstream accepted. A sealed
-segment whose records are all acked is deleted. The count of acked records at the head of each
-segment is noted in `NNNNNNNNNNNN.ack` (best effort, not fsynced): after a crash, at worst a few
-already-delivered records are sent again (same messageId, so warehouses drop them), never fewer.
-At start-up every segment is scanned; a torn or corrupt tail is truncated and reported, and the
-records before it survive.
+The events are stored comma-joined, exactly as they go between `{"batch":[` and `]}`: the sender
+concatenates whole records into upstream bodies without looking at single events, and splits a
+record into its events only to cut an oversized batch or to isolate a poison event.
+
+Records are read back in order by the destination's sender, which acks what the upstream accepted.
+A sealed segment whose records are all acked is deleted. The count of acked records at the head of
+each segment is noted in `NNNNNNNNNNNN.ack` (best effort, not fsynced, at most every
+`ACK_NOTE_INTERVAL` seconds): after a crash, at worst the records delivered in that last moment are
+sent again (same messageId, so warehouses drop them), never fewer. At start-up every segment is
+scanned; a torn or corrupt tail is truncated and reported, and the records before it survive.
 """
 
 from __future__ import annotations
@@ -28,28 +35,49 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+MAGIC = b"SPLSPL\x00\x02"  # format 2: chunk records. Format 1 (one event per record) had no marker.
 HEADER = struct.Struct("<II")
-PREFIX = struct.Struct("<dHH")
-MAX_RECORD = 8 * 1024 * 1024  # anything longer is corruption, not an event
-READ_CHUNK = 1024 * 1024
+PREFIX = struct.Struct("<dHHI")
+LENGTH = struct.Struct("<I")
+MAX_RECORD = 64 * 1024 * 1024  # anything longer is corruption, not a request's events
+READ_SLACK = 64 * 1024  # read a little past max_bytes: the record that stops the read is framed in it
+ACK_NOTE_INTERVAL = 0.25  # seconds between rewrites of a segment's .ack note
 
 
 class SpoolFull(Exception):
     """The destination's spool is at its quota: primaries answer 503, mirrors are dropped."""
 
 
+class SpoolFormatError(Exception):
+    """A segment file this version cannot read: refusing to start beats silently dropping events."""
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
+    """One request's events for one destination, as spooled."""
+
     segment: int
     appended_at: float
     credential: str
     forwarded_for: str | None
-    event: bytes
+    joined: bytes  # the events, comma-separated
+    lengths: tuple[int, ...]  # of each event in `joined`
     encoded_size: int  # bytes the record takes in its segment file
 
     @property
+    def count(self) -> int:
+        return len(self.lengths)
+
+    @property
     def size(self) -> int:
-        return len(self.event)
+        return len(self.joined)
+
+    def events(self) -> list[bytes]:
+        events, start = [], 0
+        for length in self.lengths:
+            events.append(self.joined[start:start + length])
+            start += length + 1
+        return events
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,29 +89,28 @@ class Recovery:
     truncated_segments: tuple[str, ...]
 
 
-def record_prefix(appended_at: float, credential: str, forwarded_for: str | None) -> bytes:
-    """The part of a payload before the event: the same for every event of one request."""
+def encode(appended_at: float, credential: str, forwarded_for: str | None, events: list[bytes]) -> bytes:
+    """One record holding `events` (at least one), ready to be written."""
     cred = credential.encode()
     forwarded = (forwarded_for or "").encode()
-    return PREFIX.pack(appended_at, len(cred), len(forwarded)) + cred + forwarded
-
-
-def encode_with(prefix: bytes, prefix_crc: int, event: bytes) -> tuple[bytes, bytes, bytes]:
-    """One record as (header, prefix, event), to be joined; the crc continues from the prefix's."""
-    return HEADER.pack(len(prefix) + len(event), zlib.crc32(event, prefix_crc)), prefix, event
-
-
-def encode(appended_at: float, credential: str, forwarded_for: str | None, event: bytes) -> bytes:
-    prefix = record_prefix(appended_at, credential, forwarded_for)
-    return b"".join(encode_with(prefix, zlib.crc32(prefix), event))
+    head = PREFIX.pack(appended_at, len(cred), len(forwarded), len(events)) + cred + forwarded + struct.pack(f"<{len(events)}I", *map(len, events))
+    joined = b",".join(events)
+    return HEADER.pack(len(head) + len(joined), zlib.crc32(joined, zlib.crc32(head))) + head + joined
 
 
 def decode(segment: int, payload: bytes) -> Record:
-    appended_at, cred_len, fwd_len = PREFIX.unpack_from(payload)
+    appended_at, cred_len, fwd_len, count = PREFIX.unpack_from(payload)
     start = PREFIX.size
     credential = payload[start:start + cred_len].decode()
-    forwarded = payload[start + cred_len:start + cred_len + fwd_len].decode() or None
-    return Record(segment, appended_at, credential, forwarded, payload[start + cred_len + fwd_len:], HEADER.size + len(payload))
+    start += cred_len
+    forwarded = payload[start:start + fwd_len].decode() or None
+    start += fwd_len
+    lengths = struct.unpack_from(f"<{count}I", payload, start)
+    return Record(segment, appended_at, credential, forwarded, payload[start + LENGTH.size * count:], lengths, HEADER.size + len(payload))
+
+
+def event_count(payload: bytes) -> int:
+    return int(PREFIX.unpack_from(payload)[3])
 
 
 def scan(data: bytes, start: int = 0) -> tuple[list[bytes], int]:
@@ -95,19 +122,40 @@ def scan(data: bytes, start: int = 0) -> tuple[list[bytes], int]:
         if length < PREFIX.size or length > MAX_RECORD or body_start + length > end:
             break
         payload = data[body_start:body_start + length]
-        if zlib.crc32(payload) != crc:
+        if zlib.crc32(payload) != crc or not _consistent(payload):
             break
         payloads.append(payload)
         offset = body_start + length
     return payloads, offset
 
 
+def _consistent(payload: bytes) -> bool:
+    """The framing inside a payload adds up (the crc guards the bytes, this guards a writer's bug)."""
+    _, cred_len, fwd_len, count = PREFIX.unpack_from(payload)
+    start = PREFIX.size + cred_len + fwd_len
+    if count == 0 or start + LENGTH.size * count > len(payload):
+        return False
+    lengths = struct.unpack_from(f"<{count}I", payload, start)
+    return sum(lengths) + count - 1 == len(payload) - start - LENGTH.size * count
+
+
+def check_format(path: Path, data: bytes) -> int:
+    """Where records start in a segment file's `data`; raises for a file of another format."""
+    if data.startswith(MAGIC):
+        return len(MAGIC)
+    if len(data) < len(MAGIC) and MAGIC.startswith(data):
+        return len(data)  # torn while being created: no records, the open truncates it to nothing
+    raise SpoolFormatError(f"{path} is not a spool segment of format 2 (written by an older splitter?); "
+                           "deliver it with the version that wrote it, or move it away to start")
+
+
 class _Segment:
-    __slots__ = ("id", "path", "records", "acked", "acked_offset", "size", "sealed")
+    __slots__ = ("id", "path", "records", "acked", "acked_offset", "size", "sealed", "noted", "noted_at")
 
     def __init__(self, segment_id: int, path: Path, records: int = 0, acked: int = 0, size: int = 0, acked_offset: int = 0) -> None:
         self.id, self.path, self.records, self.acked, self.size, self.sealed = segment_id, path, records, acked, size, False
         self.acked_offset = acked_offset  # where the first unacked record starts
+        self.noted, self.noted_at = acked, 0.0  # what its .ack note says, and when it was written
 
 
 class Spool:
@@ -127,9 +175,10 @@ class Spool:
         self._commit_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._readable = asyncio.Event()
         self._cursor: tuple[int, int] | None = None  # (segment id, offset) of the next record to read
-        self._unread = 0  # appended (or recovered) and not yet handed out by read()
+        self._unread = 0  # records appended (or recovered) and not yet handed out by read()
+        self._unread_events = 0
         self.disk_bytes = 0
-        self.pending = 0  # appended and not yet acked
+        self.pending = 0  # events appended and not yet acked
 
     # -- start-up ---------------------------------------------------------------------------------
     def open(self) -> Recovery:
@@ -139,7 +188,7 @@ class Spool:
         for segment_id in ids:
             path = self._path(segment_id)
             data = path.read_bytes()
-            payloads, valid = scan(data)
+            payloads, valid = scan(data, check_format(path, data))
             if valid < len(data):
                 truncated += len(data) - valid
                 truncated_names.append(path.name)
@@ -147,19 +196,20 @@ class Spool:
                     handle.truncate(valid)
                     os.fsync(handle.fileno())
             acked = min(self._read_ack(segment_id), len(payloads))
+            acked_events = sum(map(event_count, payloads[:acked]))
+            skipped += acked_events
             if acked == len(payloads):
                 self._remove_files(segment_id)
-                skipped += acked
                 continue
-            acked_offset = sum(HEADER.size + len(p) for p in payloads[:acked])
+            acked_offset = len(MAGIC) + sum(HEADER.size + len(p) for p in payloads[:acked])
             segment = _Segment(segment_id, path, len(payloads), acked, valid, acked_offset)
             segment.sealed = True
             self._segments[segment_id] = segment
             self._order.append(segment_id)
             self.disk_bytes += valid
-            pending += len(payloads) - acked
-            skipped += acked
-        self.pending = self._unread = pending
+            pending += sum(map(event_count, payloads[acked:]))
+            self._unread += len(payloads) - acked
+        self.pending = self._unread_events = pending
         first = next((self._segments[i] for i in self._order if self._segments[i].acked < self._segments[i].records), None)
         if first is not None:
             self._cursor = (first.id, first.acked_offset)
@@ -171,25 +221,19 @@ class Spool:
     def has_room(self, size: int) -> bool:
         return self.disk_bytes + size <= self.quota_bytes
 
-    def append(self, entries: list[tuple[str, str | None, bytes]]) -> int:
-        """Write records for `entries` (credential, forwarded_for, event); returns a commit ticket.
+    def append(self, credential: str, forwarded_for: str | None, events: list[bytes]) -> int:
+        """Spool one request's `events` (at least one) as one record; returns a commit ticket."""
+        return self.write(encode(time.time(), credential, forwarded_for, events), len(events))
 
-        Raises SpoolFull, writing nothing, when they would not fit the quota.
+    def write(self, data: bytes, events: int) -> int:
+        """Write a record made by `encode()` holding `events` events; returns a commit ticket.
+
+        Raises SpoolFull, writing nothing, when it would not fit the quota.
         """
-        now = time.time()
-        prefixes: dict[tuple[str, str | None], tuple[bytes, int]] = {}  # encoded once per credential, not per event
-        parts: list[bytes] = []
-        for credential, forwarded, event in entries:
-            found = prefixes.get((credential, forwarded))
-            if found is None:
-                prefix = record_prefix(now, credential, forwarded)
-                found = prefixes[(credential, forwarded)] = (prefix, zlib.crc32(prefix))
-            parts.extend(encode_with(found[0], found[1], event))
-        data = b"".join(parts)
         if not self.has_room(len(data)):
             raise SpoolFull(f"spool at {self.directory} is at its quota of {self.quota_bytes} bytes")
         assert self._active is not None and self._fd is not None
-        if self._active.size and self._active.size + len(data) > self.segment_bytes:
+        if self._active.records and self._active.size + len(data) > self.segment_bytes:
             self._new_segment(self._active.id + 1)
         assert self._active is not None and self._fd is not None
         os.write(self._fd, data)
@@ -198,11 +242,12 @@ class Spool:
         if self._cursor is None:
             self._cursor = (segment.id, segment.size)
         segment.size += len(data)
-        segment.records += len(entries)
+        segment.records += 1
         self.disk_bytes += len(data)
-        self.pending += len(entries)
-        self._unread += len(entries)
-        self._appended += len(entries)
+        self.pending += events
+        self._unread += 1
+        self._unread_events += events
+        self._appended += 1
         self._readable.set()
         return self._appended
 
@@ -263,7 +308,10 @@ class Spool:
                 self._remove(self._active.id)
         path = self._path(segment_id)  # always a new file: recovered segments are sealed, never appended to
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        segment = _Segment(segment_id, path)
+        os.write(self._fd, MAGIC)
+        self._dirty.add(self._fd)
+        self.disk_bytes += len(MAGIC)
+        segment = _Segment(segment_id, path, size=len(MAGIC), acked_offset=len(MAGIC))
         self._segments[segment_id] = segment
         self._order.append(segment_id)
         self._active = segment
@@ -271,7 +319,8 @@ class Spool:
 
     # -- reading and acking ------------------------------------------------------------------------
     async def read(self, max_events: int, max_bytes: int, linger: float = 0.0) -> list[Record]:
-        """The next records in order (at least one; waits for them), up to the limits.
+        """The next records in order (at least one; waits for them), up to the limits in events and
+        bytes (a record over a limit comes alone: records are never split here).
 
         With `linger`, a short wait for more when fewer than `max_events` are ready: larger upstream
         batches for a few milliseconds of delay, the trade every batching client makes.
@@ -279,14 +328,14 @@ class Spool:
         while self._unread <= 0:
             self._readable.clear()
             await self._readable.wait()
-        if linger > 0 and self._unread < max_events:
+        if linger > 0 and self._unread_events < max_events:
             await asyncio.sleep(linger)
         return self._read_now(max_events, max_bytes)
 
     def _read_now(self, max_events: int, max_bytes: int) -> list[Record]:
         records: list[Record] = []
-        size = 0
-        while self._cursor is not None and self._unread > 0 and len(records) < max_events and size < max_bytes:
+        size = events = 0
+        while self._cursor is not None and self._unread > 0 and events < max_events and size < max_bytes:
             segment_id, offset = self._cursor
             segment = self._segments.get(segment_id)  # gone if it was fully acked and deleted meanwhile
             if segment is None or offset >= segment.size:
@@ -300,44 +349,45 @@ class Spool:
                 header = handle.read(HEADER.size)
                 wanted = HEADER.size + HEADER.unpack(header)[0] if len(header) == HEADER.size else 0
                 handle.seek(offset)
-                data = handle.read(max(READ_CHUNK, wanted, min(max_bytes - size, segment.size - offset)))
+                data = handle.read(max(wanted, min(max_bytes - size + READ_SLACK, segment.size - offset)))  # not more than is wanted: scan() checks every crc it reads
             payloads, _ = scan(data)
             if not payloads:
                 break  # cannot happen for appended data; a later append will wake the reader again
             full = False
             for payload in payloads:
-                if len(records) >= max_events or (records and size + len(payload) > max_bytes):
+                count = event_count(payload)
+                if records and (events + count > max_events or size + len(payload) > max_bytes):
                     full = True  # the limits are reached: stop here, the rest is for the next read
                     break
                 record = decode(segment_id, payload)
                 records.append(record)
                 size += record.size
+                events += count
                 offset += record.encoded_size
             self._cursor = (segment_id, offset)
             if full:
                 break
         self._unread -= len(records)
+        self._unread_events -= events
         return records
 
     def ack(self, records: list[Record]) -> None:
         """Mark `records` (handed out by `read`, acked in read order) as delivered."""
-        touched: dict[int, int] = {}
+        touched: dict[int, list[Record]] = {}
         for record in records:
-            touched[record.segment] = touched.get(record.segment, 0) + 1
-        sizes: dict[int, int] = {}
-        for record in records:
-            sizes[record.segment] = sizes.get(record.segment, 0) + record.encoded_size
-        for segment_id, count in touched.items():
+            touched.setdefault(record.segment, []).append(record)
+        now = time.monotonic()
+        for segment_id, acked in touched.items():
+            self.pending -= sum(r.count for r in acked)
             segment = self._segments.get(segment_id)
             if segment is None:
                 continue
-            segment.acked += count
-            segment.acked_offset += sizes[segment_id]
-            self.pending -= count
+            segment.acked += len(acked)
+            segment.acked_offset += sum(r.encoded_size for r in acked)
             if segment.acked >= segment.records and segment is not self._active:
                 self._remove(segment_id)
-            else:
-                self._write_ack(segment)
+            elif now - segment.noted_at >= ACK_NOTE_INTERVAL:
+                self._write_ack(segment, now)
 
     def _remove(self, segment_id: int) -> None:
         segment = self._segments.pop(segment_id)
@@ -352,10 +402,11 @@ class Spool:
             except FileNotFoundError:
                 pass
 
-    def _write_ack(self, segment: _Segment) -> None:
+    def _write_ack(self, segment: _Segment, now: float) -> None:
         temporary = segment.path.with_suffix(".ack.tmp")
         temporary.write_text(str(segment.acked))
         os.replace(temporary, segment.path.with_suffix(".ack"))
+        segment.noted, segment.noted_at = segment.acked, now
 
     def _read_ack(self, segment_id: int) -> int:
         try:
@@ -384,6 +435,9 @@ class Spool:
     async def close(self) -> None:
         if self._commit_task is not None:
             await asyncio.gather(self._commit_task, return_exceptions=True)
+        for segment in self._segments.values():
+            if segment.acked != segment.noted:
+                self._write_ack(segment, time.monotonic())
         if self._fd is not None:
             os.fsync(self._fd)
             os.close(self._fd)

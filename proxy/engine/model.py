@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 DestinationKind = Literal["segment", "rudderstack"]
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
@@ -98,9 +98,12 @@ class Rule:
     event_conditions: tuple[Predicate, ...] = ()  # the rest, evaluated per event
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Where one event goes. `bucket`/`cohort_key` are None when the rule has no split."""
+class Decision(NamedTuple):
+    """Where one event goes. `bucket`/`cohort_key` are None when the rule has no split.
+
+    A NamedTuple rather than a frozen dataclass: a split rule makes one per event, and a tuple is
+    built several times faster while being just as immutable.
+    """
 
     rule: str
     primary: tuple[str, ...]
@@ -119,6 +122,15 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class Candidates:
+    """The rules that can match events of one (source, region), and which of them matched events
+    with a given routing signature (see `decide`): most traffic repeats a few signatures."""
+
+    rules: tuple[Rule, ...]
+    first_match: dict[tuple[Any, ...], Rule] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class RuleSet:
     version: int
     filename: str
@@ -130,9 +142,9 @@ class RuleSet:
     rules: tuple[Rule, ...]
     country_headers: tuple[str, ...]
     text: str = ""  # the file as read, for /admin/config
-    _candidates: dict[tuple[str | None, str | None], tuple[Rule, ...]] = field(default_factory=dict, compare=False, repr=False)
+    _candidates: dict[tuple[str | None, str | None], Candidates] = field(default_factory=dict, compare=False, repr=False)
 
-    def candidates(self, ctx: EventContext) -> tuple[Rule, ...]:
+    def candidates(self, ctx: EventContext) -> Candidates:
         """The rules whose request-level conditions (source, region) hold for `ctx`, in order.
 
         Computed once per (source, region) and cached: a 10-rule file where half the rules are for
@@ -141,7 +153,7 @@ class RuleSet:
         key = (ctx.source, ctx.region)
         found = self._candidates.get(key)
         if found is None:
-            found = tuple(rule for rule in self.rules if all(condition(_NO_EVENT, ctx) for condition in rule.context_conditions))
+            found = Candidates(tuple(rule for rule in self.rules if all(condition(_NO_EVENT, ctx) for condition in rule.context_conditions)))
             if len(self._candidates) < 1024:  # sources x regions is small; the bound only guards odd callers
                 self._candidates[key] = found
         return found
