@@ -26,6 +26,8 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || (sudo apt-get update -qq && sudo apt-get install -y -qq wrk)
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx) || (sudo apt-get update -qq && sudo apt-get install -y -qq nginx) \
+	  || echo "bench: nginx could not be installed; its rows will say so"
 	$(PY) -m loadtest.bench_decide
 	$(PY) -m loadtest.bench_delivery
 	$(PY) -m loadtest.bench

@@ -31,10 +31,15 @@ WRITE_KEY = "bench-web-key"
 BATCH, RUDDER_SHARE, CONNECTIONS = 50, 15, 32  # per request: 15 events to RudderStack (30 % split), all 50 to Segment (primary + mirror)
 
 
-async def spool_records(admin: str) -> float:
+async def metric_total(admin: str, name: str) -> float:
+    """A labelled metric from splitter's /metrics, summed over its labels (e.g. over destinations)."""
     async with aiohttp.ClientSession() as client, client.get(admin + "/metrics") as response:
         text = await response.text()
-    return sum(float(m) for m in re.findall(r"^splitter_spool_records\{[^}]*\} (\S+)$", text, re.M))
+    return sum(float(m) for m in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+
+async def spool_records(admin: str) -> float:
+    return await metric_total(admin, "splitter_spool_records")
 
 
 async def drained(admin: str, timeout: float) -> float | None:

@@ -47,14 +47,32 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLOCK_TICKS
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory now (VmRSS), or its peak over the process's life with field="VmHWM"."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except FileNotFoundError:
         pass
     return 0.0
+
+
+def memory_mb(pids: list[int], field: str = "VmRSS") -> float:
+    """Memory of a proxy made of several processes (nginx's master and worker): the sum."""
+    return sum(rss_mb(pid, field) for pid in pids)
+
+
+def with_children(pid: int) -> list[int]:
+    """The process and its direct children (nginx's worker, splitter's workers), from /proc."""
+    found = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+    return found
 
 
 @dataclass
@@ -141,6 +159,8 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "%(auth)s"
 request = function()
   index = index %% n + 1
+  -- a per-body user for proxies that cannot read the body (nginx's split_clients hashes it)
+  wrk.headers["X-User"] = tostring(index)
   return wrk.format(nil, "%(path)s", nil, bodies[index])
 end
 done = function(summary, latency, requests)

@@ -1,6 +1,6 @@
 """Baseline: the quick in-house forwarder a team would write instead of splitter.
 
-aiohttp + uvloop; parses each batch with orjson, hashes each event's cohort key with mmh3 (so it
+aiohttp + uvloop; parses each batch (or single call) with orjson, hashes each event's cohort key with mmh3 (so it
 pays for reading the body, as a splitter must), and forwards the body unchanged to one upstream
 over a keep-alive session, answering with the upstream's status. No routing, no durability.
 Run: `python -m loadtest.baselines.forwarder --upstream URL [--port 0]`; prints its URL as JSON.
@@ -24,7 +24,8 @@ def _hash_events(body: bytes) -> int:
     """In a plain function, so the parsed batch is freed before the upstream await (the GC trap)."""
     parsed = orjson.loads(body)
     total = 0
-    for event in parsed.get("batch", ()) if isinstance(parsed, dict) else ():
+    events = parsed.get("batch", [parsed]) if isinstance(parsed, dict) else ()  # a single call is its own event
+    for event in events:
         key = event.get("anonymousId") or event.get("userId") or ""
         total += mmh3.hash(f"salt:{key}".encode(), signed=False) % 10000
     return total
@@ -48,7 +49,8 @@ async def main() -> None:
             return web.Response(status=upstream.status, body=answer, content_type="application/json")
 
     app = web.Application(client_max_size=4 * 1024 * 1024, handler_args={"auto_decompress": False})
-    app.router.add_post("/v1/batch", forward)
+    for path in ("/v1/batch", "/v1/track"):
+        app.router.add_post(path, forward)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port)
