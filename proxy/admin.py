@@ -17,10 +17,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.engine import RuleSet, mask
+from proxy.engine.masking import MASK
 from proxy.engine.model import Cohort, Rule
+from proxy.engine.ramp import ramp_views
 from proxy.metrics import Metrics
 from proxy.reload import Reloader, ReloadResult
 from proxy.state import ActiveRules
@@ -31,14 +33,18 @@ RELOADER = web.AppKey("reloader", Reloader)
 METRICS = web.AppKey("metrics", Metrics)
 TOKEN = web.AppKey("token", bytes)  # empty: /admin/* is open (settings allow that on loopback only)
 IS_READY = web.AppKey[Callable[[], bool]]("is_ready")
+REGISTRY = web.AppKey("registry", CollectorRegistry)
 ERROR_CODES = {"error": "invalid_rules", "refused": "reshuffle_refused"}
 
 
 def build_admin_app(
-    *, active: ActiveRules, reloader: Reloader, metrics: Metrics, token: str | None, is_ready: Callable[[], bool]
+    *, active: ActiveRules, reloader: Reloader, metrics: Metrics, token: str | None, is_ready: Callable[[], bool],
+    registry: CollectorRegistry | None = None,
 ) -> web.Application:
+    """`registry`: what `/metrics` exposes when not `metrics.registry` (a supervisor's, merging its workers')."""
     app = web.Application()
     app[ACTIVE], app[RELOADER], app[METRICS], app[IS_READY] = active, reloader, metrics, is_ready
+    app[REGISTRY] = registry or metrics.registry
     app[TOKEN] = _bytes(token) if token else b""
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
@@ -49,7 +55,7 @@ def build_admin_app(
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    body = generate_latest(request.app[REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -89,6 +95,8 @@ async def config_handler(request: web.Request) -> web.Response:
     snapshot = request.app[ACTIVE].snapshot
     body = describe(snapshot.rules)
     body["loaded_at"] = datetime.fromtimestamp(snapshot.loaded_at, UTC).isoformat()
+    if ramps := ramp_views(snapshot.rules, datetime.now(UTC)):  # the step in effect and when the next one lands
+        body["ramps"] = [view.as_dict() for view in ramps]
     return web.json_response(body)
 
 
@@ -106,9 +114,11 @@ def describe(rules: RuleSet) -> dict[str, Any]:
                 "name": source.name,
                 "write_keys": [mask(key) for key in source.write_keys],
                 "credentials": {dest: mask(key) for dest, key in source.credentials.items()},
+                **({"webhook": {"secret": MASK}} if source.webhook_secret else {}),  # not even a prefix of an HMAC key
             }
             for source in rules.sources.values()
         ],
+        **({"dedup": {"window": rules.dedup.window, "max_ids": rules.dedup.max_ids}} if rules.dedup else {}),
         "cohort": _cohort(rules.cohort),
         "country_headers": list(rules.country_headers),
         "rules": [_rule(rule) for rule in rules.rules],

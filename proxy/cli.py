@@ -9,15 +9,19 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 import click
 import orjson
 from multidict import CIMultiDict
 
 from proxy import __version__
-from proxy.engine import EventContext, RuleSet, RulesError, decide, load_rules
+from proxy.engine import EventContext, RuleSet, RulesError, decide, load_rules, transformed_events
+from proxy.engine.plan_report import plan_report_lines
+from proxy.engine.ramp import effective_rules
 from proxy.engine.simulate import Sample, against, tally
 from proxy.inputs import InputError, SampleEvent, read_events
+from proxy.ramp_cli import at_option, position_lines, schedule_lines
 
 BAD_INPUT = 2
 STARTUP_FAILURE = 3
@@ -98,12 +102,14 @@ def main() -> None:
 @click.option("--public-url", envvar="SPLITTER_PUBLIC_URL", default=None, help="splitter's address as browsers see it (e.g. https://analytics.example.com); written into the settings' apiHost. Default: the request's host.")
 @click.option("--cdn-cache-seconds", envvar="SPLITTER_CDN_CACHE_SECONDS", type=float, default=300.0, show_default=True, help="Seconds to cache CDN answers (0 disables).")
 @click.option("--log-level", envvar="SPLITTER_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+@click.option("--workers", envvar="SPLITTER_WORKERS", type=int, default=1, show_default=True, help="Worker processes sharing the ingress port (SO_REUSEPORT); each owns <spool-dir>/worker-<i>.")
 def serve(config: str, listen: str, admin: str, region: str | None, drain_timeout: float, reload_interval: float, trusted_proxies: str,
           cors_origins: str, max_in_flight: int, spool_dir: str, dead_letter_dir: str, cdn_url: str, public_url: str | None,
-          cdn_cache_seconds: float, log_level: str) -> None:
+          cdn_cache_seconds: float, log_level: str, workers: int) -> None:
     """Run the proxy. The admin token, when the admin port is not loopback, comes from SPLITTER_ADMIN_TOKEN."""
     from proxy.server import run
     from proxy.settings import ServeSettings, SettingsError, parse_address, parse_networks
+    from proxy.supervisor import supervise
 
     try:
         settings = ServeSettings(
@@ -123,11 +129,12 @@ def serve(config: str, listen: str, admin: str, region: str | None, drain_timeou
             public_url=public_url.rstrip("/") if public_url else None,
             cdn_cache_seconds=cdn_cache_seconds,
             log_level=log_level,
+            workers=workers,
         )
     except SettingsError as exc:
         click.echo(f"splitter: {exc}", err=True)
         sys.exit(STARTUP_FAILURE)
-    sys.exit(run(settings))
+    sys.exit(supervise(settings) if settings.workers > 1 else run(settings))
 
 
 @main.command()
@@ -141,6 +148,8 @@ def check(rules_path: str) -> None:
         f"{len(rules.destinations)} destinations ({', '.join(rules.destinations)}), "
         f"{len(rules.sources)} sources, sha256 {rules.sha256[:12]}"
     )
+    for line in schedule_lines(rules, datetime.now(UTC)):
+        click.echo(line)
 
 
 _header_option = click.option("--header", "header_values", multiple=True, metavar="'Name: value'", help="A request header, e.g. a geo header for `country`.")
@@ -154,13 +163,21 @@ _key_option = click.option("--write-key", default=None, help="The write key clie
 @_key_option
 @_header_option
 @_region_option
-def explain(rules_path: str, input_path: str, write_key: str | None, header_values: tuple[str, ...], region: str | None) -> None:
-    """Print the decision for each event of INPUT (a file or -): one JSON line per event."""
-    rules = _load(rules_path)
+@at_option
+def explain(rules_path: str, input_path: str, write_key: str | None, header_values: tuple[str, ...], region: str | None, at: datetime) -> None:
+    """Print the decision for each event of INPUT (a file or -): one JSON line per event.
+
+    When the rules declare transforms, each line also has `transformed`: the event each destination
+    with transforms would receive (the others receive it unchanged)."""
+    rules = effective_rules(_load(rules_path), at)
     samples = _contexts(rules, _read_input(input_path), write_key, _headers(header_values), region)
     out = sys.stdout.buffer
     for event, ctx in samples:
-        out.write(orjson.dumps(decide(rules, event, ctx).as_dict()) + b"\n")
+        decision = decide(rules, event, ctx)
+        row = decision.as_dict()
+        if rules.transforms:
+            row["transformed"] = transformed_events(rules.transforms, decision, event)
+        out.write(orjson.dumps(row) + b"\n")
     out.flush()
 
 
@@ -171,22 +188,28 @@ def explain(rules_path: str, input_path: str, write_key: str | None, header_valu
 @_key_option
 @_header_option
 @_region_option
-def simulate(rules_path: str, events_path: str, old_path: str | None, write_key: str | None, header_values: tuple[str, ...], region: str | None) -> None:
-    """Tally where a sample of events goes, per rule and destination; rehearse a change with --against."""
-    rules = _load(rules_path)
+@at_option
+def simulate(rules_path: str, events_path: str, old_path: str | None, write_key: str | None, header_values: tuple[str, ...], region: str | None,
+             at: datetime) -> None:
+    """Tally where a sample of events goes, per rule and destination; rehearse a change with --against or a ramp step with --at."""
+    rules = effective_rules(_load(rules_path), at)
     events = _read_input(events_path)
     headers = _headers(header_values)
     samples = _contexts(rules, events, write_key, headers, region)
     result = tally(rules, samples)
     click.echo(f"{result.events} events, {result.keys} distinct cohort keys ({rules_path})")
+    for line in position_lines(rules, at):
+        click.echo(line)
     click.echo(f"{'rule':<24} {'destination':<16} {'role':<8} {'events':>8} {'%events':>8} {'keys':>8} {'%keys':>7}")
     for row in result.rows:
         click.echo(
             f"{row.rule:<24} {row.destination:<16} {row.role:<8} {row.events:>8} {row.events_percent:>7.2f}% {row.keys:>8} {row.keys_percent:>6.2f}%"
         )
+    for line in plan_report_lines(rules, samples):  # violations are reported, not failed on: the exit code stays 0
+        click.echo(line)
     if old_path is None:
         return
-    old = _load(old_path)
+    old = effective_rules(_load(old_path), at)
     moved = against(old, rules, _contexts(old, events, write_key, headers, region))
     share = 100.0 * moved.keys_changed / moved.keys if moved.keys else 0.0
     click.echo(f"\nagainst {old_path}: {moved.keys_changed} of {moved.keys} cohort keys ({share:.2f}%) change primary destination; {moved.events_changed} events")

@@ -15,7 +15,7 @@ import structlog
 
 from proxy.engine import mask
 
-SECRET_FIELDS = frozenset({"write_key", "writekey", "writeKey", "credential", "authorization", "token", "admin_token"})
+SECRET_FIELDS = frozenset({"write_key", "writekey", "writeKey", "credential", "authorization", "token", "admin_token", "secret", "webhook_secret"})
 
 
 def mask_write_keys(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -35,6 +35,26 @@ def _masked(name: str, value: Any) -> Any:
     return value
 
 
+class LineLogger:
+    """Writes each log line to the current `sys.stdout` with one `write()`.
+
+    structlog's PrintLogger calls print(), which writes the line and its newline separately when
+    stdout is unbuffered (PYTHONUNBUFFERED=1, as in our image); the workers of `serve --workers N`
+    share stdout, and two writes per line let their lines interleave. Like PrintLogger, it looks
+    `sys.stdout` up on every call, so whatever replaces it (a test's capture) is followed.
+    """
+
+    def __init__(self, *_: object) -> None:  # structlog passes get_logger()'s arguments
+        pass
+
+    def msg(self, message: str) -> None:
+        stream = sys.stdout
+        stream.write(message + "\n")
+        stream.flush()
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
 def configure(level: str = "info") -> None:
     structlog.configure(
         processors=[
@@ -46,7 +66,7 @@ def configure(level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=LineLogger,
         cache_logger_on_first_use=True,
     )
 

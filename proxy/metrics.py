@@ -8,10 +8,13 @@ path does one dictionary look-up instead of prometheus_client's label resolution
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.engine import EVENT_TYPES, RuleSet
 
@@ -24,6 +27,31 @@ def bounded_type(value: object) -> str:
     return value if isinstance(value, str) and value in KNOWN_TYPES else "other"
 
 
+def is_multiprocess() -> bool:
+    """True in a `serve --workers N` worker: prometheus_client then keeps values in shared files."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+
+class Gauge(prometheus_client.Gauge):
+    """A Gauge whose `set_function` also works in multiprocess mode.
+
+    A multiprocess scrape reads each worker's value files and never calls a worker's function, so a
+    worker calls `refresh()` periodically to copy each function's current value into its file.
+    """
+
+    _function: Callable[[], float] | None = None
+
+    def set_function(self, f: Callable[[], float]) -> None:
+        super().set_function(f)
+        self._function = f
+
+    def refresh(self) -> None:
+        children = list(self._metrics.values()) if self._is_parent() else [self]
+        for child in children:
+            if child._function is not None:
+                child.set(child._function())
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -32,7 +60,7 @@ class Metrics:
         self.request_duration = Histogram(
             "splitter_request_duration_seconds", "Time to answer a client request.", ["path"], buckets=LATENCY_BUCKETS, registry=r
         )
-        self.requests_in_flight = Gauge("splitter_requests_in_flight", "Client requests being handled now.", registry=r)
+        self.requests_in_flight = Gauge("splitter_requests_in_flight", "Client requests being handled now.", registry=r, multiprocess_mode="livesum")
         self.events = Counter(
             "splitter_events", "Events routed, by source, type, rule, destination and role (primary|mirror).",
             ["source", "type", "rule", "destination", "role"], registry=r,
@@ -63,15 +91,36 @@ class Metrics:
         self.spool_truncated_bytes = Counter(
             "splitter_spool_truncated_bytes", "Bytes of torn or corrupt spool tails cut off at start-up.", per_destination, registry=r
         )
-        self.spool_bytes = Gauge("splitter_spool_bytes", "Bytes of spool segment files on disk.", per_destination, registry=r)
-        self.spool_records = Gauge("splitter_spool_records", "Events in the spool not yet accepted upstream.", per_destination, registry=r)
+        # multiprocess_mode: how `serve --workers N` merges the workers' values (sums; the worst age and breaker)
+        self.spool_bytes = Gauge("splitter_spool_bytes", "Bytes of spool segment files on disk.", per_destination, registry=r, multiprocess_mode="livesum")
+        self.spool_records = Gauge(
+            "splitter_spool_records", "Events in the spool not yet accepted upstream.", per_destination, registry=r, multiprocess_mode="livesum"
+        )
         self.spool_oldest_age = Gauge(
-            "splitter_spool_oldest_event_age_seconds", "Age of the oldest event waiting in the spool.", per_destination, registry=r
+            "splitter_spool_oldest_event_age_seconds", "Age of the oldest event waiting in the spool.", per_destination, registry=r,
+            multiprocess_mode="livemax",
         )
         self.delivery_queue_depth = Gauge(
-            "splitter_delivery_queue_depth", "Events read from the spool and in flight to the upstream.", per_destination, registry=r
+            "splitter_delivery_queue_depth", "Events read from the spool and in flight to the upstream.", per_destination, registry=r,
+            multiprocess_mode="livesum",
         )
-        self.breaker_state = Gauge("splitter_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", per_destination, registry=r)
+        self.breaker_state = Gauge(
+            "splitter_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", per_destination, registry=r, multiprocess_mode="livemax"
+        )
+        self.dedup_hits = Counter(
+            "splitter_dedup_hits", "Events not sent to a destination that already had their messageId (de-duplication).", per_destination, registry=r
+        )
+        self.dedup_tracked_ids = Gauge(
+            "splitter_dedup_tracked_ids", "messageIds remembered for de-duplication.", per_destination, registry=r, multiprocess_mode="livesum"
+        )
+        self.tracking_plan_violations = Counter(
+            "splitter_tracking_plan_violations", "Tracking-plan violations found, by source and kind (unplanned_event, missing_property, ...).",
+            ["source", "kind"], registry=r,
+        )
+        self.tracking_plan_unchecked = Counter(
+            "splitter_tracking_plan_unchecked", "Events not checked against their source's tracking plan because the check queue was full.",
+            ["source"], registry=r,
+        )
         self.config_reloads = Counter("splitter_config_reloads", "Rules reloads by result (success, error, refused, unchanged).", ["result"], registry=r)
         self.config_info = Gauge("splitter_config_info", "The active rules file: always 1, labelled with its sha256.", ["sha256"], registry=r)
         self.rollout_percent = Gauge(
@@ -88,11 +137,21 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    def refresh(self) -> None:
+        """Copy every `set_function` gauge's current value into its multiprocess file."""
+        for value in vars(self).values():
+            if isinstance(value, Gauge):
+                value.refresh()
+
     def show_rules(self, rules: RuleSet) -> None:
         """Publish the active file's identity and split; called at start-up and on every reload.
 
         New values are set before stale label sets are removed, so a scrape never sees neither.
+        A multiprocess worker publishes nothing: stale label sets cannot be removed from the shared
+        files, so the supervisor, which reloads the same file, publishes these (`SupervisorMetrics`).
         """
+        if is_multiprocess():
+            return
         self.config_info.labels(rules.sha256).set(1)
         _remove_except(self.config_info, {(rules.sha256,)})
         live = set()
@@ -101,6 +160,24 @@ class Metrics:
                 self.rollout_percent.labels(rule.name, destination).set(percent)
                 live.add((rule.name, destination))
         _remove_except(self.rollout_percent, live)
+
+
+class SupervisorMetrics:
+    """`serve --workers N`'s `/metrics`: the workers' files merged, the rules gauges, the supervisor's own.
+
+    `rules` is the supervisor's `Metrics`, which `show_rules` keeps current on each reload; its
+    other metrics stay unexported (the workers count the traffic, not the supervisor).
+    """
+
+    def __init__(self, path: str, rules: Metrics) -> None:
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=path)
+        self.registry.register(rules.config_info)  # a metric is a collector, and may be in two registries
+        self.registry.register(rules.rollout_percent)
+        self.worker_restarts = Counter(
+            "splitter_worker_restarts", "Worker processes restarted after exiting unexpectedly, by role.", ["role"], registry=self.registry
+        )
+        self.workers_ready = Gauge("splitter_workers_ready", "Worker processes ready to serve.", registry=self.registry)
 
 
 def _remove_except(gauge: Gauge, keep: set[tuple[str, ...]]) -> None:

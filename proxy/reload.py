@@ -17,10 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy.engine import RuleSet, RulesError, load_rules
+from proxy.engine import RuleSet, RulesError, load_rules, plan_files
 from proxy.engine.rollout import compare
 from proxy.log import get_logger
 from proxy.metrics import Metrics
+from proxy.ramp_clock import RampScheduler
 from proxy.state import ActiveRules
 from proxy.tasks import BackgroundTask
 
@@ -42,8 +43,9 @@ class ReloadResult:
 
 
 class Reloader:
-    def __init__(self, path: str, active: ActiveRules, metrics: Metrics, env: Mapping[str, str]) -> None:
+    def __init__(self, path: str, active: ActiveRules, metrics: Metrics, env: Mapping[str, str], ramps: RampScheduler | None = None) -> None:
         self._path = path
+        self._ramps = ramps  # ramped splits are compared and installed at the step due now
         self._active = active
         self._metrics = metrics
         self._env = env
@@ -70,7 +72,9 @@ class Reloader:
         except Exception as exc:  # an engine bug must not take the last good rules down with it
             log.exception("config_reload_crashed", trigger=trigger, path=self._path)
             return self._failed(trigger, old, [f"{self._path}: internal error while compiling: {type(exc).__name__}"])
-        if new.sha256 == old.sha256:
+        if self._ramps is not None:
+            new = self._ramps.live(new)
+        if new.sha256 == old.sha256 and plan_files(new.tracking_plans) == plan_files(old.tracking_plans):
             log.info("config_reload_unchanged", trigger=trigger, sha256=old.sha256[:12])
             return ReloadResult("unchanged", trigger, old.sha256)
         report = compare(old, new)
@@ -79,6 +83,8 @@ class Reloader:
             return ReloadResult("refused", trigger, old.sha256, report.refused)
         self._active.swap(new)
         self._metrics.show_rules(new)
+        if self._ramps is not None:
+            self._ramps.replan()
         log.info("config_reloaded", trigger=trigger, old_sha256=old.sha256[:12], new_sha256=new.sha256[:12])
         for change in report.rollbacks:
             log.warning("config_rollback", trigger=trigger, rule=change.rule, buckets_back=change.buckets_back)

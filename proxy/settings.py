@@ -51,6 +51,7 @@ class ServeSettings:
     dead_letter_dir: str = "var/dead-letter"
     max_in_flight: int = 2000  # client requests handled at once; past it, 429 with Retry-After
     reuse_port: bool = False
+    workers: int = 1  # above 1, a supervisor runs this many worker processes sharing the ingress port (proxy/supervisor.py)
     log_level: str = "info"
     cdn_url: str = "https://cdn.segment.com"  # analytics.js settings and bundles are fetched from here
     public_url: str | None = None  # splitter's address as browsers see it; written into the settings' apiHost
@@ -68,6 +69,8 @@ class ServeSettings:
         check_http_url(self.cdn_url, "--cdn-url (SPLITTER_CDN_URL)")
         if self.public_url is not None:
             check_http_url(self.public_url, "--public-url (SPLITTER_PUBLIC_URL)")
+        if self.workers < 1:
+            raise SettingsError("--workers (SPLITTER_WORKERS) must be 1 or more")
         if self.cdn_cache_seconds < 0:
             raise SettingsError("--cdn-cache-seconds (SPLITTER_CDN_CACHE_SECONDS) must be 0 or more seconds")
 

@@ -28,6 +28,8 @@ RULES_ENV = {
     "RUDDERSTACK_WRITE_KEY_ANDROID": "rs-android-key",
     "SEGMENT_WRITE_KEY_BACKEND": "seg-backend-key",
     "RUDDERSTACK_WRITE_KEY_BACKEND": "rs-backend-key",
+    "SEGMENT_WEBHOOK_SECRET": "webhook-secret-0123456789",
+    "PII_SALT": "test-pii-salt",
 }
 
 

@@ -90,7 +90,7 @@ def basic(key: str, colon: bool = True) -> str:
 
 class Stack:
     def __init__(self, segment: RunningReceiver, rudder: RunningReceiver, rules: RuleSet, metrics: Metrics,
-                 delivery: Delivery, server: TestServer, session: aiohttp.ClientSession) -> None:
+                 delivery: Delivery, server: TestServer, session: aiohttp.ClientSession, active: ActiveRules) -> None:
         self.segment_running = segment
         self.rudder_running = rudder
         self.rules = rules
@@ -98,6 +98,7 @@ class Stack:
         self.delivery = delivery
         self.server = server
         self.session = session
+        self.active = active  # the ingress reads its rules from here; a test may swap them (e.g. a ramp scheduler)
         self.url = str(server.make_url("")).rstrip("/")
 
     @property
@@ -200,7 +201,7 @@ async def proxy_stack(
         server = TestServer(app, host="127.0.0.1", shutdown_timeout=2.0)
         await server.start_server()
         session = aiohttp.ClientSession(auto_decompress=False)
-        yield Stack(segment, rudder, rules, metrics, delivery, server, session)
+        yield Stack(segment, rudder, rules, metrics, delivery, server, session, deps.active)
     finally:
         if session is not None:
             await session.close()

@@ -318,7 +318,7 @@ def test_split_with_mirror_never_sends_the_chosen_arm_twice() -> None:
     assert (to_rs.primary, to_rs.mirror) == (("rudderstack",), ("segment", "warehouse"))
     assert (to_seg.primary, to_seg.mirror) == (("segment",), ("warehouse",))
     assert rules.rules[0].decision is None
-    assert rules.rules[0].arms == ((5000, ("rudderstack",), ("segment", "warehouse")), (10000, ("segment",), ("warehouse",)))
+    assert rules.rules[0].arms == ((5000, Decision("only", ("rudderstack",), ("segment", "warehouse"))), (10000, Decision("only", ("segment",), ("warehouse",))))
 
 
 # --- cohort keys and buckets ----------------------------------------------------------------------
@@ -410,7 +410,7 @@ def test_zero_percent_arm_is_never_chosen_and_hundred_always() -> None:
 
 def test_split_boundary_five_percent() -> None:
     rules = route("{split: {rudderstack: 5, segment: 95}}", "cohort: {salt: edge}\n")
-    assert rules.rules[0].arms == ((500, ("rudderstack",), ()), (10000, ("segment",), ()))
+    assert rules.rules[0].arms == ((500, Decision("only", ("rudderstack",), ())), (10000, Decision("only", ("segment",), ())))
     for target, expected in ((0, "rudderstack"), (499, "rudderstack"), (500, "segment"), (9998, "segment")):
         key = key_in_bucket_range("edge", target, target + 1)
         decision = decide(rules, {"anonymousId": key})
@@ -515,6 +515,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from proxy.engine.conditions import CONDITION_NAMES  # noqa: E402
 from proxy.engine.decide import SIGNATURE_CONDITIONS  # noqa: E402
+from proxy.engine.decide import route as hot_route  # noqa: E402
 
 EVERY_CONDITION = compile_("""\
 rules:
@@ -547,3 +548,11 @@ def test_property_a_remembered_first_match_is_the_rule_the_conditions_pick(batch
         expected = next(rule for rule in EVERY_CONDITION.rules
                         if all(c(event, ctx) for c in (*rule.context_conditions, *rule.event_conditions)))
         assert decide(EVERY_CONDITION, event, ctx).rule == expected.name
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(batch=st.lists(st.tuples(events, contexts), min_size=1, max_size=20))
+def test_property_route_is_decide_without_the_bucket(batch: list[tuple[dict[str, Any], EventContext]]) -> None:
+    for event, ctx in batch:
+        full, hot = decide(EVERY_CONDITION, event, ctx), hot_route(EVERY_CONDITION, event, ctx)
+        assert (hot.rule, hot.primary, hot.mirror, hot.bucket, hot.cohort_key) == (full.rule, full.primary, full.mirror, None, None)

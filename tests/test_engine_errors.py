@@ -89,7 +89,7 @@ def test_missing_required_top_level_keys_are_each_reported_at_the_mapping() -> N
 
 def test_unknown_top_level_key() -> None:
     assert errors(HEAD + "defaults: {}\n" + DEFAULT_RULE) == [
-        "rules.yaml:8: defaults: unknown key 'defaults' (expected one of: version, destinations, sources, cohort, rules, country_headers)"
+        "rules.yaml:8: defaults: unknown key 'defaults' (expected one of: version, destinations, sources, cohort, rules, country_headers, dedup)"
     ]
 
 
@@ -126,7 +126,7 @@ def dest_errors(line3: str) -> list[str]:
     "spec, message",
     [
         ('{kind: segment, url: "http://s.test", retries: 3}',
-         "destinations.segment.retries: unknown key 'retries' (expected one of: kind, url, timeout, delivery)"),
+         "destinations.segment.retries: unknown key 'retries' (expected one of: kind, url, timeout, delivery, transforms)"),
         ('{kind: mixpanel, url: "http://s.test"}', "destinations.segment.kind: must be segment or rudderstack, not 'mixpanel'"),
         ('{url: "http://s.test"}', "destinations.segment.kind: is required (segment or rudderstack)"),
         ("{kind: segment}", "destinations.segment.url: is required"),
@@ -230,7 +230,7 @@ def test_sources_not_a_list() -> None:
         ("  - name: web\n    write_keys: [k1, '']\n", ["rules.yaml:7: sources[0].write_keys[1]: must not be empty"]),
         ("  - name: web\n    write_keys: []\n", ["rules.yaml:7: sources[0].write_keys: must not be an empty list"]),
         ("  - name: web\n    write_keys: [k1]\n    token: x\n",
-         ["rules.yaml:8: sources[0].token: unknown key 'token' (expected one of: name, write_keys, credentials)"]),
+         ["rules.yaml:8: sources[0].token: unknown key 'token' (expected one of: name, write_keys, credentials, webhook, tracking_plan)"]),
         ("  - name: web\n    write_keys: [k1]\n  - name: web\n    write_keys: [k2]\n",
          ["rules.yaml:8: sources[1].name: duplicate source name 'web'"]),
         ("  - name: web\n    write_keys: [web-key-000001, k2, web-key-000001]\n",
@@ -323,7 +323,7 @@ def test_rules_must_be_a_non_empty_list(value: str) -> None:
         ("rules:\n  - route: segment\n", ["rules.yaml:9: rules[0].name: is required"]),
         ("rules:\n  - name: d\n", ["rules.yaml:9: rules[0].route: is required"]),
         ("rules:\n  - name: d\n    route: segment\n    weight: 2\n",
-         ["rules.yaml:11: rules[0].weight: unknown key 'weight' (expected one of: name, when, route, cohort, reshuffle)"]),
+         ["rules.yaml:11: rules[0].weight: unknown key 'weight' (expected one of: name, when, route, cohort, reshuffle, transforms)"]),
         ("rules:\n  - name: a\n    when: {type: track}\n    route: segment\n  - name: a\n    route: segment\n",
          ["rules.yaml:12: rules[1].name: duplicate rule name 'a'"]),
         ("rules:\n  - name: a\n    route: segment\n  - name: b\n    route: rudderstack\n",
@@ -405,7 +405,7 @@ def route_errors(route: str) -> list[str]:
         ("{}", ["rules.yaml:10: rules[0].route: needs `split` and/or `to`: which destinations are primary"]),
         ("{to: [segment, rudderstack], mirror: [rudderstack]}",
          ["rules.yaml:10: rules[0].route.mirror: 'rudderstack' is always primary here (it is in `to`), so mirroring it does nothing"]),
-        ("{to: segment, via: x}", ["rules.yaml:10: rules[0].route.via: unknown key 'via' (expected one of: split, to, mirror)"]),
+        ("{to: segment, via: x}", ["rules.yaml:10: rules[0].route.via: unknown key 'via' (expected one of: split, to, mirror, ramp)"]),
         ("[]", ["rules.yaml:10: rules[0].route: must not be an empty list"]),
         ("{to: []}", ["rules.yaml:10: rules[0].route.to: must not be an empty list"]),
         ("{split: {}}", ["rules.yaml:10: rules[0].route.split: must give at least one destination and its percent"]),

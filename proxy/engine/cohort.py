@@ -21,8 +21,8 @@ NO_KEY_BUCKET = BUCKETS - 1  # events without a cohort key take the last range: 
 
 
 def bucket(salt: str, key: str) -> int:
-    """The contract above, verbatim."""
-    return mmh3.hash(f"{salt}:{key}".encode("utf-8"), seed=0, signed=False) % BUCKETS
+    """The contract above (mmh3 hashes a str as its UTF-8 bytes, so the encode is left to it)."""
+    return mmh3.hash(f"{salt}:{key}", seed=0, signed=False) % BUCKETS
 
 
 def key_text(value: Any) -> str | None:

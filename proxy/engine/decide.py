@@ -27,17 +27,42 @@ SIGNATURE_CONDITIONS = frozenset({"source", "region", "type", "event", "country"
 
 
 def decide(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext = NO_CONTEXT) -> Decision:
+    """The decision with its bucket and cohort key, as `explain` and `simulate` show it."""
     rule = first_match(rules, event, ctx)
-    return rule.decision or _split(rule, event)
+    if rule.decision is not None:
+        return rule.decision
+    field, key = cohort_key(event, rule.cohort.paths)
+    chosen = bucket(rule.cohort.salt, key) if key is not None else NO_KEY_BUCKET
+    arm = _arm(rule, chosen)
+    return Decision(rule.name, arm.primary, arm.mirror, chosen, field)
+
+
+def route(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext = NO_CONTEXT) -> Decision:
+    """The same routing as `decide`, for the proxy's hot path: the rule's or the split arm's shared
+    decision, without the bucket and key (nothing allocated per event)."""
+    rule = first_match(rules, event, ctx)
+    if rule.decision is not None:
+        return rule.decision
+    _, key = cohort_key(event, rule.cohort.paths)
+    return _arm(rule, bucket(rule.cohort.salt, key) if key is not None else NO_KEY_BUCKET)
+
+
+def _arm(rule: Rule, chosen: int) -> Decision:
+    for upper, decision in rule.arms:
+        if chosen < upper:
+            return decision
+    return rule.arms[-1][1]
 
 
 def first_match(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext) -> Rule:
     candidates = rules.candidates(ctx)
     signature = routing_signature(event, ctx)
-    if signature is not None:
+    try:
         found = candidates.first_match.get(signature)
-        if found is not None:
-            return found
+    except TypeError:  # a list or an object where a name should be: decided without the memory
+        found = signature = None
+    if found is not None:
+        return found
     for rule in candidates.rules:
         for condition in rule.event_conditions:
             if not condition(event, ctx):
@@ -51,33 +76,25 @@ def first_match(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext) -> 
     raise AssertionError("unreachable: the last rule has no conditions")  # enforced by compile_rules
 
 
-def routing_signature(event: Mapping[str, Any], ctx: EventContext) -> tuple[Any, ...] | None:
-    """Every value a condition may read, or None when one is not a plain string (then nothing is
-    remembered: `1`, `1.0` and `True` are equal as keys but not to the conditions)."""
+def routing_signature(event: Mapping[str, Any], ctx: EventContext) -> tuple[Any, ...]:
+    """Every value a condition may read. Conditions tell strings from everything else, and only the
+    app version condition tells numbers apart (`1`, `1.0` and `true` are equal keys), so a version
+    that is not a string is keyed with its type."""
     context = event.get("context")
-    app = os_ = library = location = None
+    version = os_name = library = country = None
     if type(context) is dict:
-        app, os_, library, location = context.get("app"), context.get("os"), context.get("library"), context.get("location")
-    signature = (
-        event.get("type"),
-        event.get("event"),
-        ctx.country,
-        location.get("country") if type(location) is dict else None,
-        app.get("version") if type(app) is dict else None,
-        os_.get("name") if type(os_) is dict else None,
-        library.get("name") if type(library) is dict else None,
-    )
-    for value in signature:
-        if value is not None and type(value) is not str:
-            return None
-    return signature
-
-
-def _split(rule: Rule, event: Mapping[str, Any]) -> Decision:
-    field, key = cohort_key(event, rule.cohort.paths)
-    chosen = bucket(rule.cohort.salt, key) if key is not None else NO_KEY_BUCKET
-    for upper, primary, mirror in rule.arms:
-        if chosen < upper:
-            return Decision(rule.name, primary, mirror, chosen, field)
-    _, primary, mirror = rule.arms[-1]
-    return Decision(rule.name, primary, mirror, chosen, field)
+        section = context.get("app")
+        if type(section) is dict:
+            version = section.get("version")
+            if version is not None and type(version) is not str:
+                version = (type(version), version)
+        section = context.get("os")
+        if type(section) is dict:
+            os_name = section.get("name")
+        section = context.get("library")
+        if type(section) is dict:
+            library = section.get("name")
+        section = context.get("location")
+        if type(section) is dict:
+            country = section.get("country")
+    return event.get("type"), event.get("event"), ctx.country, country, version, os_name, library

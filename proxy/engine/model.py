@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+if TYPE_CHECKING:
+    from proxy.engine.intake import DedupSettings
+    from proxy.engine.ramp import Ramp
+    from proxy.engine.tracking import TrackingPlan
+    from proxy.engine.transforms import TransformTable
 
 DestinationKind = Literal["segment", "rudderstack"]
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
@@ -38,6 +44,7 @@ class Source:
     name: str
     write_keys: tuple[str, ...]
     credentials: Mapping[str, str]  # destination name -> write key that destination receives
+    webhook_secret: str | None = field(default=None, repr=False)  # Segment webhook intake (engine/intake.py)
 
     def credential_for(self, destination: str, presented_key: str) -> str:
         """The key to send upstream; without a configured one the client's own key passes through."""
@@ -72,6 +79,12 @@ class Route:
     to: tuple[str, ...] = ()
     split: Split | None = None
     mirror: tuple[str, ...] = ()
+    ramp: Ramp | None = None  # split changes over time (engine/ramp.py); `split` is the one in effect
+
+    def arms_for(self, rule: str) -> tuple[tuple[int, Decision], ...]:
+        """Per split arm: its exclusive upper bucket and the decision it makes (built once, shared by
+        every event that lands in the arm)."""
+        return tuple((upper, Decision(rule, *self.outcome(destination))) for destination, upper in self.split.arms) if self.split else ()
 
     def outcome(self, chosen: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(primary, mirror) once the split chose `chosen`; a mirror already primary is not sent twice."""
@@ -93,7 +106,7 @@ class Rule:
     line: int
     when_text: Mapping[str, Any] = field(default_factory=dict)  # the `when` as written, for explain/admin
     decision: Decision | None = None  # precomputed for routes without a split: no per-event allocation
-    arms: tuple[tuple[int, tuple[str, ...], tuple[str, ...]], ...] = ()  # split: (upper, primary, mirror)
+    arms: tuple[tuple[int, Decision], ...] = ()  # split: (exclusive upper bucket, the arm's decision without bucket)
     context_conditions: tuple[Predicate, ...] = ()  # source/region: the same for every event of a request
     event_conditions: tuple[Predicate, ...] = ()  # the rest, evaluated per event
 
@@ -142,6 +155,9 @@ class RuleSet:
     rules: tuple[Rule, ...]
     country_headers: tuple[str, ...]
     text: str = ""  # the file as read, for /admin/config
+    dedup: DedupSettings | None = None  # messageId de-duplication per destination; None: off
+    transforms: TransformTable = field(default_factory=dict)  # (rule, destination) -> Chain; empty: none configured
+    tracking_plans: Mapping[str, TrackingPlan] = field(default_factory=dict)  # source name -> plan; empty: no checks
     _candidates: dict[tuple[str | None, str | None], Candidates] = field(default_factory=dict, compare=False, repr=False)
 
     def candidates(self, ctx: EventContext) -> Candidates:

@@ -104,6 +104,24 @@ class NodeReader:
             return None
         return number
 
+    def percent(self, node: yaml.Node, path: str) -> tuple[Decimal | None, bool]:
+        """A split percent: 0 to 100 in steps of 0.01, as (value, within those rules).
+
+        A value over 100 or finer than 0.01 is reported but still returned, so that a split can also
+        say what its percents sum to.
+        """
+        percent = self.number(node, path, minimum=0)
+        if percent is None:
+            return None, False
+        fine = True
+        if percent > 100:
+            self.problem(node, path, f"percent {plain(percent)} is over 100")
+            fine = False
+        if percent != percent.quantize(Decimal("0.01")):
+            self.problem(node, path, f"percent {plain(percent)} has more than two decimals (the finest step is 0.01)")
+            fine = False
+        return percent, fine
+
     def strings(self, node: yaml.Node, path: str) -> list[tuple[str, yaml.Node]]:
         """A string or a list of strings (a list means any of); each with its node for locating."""
         if isinstance(node, yaml.SequenceNode):
@@ -117,6 +135,11 @@ class NodeReader:
             return items
         text = self.string(node, path)
         return [(text, node)] if text is not None else []
+
+
+def plain(number: Decimal) -> str:
+    """A number as written by a person: `25`, not `25.00` or `2.5E+1`."""
+    return format(number.normalize(), "f")
 
 
 def _describe(value: Any) -> str:

@@ -14,20 +14,24 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proxy.engine import conditions
+from proxy.engine import conditions, intake
 from proxy.engine.errors import Problem, RulesError
 from proxy.engine.masking import mask
 from proxy.engine.model import Cohort, Decision, Destination, Route, Rule, RuleSet, Source, Split
 from proxy.engine.nodes import NodeReader
+from proxy.engine.nodes import plain as _plain
+from proxy.engine.ramp import compile_ramp
 from proxy.engine.source import compose, line_of
+from proxy.engine.tracking_schema import PlanCompiler, ReadFile
+from proxy.engine.transform_schema import compile_transforms
 
 SCHEMA_VERSION = 1
-TOP_KEYS = ("version", "destinations", "sources", "cohort", "rules", "country_headers")
-DESTINATION_KEYS = ("kind", "url", "timeout", "delivery")
-SOURCE_KEYS = ("name", "write_keys", "credentials")
+TOP_KEYS = ("version", "destinations", "sources", "cohort", "rules", "country_headers", "dedup")
+DESTINATION_KEYS = ("kind", "url", "timeout", "delivery", "transforms")
+SOURCE_KEYS = ("name", "write_keys", "credentials", "webhook", "tracking_plan")
 COHORT_KEYS = ("key", "salt", "reshuffle")
-RULE_KEYS = ("name", "when", "route", "cohort", "reshuffle")
-ROUTE_KEYS = ("split", "to", "mirror")
+RULE_KEYS = ("name", "when", "route", "cohort", "reshuffle", "transforms")
+ROUTE_KEYS = ("split", "to", "mirror", "ramp")
 DEFAULT_COHORT_KEY = ("anonymousId", "userId")
 DEFAULT_SALT = "splitter"
 DEFAULT_COUNTRY_HEADERS = ("CF-IPCountry", "CloudFront-Viewer-Country", "X-Country")
@@ -46,11 +50,13 @@ DELIVERY_OPTIONS: dict[str, tuple[bool, float, float]] = {
 _HUNDRED = Decimal(100)
 
 
-def compile_rules(text: str, *, filename: str = "rules.yaml", env: Mapping[str, str] | None = None, sha256: str | None = None) -> RuleSet:
+def compile_rules(text: str, *, filename: str = "rules.yaml", env: Mapping[str, str] | None = None, sha256: str | None = None,
+                  read_file: ReadFile | None = None) -> RuleSet:
     """Pure: text in, RuleSet out. `env` supplies `${VAR}` values (callers pass os.environ).
 
     `sha256` is the digest of the file's bytes when the caller has them (so it matches `sha256sum`);
-    otherwise the digest of the text encoded as UTF-8.
+    otherwise the digest of the text encoded as UTF-8. `read_file` reads tracking-plan files that the
+    rules refer to (paths relative to `filename`); without it, only inline plans compile.
     """
     document = compose(text, filename=filename, env=env or {})
     problems = document.problems
@@ -58,7 +64,8 @@ def compile_rules(text: str, *, filename: str = "rules.yaml", env: Mapping[str, 
         if not problems:
             problems.append(Problem(filename, 1, "", "the file is empty"))
         raise RulesError(problems)
-    compiler = _Compiler(NodeReader(filename, problems, document.unresolved))
+    reader = NodeReader(filename, problems, document.unresolved)
+    compiler = _Compiler(reader, PlanCompiler(reader, env or {}, read_file))
     ruleset = compiler.compile(document.root, filename, sha256 or hashlib.sha256(text.encode("utf-8")).hexdigest(), text)
     if problems or ruleset is None:
         raise RulesError(problems)
@@ -66,23 +73,29 @@ def compile_rules(text: str, *, filename: str = "rules.yaml", env: Mapping[str, 
 
 
 def load_rules(path: str, env: Mapping[str, str]) -> RuleSet:
-    """The engine's one file read: read `path` and compile it. The sha256 is of the bytes on disk."""
-    with open(path, "rb") as handle:
-        data = handle.read()
+    """The engine's file reads: read `path` (and the plan files it names) and compile it. The sha256 is of `path`'s bytes."""
+    data = _read_bytes(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise RulesError([Problem(path, line, "", f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})")]) from None
-    return compile_rules(text, filename=path, env=env, sha256=hashlib.sha256(data).hexdigest())
+    return compile_rules(text, filename=path, env=env, sha256=hashlib.sha256(data).hexdigest(), read_file=_read_bytes)
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 class _Compiler:
-    def __init__(self, reader: NodeReader) -> None:
+    def __init__(self, reader: NodeReader, plans: PlanCompiler) -> None:
         self.r = reader
+        self.plans = plans
         self.destinations: dict[str, Destination] = {}
         self.destination_names: list[str] = []  # declared, valid or not: references to them are not "unknown"
         self.sources: dict[str, Source] = {}
+        self.webhook_places: dict[str, tuple[str, int]] = {}  # webhook source name -> (YAML path, line)
 
     def compile(self, root: yaml.Node, filename: str, sha256: str, text: str) -> RuleSet | None:
         top = self.r.mapping(root, "", TOP_KEYS)
@@ -105,9 +118,13 @@ class _Compiler:
         if "country_headers" in top:
             headers = tuple(h for h, _ in self.r.strings(top["country_headers"], "country_headers"))
         rules = self._rules(top["rules"], cohort or _default_cohort()) if "rules" in top else ()
+        dedup = intake.dedup_settings(self.r, top.get("dedup"), self.sources)
+        intake.check_webhook_routes(self.r, self.sources, self.webhook_places, self.destinations, rules)
+        transforms = compile_transforms(self.r, top, text, rules, self._unknown_destination)
         if cohort is None or not rules:
             return None
-        return RuleSet(SCHEMA_VERSION, filename, sha256, self.destinations, self.sources, sources_by_key, cohort, rules, headers, text)
+        return RuleSet(SCHEMA_VERSION, filename, sha256, self.destinations, self.sources, sources_by_key, cohort, rules, headers, text, dedup=dedup, transforms=transforms,
+                       tracking_plans=self.plans.plans)
 
     def _destinations(self, node: yaml.Node) -> None:
         entries = self.r.mapping(node, "destinations")
@@ -178,7 +195,7 @@ class _Compiler:
                 continue
             name = self._unique_name(item, spec, path, self.sources.keys(), "source")
             keys: list[str] = []
-            if "write_keys" not in spec:
+            if "write_keys" not in spec and "webhook" not in spec:
                 self.r.problem(item, f"{path}.write_keys", "is required (the write keys clients of this source present)")
             owner_name = name or f"sources[{index}]"
             for key, key_node in self.r.strings(spec["write_keys"], f"{path}.write_keys") if "write_keys" in spec else []:
@@ -196,8 +213,13 @@ class _Compiler:
                 credential = self.r.string(cred_node, f"{path}.credentials.{dest}")
                 if credential is not None:
                     credentials[dest] = credential
+            secret = intake.webhook_secret(self.r, spec["webhook"], f"{path}.webhook") if "webhook" in spec else None
+            if "tracking_plan" in spec:
+                self.plans.add(name, spec["tracking_plan"], f"{path}.tracking_plan")
             if name is not None:
-                source = Source(name, tuple(keys), credentials)
+                if secret is not None:
+                    self.webhook_places[name] = (path, line_of(item))
+                source = Source(name, tuple(keys), credentials, secret)
                 self.sources[name] = source
                 by_key.update((key, source) for key in keys)
         return by_key
@@ -261,7 +283,7 @@ class _Compiler:
             reshuffle = bool("reshuffle" in spec and self.r.boolean(spec["reshuffle"], f"{path}.reshuffle"))
             if name is not None and route is not None and rule_cohort is not None:
                 fixed = None if route.split else Decision(name, *route.outcome(None))
-                arms = tuple((upper, *route.outcome(dest)) for dest, upper in route.split.arms) if route.split else ()
+                arms = route.arms_for(name)
                 rules.append(Rule(
                     name, index, route, rule_cohort, reshuffle, line_of(item), when_text, fixed, arms,
                     context_conditions=tuple(p for n, p in predicates if n in conditions.CONTEXT_ONLY),
@@ -307,7 +329,8 @@ class _Compiler:
                 self.r.problem(spec["mirror"], f"{path}.mirror", f"{dest!r} is always primary here (it is in `to`), so mirroring it does nothing")
         if ("split" in spec and split is None) or ("to" in spec and not to):
             return None
-        return Route(to=to, split=split, mirror=mirror)
+        ramp = compile_ramp(self.r, spec["ramp"], f"{path}.ramp", split, "split" in spec, self.destination_names) if "ramp" in spec else None
+        return Route(to=to, split=split, mirror=mirror, ramp=ramp)
 
     def _destination_list(self, node: yaml.Node, path: str) -> tuple[str, ...]:
         names: list[str] = []
@@ -332,16 +355,11 @@ class _Compiler:
             if dest not in self.destination_names:
                 self.r.problem(pct_node, f"{path}.{dest}", self._unknown_destination(dest))
                 ok = False
-            percent = self.r.number(pct_node, f"{path}.{dest}", minimum=0)
+            percent, fine = self.r.percent(pct_node, f"{path}.{dest}")
             if percent is None:
                 ok = summable = False
                 continue
-            if percent > _HUNDRED:
-                self.r.problem(pct_node, f"{path}.{dest}", f"percent {_plain(percent)} is over 100")
-                ok = False
-            if percent != percent.quantize(Decimal("0.01")):
-                self.r.problem(pct_node, f"{path}.{dest}", f"percent {_plain(percent)} has more than two decimals (the finest step is 0.01)")
-                ok = False
+            ok = ok and fine
             total += percent
             bounds.append((dest, int(total * 100)))
         if summable and total != _HUNDRED:
@@ -357,10 +375,6 @@ def _without_userinfo(url: str) -> str:
     if sep and "@" in authority:
         return f"{scheme}://****@{authority.rpartition('@')[2]}{slash}{tail}"
     return url
-
-
-def _plain(number: Decimal) -> str:
-    return format(number.normalize(), "f")
 
 
 def _default_cohort() -> Cohort:

@@ -13,6 +13,7 @@ from proxy.ingress.cdn import DEFAULT_CDN_URL, CdnProxy
 from proxy.ingress.handlers import SOURCE_KEY, IngressDeps, ingest_handler, telemetry_handler
 from proxy.ingress.prepare import CallShape
 from proxy.ingress.responses import IngressError
+from proxy.ingress.webhook import WEBHOOK_ROUTE, webhook_handler
 from proxy.log import get_logger
 
 log = get_logger("splitter.ingress")
@@ -74,7 +75,9 @@ def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*"
     for path, shape in routes().items():
         app.router.add_post(path, ingest_handler(deps, shape))
     app.router.add_post("/v1/m", telemetry_handler(deps))
+    app.router.add_post(WEBHOOK_ROUTE, webhook_handler(deps))  # Segment's Webhooks destination; labelled by the template
     CdnProxy(cdn_url, public_url=public_url, cache_seconds=cdn_cache_seconds).register(app)  # GET: settings, analytics.js
+    deps.plan_checks.register(app, metrics)  # the background tracking-plan checker runs as long as the app
     return app
 
 

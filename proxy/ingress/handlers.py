@@ -7,7 +7,7 @@ keeps only bytes across its awaits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +18,8 @@ from proxy.ingress import responses
 from proxy.ingress.auth import authenticate, key_from_header
 from proxy.ingress.body import parse_json, read_body
 from proxy.ingress.client_ip import client_address
+from proxy.ingress.dedup import Deduplicator
+from proxy.ingress.plan_checks import PlanChecks
 from proxy.ingress.prepare import CallShape, Prepared, prepare, single_call_error
 from proxy.ingress.responses import IngressError
 from proxy.log import get_logger
@@ -37,6 +39,8 @@ class IngressDeps:
     metrics: Metrics
     region: str | None
     trusted_proxies: tuple[IPNetwork, ...]
+    dedup: Deduplicator = field(default_factory=Deduplicator)  # used only when the rules turn de-duplication on
+    plan_checks: PlanChecks = field(default_factory=PlanChecks)  # used only for sources with a tracking plan
 
 
 def _prepare_request(rules: RuleSet, data: bytes, header_key: str | None, shape: CallShape, ctx_base: EventContext,
@@ -48,8 +52,6 @@ def _prepare_request(rules: RuleSet, data: bytes, header_key: str | None, shape:
 
 
 def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-untyped-def]
-    metrics = deps.metrics
-
     async def handle(request: web.Request) -> web.Response:
         rules = deps.active.current
         header_key = key_from_header(request.headers)
@@ -60,23 +62,37 @@ def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-unty
         ctx = EventContext(None, deps.region, rules.country_from_headers(request.headers))
         prepared, source, key = _prepare_request(rules, data, header_key, shape, ctx, client_ip)
         request[SOURCE_KEY] = source.name
-        for rejection in prepared.rejected:
-            metrics.child(metrics.events_rejected, source.name, rejection["code"]).inc()
-        if not shape.is_batch and prepared.rejected:
-            raise single_call_error(prepared.rejected[0])
-        outcome = await deps.delivery.accept(rules, prepared.primary, prepared.mirror, source, key, forwarded_for)
-        if not outcome.ok:
-            headers = {"Retry-After": str(max(1, round(outcome.retry_after)))} if outcome.retry_after else None
-            log.warning("events_not_accepted", status=outcome.status, code=outcome.code, source=source.name, write_key=key, error=outcome.message)
-            raise IngressError(outcome.status, outcome.code, outcome.message, headers)
-        for labels, count in prepared.routed.items():
-            metrics.child(metrics.events, *labels).inc(count)
-        if prepared.rejected:
-            log.info("events_rejected", source=source.name, write_key=key, count=len(prepared.rejected), codes=sorted({r["code"] for r in prepared.rejected}))
-            return responses.success({"rejected": prepared.rejected})
-        return responses.success()
+        return await deliver(deps, rules, prepared, shape, source, key, forwarded_for)
 
     return handle
+
+
+async def deliver(deps: IngressDeps, rules: RuleSet, prepared: Prepared, shape: CallShape, source: Source, key: str,
+                  forwarded_for: str | None) -> web.Response:
+    """Count rejections, hand the events to delivery (without duplicates when de-duplication is on), answer."""
+    metrics = deps.metrics
+    for rejection in prepared.rejected:
+        metrics.child(metrics.events_rejected, source.name, rejection["code"]).inc()
+    if prepared.violations:
+        deps.plan_checks.record(source.name, prepared.violations, "block")
+    if not shape.is_batch and prepared.rejected:
+        raise single_call_error(prepared.rejected[0])
+    if rules.dedup is None:
+        outcome = await deps.delivery.accept(rules, prepared.primary, prepared.mirror, source, key, forwarded_for)
+    else:
+        outcome = await deps.dedup.accept(deps.delivery, metrics, rules, prepared.primary, prepared.mirror, source, key, forwarded_for)
+    if not outcome.ok:
+        headers = {"Retry-After": str(max(1, round(outcome.retry_after)))} if outcome.retry_after else None
+        log.warning("events_not_accepted", status=outcome.status, code=outcome.code, source=source.name, write_key=key, error=outcome.message)
+        raise IngressError(outcome.status, outcome.code, outcome.message, headers)
+    if prepared.observed:
+        deps.plan_checks.submit(rules, source.name, prepared.observed)
+    for labels, count in prepared.routed_labels(source.name):
+        metrics.child(metrics.events, *labels).inc(count)
+    if prepared.rejected:
+        log.info("events_rejected", source=source.name, write_key=key, count=len(prepared.rejected), codes=sorted({r["code"] for r in prepared.rejected}))
+        return responses.success({"rejected": prepared.rejected})
+    return responses.success()
 
 
 def telemetry_handler(deps: IngressDeps):  # type: ignore[no-untyped-def]

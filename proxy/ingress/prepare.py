@@ -17,14 +17,22 @@ import hashlib
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
-from proxy.engine import Decision, EventContext, RuleSet, Source, decide, merge_envelope
+from proxy.engine import Decision, EventContext, RuleSet, Source, TrackingPlan, TransformTable, Violation, merge_envelope, route, transformed_events
+from proxy.engine.events import ENVELOPE_MERGED
 from proxy.ingress.body import MAX_BATCH_EVENTS, MAX_EVENT_BYTES
+from proxy.ingress.plan_checks import screen
 from proxy.ingress.responses import IngressError
-from proxy.metrics import bounded_type
+from proxy.metrics import KNOWN_TYPES
+
+
+MISSING_TYPE = "event has no type (track, identify, page, screen, group or alias)"
+NO_IDENTITY = "event has neither userId nor anonymousId"
+CLIENT_CHANNELS = ("browser", "mobile", "client")  # context.channel of events from a browser or an app
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +49,22 @@ class Prepared:
     primary: dict[str, list[bytes]] = field(default_factory=dict)
     mirror: dict[str, list[bytes]] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
-    routed: Counter[tuple[str, str, str, str, str]] = field(default_factory=Counter)  # metric labels -> events
+    routed: Counter[tuple[str, tuple[str, ...], tuple[str, ...], str]] = field(default_factory=Counter)  # (rule, primary, mirror, type) -> events
     accepted: int = 0
+    observed: list[bytes] = field(default_factory=list)  # events for the background tracking-plan check
+    violations: list[Violation] = field(default_factory=list)  # of events a blocking tracking plan rejected
+
+
+    def routed_labels(self, source: str) -> Iterator[tuple[tuple[str, str, str, str, str], int]]:
+        """`splitter_events_total` labels (source, type, rule, destination, role) and counts.
+
+        Counted per decision while preparing (one increment per event), expanded per destination
+        once per request here."""
+        for (rule, primary, mirror, event_type), count in self.routed.items():
+            for destination in primary:
+                yield (source, event_type, rule, destination, "primary"), count
+            for destination in mirror:
+                yield (source, event_type, rule, destination, "mirror"), count
 
 
 def message_id_for(source: str, event: dict[str, Any], index: int = 0) -> str:
@@ -66,8 +88,30 @@ def _has_identity(event: dict[str, Any]) -> bool:
     return False
 
 
-def _reject(prepared: Prepared, index: int, code: str, message: str) -> None:
+def reject(prepared: Prepared, index: int, code: str, message: str) -> None:
     prepared.rejected.append({"index": index, "code": code, "message": message})
+
+
+@dataclass(frozen=True, slots=True)
+class RequestScope:
+    """What every event of one request shares, worked out once per request rather than per event."""
+
+    rules: RuleSet
+    source: Source
+    ctx: EventContext
+    envelope: dict[str, Any] | None  # a batch envelope with something to merge into each event
+    implied_type: str | None  # single calls: the path's type, for an event that names none
+    ip_for_all: str | None  # client routes: context.ip for every event that has none
+    ip_for_client_channels: str | None  # other routes: only for events whose context.channel is a client's
+    transforms: TransformTable
+    plan: TrackingPlan | None
+
+    @classmethod
+    def of(cls, rules: RuleSet, shape: CallShape, source: Source, ctx: EventContext, client_ip: str | None,
+           envelope: dict[str, Any] | None) -> RequestScope:
+        return cls(rules, source, ctx, envelope, None if shape.is_batch else shape.implied_type,
+                   client_ip if shape.from_client else None, client_ip if not shape.from_client else None,
+                   rules.transforms, rules.tracking_plans.get(source.name))
 
 
 def prepare(
@@ -79,48 +123,87 @@ def prepare(
         events = body.get("batch")
         if not isinstance(events, list):
             raise IngressError(400, "invalid_request", "batch body needs a `batch` list of events")
-        if len(events) > MAX_BATCH_EVENTS:
-            raise IngressError(413, "too_many_events", f"batch has {len(events)} events; the limit is {MAX_BATCH_EVENTS} per request")
+        check_batch_size(len(events))
     else:
         events = [body]
     prepared = Prepared()
+    scope = RequestScope.of(rules, shape, source, ctx, client_ip, body if shape.is_batch and has_envelope(body) else None)
     for index, event in enumerate(events):
-        if not isinstance(event, dict):
-            _reject(prepared, index, "invalid_event", f"event is not a JSON object ({type(event).__name__})")
-            continue
-        if shape.is_batch:
-            merge_envelope(body, event)
-        else:
-            event.setdefault("type", shape.implied_type)
-        event.pop("writeKey", None)
-        if not isinstance(event.get("type"), str) or not event["type"]:
-            _reject(prepared, index, "missing_type", "event has no type (track, identify, page, screen, group or alias)")
-            continue
-        if not _has_identity(event):
-            _reject(prepared, index, "no_user_anon_id", "event has neither userId nor anonymousId")
-            continue
-        message_id = event.get("messageId")
-        if not isinstance(message_id, str) or not message_id.strip():
-            event["messageId"] = message_id_for(source.name, event, index)
-        if client_ip is not None and (shape.from_client or _channel_is_client(event)):
-            _set_ip(event, client_ip)
-        encoded = orjson.dumps(event)
-        if len(encoded) > MAX_EVENT_BYTES:
-            _reject(prepared, index, "event_too_large", f"event is {len(encoded)} bytes; the limit is 32 KB per event")
-            continue
-        _file(prepared, decide(rules, event, ctx), encoded, source.name, bounded_type(event["type"]))
+        prepare_event(prepared, scope, index, event)
     return prepared
+
+
+def check_batch_size(count: int) -> None:
+    if count > MAX_BATCH_EVENTS:
+        raise IngressError(413, "too_many_events", f"batch has {count} events; the limit is {MAX_BATCH_EVENTS} per request")
+
+
+def prepare_event(prepared: Prepared, scope: RequestScope, index: int, event: Any) -> None:
+    """One parsed event: validated, completed, encoded, routed and filed (or rejected)."""
+    if type(event) is not dict:
+        reject(prepared, index, "invalid_event", f"event is not a JSON object ({type(event).__name__})")
+        return
+    if scope.envelope is not None:
+        merge_envelope(scope.envelope, event)
+    elif scope.implied_type is not None and "type" not in event:
+        event["type"] = scope.implied_type
+    if "writeKey" in event:
+        del event["writeKey"]
+    event_type = event.get("type")
+    if type(event_type) is not str or not event_type:
+        reject(prepared, index, "missing_type", MISSING_TYPE)
+        return
+    if not has_identity(event):
+        reject(prepared, index, "no_user_anon_id", NO_IDENTITY)
+        return
+    message_id = event.get("messageId")
+    if type(message_id) is not str or not message_id.strip():
+        event["messageId"] = message_id_for(scope.source.name, event, index)
+    if scope.ip_for_all is not None:
+        _set_ip(event, scope.ip_for_all)
+    elif scope.ip_for_client_channels is not None and is_client_channel(event.get("context")):
+        _set_ip(event, scope.ip_for_client_channels)
+    file_event(prepared, scope, index, event, orjson.dumps(event))
+
+
+def file_event(prepared: Prepared, scope: RequestScope, index: int, event: dict[str, Any], encoded: bytes) -> None:
+    """Size check, tracking plan, decision, and the event's bytes filed under each destination."""
+    if len(encoded) > MAX_EVENT_BYTES:
+        reject(prepared, index, "event_too_large", f"event is {len(encoded)} bytes; the limit is 32 KB per event")
+        return
+    if scope.plan is not None and (refusal := screen(scope.plan, event, encoded, prepared.observed, prepared.violations)) is not None:
+        reject(prepared, index, "tracking_plan_violation", refusal)
+        return
+    decision = route(scope.rules, event, scope.ctx)
+    if scope.transforms:
+        _file_copies(prepared, decision, encoded, _encode_transformed(scope.transforms, decision, event))
+    else:
+        for destination in decision.primary:
+            prepared.primary.setdefault(destination, []).append(encoded)
+        for destination in decision.mirror:
+            prepared.mirror.setdefault(destination, []).append(encoded)
+    event_type = event["type"]
+    prepared.routed[(decision.rule, decision.primary, decision.mirror, event_type if event_type in KNOWN_TYPES else "other")] += 1
+    prepared.accepted += 1
+
+
+def has_identity(event: dict[str, Any]) -> bool:
+    anonymous_id = event.get("anonymousId")
+    return (type(anonymous_id) is str and bool(anonymous_id.strip())) or _has_identity(event)
+
+
+def is_client_channel(context: Any) -> bool:
+    return type(context) is dict and context.get("channel") in CLIENT_CHANNELS
+
+
+def has_envelope(body: dict[str, Any]) -> bool:
+    return any(isinstance(body.get(name), dict) and body[name] for name in ENVELOPE_MERGED) or body.get("sentAt") is not None
 
 
 def single_call_error(rejection: dict[str, Any]) -> IngressError:
     """The error for a single-event call whose event was rejected (the handler counts it first)."""
     status = 413 if rejection["code"] == "event_too_large" else 400
     return IngressError(status, rejection["code"], rejection["message"])
-
-
-def _channel_is_client(event: dict[str, Any]) -> bool:
-    context = event.get("context")
-    return isinstance(context, dict) and context.get("channel") in ("browser", "mobile", "client")
 
 
 def _set_ip(event: dict[str, Any], client_ip: str) -> None:
@@ -133,11 +216,14 @@ def _set_ip(event: dict[str, Any], client_ip: str) -> None:
         context["ip"] = client_ip
 
 
-def _file(prepared: Prepared, decision: Decision, encoded: bytes, source: str, event_type: str) -> None:
-    prepared.accepted += 1
+def _encode_transformed(transforms: TransformTable, decision: Decision, event: dict[str, Any]) -> dict[str, bytes]:
+    """Each transformed destination's own bytes; the event itself (shared by the others) is left as it is."""
+    return {destination: orjson.dumps(copy) for destination, copy in transformed_events(transforms, decision, event).items()}
+
+
+def _file_copies(prepared: Prepared, decision: Decision, encoded: bytes, copies: dict[str, bytes]) -> None:
+    """File the event's bytes under each destination; `copies` holds those of destinations with transforms."""
     for destination in decision.primary:
-        prepared.primary.setdefault(destination, []).append(encoded)
-        prepared.routed[(source, event_type, decision.rule, destination, "primary")] += 1
+        prepared.primary.setdefault(destination, []).append(copies.get(destination, encoded))
     for destination in decision.mirror:
-        prepared.mirror.setdefault(destination, []).append(encoded)
-        prepared.routed[(source, event_type, decision.rule, destination, "mirror")] += 1
+        prepared.mirror.setdefault(destination, []).append(copies.get(destination, encoded))

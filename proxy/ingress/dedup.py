@@ -1,0 +1,151 @@
+"""messageId de-duplication per destination, so an event that arrives twice is sent at most once.
+
+The same event can reach splitter directly from an app and again through Segment's Webhooks
+destination. Each destination remembers the messageIds it was given for a time window, in an
+`OrderedDict` messageId -> expiry: a look-up is O(1), expired ids are dropped from the front (the
+oldest) and the oldest are dropped when a destination holds more than `max_ids`. `OrderedDict`
+rather than `dict` because removing from the front of a plain dict leaves holes that every later
+`next(iter(d))` walks over again.
+
+Correctness under failure and concurrency:
+- An id is remembered only once the request carrying it was accepted (`Delivery.accept` returned
+  ok). A request that fails (503, spool full) leaves no trace, so the client's retry goes through.
+- While a request's events are being accepted, their ids are *claimed*. A concurrent request with
+  the same id for the same destination waits for that outcome: when the first is accepted, the
+  second drops the event; when it fails, the second delivers it. Never twice, never lost.
+- The state is per process and in memory: with several processes or replicas, only duplicates
+  that reach the same process are caught, and a restart forgets the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import orjson
+
+from proxy.delivery import Delivery, Outcome
+from proxy.engine import RuleSet, Source
+from proxy.engine.intake import DedupSettings
+from proxy.log import get_logger
+from proxy.metrics import Metrics
+
+log = get_logger("splitter.dedup")
+Key = tuple[str, str]  # (destination, messageId)
+_NOTHING: Mapping[str, float] = {}
+
+
+@dataclass
+class Claim:
+    """One request's events minus the duplicates, and the (destination, messageId) pairs it holds."""
+
+    primary: dict[str, list[bytes]] = field(default_factory=dict)
+    mirror: dict[str, list[bytes]] = field(default_factory=dict)
+    held: dict[Key, asyncio.Future[bool]] = field(default_factory=dict)
+    hits: dict[str, int] = field(default_factory=dict)  # destination -> events dropped as duplicates
+
+
+class Deduplicator:
+    """The windows of every destination, shared by all requests of this process."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.windows: dict[str, OrderedDict[str, float]] = {}
+        self._held: dict[Key, asyncio.Future[bool]] = {}
+        self._last_log = 0.0
+
+    def seen(self, destination: str, message_id: str) -> bool:
+        expiry = self.windows.get(destination, _NOTHING).get(message_id)
+        return expiry is not None and expiry > self.clock()
+
+    def remember(self, settings: DedupSettings, destination: str, message_ids: list[str]) -> int:
+        """Record ids a destination was given; returns how many it now tracks."""
+        window = self.windows.setdefault(destination, OrderedDict())
+        now = self.clock()
+        while window:
+            oldest, expiry = next(iter(window.items()))
+            if expiry > now:
+                break
+            del window[oldest]
+        expiry = now + settings.window
+        for message_id in message_ids:
+            window.pop(message_id, None)  # an expired leftover moves to the back
+            window[message_id] = expiry
+        while len(window) > settings.max_ids:
+            window.popitem(last=False)
+        return len(window)
+
+    async def accept(self, delivery: Delivery, metrics: Metrics, rules: RuleSet, primary: Mapping[str, list[bytes]],
+                     mirror: Mapping[str, list[bytes]], source: Source, key: str, forwarded_for: str | None) -> Outcome:
+        """`Delivery.accept` for the events no destination has yet; remembers their ids if accepted."""
+        settings = rules.dedup
+        assert settings is not None, "called only when the rules turn de-duplication on"
+        claim = await self._claim(primary, mirror)
+        ok = False
+        try:
+            outcome = await delivery.accept(rules, claim.primary, claim.mirror, source, key, forwarded_for)
+            ok = outcome.ok
+        finally:
+            self._settle(settings, metrics, claim, ok)
+        if ok and claim.hits:
+            self._report(metrics, claim.hits, source.name)
+        return outcome
+
+    async def _claim(self, primary: Mapping[str, list[bytes]], mirror: Mapping[str, list[bytes]]) -> Claim:
+        """Filter out what each destination has; wait for concurrent requests holding the same ids."""
+        ids: dict[int, str] = {}  # one parse per event even when it goes to several destinations
+        while True:
+            claim, others = Claim(), set()
+            for role, events_by_destination in ((claim.primary, primary), (claim.mirror, mirror)):
+                for destination, events in events_by_destination.items():
+                    role[destination] = self._fresh(claim, others, destination, events, ids)
+            if not others:
+                for held_key, future in claim.held.items():
+                    self._held[held_key] = future
+                return claim
+            await asyncio.wait(others)  # nothing was held yet: the pass starts over when they settle
+
+    def _fresh(self, claim: Claim, others: set[asyncio.Future[bool]], destination: str, events: list[bytes], ids: dict[int, str]) -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        kept = []
+        for event in events:
+            message_id = ids.get(id(event))
+            if message_id is None:
+                message_id = ids[id(event)] = _message_id(event)
+            held_key = (destination, message_id)
+            pending = self._held.get(held_key)
+            if pending is not None:
+                others.add(pending)
+            elif held_key in claim.held or self.seen(destination, message_id):
+                claim.hits[destination] = claim.hits.get(destination, 0) + 1
+            else:
+                claim.held[held_key] = loop.create_future()
+                kept.append(event)
+        return kept
+
+    def _settle(self, settings: DedupSettings, metrics: Metrics, claim: Claim, ok: bool) -> None:
+        by_destination: dict[str, list[str]] = {}
+        for (destination, message_id), future in claim.held.items():
+            del self._held[(destination, message_id)]
+            future.set_result(ok)
+            by_destination.setdefault(destination, []).append(message_id)
+        if ok:
+            for destination, message_ids in by_destination.items():
+                tracked = self.remember(settings, destination, message_ids)
+                metrics.child(metrics.dedup_tracked_ids, destination).set(tracked)
+
+    def _report(self, metrics: Metrics, hits: dict[str, int], source: str) -> None:
+        for destination, count in hits.items():
+            metrics.child(metrics.dedup_hits, destination).inc(count)
+        now = time.monotonic()
+        if now - self._last_log >= 1.0:  # a steady stream of duplicates is expected: one line a second at most
+            self._last_log = now
+            log.info("duplicates_dropped", source=source, destinations=hits)
+
+
+def _message_id(encoded: bytes) -> str:
+    """The event's messageId; `prepare()` gave every event one before encoding it."""
+    return str(orjson.loads(encoded)["messageId"])

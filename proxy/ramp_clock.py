@@ -1,0 +1,103 @@
+"""Apply ramp steps when they fall due, without a reload.
+
+The engine says which split a ramp gives at a time (`effective_rules`) and when the next step is
+(`next_step_at`); this module owns the clock. `RampScheduler` sleeps until the next step, swaps the
+rules with that step applied into `ActiveRules` (one rebind, like a reload), republishes
+`splitter_rollout_percent` and logs `ramp_step_applied`. A reload installs rules already set to
+"now" (`live()`) and calls `replan()`, so the next wake-up is computed from the new file.
+
+The clock is injectable (`Clock`) so tests can move time by hand; `SystemClock` naps at most a
+minute at a time and re-reads the wall clock, so a clock stepped by NTP cannot make it oversleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Protocol
+
+from proxy.engine import RuleSet
+from proxy.engine.ramp import effective_rules, iso, next_step_at
+from proxy.log import get_logger
+from proxy.metrics import Metrics
+from proxy.state import ActiveRules
+from proxy.tasks import BackgroundTask
+
+log = get_logger(__name__)
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, timezone-aware."""
+
+    async def sleep_until(self, when: datetime) -> None:
+        """Return at or after `when`, or earlier: callers check `now()` again."""
+
+
+class SystemClock:
+    MAX_NAP = 60.0
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    async def sleep_until(self, when: datetime) -> None:
+        await asyncio.sleep(min(max((when - self.now()).total_seconds(), 0.0), self.MAX_NAP))
+
+
+class RampScheduler:
+    def __init__(self, active: ActiveRules, metrics: Metrics, clock: Clock | None = None) -> None:
+        self._active = active
+        self._metrics = metrics
+        self._clock = clock or SystemClock()
+        self._wake = asyncio.Event()
+        self._background = BackgroundTask(self.run, "ramp-scheduler")
+
+    def live(self, rules: RuleSet) -> RuleSet:
+        """`rules` with each ramp at the step due now: what a reload compares and installs."""
+        return effective_rules(rules, self._clock.now())
+
+    def replan(self) -> None:
+        """The active rules were replaced: work out the next step time again."""
+        self._wake.set()
+
+    def apply_due(self) -> None:
+        """Install the steps due now, if any changed a split; at start-up this catches up at once."""
+        now = self._clock.now()
+        current = self._active.current
+        live = effective_rules(current, now)
+        if live is current:
+            return
+        self._active.swap(live)
+        self._metrics.show_rules(live)
+        for before, after in zip(current.rules, live.rules, strict=True):
+            if after.route.ramp is not None and after.route.split != before.route.split:
+                step = after.route.ramp.index_at(now)
+                log.info("ramp_step_applied", rule=after.name, step=step, at=iso(after.route.ramp.steps[step].at) if step is not None else None,
+                         percents=dict(after.route.split.percents) if after.route.split else {})
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            self.apply_due()
+            due = next_step_at(self._active.current, self._clock.now())
+            if due is None:
+                await self._wake.wait()
+            else:
+                await self._until(due)
+
+    async def _until(self, due: datetime) -> None:
+        """Sleep until `due` or until `replan()`, whichever comes first."""
+        sleeper = asyncio.ensure_future(self._clock.sleep_until(due))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
+
+    def start(self) -> None:
+        self._background.start()
+
+    async def stop(self) -> None:
+        await self._background.stop()
