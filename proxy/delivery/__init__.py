@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proxy.delivery.commit import GroupCommit
 from proxy.delivery.deadletter import DeadLetters
 from proxy.delivery.errors import UpstreamError
 from proxy.delivery.options import DeliveryOptions
@@ -62,6 +63,7 @@ class Delivery:
         self._telemetry: set[asyncio.Task[None]] = set()
         self._lock_fd: int | None = None
         self._last_drop_log: dict[str, float] = {}
+        self._group_commit = GroupCommit()  # one fsync round for all destinations' spools
 
     # -- lifecycle --------------------------------------------------------------------------------------
     @property
@@ -91,7 +93,7 @@ class Delivery:
                 self._retarget(found, destination)
             return found
         options = DeliveryOptions.from_mapping(destination.options)
-        spool = Spool(self.spool_dir / destination.name, quota_bytes=options.spool_quota_bytes)
+        spool = Spool(self.spool_dir / destination.name, quota_bytes=options.spool_quota_bytes, group=self._group_commit)
         recovery = spool.open()
         if recovery.records or recovery.truncated_bytes:
             log.warning("spool_recovered", destination=destination.name, pending=recovery.records, already_delivered=recovery.skipped,
@@ -164,7 +166,7 @@ class Delivery:
             except (SpoolFull, OSError) as exc:
                 self._drop_mirror(name, len(events), exc)
         try:
-            await asyncio.gather(*(spool.commit(ticket) for spool, ticket in tickets))
+            await self._group_commit.wait(tickets)
         except OSError as exc:
             log.error("spool_sync_failed", error=str(exc))
             return Outcome(False, 503, "spool_unavailable", f"cannot sync the spool: {exc.strerror or exc}", 5.0)

@@ -35,6 +35,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.delivery.commit import GroupCommit
+
 MAGIC = b"SPLSPL\x00\x02"  # format 2: chunk records. Format 1 (one event per record) had no marker.
 HEADER = struct.Struct("<II")
 PREFIX = struct.Struct("<dHHI")
@@ -159,7 +161,7 @@ class _Segment:
 
 
 class Spool:
-    def __init__(self, directory: Path, *, quota_bytes: int, segment_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, directory: Path, *, quota_bytes: int, segment_bytes: int = 16 * 1024 * 1024, group: GroupCommit | None = None) -> None:
         self.directory = directory
         self.quota_bytes = quota_bytes
         self.segment_bytes = segment_bytes
@@ -169,10 +171,9 @@ class Spool:
         self._fd: int | None = None
         self._dirty: set[int] = set()  # fds written since the last fsync
         self._dir_dirty = False
-        self._appended = 0  # records ever appended (tickets)
-        self._committed = 0
-        self._commit_task: asyncio.Task[None] | None = None
-        self._commit_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.appended = 0  # records ever appended (tickets)
+        self.committed = 0  # tickets covered by an fsync
+        self._group = group or GroupCommit()
         self._readable = asyncio.Event()
         self._cursor: tuple[int, int] | None = None  # (segment id, offset) of the next record to read
         self._unread = 0  # records appended (or recovered) and not yet handed out by read()
@@ -247,44 +248,21 @@ class Spool:
         self.pending += events
         self._unread += 1
         self._unread_events += events
-        self._appended += 1
+        self.appended += 1
         self._readable.set()
-        return self._appended
+        return self.appended
 
     async def commit(self, ticket: int) -> None:
         """Return once everything appended up to `ticket` is on stable storage."""
-        if ticket <= self._committed:
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._commit_waiters.append((ticket, future))
-        if self._commit_task is None or self._commit_task.done():
-            self._commit_task = asyncio.ensure_future(self._group_commit())
-        await future
+        await self._group.wait(((self, ticket),))
 
-    async def _group_commit(self) -> None:
-        while self._commit_waiters:
-            target = self._appended
-            fds, self._dirty = self._dirty, set()
-            sync_dir, self._dir_dirty = self._dir_dirty, False
-            try:
-                await asyncio.to_thread(self._sync, fds, sync_dir)
-            except OSError as exc:
-                waiters, self._commit_waiters = self._commit_waiters, []
-                for _, future in waiters:
-                    if not future.done():
-                        future.set_exception(exc)
-                return
-            self._committed = target
-            waiting = []
-            for ticket, future in self._commit_waiters:
-                if ticket <= target:
-                    if not future.done():
-                        future.set_result(None)
-                else:
-                    waiting.append((ticket, future))
-            self._commit_waiters = waiting
+    def take_dirty(self) -> tuple[set[int], bool]:
+        fds, self._dirty = self._dirty, set()
+        sync_dir, self._dir_dirty = self._dir_dirty, False
+        return fds, sync_dir
 
-    def _sync(self, fds: set[int], sync_dir: bool) -> None:
+    def sync(self, dirty: tuple[set[int], bool]) -> None:
+        fds, sync_dir = dirty
         for fd in fds:
             try:
                 os.fsync(fd)
@@ -433,8 +411,7 @@ class Spool:
         return 0.0
 
     async def close(self) -> None:
-        if self._commit_task is not None:
-            await asyncio.gather(self._commit_task, return_exceptions=True)
+        await self._group.idle()
         for segment in self._segments.values():
             if segment.acked != segment.noted:
                 self._write_ack(segment, time.monotonic())
