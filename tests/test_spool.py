@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import struct
 import tempfile
 import time
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.delivery import Delivery, SpoolLocked
+from proxy.delivery.commit import GroupCommit
 from proxy.delivery.spool import MAGIC, Record, Recovery, Spool, SpoolFormatError, SpoolFull
 from proxy.engine import compile_rules
 from proxy.metrics import Metrics
@@ -494,6 +496,36 @@ async def test_one_commit_covers_every_earlier_ticket(tmp_path: Path) -> None:
     assert recovery.records == 50
     await spool.close()
     await again.close()
+
+
+async def test_one_group_commit_covers_tickets_of_several_spools(tmp_path: Path) -> None:
+    group = GroupCommit()
+    first = Spool(tmp_path / "a", quota_bytes=BIG, group=group)
+    second = Spool(tmp_path / "b", quota_bytes=BIG, group=group)
+    first.open(), second.open()
+    tickets = [(first, first.append("k", None, [ev(1)])), (second, second.append("k", None, [ev(2)]))]
+    await group.wait(tickets)
+    assert (first.committed, second.committed) == (1, 1)
+    _, recovered = opened(tmp_path / "b")  # on disk for another reader
+    assert recovered.records == 1
+    await first.close()
+    await second.close()
+
+
+async def test_a_failed_sync_fails_the_waiting_request_and_the_next_round_recovers(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path)
+    ticket = spool.append("k", None, [ev(1)])
+    fd = spool._fd
+    assert fd is not None
+    saved = os.dup(fd)
+    os.close(fd)  # the segment's descriptor goes bad under the spool: fsync fails with EBADF
+    with pytest.raises(OSError):
+        await spool.commit(ticket)
+    os.dup2(saved, fd)  # the same descriptor works again
+    os.close(saved)
+    await spool.commit(spool.append("k", None, [ev(2)]))  # later requests are not stuck behind the failure
+    assert spool.committed == 2
+    await spool.close()
 
 
 # -- oldest age ---------------------------------------------------------------------------------------------------------------------
