@@ -59,3 +59,4 @@ async def test_without_transforms_both_destinations_receive_the_same_event() -> 
         status, _, _ = await stack.post("/v1/track", sent, key=SERVER_KEY)
         assert status == 200
         assert [r.event for r in stack.segment.events] == [r.event for r in stack.rudder.events] == [sent]
+

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from proxy.delivery import Delivery, SpoolLocked
 from proxy.delivery.commit import GroupCommit
-from proxy.delivery.spool import MAGIC, Record, Recovery, Spool, SpoolFormatError, SpoolFull
+from proxy.delivery.spool import FRESH_LIMIT, MAGIC, Record, Recovery, Spool, SpoolFormatError, SpoolFull
 from proxy.engine import compile_rules
 from proxy.metrics import Metrics
 
@@ -24,8 +24,8 @@ BIG = 1 << 30
 Entry = tuple[str, "str | None", bytes]
 
 
-def opened(directory: Path, *, quota_bytes: int = BIG, segment_bytes: int = 16 * 1024 * 1024) -> tuple[Spool, Recovery]:
-    spool = Spool(directory, quota_bytes=quota_bytes, segment_bytes=segment_bytes)
+def opened(directory: Path, *, quota_bytes: int = BIG, segment_bytes: int = 16 * 1024 * 1024, fresh_limit: int = FRESH_LIMIT) -> tuple[Spool, Recovery]:
+    spool = Spool(directory, quota_bytes=quota_bytes, segment_bytes=segment_bytes, fresh_limit=fresh_limit)
     return spool, spool.open()
 
 
@@ -607,14 +607,15 @@ forwarded = st.none() | st.text(min_size=1, max_size=20)
 entries_strategy = st.lists(st.tuples(credentials, forwarded, st.binary(max_size=300)), min_size=1, max_size=25)
 
 
-def roundtrip(entries: list[Entry], batches: list[int], rounds: int, acked_rounds: int, segment_bytes: int, one_append_each: bool) -> None:
+def roundtrip(entries: list[Entry], batches: list[int], rounds: int, acked_rounds: int, segment_bytes: int, one_append_each: bool,
+              fresh_limit: int = FRESH_LIMIT) -> None:
     with tempfile.TemporaryDirectory() as name:
-        asyncio.run(_roundtrip(Path(name), entries, batches, rounds, acked_rounds, segment_bytes, one_append_each))
+        asyncio.run(_roundtrip(Path(name), entries, batches, rounds, acked_rounds, segment_bytes, one_append_each, fresh_limit))
 
 
 async def _roundtrip(directory: Path, entries: list[Entry], batches: list[int], rounds: int, acked_rounds: int,
-                     segment_bytes: int, one_append_each: bool) -> None:
-    spool, _ = opened(directory, segment_bytes=segment_bytes)
+                     segment_bytes: int, one_append_each: bool, fresh_limit: int) -> None:
+    spool, _ = opened(directory, segment_bytes=segment_bytes, fresh_limit=fresh_limit)
     if one_append_each:
         tickets = [append(spool, [entry]) for entry in entries]
     else:
@@ -666,3 +667,23 @@ def test_property_acked_events_are_gone_after_a_reopen_and_the_rest_come_back_in
 def test_property_the_same_across_many_small_segments(
         entries: list[Entry], batches: list[int], rounds: int, acked_rounds: int, segment_bytes: int, one_append_each: bool) -> None:
     roundtrip(entries, batches, rounds, acked_rounds, segment_bytes, one_append_each)
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=entries_strategy, batches=st.lists(st.integers(1, 6), min_size=1, max_size=5), rounds=st.integers(0, 10),
+       acked_rounds=st.integers(0, 10), segment_bytes=st.integers(50, 2000), one_append_each=st.booleans(), fresh_limit=st.integers(0, 3000))
+def test_property_the_same_whether_records_are_read_from_memory_or_from_the_files(
+        entries: list[Entry], batches: list[int], rounds: int, acked_rounds: int, segment_bytes: int, one_append_each: bool, fresh_limit: int) -> None:
+    roundtrip(entries, batches, rounds, acked_rounds, segment_bytes, one_append_each, fresh_limit)
+
+
+async def test_a_reader_that_falls_behind_reads_the_files_and_then_memory_again(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path, fresh_limit=300)
+    events = [ev(i, pad=100) for i in range(8)]  # ~150 bytes a record: the third overflows the memory
+    for e in events[:5]:
+        spool.append("k", None, [e])
+    assert events_of(await read(spool)) == events[:5]  # the first two from memory, then the files
+    spool.append("k", None, [events[5]])  # caught up again: kept in memory
+    (tmp_path / "000000000001.seg").write_bytes(b"")  # were it read from the file, nothing would be found
+    assert events_of(await read(spool)) == [events[5]]
+    await spool.close()

@@ -44,6 +44,7 @@ LENGTH = struct.Struct("<I")
 MAX_RECORD = 64 * 1024 * 1024  # anything longer is corruption, not a request's events
 READ_SLACK = 64 * 1024  # read a little past max_bytes: the record that stops the read is framed in it
 ACK_NOTE_INTERVAL = 0.25  # seconds between rewrites of a segment's .ack note
+FRESH_LIMIT = 8 * 1024 * 1024  # bytes of just-written records kept for the reader, per spool
 
 
 class SpoolFull(Exception):
@@ -161,7 +162,8 @@ class _Segment:
 
 
 class Spool:
-    def __init__(self, directory: Path, *, quota_bytes: int, segment_bytes: int = 16 * 1024 * 1024, group: GroupCommit | None = None) -> None:
+    def __init__(self, directory: Path, *, quota_bytes: int, segment_bytes: int = 16 * 1024 * 1024, group: GroupCommit | None = None,
+                 fresh_limit: int = FRESH_LIMIT) -> None:
         self.directory = directory
         self.quota_bytes = quota_bytes
         self.segment_bytes = segment_bytes
@@ -178,6 +180,14 @@ class Spool:
         self._cursor: tuple[int, int] | None = None  # (segment id, offset) of the next record to read
         self._unread = 0  # records appended (or recovered) and not yet handed out by read()
         self._unread_events = 0
+        # Records written while the reader is caught up, as (segment id, offset, payload): the reader
+        # takes them from here instead of reading back what was just written. Bounded: past
+        # FRESH_LIMIT (the reader is behind, e.g. the upstream is down) they are dropped and the
+        # reader goes to the files until it has caught up again.
+        self._fresh: deque[tuple[int, int, bytes]] = deque()
+        self._fresh_bytes = 0
+        self._fresh_on = False
+        self._fresh_limit = fresh_limit
         self.disk_bytes = 0
         self.pending = 0  # events appended and not yet acked
 
@@ -211,6 +221,7 @@ class Spool:
             pending += sum(map(event_count, payloads[acked:]))
             self._unread += len(payloads) - acked
         self.pending = self._unread_events = pending
+        self._fresh_on = pending == 0
         first = next((self._segments[i] for i in self._order if self._segments[i].acked < self._segments[i].records), None)
         if first is not None:
             self._cursor = (first.id, first.acked_offset)
@@ -242,6 +253,8 @@ class Spool:
         segment = self._active
         if self._cursor is None:
             self._cursor = (segment.id, segment.size)
+        if self._fresh_on:
+            self._keep_fresh(segment.id, segment.size, data)
         segment.size += len(data)
         segment.records += 1
         self.disk_bytes += len(data)
@@ -310,6 +323,36 @@ class Spool:
             await asyncio.sleep(linger)
         return self._read_now(max_events, max_bytes)
 
+    def _keep_fresh(self, segment_id: int, offset: int, data: bytes) -> None:
+        if self._fresh_bytes + len(data) > self._fresh_limit:
+            self._fresh.clear()
+            self._fresh_bytes = 0
+            self._fresh_on = False  # until the reader has caught up with the files
+            return
+        self._fresh.append((segment_id, offset, data[HEADER.size:]))
+        self._fresh_bytes += len(data)
+
+    def _payloads_at(self, segment: _Segment, offset: int, budget: int) -> list[bytes]:
+        """Record payloads from `offset` on: from memory when they were just written, else from the file."""
+        fresh = self._fresh
+        while fresh and (fresh[0][0], fresh[0][1]) < (segment.id, offset):  # read from the file meanwhile
+            self._fresh_bytes -= HEADER.size + len(fresh.popleft()[2])
+        if fresh and fresh[0][0] == segment.id and fresh[0][1] == offset:
+            payloads, size = [], 0
+            for segment_id, _, payload in fresh:  # contiguous from `offset`, as they were written
+                if segment_id != segment.id or (payloads and size > budget):
+                    break
+                payloads.append(payload)
+                size += len(payload)
+            return payloads
+        with open(segment.path, "rb") as handle:
+            handle.seek(offset)
+            header = handle.read(HEADER.size)
+            wanted = HEADER.size + HEADER.unpack(header)[0] if len(header) == HEADER.size else 0
+            handle.seek(offset)
+            data = handle.read(max(wanted, min(budget + READ_SLACK, segment.size - offset)))  # not more than is wanted: scan() checks every crc it reads
+        return scan(data)[0]
+
     def _read_now(self, max_events: int, max_bytes: int) -> list[Record]:
         records: list[Record] = []
         size = events = 0
@@ -322,13 +365,7 @@ class Spool:
                     break
                 self._cursor = (later[0], self._segments[later[0]].acked_offset)  # its acked head is not re-read
                 continue
-            with open(segment.path, "rb") as handle:
-                handle.seek(offset)
-                header = handle.read(HEADER.size)
-                wanted = HEADER.size + HEADER.unpack(header)[0] if len(header) == HEADER.size else 0
-                handle.seek(offset)
-                data = handle.read(max(wanted, min(max_bytes - size + READ_SLACK, segment.size - offset)))  # not more than is wanted: scan() checks every crc it reads
-            payloads, _ = scan(data)
+            payloads = self._payloads_at(segment, offset, max_bytes - size)
             if not payloads:
                 break  # cannot happen for appended data; a later append will wake the reader again
             full = False
@@ -347,6 +384,8 @@ class Spool:
                 break
         self._unread -= len(records)
         self._unread_events -= events
+        if self._unread == 0 and not self._fresh_on:
+            self._fresh_on = True  # caught up: what is written next is read from memory
         return records
 
     def ack(self, records: list[Record]) -> None:
