@@ -107,6 +107,12 @@ def serve(config: str, listen: str, admin: str, region: str | None, drain_timeou
           cors_origins: str, max_in_flight: int, spool_dir: str, dead_letter_dir: str, cdn_url: str, public_url: str | None,
           cdn_cache_seconds: float, log_level: str, workers: int) -> None:
     """Run the proxy. The admin token, when the admin port is not loopback, comes from SPLITTER_ADMIN_TOKEN."""
+    # Before prometheus_client is imported: it picks multiprocess mode from the environment once. An
+    # inherited directory (another app's, or one long gone) would crash start-up or hide the rules
+    # gauges; `--workers N` gives its workers a fresh one of its own (proxy/supervisor.py).
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
+        if (inherited := os.environ.pop(name, None)) is not None:
+            click.echo(f"splitter: ignoring {name}={inherited}: splitter manages its own metrics directory", err=True)
     from proxy.server import run
     from proxy.settings import ServeSettings, SettingsError, parse_address, parse_networks
     from proxy.supervisor import supervise

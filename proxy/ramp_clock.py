@@ -50,11 +50,24 @@ class RampScheduler:
         self._metrics = metrics
         self._clock = clock or SystemClock()
         self._wake = asyncio.Event()
+        self._latest: datetime | None = None  # the latest time seen: the clock stepped back must not undo a step
         self._background = BackgroundTask(self.run, "ramp-scheduler")
+
+    def now(self) -> datetime:
+        """The clock's time, but never earlier than a time already used.
+
+        Ramps only move forward: a wall clock stepped back (NTP, a VM's clock fixed) across a step
+        that is in effect would otherwise hand that step's users back until the clock caught up.
+        """
+        now = self._clock.now()
+        if self._latest is not None and now < self._latest:
+            return self._latest
+        self._latest = now
+        return now
 
     def live(self, rules: RuleSet) -> RuleSet:
         """`rules` with each ramp at the step due now: what a reload compares and installs."""
-        return effective_rules(rules, self._clock.now())
+        return effective_rules(rules, self.now())
 
     def replan(self) -> None:
         """The active rules were replaced: work out the next step time again."""
@@ -62,7 +75,7 @@ class RampScheduler:
 
     def apply_due(self) -> None:
         """Install the steps due now, if any changed a split; at start-up this catches up at once."""
-        now = self._clock.now()
+        now = self.now()
         current = self._active.current
         live = effective_rules(current, now)
         if live is current:
@@ -79,7 +92,7 @@ class RampScheduler:
         while True:
             self._wake.clear()
             self.apply_due()
-            due = next_step_at(self._active.current, self._clock.now())
+            due = next_step_at(self._active.current, self.now())
             if due is None:
                 await self._wake.wait()
             else:

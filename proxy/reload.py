@@ -62,16 +62,18 @@ class Reloader:
             return result
 
     async def _attempt(self, trigger: str) -> ReloadResult:
-        old = self._active.current
         try:
             new = await asyncio.to_thread(load_rules, self._path, self._env)
         except RulesError as exc:
-            return self._failed(trigger, old, list(exc.lines))  # the engine never quotes URL credentials
+            return self._failed(trigger, self._active.current, list(exc.lines))  # the engine never quotes URL credentials
         except OSError as exc:
-            return self._failed(trigger, old, [f"{self._path}: cannot read the rules file: {exc.strerror or exc}"])
+            return self._failed(trigger, self._active.current, [f"{self._path}: cannot read the rules file: {exc.strerror or exc}"])
         except Exception as exc:  # an engine bug must not take the last good rules down with it
             log.exception("config_reload_crashed", trigger=trigger, path=self._path)
-            return self._failed(trigger, old, [f"{self._path}: internal error while compiling: {type(exc).__name__}"])
+            return self._failed(trigger, self._active.current, [f"{self._path}: internal error while compiling: {type(exc).__name__}"])
+        # Read only now: a ramp step may have been applied while the file compiled in a thread, and
+        # the comparison must be against the rules that are live, or a rollback from that step is missed.
+        old = self._active.current
         if self._ramps is not None:
             new = self._ramps.live(new)
         if new.sha256 == old.sha256 and plan_files(new.tracking_plans) == plan_files(old.tracking_plans):

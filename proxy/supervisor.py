@@ -236,6 +236,8 @@ class Supervisor:
                     stdin=asyncio.subprocess.PIPE, pass_fds=(theirs.fileno(),), env=dict(self._env),
                 )
             child.process, child.pid = process, process.pid
+            if self._stopping:  # SIGTERM came while it was being started: it would never hear of it
+                process.send_signal(signal.SIGTERM)
             assert process.stdin is not None
             process.stdin.write(pickle.dumps(child.settings))
             with contextlib.suppress(ConnectionError):

@@ -343,3 +343,73 @@ def test_check_plans_tallies_by_source_kind_and_event() -> None:
 
 def test_violation_is_a_plain_value() -> None:
     assert Violation("schema", "E", "m") == Violation("schema", "E", "m")
+
+
+# --- $ref: only within the schema, checked when the plan compiles ---------------------------------
+
+
+def test_a_ref_that_does_not_resolve_is_a_compile_error_not_a_failure_per_event() -> None:
+    # Unchecked, this raised from every check: in block mode inside prepare(), a 500 for each request.
+    plan = """\
+    tracking_plan:
+      mode: block
+      events:
+        E:
+          json_schema:
+            $defs: {order: {type: object}}
+            properties:
+              properties: {$ref: "#/$defs/missing"}
+              context: {$ref: "#/$defs/order"}
+    """
+    assert errors(plan) == [
+        "rules.yaml:14: sources[0].tracking_plan.events.E.json_schema.properties.properties.$ref: "
+        "cannot resolve '#/$defs/missing' (a $ref must point into the same schema: nothing is fetched)"
+    ]
+
+
+def test_local_refs_and_refs_under_an_id_resolve() -> None:
+    plan = """\
+    tracking_plan:
+      events:
+        E:
+          json_schema:
+            $id: "https://plans.example/e.json"
+            $defs:
+              id: {type: string}
+              nested:
+                $id: "https://plans.example/nested.json"
+                $defs: {inner: {type: integer}}
+                properties: {n: {$ref: "#/$defs/inner"}}
+            properties:
+              properties:
+                properties:
+                  order_id: {$ref: "#/$defs/id"}
+                  box: {$ref: "nested.json"}
+                  again: {$ref: "https://plans.example/e.json#/$defs/id"}
+    """
+    check = rules_with(plan).tracking_plans["web"]
+    assert check.violations(track("E", order_id="o", box={"n": 1}, again="x")) == ()
+    assert [v.message for v in check.violations(track("E", order_id=1, box={"n": "x"}))] == [
+        "'E' fails its JSON Schema at properties.order_id: 1 is not of type 'string'",
+        "'E' fails its JSON Schema at properties.box.n: 'x' is not of type 'integer'",
+    ]
+
+
+def test_schema_dialect_and_dynamic_ref_problems_are_reported_not_raised() -> None:
+    assert errors('tracking_plan: {events: {E: {json_schema: {$schema: 5}}}}\n') == [
+        "rules.yaml:7: sources[0].tracking_plan.events.E.json_schema.$schema: must be a string naming a JSON Schema dialect, not 5"
+    ]
+    assert errors('tracking_plan: {events: {E: {json_schema: {$dynamicRef: "#nope"}}}}\n') == [
+        "rules.yaml:7: sources[0].tracking_plan.events.E.json_schema.$dynamicRef: "
+        "cannot resolve '#nope' (a $ref must point into the same schema: nothing is fetched)"
+    ]
+    anchored = 'tracking_plan: {events: {E: {json_schema: {$dynamicAnchor: node, properties: {properties: {$dynamicRef: "#node"}}}}}}\n'
+    assert rules_with(anchored).tracking_plans["web"].violations(track("E", a=1)) == ()
+
+
+def test_a_schema_error_path_made_of_client_property_names_is_clipped() -> None:
+    # The path of an error inside `additionalProperties` or `patternProperties` names the client's own
+    # keys (up to the 32 KB event limit); the message goes to the log and, in block mode, to the client.
+    plan = "tracking_plan:\n  events:\n    E:\n      json_schema: {properties: {properties: {additionalProperties: {type: string}}}}\n"
+    [violation] = rules_with(plan).tracking_plans["web"].violations(track("E", **{"k" * 5000: 1}))
+    assert violation.message == f"'E' fails its JSON Schema at properties.{'k' * 86}...: 1 is not of type 'string'"

@@ -296,6 +296,11 @@ JSON_DATA = "must be JSON data (string, number, true/false, null, list or mappin
          [f"{AT}.set_property.value: {JSON_DATA}: datetime.date(2026, 1, 1) is a date (quote it to send it as a string)"]),
         ("- set_property: {path: properties.a, value: {1: x}}", [f"{AT}.set_property.value: {JSON_DATA}: key 1 is not a string"]),
         ("- set_property: {path: properties.a, value: [.nan]}", [f"{AT}.set_property.value: {JSON_DATA}: nan is not a finite number"]),
+        # orjson cannot encode these: every event the op touched would be a 500 at ingress
+        ("- set_property: {path: properties.a, value: 18446744073709551616}",
+         [f"{AT}.set_property.value: {JSON_DATA}: 18446744073709551616 is outside the 64-bit integer range"]),
+        ("- set_property: {path: properties.a, value: {b: [-9223372036854775809]}}",
+         [f"{AT}.set_property.value: {JSON_DATA}: -9223372036854775809 is outside the 64-bit integer range"]),
         ("- rename_property: {from: properties.a, to: properties.b, if_exists: skip}",
          [f"{AT}.rename_property.if_exists: must be keep or overwrite, not 'skip'"]),
         ("- rename_property: {from: properties.a, to: properties.a}",
@@ -475,3 +480,25 @@ def test_other_destinations_receive_the_untransformed_bytes(batch: list[dict[str
 
 def test_hash_value_matches_the_documented_formula() -> None:
     assert hash_value(b"s", "v") == hashlib.sha256(b"sv").hexdigest()
+
+
+def test_set_property_accepts_the_64_bit_extremes() -> None:
+    ops = chain("""
+        - set_property: {path: properties.big, value: 18446744073709551615}
+        - set_property: {path: properties.small, value: -9223372036854775808}
+    """)
+    result = ops.apply(track())
+    assert orjson.loads(orjson.dumps(result))["properties"] == {"big": 2**64 - 1, "small": -(2**63)}
+
+
+@pytest.mark.parametrize("value", ["0x1F2E", "0017", "1:30", "1_000", "+5", "1e3", "true", "no", "null", "~", "2026-01-01", "123456"])
+def test_an_unquoted_salt_reference_is_the_environment_value_exactly(value: str) -> None:
+    """YAML would type these plain scalars (0x1F2E is 7982, 1:30 is 90, true a boolean): the salt must
+    be the variable's text as set, and it must never be quoted back in an error message."""
+    block = """
+        - hash_property:
+            path: properties.email
+            salt: ${PII_SALT}
+    """
+    ops = compiled(rule_ops(block), env={"PII_SALT": value}).transforms[("default", "rudderstack")]
+    assert ops.apply(track(properties={"email": "x"}))["properties"]["email"] == sha("x", value)

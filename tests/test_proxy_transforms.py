@@ -60,3 +60,34 @@ async def test_without_transforms_both_destinations_receive_the_same_event() -> 
         assert status == 200
         assert [r.event for r in stack.segment.events] == [r.event for r in stack.rudder.events] == [sent]
 
+
+
+def nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = {"n": value}
+    return value
+
+
+async def test_an_event_a_transform_nests_too_deep_to_encode_is_rejected_never_sent_untransformed() -> None:
+    deep_rules = DEFAULT_RULES.replace(
+        RUDDER_DESTINATION, RUDDER_DESTINATION + "transforms: [{rename_property: {from: properties.a, to: properties.x.y.z}}], ")
+    fits = event(1, "Clicked", properties={"a": nested(240)})
+    too_deep = event(2, "Clicked", properties={"a": nested(252)})  # encodable as sent; 254 levels once moved under x.y.z
+    async with proxy_stack(deep_rules) as stack:
+        body = b'{"batch":[' + orjson.dumps(fits) + b"," + orjson.dumps(too_deep) + b"]}"  # by hand: the envelope adds two levels
+        status, answer, _ = await stack.post("/v1/batch", body, key=SERVER_KEY)
+        assert status == 200 and answer is not None
+        assert [(r["index"], r["code"]) for r in answer["rejected"]] == [(1, "invalid_event")]
+        assert "once transformed" in answer["rejected"][0]["message"]
+        assert [r.event["messageId"] for r in stack.rudder.events] == ["msg-1"]
+        assert [r.event["messageId"] for r in stack.segment.events] == ["msg-1"]  # rejected as a whole: one answer per event
+
+
+async def test_an_event_nested_deeper_than_can_be_forwarded_is_rejected_not_a_500() -> None:
+    deep = orjson.dumps(event(1, "Clicked"))[:-1] + b',"deep":' + b'{"n":' * 300 + b'"leaf"' + b"}" * 300 + b"}"  # JSON allows it; orjson writes 255 levels
+    async with proxy_stack() as stack:
+        status, answer, _ = await stack.post("/v1/batch", b'{"batch":[' + deep + b"," + orjson.dumps(event(2, "Clicked")) + b"]}", key=SERVER_KEY)
+        assert status == 200 and answer is not None
+        assert [(r["index"], r["code"]) for r in answer["rejected"]] == [(0, "invalid_event")]
+        assert sorted(r.event["messageId"] for r in stack.segment.events) == ["msg-2"]

@@ -8,6 +8,7 @@ metrics. Then once with the real `splitter serve` process and the wall clock.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -199,3 +200,54 @@ async def test_splitter_serve_applies_a_step_at_its_time(tmp_path: Path, upstrea
             assert (ramp["rule"], ramp["current_step"], ramp["next_step_at"]) == ("rollout", 0, None)
     finally:
         assert await splitter.stop() == 0
+
+
+async def test_a_step_landing_while_a_reload_compiles_is_what_the_reload_compares_against(tmp_path: Path) -> None:
+    """The rules file is a FIFO, so the reload is held inside its read while the step lands; the
+    rollback it then finds must be measured from the step that is live (60), not from before it (10)."""
+    clock = ManualClock(STEP - timedelta(hours=1))
+    path = tmp_path / "rules.yaml"
+    active, metrics, scheduler, reloader = reload_setup(path, ramp_rules(10, (STEP, 60)), clock)
+    scheduler.start()
+    try:
+        path.unlink()
+        os.mkfifo(path)
+        reload = asyncio.ensure_future(reloader.reload("admin"))  # blocks reading the FIFO until the text is written
+        deadline = time.monotonic() + 5
+        while True:  # a writer can open the FIFO without blocking once the reload's read has opened it
+            try:
+                writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the reload never opened the rules file"
+                await asyncio.sleep(0.01)
+        await clock.set(STEP)
+        deadline = time.monotonic() + 5
+        while metrics.registry.get_sample_value("splitter_rollout_percent", {"rule": "rollout", "destination": "rudderstack"}) != 60.0:
+            assert time.monotonic() < deadline, "the step was not applied"
+            await asyncio.sleep(0.01)
+        assert not reload.done()
+        os.write(writer, rules_text(30).encode())  # an operator's rollback: 60 -> 30
+        os.close(writer)
+        result = await asyncio.wait_for(reload, 5)
+        assert (result.status, result.rollbacks) == ("success", ({"rule": "rollout", "buckets_back": 3000},))
+    finally:
+        await scheduler.stop()
+
+
+async def test_a_wall_clock_stepped_back_never_moves_users_back(tmp_path: Path) -> None:
+    """NTP stepping the clock back across a step that is already applied must not undo it: the
+    scheduler (it re-reads the clock at least once a minute) and a reload both keep the step."""
+    clock = ManualClock(STEP + timedelta(seconds=1))
+    path = tmp_path / "rules.yaml"
+    active, metrics, scheduler, reloader = reload_setup(path, ramp_rules(10, (STEP, 60)), clock)
+    percent = {"rule": "rollout", "destination": "rudderstack"}
+    assert metrics.registry.get_sample_value("splitter_rollout_percent", percent) == 60.0
+
+    await clock.set(STEP - timedelta(seconds=5))  # the clock is stepped back 6 s
+    scheduler.apply_due()
+    assert metrics.registry.get_sample_value("splitter_rollout_percent", percent) == 60.0
+    path.write_text(ramp_rules(10, (STEP, 60)) + "# a comment: a new sha256, the same rules\n")
+    result = await reloader.reload("admin")
+    assert (result.status, result.rollbacks) == ("success", ())
+    assert dict(active.current.rules[0].route.split.percents) == {"rudderstack": 60.0, "segment": 40.0}  # type: ignore[union-attr]

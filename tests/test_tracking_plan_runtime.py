@@ -18,8 +18,9 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from proxy.engine import Violation, compile_rules, load_rules
+from proxy.engine import EventContext, RulesError, Violation, compile_rules, load_rules
 from proxy.ingress.plan_checks import PlanChecks
+from proxy.ingress.prepare import CallShape, prepare
 from proxy.metrics import Metrics
 from proxy.reload import Reloader
 from proxy.state import ActiveRules
@@ -211,3 +212,85 @@ def test_simulate_reports_violations(rules_env: dict[str, str], tmp_path: Path) 
         f"{'web':<16} {'wrong_type':<18} {'Order Completed':<32} {1:>10}",
         "    e.g. 'Order Completed' property 'total' is a string, expected number",
     ]
+
+
+async def test_a_remote_ref_is_never_fetched() -> None:
+    # jsonschema's default registry fetches remote $refs with a blocking urlopen (no timeout) on the
+    # event loop. The docs promise nothing is fetched: such a plan is refused when it compiles.
+    hits: list[str] = []
+
+    async def schema(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({"type": "object", "required": ["order_id"]})
+
+    app = web.Application()
+    app.router.add_get("/order.json", schema)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    remote = SERVER_PLAN.replace("json_schema: {required: [properties], properties: {properties: {required: [order_id]}}}",
+                                 f'json_schema: {{properties: {{properties: {{$ref: "http://127.0.0.1:{port}/order.json"}}}}}}')
+    rules = PLANNED.replace(SERVER_PLAN, remote)
+    try:
+        with pytest.raises(RulesError) as info:
+            compile_rules(rules, env={"SEGMENT_URL": "http://127.0.0.1:9", "RUDDERSTACK_URL": "http://127.0.0.1:9"})
+        assert info.value.lines == [
+            f"rules.yaml:23: sources[1].tracking_plan.events.Order Completed.json_schema.properties.properties.$ref: "
+            f"cannot resolve 'http://127.0.0.1:{port}/order.json' (a $ref must point into the same schema: nothing is fetched)"
+        ]
+        assert hits == []
+    finally:
+        await runner.cleanup()
+
+
+def test_observe_mode_queues_only_the_events_its_plan_checks() -> None:
+    # The check queue is bounded: pages, screens, identifies without an `identify` plan and (when
+    # unplanned events are allowed) unplanned track events have nothing to check, so they must not
+    # take its room, nor be counted as `unchecked` when it is full.
+    allowing = PLANNED.replace("      allow_unplanned_events: false\n", "")
+    rules = compile_rules(allowing, env={"SEGMENT_URL": "http://127.0.0.1:9", "RUDDERSTACK_URL": "http://127.0.0.1:9"})
+    batch = [
+        order("u1", order_id="o-1"),
+        {"type": "page", "name": "Home", "userId": "u2"},
+        {"type": "screen", "name": "Home", "userId": "u3"},
+        {"type": "identify", "userId": "u4", "traits": {"email": "a@b.c"}},
+        {"type": "track", "event": "Cart Viewed", "userId": "u5"},
+    ]
+    prepared = prepare(rules, {"batch": batch}, CallShape(True), rules.sources["web"], EventContext("web"), None)
+    assert [json.loads(data)["userId"] for data in prepared.observed] == ["u1"]
+    strict = compile_rules(PLANNED, env={"SEGMENT_URL": "http://127.0.0.1:9", "RUDDERSTACK_URL": "http://127.0.0.1:9"})
+    prepared = prepare(strict, {"batch": batch}, CallShape(True), strict.sources["web"], EventContext("web"), None)
+    assert [json.loads(data)["userId"] for data in prepared.observed] == ["u1", "u5"]  # unplanned is a violation there
+
+
+def test_the_queue_is_bounded_in_bytes_too() -> None:
+    # 10,000 events of up to 32 KB each would be 320 MB waiting for checks: the bytes are bounded too.
+    rules = compile_rules(PLANNED, env={"SEGMENT_URL": "http://127.0.0.1:9", "RUDDERSTACK_URL": "http://127.0.0.1:9"})
+    metrics = Metrics()
+    checks = PlanChecks(capacity=100, max_bytes=100_000)
+    checks.register(web.Application(), metrics)
+    event = b"{" + b" " * 30_000 + b"}"
+    checks.submit(rules, "web", [event] * 5)
+    assert metrics.registry.get_sample_value("splitter_tracking_plan_unchecked_total", {"source": "web"}) == 2
+
+
+async def test_a_check_that_fails_in_block_mode_is_not_a_500() -> None:
+    # A recursive schema and a deeply nested event (250 levels: orjson encodes up to 255) exhaust Python's
+    # recursion limit in jsonschema. In block mode that ran inside prepare(): a 500, which SDKs retry
+    # forever. A check that fails must cost that event's check, as in observe mode, not the request.
+    recursive = SERVER_PLAN.replace(
+        "json_schema: {required: [properties], properties: {properties: {required: [order_id]}}}",
+        'json_schema: {$defs: {n: {type: [array, string], items: {$ref: "#/$defs/n"}}}, '
+        'properties: {properties: {properties: {deep: {$ref: "#/$defs/n"}}}}}')
+    async with proxy_stack(PLANNED.replace(SERVER_PLAN, recursive)) as running:
+        body = b'{"type": "track", "event": "Order Completed", "userId": "u1", "messageId": "m-deep", "properties": {"deep": ' \
+               + b"[" * 250 + b"]" * 250 + b"}}"
+        status, answer, _ = await running.post("/v1/track", body, key=SERVER_KEY)
+        assert (status, answer) == (200, {"success": True})
+        assert received(running) == ["m-deep"]
+        status, answer, _ = await running.post("/v1/track", order("u2", deep=["x"]), key=SERVER_KEY)  # and checks still work
+        assert status == 200
+        status, answer, _ = await running.post("/v1/track", order("u3", deep=[1]), key=SERVER_KEY)
+        assert (status, answer["code"]) == (400, "tracking_plan_violation")

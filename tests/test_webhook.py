@@ -361,3 +361,50 @@ def test_admin_config_and_logs_mask_the_secret() -> None:
     assert described["sources"][0]["webhook"] == {"secret": "****"}
     assert described["dedup"] == {"window": 600.0, "max_ids": 200000}
     assert mask_write_keys(None, "info", {"secret": SECRET})["secret"] == "whse****"
+
+
+async def test_a_dropped_mirror_copy_does_not_count_as_delivered() -> None:
+    # Parallel-mirror phase: apps send to Segment, mirrored to RudderStack; Segment's webhook brings
+    # the same events back for RudderStack. When RudderStack's spool is full the mirror copy is dropped
+    # (splitter_mirror_dropped_total); the webhook copy is then the only one RudderStack can get.
+    rules = RULES.replace("route: [segment, rudderstack]", "route: {to: [segment], mirror: [rudderstack]}").replace(
+        'url: "${RUDDERSTACK_URL}", timeout: 5, delivery: {', 'url: "${RUDDERSTACK_URL}", timeout: 5, delivery: {spool_quota_mb: 0.001, ')
+    async with proxy_stack(rules) as stack:
+        stack.rudder.faults.down = True
+        big = {"blob": "x" * 600}
+        assert (await stack.post("/v1/track", event("filler", properties=big), key=WEB_KEY, settle=False))[0] == 200
+        assert (await stack.post("/v1/track", event("mirrored", properties=big), key=WEB_KEY, settle=False))[0] == 200
+        assert stack.metric("splitter_mirror_dropped_total", destination="rudderstack", reason="spool_full") == 1
+        stack.rudder.faults.down = False
+        await stack.rudder.wait_for(1)
+        assert (await hook(stack, event("mirrored", properties=big)))[0] == 200
+        assert sorted(stack.rudder.message_ids()) == ["filler", "mirrored"]
+
+
+async def test_a_deeply_nested_event_is_a_400_not_a_500() -> None:
+    async with proxy_stack(RULES) as stack:
+        body = orjson.dumps(event("deep"))[:-1] + b', "nested": ' + b"[" * 300 + b"]" * 300 + b"}"
+        assert_refused(await hook(stack, body), 400, "invalid_event")
+
+
+def test_a_long_message_id_is_remembered_in_bounded_memory() -> None:
+    # messageId is the client's: up to the 32 KB event limit. max_ids of them must not cost 32 KB each
+    # (200,000 x 32 KB = 6 GB per destination), against the documented ~200 bytes per id.
+    import sys
+
+    dedup = Deduplicator(Clock())
+    settings = DedupSettings(window=60, max_ids=10)
+    long_ids = [str(n) * 20_000 for n in range(3)]
+    dedup.remember(settings, "rs", [*long_ids, "msg-short"])
+    assert all(dedup.seen("rs", message_id) for message_id in [*long_ids, "msg-short"])
+    assert not dedup.seen("rs", "0" * 19_999) and not dedup.seen("rs", "3" * 20_000)
+    assert max(sys.getsizeof(key) for key in dedup.windows["rs"]) < 200
+
+
+async def test_a_long_message_id_is_still_deduplicated() -> None:
+    async with proxy_stack(RULES) as stack:
+        long_id = "m" * 20_000
+        assert (await stack.post("/v1/track", event(long_id), key=WEB_KEY))[0] == 200
+        assert (await hook(stack, event(long_id)))[0] == 200
+        assert stack.rudder.message_ids() == [long_id]
+        assert stack.metric("splitter_dedup_hits_total", destination="rudderstack") == 1

@@ -264,15 +264,23 @@ async def test_a_single_process_reports_spools_left_by_workers(tmp_path: Path, r
 
 
 async def test_workers_drain_and_stop_when_their_supervisor_is_killed(tmp_path: Path, rules_path: Path, upstreams) -> None:  # type: ignore[no-untyped-def]
+    segment, rudder = upstreams
+    segment.receiver.faults.status = rudder.receiver.faults.status = 503  # nothing is delivered before the supervisor dies
     splitter = await start(rules_path, upstreams, tmp_path, "--workers", "2")
     acked = await send(splitter, "orphan", 10)
+    assert received(upstreams) == []
     splitter.process.kill()  # SIGKILL: the supervisor cannot tell its workers anything
+
+    async def both_lost() -> bool:
+        return {r.get("process") for r in splitter.events("supervisor_lost")} == {"worker-0", "worker-1"}
+
+    await eventually(both_lost, "both workers noticed", splitter)
+    segment.receiver.faults.status = rudder.receiver.faults.status = None  # the drain they do on their own delivers
 
     async def both_stopped() -> bool:
         return {r.get("process") for r in splitter.events("stopped")} >= {"worker-0", "worker-1"}
 
     await eventually(both_stopped, "both workers stopped on their own", splitter)
-    assert {r.get("process") for r in splitter.events("supervisor_lost")} == {"worker-0", "worker-1"}
     assert await splitter.stop() == -signal.SIGKILL
     assert sorted(received(upstreams)) == sorted(acked)  # they drained before stopping
 
@@ -304,3 +312,31 @@ def test_layout_names_only_spools_no_worker_owns(tmp_path: Path) -> None:
         (spool / owner / "000000000001.seg").write_bytes(b"SPLTSEG1" + (b"record" if owner != "worker-4/segment" else b""))
     assert leftovers(spool, 2) == [spool, spool / "worker-3"]  # worker-4 holds an empty segment only
     assert leftovers(spool, 4) == [spool]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("exists", [False, True])
+async def test_a_prometheus_multiproc_dir_from_the_environment_is_not_used(tmp_path: Path, rules_path: Path, upstreams, workers: str,  # type: ignore[no-untyped-def]
+                                                                          exists: bool) -> None:
+    """An inherited PROMETHEUS_MULTIPROC_DIR (another app's, or one long removed) must neither crash
+    start-up nor hide the rules gauges: splitter uses its own directory, or none, whatever it says."""
+    segment, rudder = upstreams
+    inherited = tmp_path / "inherited"
+    if exists:
+        inherited.mkdir()
+    env = dict(os.environ, SEGMENT_URL=segment.url, RUDDERSTACK_DATA_PLANE_URL=rudder.url, PROMETHEUS_MULTIPROC_DIR=str(inherited))
+    splitter = await launch_splitter(str(rules_path), env, ["--spool-dir", str(tmp_path / "spool"), "--dead-letter-dir", str(tmp_path / "dl"),
+                                                            "--reload-interval", "60", "--workers", workers])
+    try:
+        acked = await send(splitter, "inherited", 4)
+
+        async def counted() -> bool:
+            return total(await scrape(splitter), "splitter_events_total") == len(acked)
+
+        await eventually(counted, "every routed event counted once", splitter)
+        text = await scrape(splitter)
+        assert total(text, "splitter_rollout_percent", rule="rollout", destination="rudderstack") == 50
+        assert total(text, "splitter_config_info") == 1
+        assert list(inherited.iterdir()) == [] if exists else not inherited.exists()
+    finally:
+        assert await splitter.stop() == 0

@@ -44,6 +44,7 @@ class Outcome:
     code: str = ""
     message: str = ""
     retry_after: float | None = None
+    dropped_mirrors: frozenset[str] = frozenset()  # mirror destinations whose copies were dropped (spool full or failing)
 
 
 OK = Outcome(True)
@@ -157,6 +158,7 @@ class Delivery:
         except OSError as exc:
             log.error("spool_write_failed", destination=pipeline.name, error=str(exc))
             return Outcome(False, 503, "spool_unavailable", f"{pipeline.name}: cannot write the spool: {exc.strerror or exc}", 5.0)
+        dropped = set()
         for name, events in mirror.items():
             if not events:
                 continue
@@ -165,12 +167,13 @@ class Delivery:
                 tickets.append((pipeline.spool, pipeline.spool.write(record(name, events), len(events))))
             except (SpoolFull, OSError) as exc:
                 self._drop_mirror(name, len(events), exc)
+                dropped.add(name)
         try:
             await self._group_commit.wait(tickets)
         except OSError as exc:
             log.error("spool_sync_failed", error=str(exc))
             return Outcome(False, 503, "spool_unavailable", f"cannot sync the spool: {exc.strerror or exc}", 5.0)
-        return OK
+        return Outcome(True, dropped_mirrors=frozenset(dropped)) if dropped else OK
 
     def _drop_mirror(self, name: str, count: int, exc: Exception) -> None:
         reason = "spool_full" if isinstance(exc, SpoolFull) else "spool_error"

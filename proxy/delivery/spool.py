@@ -231,7 +231,12 @@ class Spool:
 
     # -- writing ----------------------------------------------------------------------------------
     def has_room(self, size: int) -> bool:
-        return self.disk_bytes + size <= self.quota_bytes
+        return self.disk_bytes - self._reclaimable() + size <= self.quota_bytes
+
+    def _reclaimable(self) -> int:
+        """Bytes of an active segment whose records are all delivered: a new segment frees them."""
+        active = self._active
+        return active.size - len(MAGIC) if active is not None and active.records and active.acked >= active.records else 0
 
     def append(self, credential: str, forwarded_for: str | None, events: list[bytes]) -> int:
         """Spool one request's `events` (at least one) as one record; returns a commit ticket."""
@@ -245,8 +250,8 @@ class Spool:
         if not self.has_room(len(data)):
             raise SpoolFull(f"spool at {self.directory} is at its quota of {self.quota_bytes} bytes")
         assert self._active is not None and self._fd is not None
-        if self._active.records and self._active.size + len(data) > self.segment_bytes:
-            self._new_segment(self._active.id + 1)
+        if self._active.records and (self._active.size + len(data) > self.segment_bytes or self.disk_bytes + len(data) > self.quota_bytes):
+            self._new_segment(self._active.id + 1)  # full, or at the quota with everything in it delivered (deleted then)
         assert self._active is not None and self._fd is not None
         os.write(self._fd, data)
         self._dirty.add(self._fd)

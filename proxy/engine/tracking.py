@@ -118,7 +118,7 @@ class SchemaCheck:
     def violations(self, subject: str, event: Mapping[str, Any]) -> list[Violation]:
         found = []
         for error in self.validator.iter_errors(event):
-            where = ".".join(str(part) for part in error.absolute_path) or "(event)"
+            where = _clipped(".".join(str(part) for part in error.absolute_path), 100) or "(event)"  # may hold client keys
             found.append(Violation("schema", subject, f"{subject!r} fails its JSON Schema at {where}: {_clipped(error.message)}"))
             if len(found) == MAX_SCHEMA_ERRORS:
                 break
@@ -139,6 +139,16 @@ class TrackingPlan:
     @property
     def blocks(self) -> bool:
         return self.mode == "block"
+
+    def checks(self, event: Mapping[str, Any]) -> bool:
+        """Whether `violations(event)` can find anything: observe mode queues only these events."""
+        kind = event.get("type")
+        if kind == "identify":
+            return self.identify is not None
+        if kind != "track":
+            return False
+        name = event.get("event")
+        return not self.allow_unplanned_events or (isinstance(name, str) and name in self.events)
 
     def violations(self, event: Mapping[str, Any]) -> tuple[Violation, ...]:
         """Every departure of `event` from the plan; empty when it conforms or is of a type the plan does not cover."""

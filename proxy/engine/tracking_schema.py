@@ -12,10 +12,15 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator, SchemaError
 from jsonschema.validators import validator_for
+from jsonschema_specifications import REGISTRY as _META_REGISTRY
+from referencing import Registry
+from referencing.exceptions import Unresolvable
+from referencing.jsonschema import specification_with
 
 from proxy.engine.nodes import NodeReader
 from proxy.engine.source import compose
@@ -26,6 +31,7 @@ PLAN_KEYS = ("mode", "allow_unplanned_events", "events", "identify")
 FIELD_KEYS = ("type", "enum")
 MODES = ("observe", "block")
 _JSON_SCALARS = (str, int, float, bool, type(None))
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})  # values there are instances, not schemas
 
 
 class PlanCompiler:
@@ -167,6 +173,9 @@ def _json_schema(r: NodeReader, node: yaml.Node, path: str) -> SchemaCheck | Non
     except yaml.YAMLError as exc:
         r.problem(node, path, f"unreadable JSON Schema: {exc}")
         return None
+    if "$schema" in schema and not isinstance(schema["$schema"], str):
+        r.problem(_node_at(node, ["$schema"]), f"{path}.$schema", f"must be a string naming a JSON Schema dialect, not {shown(schema['$schema'])}")
+        return None
     validator_class = validator_for(schema, default=Draft202012Validator)
     if "$schema" in schema and validator_for(schema, default=None) is None:
         r.problem(_node_at(node, ["$schema"]), f"{path}.$schema", f"unknown JSON Schema dialect {schema['$schema']!r}")
@@ -177,7 +186,40 @@ def _json_schema(r: NodeReader, node: yaml.Node, path: str) -> SchemaCheck | Non
         where = list(exc.absolute_path)
         r.problem(_node_at(node, where), ".".join([path, *map(str, where)]), f"invalid JSON Schema: {exc.message}")
         return None
-    return SchemaCheck(validator_class(schema))
+    # An empty registry: jsonschema's default one fetches a remote $ref with a blocking urlopen, on the
+    # event loop; and a $ref that does not resolve would raise from every check. Both are found here.
+    registry: Registry = Registry()
+    specification = specification_with(validator_class.META_SCHEMA.get("$schema", ""), default=None)
+    if specification is not None:
+        resolver = registry.combine(_META_REGISTRY).resolver_with_root(specification.create_resource(schema))
+        before = len(r.problems)
+        _check_refs(r, node, path, schema, [], resolver, specification)
+        if len(r.problems) > before:
+            return None
+    return SchemaCheck(validator_class(schema, registry=registry))
+
+
+def _check_refs(r: NodeReader, node: yaml.Node, path: str, value: object, where: list[object], resolver: Any, specification: Any) -> None:
+    """Report each `$ref` in a schema that does not resolve within it (`$id`s taken into account)."""
+    if isinstance(value, dict):
+        if where and isinstance(specification.id_of(value), str):
+            resolver = resolver.in_subresource(specification.create_resource(value))
+        for keyword in ("$ref", "$dynamicRef"):
+            ref = value.get(keyword)
+            if not isinstance(ref, str):
+                continue
+            try:
+                resolver.lookup(ref)
+            except Unresolvable:
+                at = [*where, keyword]
+                r.problem(_node_at(node, at), ".".join([path, *map(str, at)]),
+                          f"cannot resolve {ref!r} (a $ref must point into the same schema: nothing is fetched)")
+        for key, inner in value.items():
+            if key not in _DATA_KEYWORDS:
+                _check_refs(r, node, path, inner, [*where, key], resolver, specification)
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            _check_refs(r, node, path, inner, [*where, index], resolver, specification)
 
 
 def _node_at(node: yaml.Node, parts: Iterable[object]) -> yaml.Node:

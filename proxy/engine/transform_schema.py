@@ -226,7 +226,14 @@ class _TransformCompiler:
             self.r.problem(node, path, 'must come from the environment, e.g. "${PII_SALT}": a salt written in the rules file '
                                        "lets anyone who reads the file reverse the hashes")
             return None
-        return self.r.string(node, path)  # reports an empty value (a variable set to "", or an empty default)
+        if not isinstance(node, yaml.ScalarNode):
+            return self.r.string(node, path)  # reports a list or a mapping
+        # The variable's text exactly: an unquoted reference is retyped like a literal (0x1F2E would
+        # hash with "7982", 1:30 with "90"), and a non-string would be quoted back in the error.
+        if not node.value.strip():
+            self.r.problem(node, path, "must not be empty")  # a variable set to "", or an empty default
+            return None
+        return node.value
 
     def _set_property(self, node: yaml.Node, path: str, when: tuple[Predicate, ...]) -> Operation | None:
         spec = self._args(node, path, ("path", "value"))
@@ -260,12 +267,15 @@ class _TransformCompiler:
 OPERATIONS = tuple(_TransformCompiler._BUILDERS)  # the names, in the order error messages list them
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()
 _INVALID: Any = object()
+JSON_INT_RANGE = (-(2**63), 2**64 - 1)  # what orjson.dumps accepts
 
 
 def _not_json(value: Any) -> str | None:
     """Why `value` (built by YAML) cannot be sent as JSON, or None when it can."""
-    if value is None or isinstance(value, (str, bool, int)):
+    if value is None or isinstance(value, (str, bool)):
         return None
+    if isinstance(value, int):  # orjson encodes events, and only 64-bit integers
+        return None if JSON_INT_RANGE[0] <= value <= JSON_INT_RANGE[1] else f"{value} is outside the 64-bit integer range"
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{value!r} is not a finite number"
     if isinstance(value, list):

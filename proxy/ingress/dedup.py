@@ -20,6 +20,7 @@ Correctness under failure and concurrency:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -36,6 +37,7 @@ from proxy.metrics import Metrics
 log = get_logger("splitter.dedup")
 Key = tuple[str, str]  # (destination, messageId)
 _NOTHING: Mapping[str, float] = {}
+MAX_KEPT_ID_CHARS = 64  # a UUID is 36; a longer messageId is remembered by a digest, so an id costs ~200 bytes whatever its length
 
 
 @dataclass
@@ -58,7 +60,7 @@ class Deduplicator:
         self._last_log = 0.0
 
     def seen(self, destination: str, message_id: str) -> bool:
-        expiry = self.windows.get(destination, _NOTHING).get(message_id)
+        expiry = self.windows.get(destination, _NOTHING).get(_kept(message_id))
         return expiry is not None and expiry > self.clock()
 
     def remember(self, settings: DedupSettings, destination: str, message_ids: list[str]) -> int:
@@ -71,7 +73,7 @@ class Deduplicator:
                 break
             del window[oldest]
         expiry = now + settings.window
-        for message_id in message_ids:
+        for message_id in map(_kept, message_ids):
             window.pop(message_id, None)  # an expired leftover moves to the back
             window[message_id] = expiry
         while len(window) > settings.max_ids:
@@ -84,12 +86,12 @@ class Deduplicator:
         settings = rules.dedup
         assert settings is not None, "called only when the rules turn de-duplication on"
         claim = await self._claim(primary, mirror)
-        ok = False
+        ok, dropped = False, frozenset[str]()
         try:
             outcome = await delivery.accept(rules, claim.primary, claim.mirror, source, key, forwarded_for)
-            ok = outcome.ok
+            ok, dropped = outcome.ok, outcome.dropped_mirrors
         finally:
-            self._settle(settings, metrics, claim, ok)
+            self._settle(settings, metrics, claim, ok, dropped)
         if ok and claim.hits:
             self._report(metrics, claim.hits, source.name)
         return outcome
@@ -126,12 +128,15 @@ class Deduplicator:
                 kept.append(event)
         return kept
 
-    def _settle(self, settings: DedupSettings, metrics: Metrics, claim: Claim, ok: bool) -> None:
+    def _settle(self, settings: DedupSettings, metrics: Metrics, claim: Claim, ok: bool, dropped: frozenset[str] = frozenset()) -> None:
+        """Release the claim; remember the ids each destination now has (not those of dropped mirror copies)."""
         by_destination: dict[str, list[str]] = {}
         for (destination, message_id), future in claim.held.items():
             del self._held[(destination, message_id)]
-            future.set_result(ok)
-            by_destination.setdefault(destination, []).append(message_id)
+            delivered = ok and destination not in dropped
+            future.set_result(delivered)
+            if delivered:
+                by_destination.setdefault(destination, []).append(message_id)
         if ok:
             for destination, message_ids in by_destination.items():
                 tracked = self.remember(settings, destination, message_ids)
@@ -147,5 +152,12 @@ class Deduplicator:
 
 
 def _message_id(encoded: bytes) -> str:
-    """The event's messageId; `prepare()` gave every event one before encoding it."""
-    return str(orjson.loads(encoded)["messageId"])
+    """The event's messageId (as remembered: see `_kept`); `prepare()` gave every event one before encoding it."""
+    return _kept(str(orjson.loads(encoded)["messageId"]))
+
+
+def _kept(message_id: str) -> str:
+    """The id itself, or for a long one (the client's choice, up to 32 KB) a digest that no short id can equal."""
+    if len(message_id) <= MAX_KEPT_ID_CHARS:
+        return message_id
+    return "\0" + hashlib.blake2b(message_id.encode("utf-8", "surrogatepass"), digest_size=20).hexdigest()

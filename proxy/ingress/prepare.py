@@ -156,14 +156,19 @@ def prepare_event(prepared: Prepared, scope: RequestScope, index: int, event: An
     if not has_identity(event):
         reject(prepared, index, "no_user_anon_id", NO_IDENTITY)
         return
-    message_id = event.get("messageId")
-    if type(message_id) is not str or not message_id.strip():
-        event["messageId"] = message_id_for(scope.source.name, event, index)
-    if scope.ip_for_all is not None:
-        _set_ip(event, scope.ip_for_all)
-    elif scope.ip_for_client_channels is not None and is_client_channel(event.get("context")):
-        _set_ip(event, scope.ip_for_client_channels)
-    file_event(prepared, scope, index, event, orjson.dumps(event))
+    try:
+        message_id = event.get("messageId")
+        if type(message_id) is not str or not message_id.strip():
+            event["messageId"] = message_id_for(scope.source.name, event, index)  # before context.ip: a retry from elsewhere gets the same id
+        if scope.ip_for_all is not None:
+            _set_ip(event, scope.ip_for_all)
+        elif scope.ip_for_client_channels is not None and is_client_channel(event.get("context")):
+            _set_ip(event, scope.ip_for_client_channels)
+        encoded = orjson.dumps(event)
+    except orjson.JSONEncodeError as exc:  # parsed, but not encodable: nesting deeper than orjson writes (255 levels)
+        reject(prepared, index, "invalid_event", f"event cannot be forwarded: {exc}")
+        return
+    file_event(prepared, scope, index, event, encoded)
 
 
 def file_event(prepared: Prepared, scope: RequestScope, index: int, event: dict[str, Any], encoded: bytes) -> None:
@@ -176,7 +181,12 @@ def file_event(prepared: Prepared, scope: RequestScope, index: int, event: dict[
         return
     decision = route(scope.rules, event, scope.ctx)
     if scope.transforms:
-        _file_copies(prepared, decision, encoded, _encode_transformed(scope.transforms, decision, event))
+        try:
+            copies = _encode_transformed(scope.transforms, decision, event)
+        except orjson.JSONEncodeError as exc:  # a transform nested it past what orjson writes: never send the untransformed copy
+            reject(prepared, index, "invalid_event", f"event cannot be forwarded once transformed: {exc}")
+            return
+        _file_copies(prepared, decision, encoded, copies)
     else:
         for destination in decision.primary:
             prepared.primary.setdefault(destination, []).append(encoded)
