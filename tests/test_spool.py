@@ -460,6 +460,18 @@ async def test_quota_refuses_a_batch_that_does_not_fit_and_writes_nothing(tmp_pa
     await spool.close()
 
 
+async def test_at_the_quota_a_fully_delivered_active_segment_makes_room(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path, quota_bytes=400)
+    await put(spool, [("k", None, ev(0, pad=200))])
+    assert not spool.has_room(300)  # the record is still waiting
+    spool.ack(await read(spool))  # delivered: its bytes are still in the active segment, but reclaimable
+    assert spool.has_room(300)
+    await put(spool, [("k", None, ev(1, pad=200))])  # rotates: the delivered segment is deleted
+    assert seg_files(tmp_path) == ["000000000002.seg"] and spool.disk_bytes == (tmp_path / "000000000002.seg").stat().st_size
+    assert events_of(await read(spool)) == [ev(1, pad=200)]
+    await spool.close()
+
+
 # -- group commit -------------------------------------------------------------------------------------------------------------
 
 
