@@ -57,13 +57,18 @@ def _read_input(path: str) -> list[SampleEvent]:
     raise AssertionError("unreachable")
 
 
-def _contexts(rules: RuleSet, samples: Iterable[SampleEvent], write_key: str | None, headers: CIMultiDict[str], region: str | None) -> list[Sample]:
-    """Pair each event with the context the proxy would give it; unknown keys are an error."""
+def _contexts(rules: RuleSet, samples: Iterable[SampleEvent], write_key: str | None, headers: CIMultiDict[str], region: str | None,
+              source_name: str | None = None) -> list[Sample]:
+    """Pair each event with the context the proxy would give it; unknown keys and sources are an error."""
+    if write_key and source_name:
+        _fail("give --write-key or --source, not both")
+    if source_name is not None and source_name not in rules.sources:
+        _fail(f"--source {source_name!r}: no such source in {rules.filename} (sources: {', '.join(rules.sources)})")
     country = rules.country_from_headers(headers)
     out: list[Sample] = []
     for sample in samples:
-        key = write_key or sample.write_key
-        source = rules.source_for_key(key)
+        key = write_key or (None if source_name else sample.write_key)
+        source = rules.sources[source_name] if source_name else rules.source_for_key(key)
         if key and source is None:
             _fail(f"{sample.where}: unknown write key (no source in {rules.filename} has it)")
         out.append((sample.event, EventContext(source.name if source else None, region, country)))
@@ -161,22 +166,25 @@ def check(rules_path: str) -> None:
 _header_option = click.option("--header", "header_values", multiple=True, metavar="'Name: value'", help="A request header, e.g. a geo header for `country`.")
 _region_option = click.option("--region", envvar="SPLITTER_REGION", default=None, help="The proxy's region, for `region` conditions.")
 _key_option = click.option("--write-key", default=None, help="The write key clients present (selects the source).")
+_source_option = click.option("--source", "source_name", default=None, help="The source by name, e.g. a webhook source that has no write keys.")
 
 
 @main.command()
 @click.argument("rules_path", metavar="RULES.yaml")
 @click.argument("input_path", metavar="[INPUT]", default="-")
 @_key_option
+@_source_option
 @_header_option
 @_region_option
 @at_option
-def explain(rules_path: str, input_path: str, write_key: str | None, header_values: tuple[str, ...], region: str | None, at: datetime) -> None:
+def explain(rules_path: str, input_path: str, write_key: str | None, source_name: str | None, header_values: tuple[str, ...], region: str | None,
+            at: datetime) -> None:
     """Print the decision for each event of INPUT (a file or -): one JSON line per event.
 
     When the rules declare transforms, each line also has `transformed`: the event each destination
     with transforms would receive (the others receive it unchanged)."""
     rules = effective_rules(_load(rules_path), at)
-    samples = _contexts(rules, _read_input(input_path), write_key, _headers(header_values), region)
+    samples = _contexts(rules, _read_input(input_path), write_key, _headers(header_values), region, source_name)
     out = sys.stdout.buffer
     for event, ctx in samples:
         decision = decide(rules, event, ctx)
@@ -192,16 +200,17 @@ def explain(rules_path: str, input_path: str, write_key: str | None, header_valu
 @click.argument("events_path", metavar="EVENTS.ndjson")
 @click.option("--against", "old_path", metavar="OLD.yaml", default=None, help="Compare with these rules: which users would change destination.")
 @_key_option
+@_source_option
 @_header_option
 @_region_option
 @at_option
-def simulate(rules_path: str, events_path: str, old_path: str | None, write_key: str | None, header_values: tuple[str, ...], region: str | None,
-             at: datetime) -> None:
+def simulate(rules_path: str, events_path: str, old_path: str | None, write_key: str | None, source_name: str | None, header_values: tuple[str, ...],
+             region: str | None, at: datetime) -> None:
     """Tally where a sample of events goes, per rule and destination; rehearse a change with --against or a ramp step with --at."""
     rules = effective_rules(_load(rules_path), at)
     events = _read_input(events_path)
     headers = _headers(header_values)
-    samples = _contexts(rules, events, write_key, headers, region)
+    samples = _contexts(rules, events, write_key, headers, region, source_name)
     result = tally(rules, samples)
     click.echo(f"{result.events} events, {result.keys} distinct cohort keys ({rules_path})")
     for line in position_lines(rules, at):
@@ -216,7 +225,7 @@ def simulate(rules_path: str, events_path: str, old_path: str | None, write_key:
     if old_path is None:
         return
     old = effective_rules(_load(old_path), at)
-    moved = against(old, rules, _contexts(old, events, write_key, headers, region))
+    moved = against(old, rules, _contexts(old, events, write_key, headers, region, source_name))
     share = 100.0 * moved.keys_changed / moved.keys if moved.keys else 0.0
     click.echo(f"\nagainst {old_path}: {moved.keys_changed} of {moved.keys} cohort keys ({share:.2f}%) change primary destination; {moved.events_changed} events")
     for (before, after), count in moved.transitions.most_common():

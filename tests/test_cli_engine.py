@@ -164,3 +164,21 @@ def test_simulate_tallies_and_rehearses_a_rollout(example: Path, rules_env: dict
     assert "rudderstack -> segment" not in out  # widening only ever adds users to the first-listed side
     row = next(line.split() for line in out.splitlines() if line.startswith("everyone-else") and " rudderstack " in line)
     assert abs(float(row[-1].rstrip("%")) - 20.0) < 3.0
+
+
+def test_explain_and_simulate_take_a_source_by_name_for_webhook_sources(rules_env: dict[str, str], tmp_path: Path) -> None:
+    shipped = str(Path(__file__).resolve().parents[1] / "rules" / "webhook-intake.yaml")
+    event = '{"type":"track","event":"Opened","userId":"u-1","messageId":"m-1"}'
+    result = run(["explain", shipped, "--source", "legacy-apps"], rules_env, stdin=event)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rule"] == "legacy-via-segment"
+    assert json.loads(run(["explain", shipped], rules_env, stdin=event).stdout)["rule"] == "apps"  # no source: not the webhook's rule
+    unknown = run(["explain", shipped, "--source", "nope"], rules_env, stdin=event)
+    assert unknown.returncode == 2 and "--source 'nope': no such source" in unknown.stderr
+    both = run(["explain", shipped, "--source", "legacy-apps", "--write-key", "k"], rules_env, stdin=event)
+    assert both.returncode == 2 and "not both" in both.stderr
+    sample = tmp_path / "sample.ndjson"
+    sample.write_text(event + "\n")
+    simulated = run(["simulate", shipped, str(sample), "--source", "legacy-apps"], rules_env)
+    assert simulated.returncode == 0, simulated.stderr
+    assert "legacy-via-segment" in simulated.stdout and "\napps " not in simulated.stdout
