@@ -540,6 +540,24 @@ async def test_a_failed_sync_fails_the_waiting_request_and_the_next_round_recove
     await spool.close()
 
 
+async def test_a_descriptor_handed_to_a_sync_round_stays_open_until_the_next_round(tmp_path: Path) -> None:
+    """A segment sealed while a worker thread fsyncs its descriptor: closed then, the fsync would hit
+    a closed (or, worse, reused) descriptor and fail the round's requests with a 503 for nothing."""
+    spool, _ = opened(tmp_path, segment_bytes=300)
+    spool.append("k", None, [ev(0, pad=120)])
+    round_one = spool.take_dirty()  # a round starts: its thread will fsync these
+    [sealed] = round_one[0]
+    spool.append("k", None, [ev(1, pad=120)])
+    spool.append("k", None, [ev(2, pad=120)])  # rotates: segment 1 is sealed while round one still runs
+    assert spool._fd != sealed
+    spool.sync(round_one)  # the round's fsync of the sealed segment still works
+    os.fstat(sealed)
+    spool.sync(spool.take_dirty())  # the next round: now the sealed descriptor is closed
+    with pytest.raises(OSError):
+        os.fstat(sealed)
+    await spool.close()
+
+
 # -- oldest age ---------------------------------------------------------------------------------------------------------------------
 
 

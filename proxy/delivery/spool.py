@@ -172,6 +172,7 @@ class Spool:
         self._active: _Segment | None = None
         self._fd: int | None = None
         self._dirty: set[int] = set()  # fds written since the last fsync
+        self._sealed_fds: list[int] = []  # of sealed segments: closed when no sync round can be using them
         self._dir_dirty = False
         self.appended = 0  # records ever appended (tickets)
         self.committed = 0  # tickets covered by an fsync
@@ -275,6 +276,9 @@ class Spool:
         await self._group.wait(((self, ticket),))
 
     def take_dirty(self) -> tuple[set[int], bool]:
+        """Called as a sync round starts, when the previous round's thread is done: the time to close
+        sealed segments' descriptors (closed under a running fsync, their numbers could be reused)."""
+        self._close_sealed()
         fds, self._dirty = self._dirty, set()
         sync_dir, self._dir_dirty = self._dir_dirty, False
         return fds, sync_dir
@@ -282,11 +286,7 @@ class Spool:
     def sync(self, dirty: tuple[set[int], bool]) -> None:
         fds, sync_dir = dirty
         for fd in fds:
-            try:
-                os.fsync(fd)
-            except OSError:
-                if fd == self._fd:
-                    raise  # a sealed segment's fd may already be closed after it was synced
+            os.fsync(fd)
         if sync_dir:
             directory = os.open(self.directory, os.O_RDONLY)
             try:
@@ -298,7 +298,7 @@ class Spool:
         if self._active is not None and self._fd is not None:
             os.fsync(self._fd)  # sealing: what the old segment holds is durable before it closes
             self._dirty.discard(self._fd)
-            os.close(self._fd)
+            self._sealed_fds.append(self._fd)  # a sync round in a worker thread may hold it still
             self._active.sealed = True
             if self._active.acked >= self._active.records:  # everything in it was delivered before it filled up
                 self._remove(self._active.id)
@@ -454,8 +454,14 @@ class Spool:
                     return max(0.0, (now or time.time()) - PREFIX.unpack(prefix)[0])
         return 0.0
 
+    def _close_sealed(self) -> None:
+        for fd in self._sealed_fds:
+            os.close(fd)
+        self._sealed_fds.clear()
+
     async def close(self) -> None:
         await self._group.idle()
+        self._close_sealed()
         for segment in self._segments.values():
             if segment.acked != segment.noted:
                 self._write_ack(segment, time.monotonic())
