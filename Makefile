@@ -21,8 +21,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-check: $(STAMP)
-	for f in rules/*.yaml; do $(VENV)/bin/splitter check $$f || exit 1; done
+check: $(STAMP)  # every shipped rules file passes `splitter check`, with the placeholder environment the tests use
+	$(PY) -m pytest -q tests/test_cli_engine.py -k every_shipped_rules_file
 
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || (sudo apt-get update -qq && sudo apt-get install -y -qq wrk)
