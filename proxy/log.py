@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable, MutableMapping
 from typing import Any
 
 import structlog
@@ -33,6 +35,29 @@ def _masked(name: str, value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_masked(name, item) for item in value]
     return value
+
+
+class LogThrottle:
+    """At most one log line per key every `interval` seconds, and how many were held back meanwhile.
+
+    For lines that requests or clients can trigger at will (dropped mirror copies, duplicates, bad
+    data against a tracking plan): loud enough to be seen, never a line per event."""
+
+    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[Hashable, float] = {}
+        self._held_back: Counter[Hashable] = Counter()
+
+    def allow(self, key: Hashable = None) -> int | None:
+        """None when a line for `key` was logged less than `interval` ago; else how many were held back since."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held_back[key] += 1
+            return None
+        self._last[key] = now
+        return self._held_back.pop(key, 0)
 
 
 class LineLogger:

@@ -28,7 +28,7 @@ from proxy.delivery.pipeline import Pipeline
 from proxy.delivery.spool import Spool, SpoolFull, encode
 from proxy.delivery.upstream import Upstream
 from proxy.engine import Destination, RuleSet, Source
-from proxy.log import get_logger
+from proxy.log import LogThrottle, get_logger
 from proxy.metrics import Metrics
 
 log = get_logger("splitter.delivery")
@@ -63,7 +63,7 @@ class Delivery:
         self._retired: list[Upstream] = []
         self._telemetry: set[asyncio.Task[None]] = set()
         self._lock_fd: int | None = None
-        self._last_drop_log: dict[str, float] = {}
+        self._drop_log = LogThrottle()  # per destination
         self._group_commit = GroupCommit()  # one fsync round for all destinations' spools
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -179,9 +179,7 @@ class Delivery:
         reason = "spool_full" if isinstance(exc, SpoolFull) else "spool_error"
         self.metrics.child(self.metrics.events_dropped, name, reason).inc(count)
         self.metrics.child(self.metrics.mirror_dropped, name, reason).inc(count)
-        now = time.monotonic()
-        if now - self._last_drop_log.get(name, 0.0) >= 1.0:  # loud, but one line a second, not one per request
-            self._last_drop_log[name] = now
+        if self._drop_log.allow(name) is not None:
             log.error("mirror_events_dropped", destination=name, events=count, reason=reason, error=str(exc))
 
     # -- analytics.js telemetry ---------------------------------------------------------------------------------

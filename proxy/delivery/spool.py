@@ -153,10 +153,10 @@ def check_format(path: Path, data: bytes) -> int:
 
 
 class _Segment:
-    __slots__ = ("id", "path", "records", "acked", "acked_offset", "size", "sealed", "noted", "noted_at")
+    __slots__ = ("id", "path", "records", "acked", "acked_offset", "size", "noted", "noted_at")
 
     def __init__(self, segment_id: int, path: Path, records: int = 0, acked: int = 0, size: int = 0, acked_offset: int = 0) -> None:
-        self.id, self.path, self.records, self.acked, self.size, self.sealed = segment_id, path, records, acked, size, False
+        self.id, self.path, self.records, self.acked, self.size = segment_id, path, records, acked, size
         self.acked_offset = acked_offset  # where the first unacked record starts
         self.noted, self.noted_at = acked, 0.0  # what its .ack note says, and when it was written
 
@@ -215,7 +215,6 @@ class Spool:
                 continue
             acked_offset = len(MAGIC) + sum(HEADER.size + len(p) for p in payloads[:acked])
             segment = _Segment(segment_id, path, len(payloads), acked, valid, acked_offset)
-            segment.sealed = True
             self._segments[segment_id] = segment
             self._order.append(segment_id)
             self.disk_bytes += valid
@@ -299,7 +298,6 @@ class Spool:
             os.fsync(self._fd)  # sealing: what the old segment holds is durable before it closes
             self._dirty.discard(self._fd)
             self._sealed_fds.append(self._fd)  # a sync round in a worker thread may hold it still
-            self._active.sealed = True
             if self._active.acked >= self._active.records:  # everything in it was delivered before it filled up
                 self._remove(self._active.id)
         path = self._path(segment_id)  # always a new file: recovered segments are sealed, never appended to

@@ -31,8 +31,7 @@ def decide(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext = NO_CONT
     rule = first_match(rules, event, ctx)
     if rule.decision is not None:
         return rule.decision
-    field, key = cohort_key(event, rule.cohort.paths)
-    chosen = bucket(rule.cohort.salt, key) if key is not None else NO_KEY_BUCKET
+    field, chosen = _bucket(rule, event)
     arm = _arm(rule, chosen)
     return Decision(rule.name, arm.primary, arm.mirror, chosen, field)
 
@@ -41,10 +40,13 @@ def route(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext = NO_CONTE
     """The same routing as `decide`, for the proxy's hot path: the rule's or the split arm's shared
     decision, without the bucket and key (nothing allocated per event)."""
     rule = first_match(rules, event, ctx)
-    if rule.decision is not None:
-        return rule.decision
-    _, key = cohort_key(event, rule.cohort.paths)
-    return _arm(rule, bucket(rule.cohort.salt, key) if key is not None else NO_KEY_BUCKET)
+    return rule.decision or _arm(rule, _bucket(rule, event)[1])
+
+
+def _bucket(rule: Rule, event: Mapping[str, Any]) -> tuple[str | None, int]:
+    """(cohort key field, bucket) of a split rule for `event`."""
+    field, key = cohort_key(event, rule.cohort.paths)
+    return field, bucket(rule.cohort.salt, key) if key is not None else NO_KEY_BUCKET
 
 
 def _arm(rule: Rule, chosen: int) -> Decision:

@@ -102,7 +102,7 @@ def check_webhook_routes(reader: NodeReader, sources: Mapping[str, Source], plac
             continue
         missing: dict[str, Rule] = {}
         for rule in reachable_rules(rules, source.name):
-            for name in _destinations_of(rule):
+            for name in rule.route.destinations:
                 destination = destinations.get(name)
                 if destination is not None and destination.kind == "segment":
                     reader.problems.append(Problem(
@@ -133,8 +133,3 @@ def reachable_rules(rules: tuple[Rule, ...], source: str) -> list[Rule]:
             break
     return found
 
-
-def _destinations_of(rule: Rule) -> list[str]:
-    route = rule.route
-    split = [name for name, _ in route.split.arms] if route.split else []
-    return list(dict.fromkeys([*route.to, *split, *route.mirror]))

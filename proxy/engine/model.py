@@ -81,6 +81,12 @@ class Route:
     mirror: tuple[str, ...] = ()
     ramp: Ramp | None = None  # split changes over time (engine/ramp.py); `split` is the one in effect
 
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        """Every destination the route can send to, as primary or mirror, in the order written."""
+        split = tuple(destination for destination, _ in self.split.arms) if self.split else ()
+        return tuple(dict.fromkeys((*self.to, *split, *self.mirror)))
+
     def arms_for(self, rule: str) -> tuple[tuple[int, Decision], ...]:
         """Per split arm: its exclusive upper bucket and the decision it makes (built once, shared by
         every event that lands in the arm)."""

@@ -61,7 +61,7 @@ def compile_transforms(reader: NodeReader, top: dict[str, yaml.Node], text: str,
         by_rule = compiler.per_rule(node, f"rules[{index}].{KEY}", declared, rule, unknown_destination) if node is not None else {}
         if rule is None:
             continue  # the rule has problems of its own: the file will be refused anyway
-        for destination in _route_destinations(rule):
+        for destination in rule.route.destinations:
             operations = by_rule.get(destination, ()) + by_destination.get(destination, ())
             if operations:
                 table[(rule.name, destination)] = Chain(operations)
@@ -80,11 +80,6 @@ def _value_of(node: yaml.Node, key: str) -> yaml.Node | None:
     return next((value for name, value in _entries(node) if name == key), None)
 
 
-def _route_destinations(rule: Rule) -> tuple[str, ...]:
-    split = tuple(dest for dest, _ in rule.route.split.arms) if rule.route.split else ()
-    return tuple(dict.fromkeys((*rule.route.to, *split, *rule.route.mirror)))
-
-
 class _TransformCompiler:
     def __init__(self, reader: NodeReader, text: str) -> None:
         self.r = reader
@@ -100,8 +95,8 @@ class _TransformCompiler:
             where = f"{path}.{destination}"
             if destination not in declared:
                 self.r.problem(ops_node, where, unknown_destination(destination))
-            elif rule is not None and destination not in _route_destinations(rule):
-                routed = ", ".join(_route_destinations(rule))
+            elif rule is not None and destination not in rule.route.destinations:
+                routed = ", ".join(rule.route.destinations)
                 self.r.problem(ops_node, where, f"this rule never sends to {destination!r} (it routes to: {routed}), so these transforms would never run")
             out[destination] = self.operations(ops_node, where)
         return out

@@ -26,12 +26,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import orjson
-
 from proxy.delivery import Delivery, Outcome
 from proxy.engine import RuleSet, Source
 from proxy.engine.intake import DedupSettings
-from proxy.log import get_logger
+from proxy.log import LogThrottle, get_logger
 from proxy.metrics import Metrics
 
 log = get_logger("splitter.dedup")
@@ -57,7 +55,7 @@ class Deduplicator:
         self.clock = clock
         self.windows: dict[str, OrderedDict[str, float]] = {}
         self._held: dict[Key, asyncio.Future[bool]] = {}
-        self._last_log = 0.0
+        self._log = LogThrottle()  # a steady stream of duplicates is expected
 
     def seen(self, destination: str, message_id: str) -> bool:
         expiry = self.windows.get(destination, _NOTHING).get(_kept(message_id))
@@ -81,11 +79,15 @@ class Deduplicator:
         return len(window)
 
     async def accept(self, delivery: Delivery, metrics: Metrics, rules: RuleSet, primary: Mapping[str, list[bytes]],
-                     mirror: Mapping[str, list[bytes]], source: Source, key: str, forwarded_for: str | None) -> Outcome:
-        """`Delivery.accept` for the events no destination has yet; remembers their ids if accepted."""
+                     mirror: Mapping[str, list[bytes]], message_ids: Mapping[int, str], source: Source, key: str,
+                     forwarded_for: str | None) -> Outcome:
+        """`Delivery.accept` for the events no destination has yet; remembers their ids if accepted.
+
+        `message_ids` maps the id() of each event's bytes to its messageId (`prepare()` stamped one on
+        every event), so nothing is parsed again here."""
         settings = rules.dedup
         assert settings is not None, "called only when the rules turn de-duplication on"
-        claim = await self._claim(primary, mirror)
+        claim = await self._claim(primary, mirror, {event: _kept(message_id) for event, message_id in message_ids.items()})
         ok, dropped = False, frozenset[str]()
         try:
             outcome = await delivery.accept(rules, claim.primary, claim.mirror, source, key, forwarded_for)
@@ -96,9 +98,8 @@ class Deduplicator:
             self._report(metrics, claim.hits, source.name)
         return outcome
 
-    async def _claim(self, primary: Mapping[str, list[bytes]], mirror: Mapping[str, list[bytes]]) -> Claim:
+    async def _claim(self, primary: Mapping[str, list[bytes]], mirror: Mapping[str, list[bytes]], ids: Mapping[int, str]) -> Claim:
         """Filter out what each destination has; wait for concurrent requests holding the same ids."""
-        ids: dict[int, str] = {}  # one parse per event even when it goes to several destinations
         while True:
             claim, others = Claim(), set()
             for role, events_by_destination in ((claim.primary, primary), (claim.mirror, mirror)):
@@ -110,13 +111,11 @@ class Deduplicator:
                 return claim
             await asyncio.wait(others)  # nothing was held yet: the pass starts over when they settle
 
-    def _fresh(self, claim: Claim, others: set[asyncio.Future[bool]], destination: str, events: list[bytes], ids: dict[int, str]) -> list[bytes]:
+    def _fresh(self, claim: Claim, others: set[asyncio.Future[bool]], destination: str, events: list[bytes], ids: Mapping[int, str]) -> list[bytes]:
         loop = asyncio.get_running_loop()
         kept = []
         for event in events:
-            message_id = ids.get(id(event))
-            if message_id is None:
-                message_id = ids[id(event)] = _message_id(event)
+            message_id = ids[id(event)]
             held_key = (destination, message_id)
             pending = self._held.get(held_key)
             if pending is not None:
@@ -145,15 +144,8 @@ class Deduplicator:
     def _report(self, metrics: Metrics, hits: dict[str, int], source: str) -> None:
         for destination, count in hits.items():
             metrics.child(metrics.dedup_hits, destination).inc(count)
-        now = time.monotonic()
-        if now - self._last_log >= 1.0:  # a steady stream of duplicates is expected: one line a second at most
-            self._last_log = now
+        if self._log.allow() is not None:
             log.info("duplicates_dropped", source=source, destinations=hits)
-
-
-def _message_id(encoded: bytes) -> str:
-    """The event's messageId (as remembered: see `_kept`); `prepare()` gave every event one before encoding it."""
-    return _kept(str(orjson.loads(encoded)["messageId"]))
 
 
 def _kept(message_id: str) -> str:

@@ -43,12 +43,11 @@ class IngressDeps:
     plan_checks: PlanChecks = field(default_factory=PlanChecks)  # used only for sources with a tracking plan
 
 
-def _prepare_request(rules: RuleSet, data: bytes, header_key: str | None, shape: CallShape, ctx_base: EventContext,
+def _prepare_request(rules: RuleSet, data: bytes, header_key: str | None, shape: CallShape, region: str | None, country: str | None,
                      client_ip: str | None) -> tuple[Prepared, Source, str]:
     body: Any = parse_json(data)
     source, key = authenticate(rules, header_key, body)
-    ctx = EventContext(source.name, ctx_base.region, ctx_base.country)
-    return prepare(rules, body, shape, source, ctx, client_ip), source, key
+    return prepare(rules, body, shape, source, EventContext(source.name, region, country), client_ip), source, key
 
 
 def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-untyped-def]
@@ -59,8 +58,7 @@ def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-unty
             raise IngressError(401, "invalid_write_key", "unknown write key")  # before reading the body
         data = await read_body(request)
         client_ip, forwarded_for = client_address(request.remote, request.headers.get("X-Forwarded-For"), deps.trusted_proxies)
-        ctx = EventContext(None, deps.region, rules.country_from_headers(request.headers))
-        prepared, source, key = _prepare_request(rules, data, header_key, shape, ctx, client_ip)
+        prepared, source, key = _prepare_request(rules, data, header_key, shape, deps.region, rules.country_from_headers(request.headers), client_ip)
         request[SOURCE_KEY] = source.name
         return await deliver(deps, rules, prepared, shape, source, key, forwarded_for)
 
@@ -80,7 +78,8 @@ async def deliver(deps: IngressDeps, rules: RuleSet, prepared: Prepared, shape: 
     if rules.dedup is None:
         outcome = await deps.delivery.accept(rules, prepared.primary, prepared.mirror, source, key, forwarded_for)
     else:
-        outcome = await deps.dedup.accept(deps.delivery, metrics, rules, prepared.primary, prepared.mirror, source, key, forwarded_for)
+        outcome = await deps.dedup.accept(deps.delivery, metrics, rules, prepared.primary, prepared.mirror, prepared.message_ids, source, key,
+                                          forwarded_for)
     if not outcome.ok:
         headers = {"Retry-After": str(max(1, round(outcome.retry_after)))} if outcome.retry_after else None
         log.warning("events_not_accepted", status=outcome.status, code=outcome.code, source=source.name, write_key=key, error=outcome.message)

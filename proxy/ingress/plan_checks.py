@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import orjson
 from aiohttp import web
 
 from proxy.engine import RuleSet, TrackingPlan, Violation
-from proxy.log import get_logger
+from proxy.log import LogThrottle, get_logger
 from proxy.metrics import Metrics
 from proxy.tasks import BackgroundTask
 
@@ -55,15 +54,12 @@ def screen(plan: TrackingPlan, event: dict[str, object], encoded: bytes, observe
     return "; ".join(v.message for v in found)
 
 
-_failure_logged_at = -LOG_INTERVAL
+_FAILURE_LOG = LogThrottle(LOG_INTERVAL)
 
 
 def _check_failed(mode: str, source: str | None = None) -> None:
     """Log a failed check (inside an `except`), at most once a second: a client can make many fail on purpose."""
-    global _failure_logged_at
-    now = time.monotonic()
-    if now - _failure_logged_at >= LOG_INTERVAL:
-        _failure_logged_at = now
+    if _FAILURE_LOG.allow() is not None:
         log.exception("tracking_plan_check_failed", source=source, mode=mode)
 
 
@@ -74,10 +70,8 @@ class PlanChecks:
         self._queue: asyncio.Queue[tuple[TrackingPlan, str, bytes]] = asyncio.Queue(capacity)
         self._max_bytes = max_bytes
         self._queued_bytes = 0
-        self._clock = clock
         self._metrics: Metrics | None = None
-        self._logged_at: dict[tuple[str, str], float] = {}
-        self._held_back: Counter[tuple[str, str]] = Counter()
+        self._sampled = LogThrottle(LOG_INTERVAL, clock)  # per (source, kind)
         self._background = BackgroundTask(self._run, "tracking-plan-checks")
 
     def register(self, app: web.Application, metrics: Metrics) -> None:
@@ -116,15 +110,10 @@ class PlanChecks:
             self._sample(source, violation, mode)
 
     def _sample(self, source: str, violation: Violation, mode: str) -> None:
-        key = (source, violation.kind)
-        now = self._clock()
-        last = self._logged_at.get(key)
-        if last is not None and now - last < LOG_INTERVAL:
-            self._held_back[key] += 1
-            return
-        self._logged_at[key] = now
-        log.warning("tracking_plan_violation", source=source, kind=violation.kind, event_name=violation.event[:_SHOWN_NAME_CHARS],
-                    message=violation.message, mode=mode, held_back=self._held_back.pop(key, 0))
+        held_back = self._sampled.allow((source, violation.kind))
+        if held_back is not None:
+            log.warning("tracking_plan_violation", source=source, kind=violation.kind, event_name=violation.event[:_SHOWN_NAME_CHARS],
+                        message=violation.message, mode=mode, held_back=held_back)
 
     async def _run(self) -> None:
         while True:

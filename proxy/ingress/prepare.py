@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -27,12 +27,11 @@ from proxy.engine.events import ENVELOPE_MERGED
 from proxy.ingress.body import MAX_BATCH_EVENTS, MAX_EVENT_BYTES
 from proxy.ingress.plan_checks import screen
 from proxy.ingress.responses import IngressError
-from proxy.metrics import KNOWN_TYPES
+from proxy.metrics import bounded_type
 
 
-MISSING_TYPE = "event has no type (track, identify, page, screen, group or alias)"
-NO_IDENTITY = "event has neither userId nor anonymousId"
 CLIENT_CHANNELS = ("browser", "mobile", "client")  # context.channel of events from a browser or an app
+_NO_COPIES: dict[str, bytes] = {}  # no destination has transforms: every one files the same bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,17 +49,17 @@ class Prepared:
     mirror: dict[str, list[bytes]] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     routed: Counter[tuple[str, tuple[str, ...], tuple[str, ...], str]] = field(default_factory=Counter)  # (rule, primary, mirror, type) -> events
-    accepted: int = 0
     observed: list[bytes] = field(default_factory=list)  # events for the background tracking-plan check
     violations: list[Violation] = field(default_factory=list)  # of events a blocking tracking plan rejected
-
+    message_ids: dict[int, str] = field(default_factory=dict)  # id() of each filed event's bytes -> its messageId, for de-duplication
 
     def routed_labels(self, source: str) -> Iterator[tuple[tuple[str, str, str, str, str], int]]:
         """`splitter_events_total` labels (source, type, rule, destination, role) and counts.
 
-        Counted per decision while preparing (one increment per event), expanded per destination
-        once per request here."""
-        for (rule, primary, mirror, event_type), count in self.routed.items():
+        Counted per decision and raw type while preparing (one increment per event); the type is
+        bounded and the count expanded per destination once per request here."""
+        for (rule, primary, mirror, raw_type), count in self.routed.items():
+            event_type = bounded_type(raw_type)
             for destination in primary:
                 yield (source, event_type, rule, destination, "primary"), count
             for destination in mirror:
@@ -81,14 +80,17 @@ def message_id_for(source: str, event: dict[str, Any], index: int = 0) -> str:
 
 
 def _has_identity(event: dict[str, Any]) -> bool:
-    for name in ("userId", "anonymousId"):
+    for name in ("anonymousId", "userId"):  # anonymousId first: nearly every event has one
         value = event.get(name)
-        if (isinstance(value, str) and value.strip()) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        if type(value) is str:
+            if value.strip():
+                return True
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             return True
     return False
 
 
-def reject(prepared: Prepared, index: int, code: str, message: str) -> None:
+def _reject(prepared: Prepared, index: int, code: str, message: str) -> None:
     prepared.rejected.append({"index": index, "code": code, "message": message})
 
 
@@ -105,13 +107,14 @@ class RequestScope:
     ip_for_client_channels: str | None  # other routes: only for events whose context.channel is a client's
     transforms: TransformTable
     plan: TrackingPlan | None
+    keep_message_ids: bool  # de-duplication is on: it is handed each event's messageId instead of parsing it again
 
     @classmethod
     def of(cls, rules: RuleSet, shape: CallShape, source: Source, ctx: EventContext, client_ip: str | None,
            envelope: dict[str, Any] | None) -> RequestScope:
         return cls(rules, source, ctx, envelope, None if shape.is_batch else shape.implied_type,
                    client_ip if shape.from_client else None, client_ip if not shape.from_client else None,
-                   rules.transforms, rules.tracking_plans.get(source.name))
+                   rules.transforms, rules.tracking_plans.get(source.name), rules.dedup is not None)
 
 
 def prepare(
@@ -123,25 +126,21 @@ def prepare(
         events = body.get("batch")
         if not isinstance(events, list):
             raise IngressError(400, "invalid_request", "batch body needs a `batch` list of events")
-        check_batch_size(len(events))
+        if len(events) > MAX_BATCH_EVENTS:
+            raise IngressError(413, "too_many_events", f"batch has {len(events)} events; the limit is {MAX_BATCH_EVENTS} per request")
     else:
         events = [body]
     prepared = Prepared()
-    scope = RequestScope.of(rules, shape, source, ctx, client_ip, body if shape.is_batch and has_envelope(body) else None)
+    scope = RequestScope.of(rules, shape, source, ctx, client_ip, body if shape.is_batch and _has_envelope(body) else None)
     for index, event in enumerate(events):
-        prepare_event(prepared, scope, index, event)
+        _prepare_event(prepared, scope, index, event)
     return prepared
 
 
-def check_batch_size(count: int) -> None:
-    if count > MAX_BATCH_EVENTS:
-        raise IngressError(413, "too_many_events", f"batch has {count} events; the limit is {MAX_BATCH_EVENTS} per request")
-
-
-def prepare_event(prepared: Prepared, scope: RequestScope, index: int, event: Any) -> None:
+def _prepare_event(prepared: Prepared, scope: RequestScope, index: int, event: Any) -> None:
     """One parsed event: validated, completed, encoded, routed and filed (or rejected)."""
     if type(event) is not dict:
-        reject(prepared, index, "invalid_event", f"event is not a JSON object ({type(event).__name__})")
+        _reject(prepared, index, "invalid_event", f"event is not a JSON object ({type(event).__name__})")
         return
     if scope.envelope is not None:
         merge_envelope(scope.envelope, event)
@@ -151,10 +150,10 @@ def prepare_event(prepared: Prepared, scope: RequestScope, index: int, event: An
         del event["writeKey"]
     event_type = event.get("type")
     if type(event_type) is not str or not event_type:
-        reject(prepared, index, "missing_type", MISSING_TYPE)
+        _reject(prepared, index, "missing_type", "event has no type (track, identify, page, screen, group or alias)")
         return
-    if not has_identity(event):
-        reject(prepared, index, "no_user_anon_id", NO_IDENTITY)
+    if not _has_identity(event):
+        _reject(prepared, index, "no_user_anon_id", "event has neither userId nor anonymousId")
         return
     try:
         message_id = event.get("messageId")
@@ -162,51 +161,46 @@ def prepare_event(prepared: Prepared, scope: RequestScope, index: int, event: An
             event["messageId"] = message_id_for(scope.source.name, event, index)  # before context.ip: a retry from elsewhere gets the same id
         if scope.ip_for_all is not None:
             _set_ip(event, scope.ip_for_all)
-        elif scope.ip_for_client_channels is not None and is_client_channel(event.get("context")):
+        elif scope.ip_for_client_channels is not None and _is_client_channel(event.get("context")):
             _set_ip(event, scope.ip_for_client_channels)
         encoded = orjson.dumps(event)
     except orjson.JSONEncodeError as exc:  # parsed, but not encodable: nesting deeper than orjson writes (255 levels)
-        reject(prepared, index, "invalid_event", f"event cannot be forwarded: {exc}")
+        _reject(prepared, index, "invalid_event", f"event cannot be forwarded: {exc}")
         return
-    file_event(prepared, scope, index, event, encoded)
+    _file_event(prepared, scope, index, event, encoded)
 
 
-def file_event(prepared: Prepared, scope: RequestScope, index: int, event: dict[str, Any], encoded: bytes) -> None:
+def _file_event(prepared: Prepared, scope: RequestScope, index: int, event: dict[str, Any], encoded: bytes) -> None:
     """Size check, tracking plan, decision, and the event's bytes filed under each destination."""
     if len(encoded) > MAX_EVENT_BYTES:
-        reject(prepared, index, "event_too_large", f"event is {len(encoded)} bytes; the limit is 32 KB per event")
+        _reject(prepared, index, "event_too_large", f"event is {len(encoded)} bytes; the limit is 32 KB per event")
         return
     if scope.plan is not None and (refusal := screen(scope.plan, event, encoded, prepared.observed, prepared.violations)) is not None:
-        reject(prepared, index, "tracking_plan_violation", refusal)
+        _reject(prepared, index, "tracking_plan_violation", refusal)
         return
     decision = route(scope.rules, event, scope.ctx)
+    copies = _NO_COPIES
     if scope.transforms:
         try:
             copies = _encode_transformed(scope.transforms, decision, event)
         except orjson.JSONEncodeError as exc:  # a transform nested it past what orjson writes: never send the untransformed copy
-            reject(prepared, index, "invalid_event", f"event cannot be forwarded once transformed: {exc}")
+            _reject(prepared, index, "invalid_event", f"event cannot be forwarded once transformed: {exc}")
             return
-        _file_copies(prepared, decision, encoded, copies)
-    else:
-        for destination in decision.primary:
-            prepared.primary.setdefault(destination, []).append(encoded)
-        for destination in decision.mirror:
-            prepared.mirror.setdefault(destination, []).append(encoded)
-    event_type = event["type"]
-    prepared.routed[(decision.rule, decision.primary, decision.mirror, event_type if event_type in KNOWN_TYPES else "other")] += 1
-    prepared.accepted += 1
+    for destination in decision.primary:
+        prepared.primary.setdefault(destination, []).append(copies.get(destination, encoded))
+    for destination in decision.mirror:
+        prepared.mirror.setdefault(destination, []).append(copies.get(destination, encoded))
+    if scope.keep_message_ids:
+        for filed in (encoded, *copies.values()):  # transforms never touch messageId
+            prepared.message_ids[id(filed)] = event["messageId"]
+    prepared.routed[(decision.rule, decision.primary, decision.mirror, event["type"])] += 1
 
 
-def has_identity(event: dict[str, Any]) -> bool:
-    anonymous_id = event.get("anonymousId")
-    return (type(anonymous_id) is str and bool(anonymous_id.strip())) or _has_identity(event)
-
-
-def is_client_channel(context: Any) -> bool:
+def _is_client_channel(context: Any) -> bool:
     return type(context) is dict and context.get("channel") in CLIENT_CHANNELS
 
 
-def has_envelope(body: dict[str, Any]) -> bool:
+def _has_envelope(body: dict[str, Any]) -> bool:
     return any(isinstance(body.get(name), dict) and body[name] for name in ENVELOPE_MERGED) or body.get("sentAt") is not None
 
 
@@ -229,11 +223,3 @@ def _set_ip(event: dict[str, Any], client_ip: str) -> None:
 def _encode_transformed(transforms: TransformTable, decision: Decision, event: dict[str, Any]) -> dict[str, bytes]:
     """Each transformed destination's own bytes; the event itself (shared by the others) is left as it is."""
     return {destination: orjson.dumps(copy) for destination, copy in transformed_events(transforms, decision, event).items()}
-
-
-def _file_copies(prepared: Prepared, decision: Decision, encoded: bytes, copies: dict[str, bytes]) -> None:
-    """File the event's bytes under each destination; `copies` holds those of destinations with transforms."""
-    for destination in decision.primary:
-        prepared.primary.setdefault(destination, []).append(copies.get(destination, encoded))
-    for destination in decision.mirror:
-        prepared.mirror.setdefault(destination, []).append(copies.get(destination, encoded))
