@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) -m loadtest.bench_decide
 	$(PY) -m loadtest.bench_delivery
 	$(PY) -m loadtest.bench
+	$(PY) -m loadtest.floor
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
