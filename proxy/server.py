@@ -23,6 +23,7 @@ from proxy.delivery.spool import SpoolFormatError
 from proxy.engine import RuleSet, RulesError, load_rules
 from proxy.ingress.app import build_ingress_app
 from proxy.ingress.handlers import IngressDeps
+from proxy.ingress.listener import IngressListener, listen
 from proxy.log import configure, get_logger
 from proxy.metrics import Metrics
 from proxy.ramp_clock import RampScheduler
@@ -102,18 +103,23 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None, w
     watcher = RulesWatcher(settings.config, lambda: reloader.reload("file_change"), interval=settings.reload_poll_interval, baseline=rules.sha256)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    listener: IngressListener | None = None
     try:
         await ingress.setup()
         await admin.setup()
-        await web.TCPSite(ingress, *settings.listen, reuse_port=settings.reuse_port, backlog=1024).start()
+        listener = await listen(ingress, *settings.listen, reuse_port=settings.reuse_port, backlog=1024)
         if worker is None:  # a worker's admin port is its supervisor's, served once for all workers
             await web.TCPSite(admin, *settings.admin).start()
     except OSError as exc:
         log.error("listen_failed", error=str(exc), listen=f"{settings.listen[0]}:{settings.listen[1]}", admin=f"{settings.admin[0]}:{settings.admin[1]}")
-        await ingress.cleanup()
+        if listener is not None:
+            await listener.close(0)
+        else:
+            await ingress.cleanup()
         await admin.cleanup()
         await delivery.close(drain_timeout=0)
         return STARTUP_FAILURE
+    assert listener is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
@@ -121,7 +127,7 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None, w
     ramps.start()
     watcher.start()
     ready = True
-    log.info("started" if worker is None else "worker_started", listen=bound_addresses(ingress), admin=bound_addresses(admin), rules=settings.config, sha256=rules.sha256[:12], region=settings.region, pid=os.getpid())
+    log.info("started" if worker is None else "worker_started", listen=listener.addresses, admin=bound_addresses(admin), rules=settings.config, sha256=rules.sha256[:12], region=settings.region, pid=os.getpid())
     if worker is not None:
         worker.start(metrics, stop.set)  # after the log line: a supervisor's `started` comes after its workers'
 
@@ -134,7 +140,7 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None, w
     await watcher.stop()
     await reloader.stop()
     await ramps.stop()
-    await ingress.cleanup()  # stops accepting, waits for in-flight requests up to the drain timeout
+    await listener.close(settings.drain_timeout)  # stops accepting, waits for in-flight requests up to the drain timeout
     await delivery.close(drain_timeout=max(0.0, drain_deadline - loop.time()))  # deliver what it can; the rest stays spooled
     await admin.cleanup()
     # The handlers stay installed to the end: a second SIGTERM while draining must not kill the

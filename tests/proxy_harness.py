@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import aiohttp
 import orjson
-from aiohttp.test_utils import TestServer
+from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from loadtest.receivers import Receiver, RunningReceiver, start_receiver
@@ -30,6 +30,7 @@ from proxy.delivery import Delivery
 from proxy.engine import RuleSet, compile_rules
 from proxy.ingress.app import build_ingress_app
 from proxy.ingress.handlers import IngressDeps
+from proxy.ingress.listener import IngressListener, listen
 from proxy.metrics import Metrics
 from proxy.settings import DEFAULT_TRUSTED_PROXIES, IPNetwork
 from proxy.state import ActiveRules
@@ -90,7 +91,7 @@ def basic(key: str, colon: bool = True) -> str:
 
 class Stack:
     def __init__(self, segment: RunningReceiver, rudder: RunningReceiver, rules: RuleSet, metrics: Metrics,
-                 delivery: Delivery, server: TestServer, session: aiohttp.ClientSession, active: ActiveRules) -> None:
+                 delivery: Delivery, server: IngressListener, session: aiohttp.ClientSession, active: ActiveRules) -> None:
         self.segment_running = segment
         self.rudder_running = rudder
         self.rules = rules
@@ -180,12 +181,13 @@ async def proxy_stack(
     cdn_url: str | None = None,
     public_url: str | None = None,
     cdn_cache_seconds: float = 300.0,
+    keepalive_timeout: float = 75.0,
 ) -> AsyncIterator[Stack]:
     """`cdn_url` None keeps the default CDN (never contacted unless a test GETs a CDN route)."""
     segment = await start_receiver("segment", record=True)
     rudder = await start_receiver("rudderstack", valid_keys=RUDDER_KEYS, record=True)
     delivery: Delivery | None = None
-    server: TestServer | None = None
+    server: IngressListener | None = None
     session: aiohttp.ClientSession | None = None
     try:
         rules = compile_rules(rules_text, env={"SEGMENT_URL": segment.url, "RUDDERSTACK_URL": rudder.url})
@@ -198,15 +200,16 @@ async def proxy_stack(
         cdn = {"cdn_url": cdn_url} if cdn_url is not None else {}
         app = build_ingress_app(deps, cors_origins=cors_origins, max_in_flight=max_in_flight, public_url=public_url,
                                 cdn_cache_seconds=cdn_cache_seconds, **cdn)
-        server = TestServer(app, host="127.0.0.1", shutdown_timeout=2.0)
-        await server.start_server()
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, handle_signals=False)
+        await runner.setup()
+        server = await listen(runner, "127.0.0.1", 0, keepalive_timeout=keepalive_timeout)  # the fast lane in front of aiohttp, as `splitter serve` listens
         session = aiohttp.ClientSession(auto_decompress=False)
         yield Stack(segment, rudder, rules, metrics, delivery, server, session, deps.active)
     finally:
         if session is not None:
             await session.close()
         if server is not None:
-            await server.close()
+            await server.close(drain_timeout=2.0)
         if delivery is not None:
             await delivery.close(drain_timeout=drain_timeout)
         segment.receiver.faults.delay = 0  # requests already sleeping are cut by the runner's short shutdown

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -15,6 +17,7 @@ from proxy.ingress.prepare import CallShape
 from proxy.ingress.responses import IngressError
 from proxy.ingress.webhook import WEBHOOK_ROUTE, webhook_handler
 from proxy.log import get_logger
+from proxy.metrics import Metrics
 
 log = get_logger("splitter.ingress")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,39 +48,87 @@ def _route_label(request: web.Request) -> str:
     return "unmatched"
 
 
+class Observer:
+    """What every ingress request goes through, on either lane (fastlane.py): the in-flight limit,
+    request metrics, JSON errors and CORS.
+
+    A POST is admitted (counted in flight) when its headers have arrived, before its body is read:
+    past `max_in_flight` it gets 429 at once, which bounds the bodies being read at a time.
+    """
+
+    def __init__(self, metrics: Metrics, cors_origins: tuple[str, ...], max_in_flight: int) -> None:
+        self.metrics = metrics
+        self.cors_origins = cors_origins
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        metrics.requests_in_flight.set_function(lambda: self.in_flight)
+
+    def admit(self) -> bool:
+        if self.in_flight >= self.max_in_flight:
+            return False
+        self.in_flight += 1
+        return True
+
+    async def observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """aiohttp's lane (its middleware)."""
+        started = time.perf_counter()
+        if request.method == "POST" and not self.admit():
+            response: web.StreamResponse = responses.error(429, "too_many_requests", "splitter is at capacity; retry shortly", {"Retry-After": "1"})
+            return self.finish(request, response, _route_label(request), started)
+        if request.method != "POST":
+            self.in_flight += 1
+        return await self.answer_admitted(request, handler, _route_label(request), started)
+
+    async def answer_admitted(self, request: Any, handler: Handler, path: str, started: float) -> web.StreamResponse:
+        """A request already counted in flight (the fast lane admits at its headers): answer, release, observe."""
+        try:
+            response = await _answer(request, handler)
+        finally:
+            self.in_flight -= 1
+        return self.finish(request, response, path, started)
+
+    def release(self) -> None:
+        """An admitted request that will never be answered (its client went away mid-body)."""
+        self.in_flight -= 1
+
+    def finish(self, request: Any, response: web.StreamResponse, path: str, started: float) -> web.StreamResponse:
+        self.metrics.child(self.metrics.requests, path, str(response.status)).inc()
+        self.metrics.child(self.metrics.request_duration, path).observe(time.perf_counter() - started)
+        _cors(request, response, self.cors_origins)
+        return response
+
+
+@dataclass(frozen=True, slots=True)
+class FastIngress:
+    """The ingest routes by exact path, for the fast lane, and the observer both lanes share."""
+
+    routes: Mapping[str, Handler]
+    observer: Observer
+
+
+FAST_INGRESS: web.AppKey[FastIngress] = web.AppKey("fast_ingress", FastIngress)
+
+
 def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*",), max_in_flight: int = 2000,
                       cdn_url: str = DEFAULT_CDN_URL, public_url: str | None = None, cdn_cache_seconds: float = 300.0) -> web.Application:
-    metrics = deps.metrics
-    in_flight = 0
-    metrics.requests_in_flight.set_function(lambda: in_flight)
+    """The aiohttp application; under FAST_INGRESS, the same ingest handlers for the fast lane."""
+    observer = Observer(deps.metrics, cors_origins, max_in_flight)
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        nonlocal in_flight
-        started = time.perf_counter()
-        path = _route_label(request)
-        if in_flight >= max_in_flight and request.method == "POST":
-            response: web.StreamResponse = responses.error(429, "too_many_requests", "splitter is at capacity; retry shortly", {"Retry-After": "1"})
-        else:
-            in_flight += 1
-            try:
-                response = await _answer(request, handler)
-            finally:
-                in_flight -= 1
-        metrics.child(metrics.requests, path, str(response.status)).inc()
-        metrics.child(metrics.request_duration, path).observe(time.perf_counter() - started)
-        _cors(request, response, cors_origins)
-        return response
+        return await observer.observe(request, handler)
 
     # auto_decompress off: body.py inflates gzip itself, with a cap; aiohttp's own inflation would
     # hand it already-inflated bytes (every gzip body then fails as invalid_gzip) with no cap.
     app = web.Application(middlewares=[observe], client_max_size=1024**2, handler_args={"auto_decompress": False})
-    for path, shape in routes().items():
-        app.router.add_post(path, ingest_handler(deps, shape))
+    ingest = {path: ingest_handler(deps, shape) for path, shape in routes().items()}
+    for path, handler in ingest.items():
+        app.router.add_post(path, handler)
+    app[FAST_INGRESS] = FastIngress(ingest, observer)
     app.router.add_post("/v1/m", telemetry_handler(deps))
     app.router.add_post(WEBHOOK_ROUTE, webhook_handler(deps))  # Segment's Webhooks destination; labelled by the template
     CdnProxy(cdn_url, public_url=public_url, cache_seconds=cdn_cache_seconds).register(app)  # GET: settings, analytics.js
-    deps.plan_checks.register(app, metrics)  # the background tracking-plan checker runs as long as the app
+    deps.plan_checks.register(app, metrics=deps.metrics)  # the background tracking-plan checker runs as long as the app
     return app
 
 
