@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import orjson
 import pytest
 
+from loadtest.process import launch_splitter
+from loadtest.receivers import start_receiver
 from proxy.ingress.fastlane import HttpDate, serialize
 from proxy.ingress.responses import error, success
 from proxy_harness import WEB_KEY, Stack, proxy_stack
@@ -47,8 +51,8 @@ class Client:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, stack: Stack) -> Client:
-        host, port = stack.url.removeprefix("http://").rsplit(":", 1)
+    async def open(cls, stack: Stack | str) -> Client:
+        host, port = (stack if isinstance(stack, str) else stack.url).removeprefix("http://").rsplit(":", 1)
         return cls(*await asyncio.open_connection(host, int(port)))
 
     async def send(self, data: bytes) -> None:
@@ -244,6 +248,45 @@ async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer
     client.close()
     await stack.settle()
     assert stack.segment.message_ids() == ["half-closed"]
+
+
+SERVE_RULES = f"""\
+version: 1
+destinations:
+  segment: {{kind: segment, url: "${{SEGMENT_URL}}"}}
+sources:
+  - name: web
+    write_keys: ["{WEB_KEY}"]
+rules:
+  - name: all
+    route: {{to: [segment]}}
+"""
+
+
+async def test_splitter_serve_hands_connections_over_on_uvloop(tmp_path: Path) -> None:
+    """The real process (uvloop's transports): a keep-alive connection goes fast, then to aiohttp for a
+    CORS preflight and a chunked call, and keeps answering in order."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(SERVE_RULES)
+    async with await start_receiver("segment", record=True) as segment:
+        splitter = await launch_splitter(str(rules), dict(os.environ, SEGMENT_URL=segment.url))
+        try:
+            client = await Client.open(splitter.ingress)
+            body = track("serve-chunked")
+            await client.send(request("/v1/track", track("serve-fast")))
+            assert (await client.response())[0] == 200
+            await client.send(b"OPTIONS /v1/track HTTP/1.1\r\nHost: x\r\nOrigin: https://shop.example\r\n"
+                              b"Access-Control-Request-Method: POST\r\n\r\n"
+                              + request("/v1/track", f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n", "Transfer-Encoding: chunked", length=False)
+                              + request("/v1/track", track("serve-after")))
+            preflight, chunked, after = [await client.response() for _ in range(3)]
+            assert preflight[0] == 204 and preflight[1]["access-control-allow-origin"] == "*"
+            assert chunked[0] == 200 and after[0] == 200
+            client.close()
+            await segment.receiver.wait_for(3)
+            assert segment.receiver.message_ids() == ["serve-fast", "serve-chunked", "serve-after"]
+        finally:
+            assert await splitter.stop() == 0
 
 
 def test_serialize_writes_status_headers_length_and_date() -> None:
