@@ -175,7 +175,7 @@ class FastLaneProtocol(asyncio.Protocol):
         self.lane = lane
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
-        self.buffer = bytearray()
+        self.buffer: bytes | bytearray = b""  # what has come and is not answered yet: often one whole request, kept without a copy
         self.busy = False  # a request is being answered; the ones behind it wait in the buffer
         self.task: asyncio.Task[None] | None = None  # the one being answered (held: the loop keeps only weak references)
         self.last_active = time.monotonic()
@@ -192,7 +192,12 @@ class FastLaneProtocol(asyncio.Protocol):
             self.close()
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
+        if not self.buffer:
+            self.buffer = data  # the common case: a whole request in one read, never copied into a buffer
+        else:
+            if type(self.buffer) is bytes:
+                self.buffer = bytearray(self.buffer)
+            self.buffer += data
         self.last_active = time.monotonic()
         if not self.busy:
             self._advance()
@@ -281,7 +286,7 @@ class FastLaneProtocol(asyncio.Protocol):
         self._closed = True  # for this protocol: the connection is aiohttp's now
         self.transport.set_protocol(handler)
         handler.connection_made(self.transport)
-        pending, self.buffer = bytes(self.buffer), bytearray()
+        pending, self.buffer = bytes(self.buffer), b""
         if pending:
             handler.data_received(pending)
         if self._eof:
@@ -307,8 +312,8 @@ class FastLaneProtocol(asyncio.Protocol):
         if len(buffer) < total:
             return None
         self._head = None
-        body = bytes(buffer[body_start:total])
-        del buffer[:total]
+        body = bytes(memoryview(buffer)[body_start:total])
+        self.buffer = buffer[total:] if total < len(buffer) else b""  # pipelined requests behind it stay
         return FastRequest(path, headers, self.remote, body), close_after, started
 
     def _parse_head(self, head: bytes) -> tuple[str, CIMultiDict[str], int, bool] | None:
