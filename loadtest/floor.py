@@ -6,8 +6,10 @@ below the floor. For a batch of 50 events (`rules/bench.yaml`, the payload of `b
 
 - over HTTP, each server pinned to the proxy core, wrk on the other, CPU from /proc:
   - `direct`: the load straight to Segment's stand-in receiver (its rate sets the latency target's load);
-  - `aiohttp, read and answer`: an aiohttp + uvloop app that reads the body and answers 200, as
-    splitter's ingress is built (`loadtest/baselines/sink.py`);
+  - `aiohttp, read and answer`: an aiohttp + uvloop app that reads the body and answers 200
+    (`loadtest/baselines/sink.py`): what aiohttp alone costs per request;
+  - `splitter's ingest port, read and answer`: the same behind splitter's fast lane, with its request
+    metrics and in-flight limit (`sink.py --kind fastlane`): splitter's HTTP layer;
   - `bare asyncio protocol`: a Content-Length-only protocol on uvloop: moving the bytes through Python;
   - `aiohttp forwarder`: the plain parsing forwarder of `loadtest.bench` (the ratio target's baseline);
 - in this process, pinned to the proxy core, best of repeated passes over the same bodies:
@@ -15,7 +17,7 @@ below the floor. For a batch of 50 events (`rules/bench.yaml`, the payload of `b
   - `prepare()`: parse, validate, complete, route, encode and file every event;
   - `spool framing`: the records for the primary and the mirror (lengths, crc32).
 
-floor = aiohttp's read and answer + prepare() + spool framing, per event. Writing and syncing the
+floor = splitter's ingest port (read and answer) + prepare() + spool framing, per event. Writing and syncing the
 spool, reading it back, the upstream sends and the metrics come on top. Run:
 `python -m loadtest.floor [--seconds S] [--json PATH]` (about 40 s at the default 4 s).
 """
@@ -47,6 +49,7 @@ from proxy.ingress.prepare import CallShape
 BATCH_TARGET_US = 10.0
 FORWARDER_RATIO = 1.8
 CONNECTIONS = 32
+PORT_ROW = "splitter's ingest port, read and answer"
 
 
 def http_row(name: str, url: str, pids: list[int], bodies: list[bytes], auth: str, seconds: float) -> dict[str, Any]:
@@ -124,8 +127,8 @@ def in_process_rows(env: dict[str, str], bodies: list[bytes], seconds: float) ->
 
 
 def verdicts(http: dict[str, dict[str, Any]], pieces: dict[str, float]) -> tuple[float, list[dict[str, Any]]]:
-    aiohttp_cost = http["aiohttp, read and answer"]["cpu_us_per_event"]
-    floor = aiohttp_cost + pieces["prepare() (parse, validate, route, encode, file)"] + pieces["spool framing (primary + mirror records)"]
+    port_cost = http[PORT_ROW]["cpu_us_per_event"]
+    floor = port_cost + pieces["prepare() (parse, validate, route, encode, file)"] + pieces["spool framing (primary + mirror records)"]
     forwarder_target = http["aiohttp forwarder"]["cpu_us_per_event"] / FORWARDER_RATIO
     offered = http["direct"]["events_per_s"] / 2
     capacity = 1e6 / floor
@@ -150,7 +153,7 @@ def render(http: dict[str, dict[str, Any]], pieces: dict[str, float], floor: flo
         lines.append(f"{row['name']:<52} {row['events_per_s']:>10,.0f} {per_request:>11} {per_event_text:>10}")
     lines += ["", f"{'in process, per event':<52} {'CPU µs/ev':>33}"]
     lines += [f"{name:<52} {value:>33.2f}" for name, value in pieces.items()]
-    lines += ["", f"floor = aiohttp read and answer + prepare() + spool framing = {floor:.2f} µs/event "
+    lines += ["", f"floor = ingest port read and answer + prepare() + spool framing = {floor:.2f} µs/event "
                   "(before spool writes, upstream sends, metrics)", ""]
     for row in rows:
         lines.append(f"{'BELOW THE FLOOR' if row['below_floor'] else 'above the floor':<16} {row['target']:<50} "
@@ -162,7 +165,7 @@ async def measure(seconds: float) -> dict[str, Any]:
     receivers, env, bodies, auth = prepare_load()
     try:
         http = {"direct": http_row("direct", receivers.segment, [], bodies, auth, seconds)}
-        for kind, name in (("aiohttp", "aiohttp, read and answer"), ("bare", "bare asyncio protocol")):
+        for kind, name in (("aiohttp", "aiohttp, read and answer"), ("fastlane", PORT_ROW), ("bare", "bare asyncio protocol")):
             with sink(kind) as (url, pids):
                 http[name] = http_row(name, url, pids, bodies, auth, seconds)
         async with subjects.forwarder(receivers) as forwarder:

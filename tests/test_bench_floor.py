@@ -23,9 +23,9 @@ def test_floor_measures_each_piece_and_compares_it_with_the_targets(tmp_path: Pa
     assert finished.returncode == 0, finished.stdout + finished.stderr
     result = json.loads(report.read_text())
     http = {row["name"]: row for row in result["http"]}
-    assert set(http) == {"direct", "aiohttp, read and answer", "bare asyncio protocol", "aiohttp forwarder"}
+    assert set(http) == {"direct", "aiohttp, read and answer", "splitter's ingest port, read and answer", "bare asyncio protocol", "aiohttp forwarder"}
     assert http["direct"]["cpu_us_per_event"] is None  # no proxy process to measure
-    for name in ("aiohttp, read and answer", "bare asyncio protocol", "aiohttp forwarder"):
+    for name in ("aiohttp, read and answer", "splitter's ingest port, read and answer", "bare asyncio protocol", "aiohttp forwarder"):
         row = http[name]
         assert row["events_per_s"] > 0 and row["non_2xx"] == 0, row
         assert row["cpu_us_per_event"] == pytest.approx(row["cpu_us_per_request"] / 50)
@@ -34,10 +34,10 @@ def test_floor_measures_each_piece_and_compares_it_with_the_targets(tmp_path: Pa
     prepare = pieces["prepare() (parse, validate, route, encode, file)"]
     assert prepare > pieces["orjson parse"]  # prepare() parses the body too, and does more
     assert result["floor_us_per_event"] == pytest.approx(
-        http["aiohttp, read and answer"]["cpu_us_per_event"] + prepare + pieces["spool framing (primary + mirror records)"])
+        http["splitter's ingest port, read and answer"]["cpu_us_per_event"] + prepare + pieces["spool framing (primary + mirror records)"])
     targets = {row["target"]: row for row in result["targets"]}
     assert len(targets) == 3
     forwarder_target = next(row for name, row in targets.items() if "forwarder" in name)
     assert forwarder_target["limit_us"] == pytest.approx(http["aiohttp forwarder"]["cpu_us_per_event"] / 1.8)
     assert forwarder_target["below_floor"] == (result["floor_us_per_event"] > forwarder_target["limit_us"])
-    assert "floor = aiohttp read and answer + prepare() + spool framing" in finished.stdout
+    assert "floor = ingest port read and answer + prepare() + spool framing" in finished.stdout
