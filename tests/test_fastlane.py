@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import orjson
 import pytest
+from aiohttp import web
 
 from loadtest.process import launch_splitter
 from loadtest.receivers import start_receiver
-from proxy.ingress.fastlane import HttpDate, serialize
+from proxy.ingress.app import FAST_INGRESS, FastIngress, Observer
+from proxy.ingress.fastlane import PAUSE_ABOVE, HttpDate, serialize
+from proxy.ingress.listener import IngressListener, listen
 from proxy.ingress.responses import error, success
+from proxy.metrics import Metrics
 from proxy_harness import WEB_KEY, Stack, proxy_stack
 
 AUTH = "Basic " + base64.b64encode(f"{WEB_KEY}:".encode()).decode()
@@ -78,6 +86,11 @@ class Client:
     def close(self) -> None:
         self.writer.close()
 
+    def reset(self) -> None:
+        """Go away with a RST, as a crashed client does: the server sees the connection lost, not an EOF."""
+        self.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
 
 async def test_pipelined_requests_are_answered_in_order_and_delivered(stack: Stack) -> None:
     client = await Client.open(stack)
@@ -88,6 +101,16 @@ async def test_pipelined_requests_are_answered_in_order_and_delivered(stack: Sta
     assert answers[0][1]["content-type"] == "application/json" and answers[0][1]["date"].endswith("GMT")
     await stack.settle()
     assert stack.segment.message_ids() == ["pipe-0", "pipe-1", "pipe-2"]
+    client.close()
+
+
+async def test_hundreds_of_pipelined_requests_in_one_write_are_answered_in_order(stack: Stack) -> None:
+    client = await Client.open(stack)
+    await client.send(b"".join(request("/v1/track", track(f"many-{i}", f"u{i}")) for i in range(300)))
+    statuses = [(await client.response())[0] for _ in range(300)]
+    assert statuses == [200] * 300
+    await stack.settle()
+    assert stack.segment.message_ids() == [f"many-{i}" for i in range(300)]
     client.close()
 
 
@@ -287,6 +310,132 @@ async def test_splitter_serve_hands_connections_over_on_uvloop(tmp_path: Path) -
             assert segment.receiver.message_ids() == ["serve-fast", "serve-chunked", "serve-after"]
         finally:
             assert await splitter.stop() == 0
+
+
+def head(*lines: str) -> bytes:
+    return ("\r\n".join(["POST /v1/track HTTP/1.1", "Host: x", f"Authorization: {AUTH}", *lines]) + "\r\n\r\n").encode("latin-1")
+
+
+async def test_a_content_length_of_thousands_of_digits_is_answered(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    client = await Client.open(stack)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        await client.send(head("Content-Length: " + "0" * 4400 + "2") + b"{}")
+        status, _, body = await client.response()
+    client.close()
+    assert status == 400 and orjson.loads(body)["code"] == "invalid_request"
+    assert not [record for record in caplog.records if "data_received" in record.getMessage()]
+
+
+@pytest.mark.parametrize("data", [
+    head("Content-Length: 2")[:-4] + b"\n\r\n{}",  # a bare LF before the final CRLF
+    b"POST /v1/track HTTP/1.1\r\nHost: x\nContent-Length: 2\n\r\n{}",  # bare LFs after a CRLF request line
+    b"POST /v1/track HTTP/1.1\rHost: x\rContent-Length: 2\r\r{}",  # bare CRs
+], ids=["lf-before-crlf", "mixed-lf", "bare-cr"])
+async def test_a_head_that_never_ends_in_crlfcrlf_is_answered_at_once(stack: Stack, data: bytes) -> None:
+    client = await Client.open(stack)
+    await client.send(data)
+    assert await asyncio.wait_for(client.reader.readline(), 2)  # aiohttp's 400, not silence until the idle timeout
+    client.close()
+
+
+@pytest.mark.parametrize("extra", ["X-Note: a\x00b", "X-Forwarded-For: 1.2.3.4\x01", "X(Bad)@: v", "X-Long: " + "a" * 9000],
+                         ids=["nul", "control", "not-a-token", "line-over-8190"])
+async def test_a_head_llhttp_refuses_is_refused_not_delivered(stack: Stack, extra: str) -> None:
+    body = track("refused-head")
+    client = await Client.open(stack)
+    await client.send(head(extra, f"Content-Length: {len(body)}") + body)
+    status, _, _ = await client.response()
+    client.close()
+    assert status == 400
+    assert stack.segment.message_ids() == []
+
+
+class HeldRoute:
+    """A fast route whose answer waits until the test says so: a request held "being answered"."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.outcome = ""
+
+    async def __call__(self, request: object) -> web.StreamResponse:
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.outcome = "cancelled"
+            raise
+        self.outcome = "answered"
+        return success()
+
+
+@asynccontextmanager
+async def held_lane() -> AsyncIterator[tuple[IngressListener, HeldRoute]]:
+    """The fast lane with one held route (/v1/track) and aiohttp behind it (/v1/m)."""
+    route = HeldRoute()
+    app = web.Application(client_max_size=4 * 1024**2)
+    app.router.add_post("/v1/m", _read_and_succeed)
+    app[FAST_INGRESS] = FastIngress({"/v1/track": route}, Observer(Metrics(), ("*",), 10))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    listener = await listen(runner, "127.0.0.1", 0)
+    try:
+        yield listener, route
+    finally:
+        route.release.set()
+        await listener.close(drain_timeout=1.0)
+
+
+async def _read_and_succeed(request: web.Request) -> web.Response:
+    await request.read()
+    return success()
+
+
+async def test_shutdown_waits_for_a_request_whose_client_went_away() -> None:
+    async with held_lane() as (listener, route):
+        client = await Client.open(listener.url)
+        await client.send(request("/v1/track", track("orphan")))
+        async with asyncio.timeout(5):
+            while listener.lane.observer.in_flight != 1:
+                await asyncio.sleep(0.01)
+        client.reset()
+        await asyncio.sleep(0.1)
+        asyncio.get_running_loop().call_later(0.3, route.release.set)
+        started = time.monotonic()
+        await listener.close(drain_timeout=5.0)
+        assert time.monotonic() - started >= 0.25 and route.outcome == "answered"
+        assert listener.lane.observer.in_flight == 0 and not listener.lane.tasks
+
+
+async def test_shutdown_cancels_what_is_still_running_at_the_drain_timeout() -> None:
+    async with held_lane() as (listener, route):
+        client = await Client.open(listener.url)
+        await client.send(request("/v1/track", track("too-slow")))
+        async with asyncio.timeout(5):
+            while listener.lane.observer.in_flight != 1:
+                await asyncio.sleep(0.01)
+        await listener.close(drain_timeout=0.2)
+        assert route.outcome == "cancelled"
+        assert listener.lane.observer.in_flight == 0 and not listener.lane.tasks
+        assert await client.closed_by_server()
+        client.close()
+
+
+async def test_a_connection_reset_while_answering_is_never_handed_to_aiohttp() -> None:
+    """Behind the held request, one aiohttp must take, past PAUSE_ABOVE (reading paused); then a RST."""
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
+    async with held_lane() as (listener, route):
+        client = await Client.open(listener.url)
+        await client.send(request("/v1/track", track("first")))
+        async with asyncio.timeout(5):
+            while listener.lane.observer.in_flight != 1:
+                await asyncio.sleep(0.01)
+        client.writer.write(request("/v1/m", b"x" * (PAUSE_ABOVE + 500 * 1024)))
+        await asyncio.sleep(0.2)
+        client.reset()
+        await asyncio.sleep(0.1)
+        route.release.set()
+        await asyncio.sleep(0.3)
+    assert not errors, [(context.get("message"), repr(context.get("exception"))) for context in errors]
 
 
 def test_serialize_writes_status_headers_length_and_date() -> None:

@@ -33,7 +33,11 @@ async def read_body(request: web.Request) -> bytes:
     if encoding not in ("identity", "gzip", ""):
         raise IngressError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported (use gzip or none)")
     wire_limit = MAX_WIRE_BYTES if encoding == "gzip" else MAX_REQUEST_BYTES
-    if request.content_length is not None and request.content_length > wire_limit:
+    try:
+        declared = request.content_length
+    except ValueError:  # digits, but more of them than int() takes
+        raise IngressError(400, "invalid_request", "Content-Length is not a valid length") from None
+    if declared is not None and declared > wire_limit:
         raise too_large("500 KB")
     chunks, size = [], 0
     async for chunk in request.content.iter_chunked(64 * 1024):

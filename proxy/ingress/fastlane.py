@@ -7,7 +7,8 @@ each request itself and answers it through the same ingest handlers, metrics, CO
 as the aiohttp application, but only when the request is the common, unambiguous case:
 
     POST <an ingest path> HTTP/1.1, one Content-Length within Segment's limit, no Transfer-Encoding,
-    no Expect, no Upgrade, CRLF line endings, no folded or malformed header line.
+    no Expect, no Upgrade, CRLF line endings, header names that are tokens, no control characters,
+    no folded header line and none longer than aiohttp allows.
 
 Anything else (chunked bodies, `Expect: 100-continue`, CORS preflights, the CDN and webhook routes,
 HTTP/1.0, a malformed request) is handed to aiohttp together with the connection, from the first byte
@@ -18,11 +19,14 @@ request ends.
 Requests on one connection are answered in order, one at a time; pipelined requests wait in the buffer
 (reading pauses past PAUSE_ABOVE bytes). Idle keep-alive connections close after KEEPALIVE_TIMEOUT, as
 aiohttp's do. A client that goes away mid-request does not cancel it: what was accepted is delivered.
+On shutdown, requests in progress get the drain timeout to finish and are cancelled past it, as
+aiohttp does with its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from email.utils import formatdate
@@ -39,6 +43,10 @@ MAX_HEAD = 16 * 1024  # header bytes; past it without an end, aiohttp gets the r
 KEEPALIVE_TIMEOUT = 75.0  # seconds an idle keep-alive connection stays open (aiohttp's default)
 PAUSE_ABOVE = 1024 * 1024  # bytes of pipelined requests buffered behind the one being answered
 SWEEP_INTERVAL = 5.0
+MAX_LINE = 8190  # aiohttp's (llhttp's) longest header line: a longer one is refused there, so it goes there
+MAX_LENGTH_DIGITS = 12  # a Content-Length longer than this is over any limit (and int() of thousands of digits raises)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field names
+_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")  # controls but HTAB; a CR or LF not in a CRLF
 _DELEGATE = object()  # _next_request: aiohttp must take this request and the connection
 _REFUSED_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
 _FRAMING_HEADERS = frozenset({"content-length", "connection", "date", "transfer-encoding"})  # written by the lane itself
@@ -140,6 +148,7 @@ class Lane:
         self.max_body = max_body
         self.date = HttpDate()
         self.connections: set[FastLaneProtocol] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # requests being answered (held: the loop keeps only weak references)
         self.closing = False
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -147,6 +156,11 @@ class Lane:
         if self._sweeper is None:
             self._sweeper = asyncio.ensure_future(self._sweep_idle())
         return FastLaneProtocol(self)
+
+    def answer(self, connection: FastLaneProtocol, request: FastRequest, close_after: bool, started: float) -> None:
+        task = asyncio.ensure_future(connection.answer(request, close_after, started))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _sweep_idle(self) -> None:
         while not self.closing:
@@ -156,7 +170,8 @@ class Lane:
                 connection.close()
 
     async def shutdown(self, timeout: float) -> None:
-        """Close idle connections now; let each busy one finish its request (up to `timeout`), then close it."""
+        """Close idle connections now; let the requests in progress finish for up to `timeout` (their
+        connections close after the answer), then cancel what is left, as aiohttp does with its own."""
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -164,10 +179,14 @@ class Lane:
             if not connection.active:
                 connection.close()
         deadline = time.monotonic() + timeout
-        while any(c.active for c in self.connections) and time.monotonic() < deadline:
+        while (self.tasks or any(c.active for c in self.connections)) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for connection in list(self.connections):
             connection.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 class FastLaneProtocol(asyncio.Protocol):
@@ -175,9 +194,11 @@ class FastLaneProtocol(asyncio.Protocol):
         self.lane = lane
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
-        self.buffer: bytes | bytearray = b""  # what has come and is not answered yet: often one whole request, kept without a copy
+        # What has come and is not answered yet, from `start` on. Often one whole request, kept as it
+        # came; consumed requests move `start` rather than being cut off (no copy per pipelined request).
+        self.buffer: bytes | bytearray = b""
+        self.start = 0
         self.busy = False  # a request is being answered; the ones behind it wait in the buffer
-        self.task: asyncio.Task[None] | None = None  # the one being answered (held: the loop keeps only weak references)
         self.last_active = time.monotonic()
         self._head: tuple[int, str, CIMultiDict[str], int, bool, float] | None = None  # admitted, waiting for its body
         self._paused = self._eof = self._closed = False
@@ -192,16 +213,16 @@ class FastLaneProtocol(asyncio.Protocol):
             self.close()
 
     def data_received(self, data: bytes) -> None:
-        if not self.buffer:
-            self.buffer = data  # the common case: a whole request in one read, never copied into a buffer
+        if self.start >= len(self.buffer):
+            self.buffer, self.start = data, 0  # the common case: a whole request in one read, never copied
+        elif type(self.buffer) is bytes or self.start:
+            self.buffer, self.start = bytearray(memoryview(self.buffer)[self.start:]) + data, 0  # one copy per read, not per request
         else:
-            if type(self.buffer) is bytes:
-                self.buffer = bytearray(self.buffer)
             self.buffer += data
         self.last_active = time.monotonic()
         if not self.busy:
             self._advance()
-        elif len(self.buffer) > PAUSE_ABOVE and not self._paused and self.transport is not None:
+        elif len(self.buffer) - self.start > PAUSE_ABOVE and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
 
@@ -234,9 +255,12 @@ class FastLaneProtocol(asyncio.Protocol):
         self._closed = True
         self.lane.connections.discard(self)
 
+    def _gone(self) -> bool:
+        return self._closed or self.transport is None or self.transport.is_closing()
+
     def _advance(self) -> None:
         """Answer the next complete request in the buffer, or hand the connection to aiohttp."""
-        if self._closed or self.busy:
+        if self.busy or self._gone():
             return
         found = self._next_request()
         if found is None:
@@ -248,9 +272,9 @@ class FastLaneProtocol(asyncio.Protocol):
             return
         request, close_after, started = found
         self.busy = True
-        self.task = asyncio.ensure_future(self._answer(request, close_after, started))
+        self.lane.answer(self, request, close_after, started)
 
-    async def _answer(self, request: FastRequest, close_after: bool, started: float) -> None:
+    async def answer(self, request: FastRequest, close_after: bool, started: float) -> None:
         try:
             response = await self.lane.observer.answer_admitted(request, self.lane.routes[request.path], request.path, started)
             close_after = close_after or self.lane.closing or self._eof
@@ -262,12 +286,12 @@ class FastLaneProtocol(asyncio.Protocol):
                              self.lane.date.now(), keep_alive=False)
             close_after = True
         self.busy = False
-        self.task = None
         self.last_active = time.monotonic()
-        if self._closed or self.transport is None:
+        if self._gone():
             return  # the client went away; what it sent was handled all the same
+        assert self.transport is not None
         self.transport.write(data)
-        if close_after:
+        if close_after or self.transport.is_closing():
             self.close()
             return
         if self._paused:
@@ -284,9 +308,10 @@ class FastLaneProtocol(asyncio.Protocol):
             self.transport.resume_reading()
         self.lane.connections.discard(self)
         self._closed = True  # for this protocol: the connection is aiohttp's now
+        pending = bytes(memoryview(self.buffer)[self.start:])
+        self.buffer, self.start = b"", 0
         self.transport.set_protocol(handler)
         handler.connection_made(self.transport)
-        pending, self.buffer = bytes(self.buffer), b""
         if pending:
             handler.data_received(pending)
         if self._eof:
@@ -295,15 +320,12 @@ class FastLaneProtocol(asyncio.Protocol):
     def _next_request(self) -> tuple[FastRequest, bool, float] | object | None:
         """(request, close after it, when its head came) when a whole one is buffered; None to wait for
         more; _DELEGATE when aiohttp must take it (not the plain case, or over the in-flight limit: 429)."""
-        buffer = self.buffer
+        buffer, start = self.buffer, self.start
         if self._head is None:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                newline = buffer.find(b"\n")
-                if len(buffer) > MAX_HEAD or (newline >= 0 and (newline == 0 or buffer[newline - 1] != 13)) or b"\n\n" in buffer:
-                    return _DELEGATE  # too long, or a bare LF line ending: not the plain case
-                return None
-            parsed = self._parse_head(bytes(buffer[:end]))
+            end = buffer.find(b"\r\n\r\n", start)
+            if end < 0 or end - start > MAX_HEAD:
+                return _DELEGATE if _not_plain_so_far(buffer, start) else None
+            parsed = self._parse_head(bytes(memoryview(buffer)[start:end]))
             if parsed is None or not self.lane.observer.admit():
                 return _DELEGATE
             self._head = (end + 4, *parsed, time.perf_counter())
@@ -313,14 +335,18 @@ class FastLaneProtocol(asyncio.Protocol):
             return None
         self._head = None
         body = bytes(memoryview(buffer)[body_start:total])
-        self.buffer = buffer[total:] if total < len(buffer) else b""  # pipelined requests behind it stay
+        if total < len(buffer):
+            self.start = total  # pipelined requests behind it stay where they are
+        else:
+            self.buffer, self.start = b"", 0
         return FastRequest(path, headers, self.remote, body), close_after, started
 
     def _parse_head(self, head: bytes) -> tuple[str, CIMultiDict[str], int, bool] | None:
-        """The request line and headers of the plain case, or None when aiohttp must take it."""
-        try:
-            text = head.decode("latin-1")
-        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        """The request line and headers of the plain case, or None when aiohttp must take it: anything
+        llhttp would refuse or read differently (control characters, names that are not tokens, lone CR
+        or LF, lines over aiohttp's 8190-byte limit) is aiohttp's to refuse."""
+        text = head.decode("latin-1")
+        if _FORBIDDEN.search(text):
             return None
         lines = text.split("\r\n")
         method, _, rest = lines[0].partition(" ")
@@ -332,12 +358,12 @@ class FastLaneProtocol(asyncio.Protocol):
         close_after = False
         for line in lines[1:]:
             name, colon, value = line.partition(":")
-            if not colon or not name or name != name.strip() or "\r" in line or "\n" in line or " " in name or "\t" in name:
-                return None  # malformed, folded, or a name with whitespace: aiohttp decides
+            if not colon or len(line) > MAX_LINE or not _TOKEN.fullmatch(name):
+                return None  # malformed, folded (a name starting with a space), or not a token: aiohttp decides
             value = value.strip(" \t")
             lowered = name.lower()
             if lowered == "content-length":
-                if length is not None or not (value.isascii() and value.isdigit()):
+                if length is not None or not (value.isascii() and value.isdigit()) or len(value) > MAX_LENGTH_DIGITS:
                     return None
                 length = int(value)
             elif lowered in _REFUSED_HEADERS:
@@ -351,3 +377,12 @@ class FastLaneProtocol(asyncio.Protocol):
         if length is None or length > self.lane.max_body:
             return None  # no length (aiohttp says 411/400 as it does) or over the limit (aiohttp answers 413)
         return target, headers, length, close_after
+
+
+def _not_plain_so_far(buffer: bytes | bytearray, start: int) -> bool:
+    """An unfinished head that can no longer become the plain case: too long, or a line ending that is
+    not CRLF (a lone LF or CR), so it must not wait for a CRLFCRLF that may never come."""
+    if len(buffer) - start > MAX_HEAD:
+        return True
+    crlf = buffer.count(b"\r\n", start)
+    return buffer.count(b"\n", start) != crlf or buffer.count(b"\r", start) - buffer.endswith(b"\r") != crlf
