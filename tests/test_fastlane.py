@@ -384,6 +384,13 @@ async def held_lane() -> AsyncIterator[tuple[IngressListener, HeldRoute]]:
         await listener.close(drain_timeout=1.0)
 
 
+async def held_request(listener: IngressListener) -> None:
+    """Until the request just sent is being answered (held by the route)."""
+    async with asyncio.timeout(5):
+        while listener.lane.observer.in_flight != 1:
+            await asyncio.sleep(0.01)
+
+
 async def _read_and_succeed(request: web.Request) -> web.Response:
     await request.read()
     return success()
@@ -393,9 +400,7 @@ async def test_shutdown_waits_for_a_request_whose_client_went_away() -> None:
     async with held_lane() as (listener, route):
         client = await Client.open(listener.url)
         await client.send(request("/v1/track", track("orphan")))
-        async with asyncio.timeout(5):
-            while listener.lane.observer.in_flight != 1:
-                await asyncio.sleep(0.01)
+        await held_request(listener)
         client.reset()
         await asyncio.sleep(0.1)
         asyncio.get_running_loop().call_later(0.3, route.release.set)
@@ -409,9 +414,7 @@ async def test_shutdown_cancels_what_is_still_running_at_the_drain_timeout() -> 
     async with held_lane() as (listener, route):
         client = await Client.open(listener.url)
         await client.send(request("/v1/track", track("too-slow")))
-        async with asyncio.timeout(5):
-            while listener.lane.observer.in_flight != 1:
-                await asyncio.sleep(0.01)
+        await held_request(listener)
         await listener.close(drain_timeout=0.2)
         assert route.outcome == "cancelled"
         assert listener.lane.observer.in_flight == 0 and not listener.lane.tasks
@@ -426,9 +429,7 @@ async def test_a_connection_reset_while_answering_is_never_handed_to_aiohttp() -
     async with held_lane() as (listener, route):
         client = await Client.open(listener.url)
         await client.send(request("/v1/track", track("first")))
-        async with asyncio.timeout(5):
-            while listener.lane.observer.in_flight != 1:
-                await asyncio.sleep(0.01)
+        await held_request(listener)
         client.writer.write(request("/v1/m", b"x" * (PAUSE_ABOVE + 500 * 1024)))
         await asyncio.sleep(0.2)
         client.reset()
