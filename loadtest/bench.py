@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import subjects
-from loadtest.bench_delivery import CONNECTIONS, RULES, prepare_load
+from loadtest.bench_delivery import CONNECTIONS, prepare_load
 from loadtest.harness import PROXY_CORE, Receivers, cpu_seconds, memory_mb, pinning_available, run_wrk
 from loadtest.openloop import launch
 from loadtest.payloads import SINGLE_PATHS, Payload, batch_payload, delivered, single_payload
 from loadtest.report import evaluate_targets, print_stall, print_table, print_targets
 from loadtest.stall import stalled_upstreams
-from proxy.engine import load_rules
 
 LATENCY_LOAD = 0.5  # open-loop offered load, as a share of direct's saturation rate for the same payload
 PROXIES = ("nginx", "nginx-split", "forwarder", "splitter")  # --only choices, besides "stall"; direct always runs
@@ -130,8 +129,7 @@ def contenders(receivers: Receivers, env: dict[str, str], only: set[str]) -> Ite
 
 async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     only = set(args.only or [*PROXIES, "stall"])
-    receivers, env, batch_bodies, auth = prepare_load()
-    rules = load_rules(str(RULES), env)
+    receivers, env, rules, batch_bodies, auth = prepare_load()
     batch = batch_payload(batch_bodies)
     singles = {path: single_payload(rules, path) for path in SINGLE_PATHS}
     everything, baseline_kinds = [batch, *singles.values()], [batch, singles["/v1/track"]]  # /v1/t is Segment-only

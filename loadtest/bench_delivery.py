@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import re
@@ -24,11 +23,13 @@ import orjson
 
 from loadtest.harness import LOAD_CORE, Receivers, PROXY_CORE, balanced_batches, cpu_seconds, pin, pinning_available, rss_mb, run_wrk, start_receivers
 from loadtest.process import launch_splitter
-from proxy.engine import load_rules
+from loadtest.payloads import BATCH, RUDDER_SHARE, batch_payload, delivered
+from proxy.delivery.upstream import basic_auth
+from proxy.engine import RuleSet, load_rules
 
 RULES = Path(__file__).resolve().parent / "rules" / "bench.yaml"
 WRITE_KEY = "bench-web-key"
-BATCH, RUDDER_SHARE, CONNECTIONS = 50, 15, 32  # per request: 15 events to RudderStack (30 % split), all 50 to Segment (primary + mirror)
+CONNECTIONS = 32
 
 
 async def metric_total(admin: str, name: str) -> float:
@@ -51,20 +52,13 @@ async def drained(admin: str, timeout: float) -> float | None:
     return None
 
 
-def prepare_load() -> tuple[Receivers, dict[str, str], list[bytes], str]:
-    """Count-only receivers, the environment for `rules/bench.yaml`, balanced batch bodies, auth."""
+def prepare_load() -> tuple[Receivers, dict[str, str], RuleSet, list[bytes], str]:
+    """Count-only receivers, the environment for `rules/bench.yaml`, its rules, balanced batch bodies, auth."""
     receivers = start_receivers(["rs-web-key"])
     env = dict(os.environ, SEGMENT_URL=receivers.segment, RUDDERSTACK_DATA_PLANE_URL=receivers.rudderstack, SPLITTER_WRITE_KEY=WRITE_KEY)
     rules = load_rules(str(RULES), env)
     bodies = [orjson.dumps({"batch": b}) for b in balanced_batches(rules, 200, BATCH, RUDDER_SHARE, "web")]
-    return receivers, env, bodies, "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
-
-
-def delivered_exactly(segment_count: int, rudder_count: int, answered_200: int) -> bool:
-    """Every accepted request fans out identically (BATCH to Segment, RUDDER_SHARE to RudderStack), so the
-    ratio is exact; wrk stops counting with CONNECTIONS requests in flight, which splitter accepted too."""
-    requests_delivered, remainder = divmod(segment_count, BATCH)
-    return remainder == 0 and rudder_count == requests_delivered * RUDDER_SHARE and answered_200 <= requests_delivered <= answered_200 + CONNECTIONS
+    return receivers, env, rules, bodies, basic_auth(WRITE_KEY)
 
 
 async def main() -> int:
@@ -72,7 +66,7 @@ async def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    receivers, env, bodies, auth = prepare_load()
+    receivers, env, _, bodies, auth = prepare_load()
     splitter = await launch_splitter(str(RULES), env, prefix=pin(PROXY_CORE))
     results: dict[str, Any] = {"pinned": pinning_available(), "proxy_core": PROXY_CORE, "load_core": LOAD_CORE,
                                "body_bytes": sum(map(len, bodies)) // len(bodies), "events_per_request": BATCH}
@@ -93,7 +87,7 @@ async def main() -> int:
             drain = await drained(splitter.admin, 120)
             segment, rudder = await receivers.stats("segment"), await receivers.stats("rudderstack")
             events = run.ok * BATCH
-            delivered_ok = delivered_exactly(segment["count"], rudder["count"], run.ok)
+            delivered_ok = delivered(batch_payload(bodies), segment["count"], rudder["count"], run.ok, CONNECTIONS)[1]  # wrk stops with CONNECTIONS in flight
             ok = ok and delivered_ok and run.ok == run.requests and drain is not None
             results[phase] = {
                 "requests_per_s": round(run.ok / run.seconds), "events_per_s": round(events / run.seconds),

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -39,16 +38,16 @@ from typing import Any
 import orjson
 
 from loadtest import subjects
-from loadtest.bench_delivery import BATCH, RULES, WRITE_KEY, prepare_load
-from loadtest.harness import LOAD_CORE, PROXY_CORE, cpu_seconds, pin, pinning_available, run_wrk
+from loadtest.bench_delivery import CONNECTIONS, WRITE_KEY, prepare_load
+from loadtest.payloads import BATCH
+from loadtest.report import CPU_PER_EVENT_US as BATCH_TARGET_US
+from loadtest.report import FORWARDER_RATIO
+from loadtest.harness import LOAD_CORE, PROXY_CORE, cpu_seconds, pinned_server, pinning_available, run_wrk
 from proxy.delivery.spool import encode
-from proxy.engine import EventContext, load_rules, route
+from proxy.engine import EventContext, RuleSet, route
 from proxy.ingress.handlers import _prepare_request
 from proxy.ingress.prepare import CallShape
 
-BATCH_TARGET_US = 10.0
-FORWARDER_RATIO = 1.8
-CONNECTIONS = 32
 PORT_ROW = "splitter's ingest port, read and answer"
 
 
@@ -61,17 +60,6 @@ def http_row(name: str, url: str, pids: list[int], bodies: list[bytes], auth: st
     per_request = 1e6 * cpu / answered if pids and answered else None
     return {"name": name, "events_per_s": answered * BATCH / run.seconds, "cpu_us_per_request": per_request,
             "cpu_us_per_event": per_request / BATCH if per_request is not None else None, "non_2xx": run.non_2xx}
-
-
-@contextmanager
-def sink(kind: str) -> Iterator[tuple[str, list[int]]]:
-    process = subprocess.Popen([*pin(PROXY_CORE), sys.executable, "-m", "loadtest.baselines.sink", "--kind", kind], stdout=subprocess.PIPE)
-    try:
-        assert process.stdout is not None
-        yield json.loads(process.stdout.readline())["url"], [process.pid]
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @contextmanager
@@ -101,8 +89,7 @@ def per_event(work: Callable[[bytes], object], bodies: list[bytes], seconds: flo
             return best
 
 
-def in_process_rows(env: dict[str, str], bodies: list[bytes], seconds: float) -> dict[str, float]:
-    rules = load_rules(str(RULES), env)
+def in_process_rows(rules: RuleSet, bodies: list[bytes], seconds: float) -> dict[str, float]:
     source = rules.source_for_key(WRITE_KEY)
     assert source is not None
     ctx = EventContext(source.name)
@@ -162,17 +149,17 @@ def render(http: dict[str, dict[str, Any]], pieces: dict[str, float], floor: flo
 
 
 async def measure(seconds: float) -> dict[str, Any]:
-    receivers, env, bodies, auth = prepare_load()
+    receivers, _, rules, bodies, auth = prepare_load()
     try:
         http = {"direct": http_row("direct", receivers.segment, [], bodies, auth, seconds)}
         for kind, name in (("aiohttp", "aiohttp, read and answer"), ("fastlane", PORT_ROW), ("bare", "bare asyncio protocol")):
-            with sink(kind) as (url, pids):
-                http[name] = http_row(name, url, pids, bodies, auth, seconds)
+            with pinned_server("loadtest.baselines.sink", "--kind", kind) as (url, pid):
+                http[name] = http_row(name, url, [pid], bodies, auth, seconds)
         async with subjects.forwarder(receivers) as forwarder:
             http["aiohttp forwarder"] = http_row("aiohttp forwarder", forwarder.url, forwarder.pids(), bodies, auth, seconds)
     finally:
         receivers.stop()
-    pieces = in_process_rows(env, bodies, min(seconds, 3.0))
+    pieces = in_process_rows(rules, bodies, min(seconds, 3.0))
     floor, rows = verdicts(http, pieces)
     return {"http": list(http.values()), "in_process_us_per_event": pieces, "floor_us_per_event": floor, "targets": rows,
             "pinned": pinning_available()}

@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,18 @@ def pinning_available() -> bool:
 
 def pin(core: str) -> list[str]:
     return ["taskset", "-c", core] if pinning_available() else []
+
+
+@contextmanager
+def pinned_server(module: str, *args: str) -> Iterator[tuple[str, int]]:
+    """`python -m module args` on the proxy core, which prints its URL as JSON on its first line: (url, pid)."""
+    process = subprocess.Popen([*pin(PROXY_CORE), sys.executable, "-m", module, *args], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        yield json.loads(process.stdout.readline())["url"], process.pid
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -14,7 +14,6 @@ error log and every *_temp_path, on a free 127.0.0.1 port, pinned to the proxy c
 
 from __future__ import annotations
 
-import base64
 import os
 import pwd
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from loadtest.harness import PROXY_CORE, pin, with_children
+from proxy.delivery.upstream import basic_auth
 
 RUDDER_SHARE_PERCENT = 30  # the same share bench.yaml's catch-all rule splits to RudderStack
 KEEPALIVE = 64
@@ -126,7 +126,7 @@ def start_nginx(binary: str, shape: Literal["pass", "split"], segment: str, rudd
     """Write the config for `shape` next to nginx's scratch files, start it, wait until it listens."""
     scratch = Path(tempfile.mkdtemp(prefix="splitter-nginx-"))
     port = free_port()
-    rudder_auth = "Basic " + base64.b64encode(f"{rudder_key}:".encode()).decode()
+    rudder_auth = basic_auth(rudder_key)
     routing = (PASS if shape == "pass" else SPLIT) % {"port": port, "share": RUDDER_SHARE_PERCENT, "rudder_auth": rudder_auth}
     # As root the master would hand the worker to `nobody`, which may not read the scratch dir.
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""

@@ -15,11 +15,11 @@ from typing import Any
 
 import orjson
 
-from loadtest.bench_delivery import BATCH, RUDDER_SHARE
 from loadtest.harness import event
 from proxy.engine import EventContext, RuleSet, decide
 
 SOURCE = "web"
+BATCH, RUDDER_SHARE = 50, 15  # per batch: 15 events to RudderStack (30 % split), all 50 to Segment (primary + mirror)
 SINGLE_PATHS = ("/v1/t", "/v1/track")
 
 

@@ -34,6 +34,7 @@ async def stalled_upstreams(receivers: Receivers, env: dict[str, str], payload: 
     async with splitter(env) as subject:
         assert subject.splitter is not None
         admin = subject.splitter.admin
+        pids = subject.pids()  # its workers are started with it: the set does not change during the run
         await receivers.faults("segment", down=True)
         await receivers.faults("rudderstack", **({"delay": HANG_SECONDS} if hang else {"down": True}))
         samples: list[tuple[float, float, float]] = []  # (seconds since start, RSS MB, spool MB)
@@ -41,11 +42,11 @@ async def stalled_upstreams(receivers: Receivers, env: dict[str, str], payload: 
                                                        seconds=seconds, connections=CONNECTIONS))
         started = time.monotonic()
         while not load.done():
-            samples.append((time.monotonic() - started, memory_mb(subject.pids()), await metric_total(admin, "splitter_spool_bytes") / 2**20))
+            samples.append((time.monotonic() - started, memory_mb(pids), await metric_total(admin, "splitter_spool_bytes") / 2**20))
             await asyncio.sleep(SAMPLE_EVERY)
         run = await load
-        samples.append((time.monotonic() - started, memory_mb(subject.pids()), await metric_total(admin, "splitter_spool_bytes") / 2**20))
-        peak = memory_mb(subject.pids(), "VmHWM")
+        samples.append((time.monotonic() - started, memory_mb(pids), await metric_total(admin, "splitter_spool_bytes") / 2**20))
+        peak = memory_mb(pids, "VmHWM")
         await receivers.faults("segment", down=False)
         await receivers.faults("rudderstack", delay=0, down=False)
         drain = await drained(admin, DRAIN_LIMIT)

@@ -12,8 +12,6 @@ and says what the receivers must then hold (`expect`):
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from loadtest.bench_delivery import RULES, drained
-from loadtest.harness import PROXY_CORE, Receivers, pin, with_children
+from loadtest.harness import PROXY_CORE, Receivers, pin, pinned_server, with_children
 from loadtest.nginx import nginx_binary, start_nginx
 from loadtest.process import SplitterProcess, launch_splitter
 
@@ -71,15 +69,8 @@ async def nginx(receivers: Receivers, shape: Literal["pass", "split"], rudder_ke
 
 @asynccontextmanager
 async def forwarder(receivers: Receivers) -> AsyncIterator[Subject]:
-    process = subprocess.Popen([*pin(PROXY_CORE), sys.executable, "-m", "loadtest.baselines.forwarder", "--upstream", receivers.segment],
-                               stdout=subprocess.PIPE)
-    try:
-        assert process.stdout is not None
-        url = json.loads(process.stdout.readline())["url"]
-        yield Subject("aiohttp forwarder", url, "forward", lambda: [process.pid], _pause)
-    finally:
-        process.terminate()
-        process.wait(10)
+    with pinned_server("loadtest.baselines.forwarder", "--upstream", receivers.segment) as (url, pid):
+        yield Subject("aiohttp forwarder", url, "forward", lambda: [pid], _pause)
 
 
 @asynccontextmanager

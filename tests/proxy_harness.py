@@ -29,6 +29,7 @@ from loadtest.receivers import Receiver, RunningReceiver, start_receiver
 from proxy.delivery import Delivery
 from proxy.engine import RuleSet, compile_rules
 from proxy.ingress.app import build_ingress_app
+from proxy.ingress.cdn import DEFAULT_CDN_URL
 from proxy.ingress.handlers import IngressDeps
 from proxy.ingress.listener import IngressListener, listen
 from proxy.metrics import Metrics
@@ -100,7 +101,7 @@ class Stack:
         self.server = server
         self.session = session
         self.active = active  # the ingress reads its rules from here; a test may swap them (e.g. a ramp scheduler)
-        self.url = str(server.make_url("")).rstrip("/")
+        self.url = server.url
 
     @property
     def segment(self) -> Receiver:
@@ -178,12 +179,12 @@ async def proxy_stack(
     max_in_flight: int = 2000,
     region: str | None = None,
     drain_timeout: float = 0.5,
-    cdn_url: str | None = None,
+    cdn_url: str = DEFAULT_CDN_URL,
     public_url: str | None = None,
     cdn_cache_seconds: float = 300.0,
     keepalive_timeout: float = 75.0,
 ) -> AsyncIterator[Stack]:
-    """`cdn_url` None keeps the default CDN (never contacted unless a test GETs a CDN route)."""
+    """The default CDN is never contacted unless a test GETs a CDN route."""
     segment = await start_receiver("segment", record=True)
     rudder = await start_receiver("rudderstack", valid_keys=RUDDER_KEYS, record=True)
     delivery: Delivery | None = None
@@ -197,9 +198,8 @@ async def proxy_stack(
         delivery = Delivery(metrics, spool_dir=scratch / "spool", dead_letter_dir=scratch / "dead-letter")
         delivery.start(rules)
         deps = IngressDeps(ActiveRules(rules), delivery, metrics, region, trusted_proxies)
-        cdn = {"cdn_url": cdn_url} if cdn_url is not None else {}
-        app = build_ingress_app(deps, cors_origins=cors_origins, max_in_flight=max_in_flight, public_url=public_url,
-                                cdn_cache_seconds=cdn_cache_seconds, **cdn)
+        app = build_ingress_app(deps, cors_origins=cors_origins, max_in_flight=max_in_flight, cdn_url=cdn_url, public_url=public_url,
+                                cdn_cache_seconds=cdn_cache_seconds)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, handle_signals=False)
         await runner.setup()
         server = await listen(runner, "127.0.0.1", 0, keepalive_timeout=keepalive_timeout)  # the fast lane in front of aiohttp, as `splitter serve` listens

@@ -9,7 +9,6 @@ headers on, keep-alive and close, and draining on shutdown.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import socket
@@ -30,9 +29,9 @@ from proxy.ingress.fastlane import PAUSE_ABOVE, HttpDate, serialize
 from proxy.ingress.listener import IngressListener, listen
 from proxy.ingress.responses import error, success
 from proxy.metrics import Metrics
-from proxy_harness import WEB_KEY, Stack, proxy_stack
+from proxy_harness import WEB_KEY, Stack, basic, proxy_stack
 
-AUTH = "Basic " + base64.b64encode(f"{WEB_KEY}:".encode()).decode()
+AUTH = basic(WEB_KEY)
 
 
 @pytest.fixture

@@ -27,10 +27,6 @@ class IngressListener:
     def url(self) -> str:
         return f"http://{self.addresses[0]}"
 
-    def make_url(self, path: str) -> str:
-        """As aiohttp's TestServer names it, for tests."""
-        return self.url + path
-
     async def close(self, drain_timeout: float) -> None:
         """Stop accepting; in-flight requests finish (up to `drain_timeout`) on both lanes; then the app's cleanup."""
         if self._closed:
