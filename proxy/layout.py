@@ -9,6 +9,7 @@ switching between one and several workers, leaves spools that no running worker 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from proxy.delivery.spool import MAGIC
@@ -26,9 +27,13 @@ def _worker_index(directory: Path) -> int | None:
     return int(suffix) if directory.name.startswith(WORKER_PREFIX) and suffix.isdigit() else None
 
 
+def _has_records(segments: Iterable[Path]) -> bool:
+    return any(p.stat().st_size > SEGMENT_HEADER_BYTES for p in segments)
+
+
 def holds_records(directory: Path) -> bool:
     """Whether any destination spool under `directory` has a segment with records (acked or not)."""
-    return any(p.stat().st_size > SEGMENT_HEADER_BYTES for p in directory.glob("*/*.seg"))
+    return _has_records(directory.glob("*/*.seg"))
 
 
 def worker_spools(spool_dir: Path, *, from_index: int = 0) -> list[Path]:
@@ -41,9 +46,7 @@ def worker_spools(spool_dir: Path, *, from_index: int = 0) -> list[Path]:
 
 def single_process_spool_holds_records(spool_dir: Path) -> bool:
     """Whether a `--workers 1` run left records in `<spool-dir>/<destination>`."""
-    return spool_dir.is_dir() and any(
-        p.stat().st_size > SEGMENT_HEADER_BYTES for p in spool_dir.glob("*/*.seg") if _worker_index(p.parent) is None
-    )
+    return spool_dir.is_dir() and _has_records(p for p in spool_dir.glob("*/*.seg") if _worker_index(p.parent) is None)
 
 
 def leftovers(spool_dir: Path, workers: int) -> list[Path]:

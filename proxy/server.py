@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from proxy.metrics import Metrics
 from proxy.ramp_clock import RampScheduler
 from proxy.reload import Reloader
 from proxy.settings import ServeSettings
+from proxy.signals import stop_on_signals
 from proxy.state import ActiveRules
 from proxy.watch import RulesWatcher
 from proxy.layout import worker_spools
@@ -101,7 +101,6 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None, w
         access_log=None, shutdown_timeout=2.0, handle_signals=False,
     )
     watcher = RulesWatcher(settings.config, lambda: reloader.reload("file_change"), interval=settings.reload_poll_interval, baseline=rules.sha256)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     listener: IngressListener | None = None
     try:
@@ -120,9 +119,7 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None, w
         await delivery.close(drain_timeout=0)
         return STARTUP_FAILURE
     assert listener is not None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
+    stop = stop_on_signals(reloader.request)  # installed to the end: a second SIGTERM while draining only sets it again
     reloader.start()
     ramps.start()
     watcher.start()
@@ -143,8 +140,6 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None, w
     await listener.close(settings.drain_timeout)  # stops accepting, waits for in-flight requests up to the drain timeout
     await delivery.close(drain_timeout=max(0.0, drain_deadline - loop.time()))  # deliver what it can; the rest stays spooled
     await admin.cleanup()
-    # The handlers stay installed to the end: a second SIGTERM while draining must not kill the
-    # process with the default action (losing the drain); it only sets an already-set event.
     if worker is not None:
         await worker.stop()
     log.info("stopped")

@@ -48,6 +48,7 @@ from proxy.ramp_clock import RampScheduler
 from proxy.reload import Reloader, ReloadResult
 from proxy.server import BAD_RULES, OK, STARTUP_FAILURE, bound_addresses, load_initial_rules, run_loop
 from proxy.settings import ServeSettings
+from proxy.signals import stop_on_signals
 from proxy.state import ActiveRules
 from proxy.watch import RulesWatcher
 from proxy.worker import DRAIN_PREFIX
@@ -69,10 +70,13 @@ class Child:
     role: str
     settings: ServeSettings
     serves: bool  # a serving worker is restarted whenever it exits; a drainer only when it fails
-    pid: int | None = None
     ready: bool = False
     failures: int = 0  # consecutive unexpected exits, for the restart backoff
     process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
 
 
 class FanOutReloader(Reloader):
@@ -151,7 +155,6 @@ class Supervisor:
         self.metrics = metrics
         self._env = env
         self._started = False
-        self._stopping = False
         self._all_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[int]] = []
         self._stop = asyncio.Event()
@@ -162,7 +165,7 @@ class Supervisor:
         return [child for child in self.children if child.serves]
 
     def is_ready(self) -> bool:
-        return self._started and not self._stopping and all(child.ready for child in self.workers)
+        return self._started and not self._stop.is_set() and all(child.ready for child in self.workers)
 
     def signal_ready_workers(self, sig: signal.Signals) -> None:
         """Only ready workers: one still starting has no handler yet, and SIGHUP's default is to die."""
@@ -189,7 +192,6 @@ class Supervisor:
         As in a single process, a drain cut short by the drain timeout is not a failure: what is
         left stays spooled, and the worker with that index (or a drainer) sends it at the next start.
         """
-        self._stopping = True
         self._stop.set()
         for child in self.children:
             if child.process is not None and child.process.returncode is None:
@@ -216,14 +218,14 @@ class Supervisor:
             except OSError as exc:  # could not even start the process (fork failed, fd limit): try again later
                 log.error("worker_spawn_failed", role=child.role, error=str(exc))
                 code = STARTUP_FAILURE
-            if self._stopping or (child.serves and not self._started) or (code == 0 and not child.serves):
+            if self._stop.is_set() or (child.serves and not self._started) or (code == 0 and not child.serves):
                 return code
             child.failures = 1 if loop.time() - started >= STABLE_AFTER else child.failures + 1
             wait = min(RESTART_BACKOFF[1], RESTART_BACKOFF[0] * 2 ** (child.failures - 1))
             log.error("worker_exited", role=child.role, pid=child.pid, code=code, restart_in=wait)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), wait)
-            if self._stopping:
+            if self._stop.is_set():
                 return code
             self.metrics.worker_restarts.labels(child.role).inc()
 
@@ -235,8 +237,8 @@ class Supervisor:
                     sys.executable, *WORKER_COMMAND, child.role, str(theirs.fileno()),
                     stdin=asyncio.subprocess.PIPE, pass_fds=(theirs.fileno(),), env=dict(self._env),
                 )
-            child.process, child.pid = process, process.pid
-            if self._stopping:  # SIGTERM came while it was being started: it would never hear of it
+            child.process = process
+            if self._stop.is_set():  # SIGTERM came while it was being started: it would never hear of it
                 process.send_signal(signal.SIGTERM)
             assert process.stdin is not None
             process.stdin.write(pickle.dumps(child.settings))
@@ -300,11 +302,7 @@ async def _supervise(settings: ServeSettings, env: Mapping[str, str], rules: Rul
         log.error("listen_failed", error=str(exc), admin=f"{settings.admin[0]}:{settings.admin[1]}")
         await admin.cleanup()
         return STARTUP_FAILURE
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
+    stop = stop_on_signals(reloader.request)
     failed = await supervisor.start()
     if failed is not None:
         log.error("workers_failed_to_start", code=failed)

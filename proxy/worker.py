@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import os
 import pickle
-import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ import structlog
 from proxy.log import configure, get_logger
 from proxy.metrics import Metrics
 from proxy.settings import ServeSettings
+from proxy.signals import stop_on_signals
 from proxy.tasks import BackgroundTask
 
 log = get_logger("splitter.worker")
@@ -100,10 +100,7 @@ async def drain(settings: ServeSettings, link: WorkerLink, env: Mapping[str, str
     delivery = start_delivery(settings, rules, metrics)
     if delivery is None:
         return STARTUP_FAILURE
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     link.start(metrics, stop.set)
     log.info("leftover_spool_draining", spool_dir=settings.spool_dir, pending=delivery.pending)
     while delivery.pending and not stop.is_set():

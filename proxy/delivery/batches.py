@@ -47,9 +47,9 @@ def upstream_batches(records: Sequence[Record], max_events: int, max_bytes: int 
     """Batches for `records` (all with one credential), in order, each within both limits."""
     builder = _Builder(records[0].credential, max_events, max_bytes)
     for record in records:
-        if not builder.fits(record.size, record.count) and builder.count and builder.fits_alone(record.size, record.count):
-            yield builder.take()
-        if builder.fits(record.size, record.count):
+        if builder.fits_alone(record.size, record.count):
+            if not builder.fits(record.size, record.count):
+                yield builder.take()
             builder.add(record.joined, record, record.count, record.forwarded_for)
             continue
         for event in record.events():  # alone it breaks a limit: event by event (an event always fits an empty batch)

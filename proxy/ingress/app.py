@@ -84,11 +84,11 @@ class Observer:
         try:
             response = await _answer(request, handler)
         finally:
-            self.in_flight -= 1
+            self.release()
         return self.finish(request, response, path, started)
 
     def release(self) -> None:
-        """An admitted request that will never be answered (its client went away mid-body)."""
+        """An admitted request is done: answered, or never to be (its client went away mid-body)."""
         self.in_flight -= 1
 
     def finish(self, request: Any, response: web.StreamResponse, path: str, started: float) -> web.StreamResponse:
