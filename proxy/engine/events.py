@@ -12,6 +12,11 @@ from typing import Any
 ENVELOPE_MERGED = ("context", "integrations")
 
 
+def has_envelope(body: dict[str, Any]) -> bool:
+    """Whether `merge_envelope(body, event)` would change an event: the same conditions, in one place."""
+    return any(isinstance(body.get(name), dict) and body[name] for name in ENVELOPE_MERGED) or body.get("sentAt") is not None
+
+
 def merge_envelope(envelope: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
     """Segment's batch semantics, applied in place: the event's own values win over the envelope's."""
     for name in ENVELOPE_MERGED:

@@ -87,7 +87,7 @@ class Deduplicator:
         every event), so nothing is parsed again here."""
         settings = rules.dedup
         assert settings is not None, "called only when the rules turn de-duplication on"
-        claim = await self._claim(primary, mirror, {event: _kept(message_id) for event, message_id in message_ids.items()})
+        claim = await self._claim(primary, mirror, message_ids)  # ids as sent: seen() and remember() store them as kept
         ok, dropped = False, frozenset[str]()
         try:
             outcome = await delivery.accept(rules, claim.primary, claim.mirror, source, key, forwarded_for)
@@ -127,7 +127,7 @@ class Deduplicator:
                 kept.append(event)
         return kept
 
-    def _settle(self, settings: DedupSettings, metrics: Metrics, claim: Claim, ok: bool, dropped: frozenset[str] = frozenset()) -> None:
+    def _settle(self, settings: DedupSettings, metrics: Metrics, claim: Claim, ok: bool, dropped: frozenset[str]) -> None:
         """Release the claim; remember the ids each destination now has (not those of dropped mirror copies)."""
         by_destination: dict[str, list[str]] = {}
         for (destination, message_id), future in claim.held.items():
@@ -136,10 +136,9 @@ class Deduplicator:
             future.set_result(delivered)
             if delivered:
                 by_destination.setdefault(destination, []).append(message_id)
-        if ok:
-            for destination, message_ids in by_destination.items():
-                tracked = self.remember(settings, destination, message_ids)
-                metrics.child(metrics.dedup_tracked_ids, destination).set(tracked)
+        for destination, message_ids in by_destination.items():  # filled only when the request was accepted
+            tracked = self.remember(settings, destination, message_ids)
+            metrics.child(metrics.dedup_tracked_ids, destination).set(tracked)
 
     def _report(self, metrics: Metrics, hits: dict[str, int], source: str) -> None:
         for destination, count in hits.items():

@@ -28,14 +28,17 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.ingress import responses
+from proxy.ingress.app import FastIngress
 from proxy.log import get_logger
+from proxy.tasks import BackgroundTask
 
 log = get_logger("splitter.ingress")
 
@@ -50,29 +53,6 @@ _FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n") 
 _DELEGATE = object()  # _next_request: aiohttp must take this request and the connection
 _REFUSED_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
 _FRAMING_HEADERS = frozenset({"content-length", "connection", "date", "transfer-encoding"})  # written by the lane itself
-
-Handler = Callable[[Any], Awaitable[web.StreamResponse]]
-
-
-class Observer(Protocol):
-    """app.Observer: the in-flight limit, metrics, errors and CORS the aiohttp lane applies too."""
-
-    def admit(self) -> bool: ...
-
-    def release(self) -> None: ...
-
-    async def answer_admitted(self, request: Any, handler: Handler, path: str, started: float) -> web.StreamResponse: ...
-
-
-class Ingress(Protocol):
-    """app.FastIngress."""
-
-    @property
-    def routes(self) -> Mapping[str, Handler]: ...
-
-    @property
-    def observer(self) -> Observer: ...
-
 
 class FastBody:
     """`request.content` of a request whose body the lane has already read: `read_body` works unchanged."""
@@ -139,7 +119,7 @@ def serialize(response: web.StreamResponse, date: str, keep_alive: bool) -> byte
 class Lane:
     """What every connection of one listener shares: the routes it answers, aiohttp for the rest."""
 
-    def __init__(self, fallback: Callable[[], asyncio.Protocol], ingress: Ingress, max_body: int,
+    def __init__(self, fallback: Callable[[], asyncio.Protocol], ingress: FastIngress, max_body: int,
                  keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
         self.keepalive_timeout = keepalive_timeout
         self.fallback = fallback  # aiohttp's protocol factory (web.Server): one RequestHandler per handed-over connection
@@ -150,11 +130,11 @@ class Lane:
         self.connections: set[FastLaneProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # requests being answered (held: the loop keeps only weak references)
         self.closing = False
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper = BackgroundTask(self._sweep_idle, "fast-lane-idle-sweep")
 
     def protocol(self) -> FastLaneProtocol:
-        if self._sweeper is None:
-            self._sweeper = asyncio.ensure_future(self._sweep_idle())
+        if not self.closing:
+            self._sweeper.start()  # once: later calls do nothing
         return FastLaneProtocol(self)
 
     def answer(self, connection: FastLaneProtocol, request: FastRequest, close_after: bool, started: float) -> None:
@@ -173,8 +153,7 @@ class Lane:
         """Close idle connections now; let the requests in progress finish for up to `timeout` (their
         connections close after the answer), then cancel what is left, as aiohttp does with its own."""
         self.closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        await self._sweeper.stop()
         for connection in list(self.connections):
             if not connection.active:
                 connection.close()
@@ -281,8 +260,7 @@ class FastLaneProtocol(asyncio.Protocol):
             data = serialize(response, self.lane.date.now(), keep_alive=not close_after)
         except Exception:  # the routes answer their own errors; this is a bug: the client must still get an answer
             log.exception("request_failed", path=request.path)
-            data = serialize(web.json_response({"success": False, "code": "internal_error",
-                                                "message": "splitter failed to handle the request; it is safe to retry"}, status=500),
+            data = serialize(responses.error(500, "internal_error", "splitter failed to handle the request; it is safe to retry"),
                              self.lane.date.now(), keep_alive=False)
             close_after = True
         self.busy = False

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from proxy.engine import Decision, EventContext, RuleSet, Source, TrackingPlan, TransformTable, Violation, merge_envelope, route, transformed_events
-from proxy.engine.events import ENVELOPE_MERGED
+from proxy.engine.events import has_envelope
 from proxy.ingress.body import MAX_BATCH_EVENTS, MAX_EVENT_BYTES
 from proxy.ingress.plan_checks import screen
 from proxy.ingress.responses import IngressError
@@ -131,7 +131,7 @@ def prepare(
     else:
         events = [body]
     prepared = Prepared()
-    scope = RequestScope.of(rules, shape, source, ctx, client_ip, body if shape.is_batch and _has_envelope(body) else None)
+    scope = RequestScope.of(rules, shape, source, ctx, client_ip, body if shape.is_batch and has_envelope(body) else None)
     for index, event in enumerate(events):
         _prepare_event(prepared, scope, index, event)
     return prepared
@@ -198,10 +198,6 @@ def _file_event(prepared: Prepared, scope: RequestScope, index: int, event: dict
 
 def _is_client_channel(context: Any) -> bool:
     return type(context) is dict and context.get("channel") in CLIENT_CHANNELS
-
-
-def _has_envelope(body: dict[str, Any]) -> bool:
-    return any(isinstance(body.get(name), dict) and body[name] for name in ENVELOPE_MERGED) or body.get("sentAt") is not None
 
 
 def single_call_error(rejection: dict[str, Any]) -> IngressError:
