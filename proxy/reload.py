@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy.engine import RuleSet, RulesError, load_rules, plan_files
+from proxy.engine import RulesError, load_rules, plan_files
 from proxy.engine.rollout import compare
 from proxy.log import get_logger
 from proxy.metrics import Metrics
@@ -65,12 +65,12 @@ class Reloader:
         try:
             new = await asyncio.to_thread(load_rules, self._path, self._env)
         except RulesError as exc:
-            return self._failed(trigger, self._active.current, list(exc.lines))  # the engine never quotes URL credentials
+            return self._failed(trigger, list(exc.lines))  # the engine never quotes URL credentials
         except OSError as exc:
-            return self._failed(trigger, self._active.current, [f"{self._path}: cannot read the rules file: {exc.strerror or exc}"])
+            return self._failed(trigger, [f"{self._path}: cannot read the rules file: {exc.strerror or exc}"])
         except Exception as exc:  # an engine bug must not take the last good rules down with it
             log.exception("config_reload_crashed", trigger=trigger, path=self._path)
-            return self._failed(trigger, self._active.current, [f"{self._path}: internal error while compiling: {type(exc).__name__}"])
+            return self._failed(trigger, [f"{self._path}: internal error while compiling: {type(exc).__name__}"])
         # Read only now: a ramp step may have been applied while the file compiled in a thread, and
         # the comparison must be against the rules that are live, or a rollback from that step is missed.
         old = self._active.current
@@ -93,9 +93,9 @@ class Reloader:
         rollbacks = tuple({"rule": c.rule, "buckets_back": c.buckets_back} for c in report.rollbacks)
         return ReloadResult("success", trigger, new.sha256, (), rollbacks)
 
-    def _failed(self, trigger: str, old: RuleSet, errors: list[str]) -> ReloadResult:
+    def _failed(self, trigger: str, errors: list[str]) -> ReloadResult:
         log.error("config_reload_failed", trigger=trigger, path=self._path, errors=errors)
-        return ReloadResult("error", trigger, old.sha256, tuple(errors))
+        return ReloadResult("error", trigger, self._active.current.sha256, tuple(errors))
 
     def request(self, trigger: str) -> None:
         """Ask `run()` for a reload. Only records and wakes, so a signal handler may call it."""

@@ -58,6 +58,8 @@ def _arm(rule: Rule, chosen: int) -> Decision:
 
 def first_match(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext) -> Rule:
     candidates = rules.candidates(ctx)
+    if not candidates.rules[0].event_conditions:  # it takes every event: nothing to look at or remember
+        return candidates.rules[0]
     signature = routing_signature(event, ctx)
     try:
         found = candidates.first_match.get(signature)

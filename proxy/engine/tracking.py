@@ -52,6 +52,11 @@ def type_of(value: object) -> str:
     return "array" if isinstance(value, list) else "object"
 
 
+def type_allowed(actual: str, types: frozenset[str]) -> bool:
+    """Whether a value of JSON type `actual` passes a declared type set (empty: any); an integer is a number too."""
+    return not types or actual in types or (actual == "integer" and "number" in types)
+
+
 def enum_key(value: object) -> tuple[bool, object]:
     """Hashable identity for enum membership that keeps `true` apart from `1` (Python says they are equal)."""
     return isinstance(value, bool), value
@@ -75,7 +80,7 @@ class FieldSpec:
         """`noun` is `property` or `trait`, for the message."""
         actual = type_of(value)
         where = f"{subject!r} {noun} {self.name!r}"
-        if self.types and actual not in self.types and not (actual == "integer" and "number" in self.types):
+        if not type_allowed(actual, self.types):
             return [Violation("wrong_type", subject, f"{where} is {_a(actual)}, expected {' or '.join(sorted(self.types))}")]
         if self.enum is None:
             return []

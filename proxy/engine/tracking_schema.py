@@ -24,7 +24,7 @@ from referencing.jsonschema import specification_with
 
 from proxy.engine.nodes import NodeReader
 from proxy.engine.source import compose
-from proxy.engine.tracking import TYPE_NAMES, EventCheck, FieldsCheck, FieldSpec, Mode, SchemaCheck, TrackingPlan, enum_key, shown, type_of
+from proxy.engine.tracking import TYPE_NAMES, EventCheck, FieldsCheck, FieldSpec, Mode, SchemaCheck, TrackingPlan, enum_key, shown, type_allowed, type_of
 
 ReadFile = Callable[[str], bytes]
 PLAN_KEYS = ("mode", "allow_unplanned_events", "events", "identify")
@@ -157,7 +157,7 @@ def _enum_values(r: NodeReader, node: yaml.Node, path: str, types: frozenset[str
             continue  # already reported: not a single value
         if not isinstance(value, _JSON_SCALARS):
             r.problem(item, item_path, f"{item.value!r} is not a JSON value (quote it to make it a string)")
-        elif types and type_of(value) not in types and not (type_of(value) == "integer" and "number" in types):
+        elif not type_allowed(type_of(value), types):
             r.problem(item, item_path, f"{shown(value)} is {type_of(value)}, but the type is {' or '.join(sorted(types))}")
         else:
             yield value

@@ -12,7 +12,6 @@ object, leaves the event as it is: a transform never fails an event.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections.abc import Mapping
@@ -157,8 +156,7 @@ class SetProperty:
     def apply(self, draft: _Draft) -> None:
         parent = draft.writable(self.path, create=True)
         if parent is not None:
-            # Each event gets its own copy: the next op may write inside it, and the value is shared config.
-            parent[self.path[-1]] = copy.deepcopy(self.value) if isinstance(self.value, (dict, list)) else self.value
+            parent[self.path[-1]] = self.value  # shared config: a later op that writes inside it copies it first (_Draft.writable)
 
 
 Operation = RenameEvent | RenameProperty | DropProperty | HashProperty | SetProperty
