@@ -16,11 +16,13 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from proxy.engine import EVENT_TYPES, RuleSet
+from proxy.engine import EVENT_TYPES, VIOLATION_KINDS, RuleSet
 
 disable_created_metrics()  # *_created series double the exposition and no dashboard reads them
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 KNOWN_TYPES = frozenset(EVENT_TYPES)
+RELOAD_RESULTS = ("success", "error", "refused", "unchanged")  # proxy.reload.Status, in the order a dashboard lists them
+DROP_REASONS = ("spool_full", "spool_error")
 
 
 def bounded_type(value: object) -> str:
@@ -128,6 +130,27 @@ class Metrics:
             ["rule", "destination"], registry=r,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
+        for result in RELOAD_RESULTS:
+            self.config_reloads.labels(result)
+
+    def preset(self, rules: RuleSet) -> None:
+        """Create every labelled counter whose label values the rules make known, at 0.
+
+        A series that appears only at its first increment makes `rate()` and `increase()` blind to
+        that first occurrence, and alerts on it never fire (Prometheus's advice on missing series);
+        so each configured destination and source gets its series from the start.
+        """
+        for destination in rules.destinations:
+            for counter in (self.events_delivered, self.events_dead_lettered, self.upstream_retries, self.spool_replayed,
+                            self.spool_truncated_bytes, self.dedup_hits):
+                self.child(counter, destination)
+            for reason in DROP_REASONS:
+                self.child(self.events_dropped, destination, reason)
+                self.child(self.mirror_dropped, destination, reason)
+        for source in rules.tracking_plans:
+            self.child(self.tracking_plan_unchecked, source)
+            for kind in VIOLATION_KINDS:
+                self.child(self.tracking_plan_violations, source, kind)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """A cached labelled child: label resolution once per label set, not once per event."""
@@ -150,6 +173,7 @@ class Metrics:
         A multiprocess worker publishes nothing: stale label sets cannot be removed from the shared
         files, so the supervisor, which reloads the same file, publishes these (`SupervisorMetrics`).
         """
+        self.preset(rules)
         if is_multiprocess():
             return
         self.config_info.labels(rules.sha256).set(1)

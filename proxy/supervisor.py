@@ -159,6 +159,8 @@ class Supervisor:
         self._tasks: list[asyncio.Task[int]] = []
         self._stop = asyncio.Event()
         metrics.workers_ready.set_function(lambda: sum(c.ready for c in self.workers))
+        for child in self.children:
+            metrics.worker_restarts.labels(child.role)  # at 0 from the start, so rate() sees the first restart
 
     @property
     def workers(self) -> list[Child]:

@@ -43,3 +43,26 @@ def rules_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(RULES_ENV)
     return env
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the run with one line of counts, after pytest's own summary: what ran, what failed,
+    what skipped, and above it each skip's reason (a missing program names its Debian package)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or not hasattr(reporter, "stats"):
+        return
+    stats = reporter.stats
+    passed = len(stats.get("passed", []))
+    failed = len(stats.get("failed", [])) + len(stats.get("error", []))
+    skipped = [report for report in stats.get("skipped", []) if getattr(report, "when", "") in ("setup", "call")]
+    if not (passed or failed or skipped):
+        return
+    reasons: dict[str, int] = {}
+    for report in skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in sorted(reasons.items()):
+        print(f"  skipped {count}: {reason}")
+    print(f"tests: {passed} passed, {failed} failed, {len(skipped)} skipped")

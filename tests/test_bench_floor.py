@@ -1,7 +1,7 @@
 """`python -m loadtest.floor` end to end: every piece is measured, every server stops, the verdicts add up.
 
 A smoke test of the harness, not a measurement: it checks the report's structure and its arithmetic,
-never a speed. It needs wrk (.ci/run installs it), as the other benchmark smoke test does.
+never a speed. It needs wrk (`make test` installs it; without it the test skips naming the package).
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.system_tools import needs
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@needs("wrk")
 def test_floor_measures_each_piece_and_compares_it_with_the_targets(tmp_path: Path) -> None:
     report = tmp_path / "floor.json"
     finished = subprocess.run([sys.executable, "-m", "loadtest.floor", "--seconds", "1", "--json", str(report)],

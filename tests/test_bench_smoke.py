@@ -1,7 +1,7 @@
 """`python -m loadtest.bench --quick` end to end: the harness runs, stops, and checks delivery.
 
 A smoke test of the benchmark harness, not a measurement: it asserts the report's structure and
-that every event reached the receivers, never a speed. It needs wrk and nginx (.ci/run installs
+that every event reached the receivers, never a speed. It needs wrk and nginx (`make test` installs
 both); nginx split+mirror, splitter and the stalled-upstream scenario cover every moving part
 (nginx config, open-loop generator, spool drain), and direct always runs.
 """
@@ -18,12 +18,14 @@ import orjson
 from loadtest.openloop import encode_requests, run_open_loop
 from loadtest.payloads import Payload, delivered
 from loadtest.receivers import start_receiver
+from tests.system_tools import needs
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"scenario", "payload", "requests_per_s", "events_per_s", "cpu_us_per_event", "cpu_us_per_request",
             "peak_rss_mb", "steady_rss_mb", "delivered", "delivery", "latency"}
 
 
+@needs("nginx", "wrk")
 def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
     report = tmp_path / "bench.json"
     finished = subprocess.run(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from aiohttp import web
 
 from loadtest.process import SplitterProcess, launch_splitter
 from proxy.engine import EventContext, compile_rules, decide
+from tests.system_tools import find, needs
 from tests.test_clients_node import metric
 from tests.test_clients_python import (  # noqa: F401  (upstreams is a fixture)
     CLIENT_KEY,
@@ -42,13 +42,10 @@ from tests.test_clients_python import (  # noqa: F401  (upstreams is a fixture)
 
 CLIENTS_DIR = Path(__file__).resolve().parent / "clients"
 BROWSER_DIR = CLIENTS_DIR / "browser"
-NODE, NPM = shutil.which("node"), shutil.which("npm")
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+NODE, NPM = find("node"), find("npm")
+CHROMIUM = os.environ.get("CHROMIUM") or find("chromium")
 
-pytestmark = [
-    pytest.mark.skipif(not (NODE and NPM), reason="node/npm not found: install Debian's nodejs and npm to run the browser SDK tests"),
-    pytest.mark.skipif(not CHROMIUM, reason="chromium not found: `apt-get install -y chromium` to run the analytics.js browser tests"),
-]
+pytestmark = needs("node", "npm", "chromium")
 
 RULES = f"""\
 version: 1

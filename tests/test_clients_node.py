@@ -6,7 +6,7 @@ prints every HTTP answer the SDK got and every event it built. Also: splitter's 
 `Retry-After: 1` (its `--max-in-flight` guard) is honoured by the SDK, which retries after the
 delay and delivers everything.
 
-Needs `npm ci --prefix tests/clients`; skipped only when node or npm is missing.
+Needs `npm ci --prefix tests/clients` (`make test` runs it); skipped only when node or npm is missing.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import asyncio
 import base64
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import orjson
 import pytest
 
 from loadtest.process import SplitterProcess
+from tests.system_tools import find, needs
 from tests.test_clients_python import (  # noqa: F401  (upstreams is a fixture)
     CLIENT_KEY,
     UNICODE,
@@ -37,9 +37,9 @@ from tests.test_clients_python import (  # noqa: F401  (upstreams is a fixture)
 
 CLIENTS_DIR = Path(__file__).resolve().parent / "clients"
 SCRIPT = CLIENTS_DIR / "send-node.js"
-NODE, NPM = shutil.which("node"), shutil.which("npm")
+NODE, NPM = find("node"), find("npm")
 
-pytestmark = pytest.mark.skipif(not (NODE and NPM), reason="node/npm not found: install Debian's nodejs and npm to run the Node SDK tests")
+pytestmark = needs("node", "npm")
 
 
 @pytest.fixture(scope="module")

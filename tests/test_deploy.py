@@ -15,7 +15,6 @@ import configparser
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -29,6 +28,7 @@ import yaml
 from proxy.engine import load_rules
 from proxy.engine.rollout import compare
 from proxy.metrics import Metrics
+from tests.system_tools import find, missing, skip_reason
 from tests.conftest import RULES_DIR, RULES_ENV, ROOT, splitter_command
 
 DEPLOY = ROOT / "deploy"
@@ -43,9 +43,9 @@ DRAIN_TIMEOUT = 25.0  # splitter serve's default, and what the manifests set exp
 
 
 def _need(binary: str) -> str:
-    path = shutil.which(binary)
+    path = find(binary)
     if path is None:
-        pytest.skip(f"{binary} is not installed (apt-get install -y {'prometheus' if binary == 'promtool' else 'systemd'}); cannot validate")
+        pytest.skip(skip_reason(missing((binary,))))
     return path
 
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 from tests.conftest import ROOT
+from tests.system_tools import TOOLS, missing
 
 
 def test_ci_script_is_valid_bash_and_runs_the_readme_test_command() -> None:
     script = ROOT / ".ci" / "run"
     subprocess.run(["bash", "-n", str(script)], check=True)
     lines = [line.strip() for line in script.read_text().splitlines() if line.strip() and not line.strip().startswith("#")]
-    assert lines[-1] == "make test"
+    assert lines == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', "make test"]  # nothing the README's user would not run
 
 
 def test_quick_start_commands_exist() -> None:
@@ -19,3 +23,33 @@ def test_quick_start_commands_exist() -> None:
     assert "make demo" in readme and "make test" in readme
     targets = subprocess.run(["make", "-pn", "-C", str(ROOT)], capture_output=True, text=True).stdout
     assert "\ndemo:" in targets and "\ntest:" in targets
+
+
+def test_make_test_installs_the_system_tools_before_pytest() -> None:
+    recipe = subprocess.run(["make", "-n", "-C", str(ROOT), "test"], capture_output=True, text=True, check=True).stdout
+    assert recipe.index("tests/system_tools.py install") < recipe.index("-m pytest")
+
+
+def test_every_system_tool_the_table_names_is_installed_here() -> None:
+    """On this machine `make test` ran the installer first: a gap means a missing package name or a
+    failed install, which would otherwise show up only as skips."""
+    if os.geteuid() != 0 or not Path("/usr/bin/apt-get").exists():
+        return  # where apt cannot run, the skips (which name the packages) are the expected outcome
+    assert missing() == [], "install failed or the table names the wrong package: run `make tools`"
+
+
+def test_without_apt_the_installer_says_what_to_run_and_tests_skip_naming_the_package(tmp_path: Path) -> None:
+    """A machine with neither the tools nor apt-get (an empty search path stands in for it): the
+    installer exits 0 with the one command to run, and a test that needs a tool skips, naming it."""
+    env = dict(os.environ, SPLITTER_TOOLS_PATH=str(tmp_path))
+    installer = subprocess.run([sys.executable, "tests/system_tools.py", "install"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert installer.returncode == 0, installer.stderr
+    packages = " ".join(dict.fromkeys(tool.package for tool in TOOLS))
+    assert f"sudo apt-get install -y --no-install-recommends {packages}" in installer.stdout
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_bench_floor.py"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert lines[-1] == "tests: 0 passed, 0 failed, 1 skipped", run.stdout
+    assert "skipped 1: needs wrk (Debian package wrk): run `sudo apt-get install -y --no-install-recommends wrk`" in run.stdout

@@ -340,3 +340,24 @@ async def test_a_prometheus_multiproc_dir_from_the_environment_is_not_used(tmp_p
         assert list(inherited.iterdir()) == [] if exists else not inherited.exists()
     finally:
         assert await splitter.stop() == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_known_label_values_are_exported_at_zero_before_any_traffic(tmp_path: Path, rules_path: Path, upstreams, workers: str) -> None:  # type: ignore[no-untyped-def]
+    """rate() and the shipped alerts see the first occurrence only if the series already exists at 0."""
+    splitter = await start(rules_path, upstreams, tmp_path, "--workers", workers)
+    try:
+        text = await scrape(splitter)
+        for result in ("success", "error", "refused", "unchanged"):
+            assert f'splitter_config_reloads_total{{result="{result}"}} 0.0' in text, result
+        for destination in ("segment", "rudderstack"):
+            for name in ("splitter_events_delivered_total", "splitter_events_dead_lettered_total", "splitter_upstream_retries_total",
+                         "splitter_spool_replayed_total", "splitter_dedup_hits_total"):
+                assert f'{name}{{destination="{destination}"}} 0.0' in text, (name, destination)
+            for reason in ("spool_full", "spool_error"):
+                assert f'splitter_mirror_dropped_total{{destination="{destination}",reason="{reason}"}} 0.0' in text
+        if workers == "2":
+            for role in ("worker-0", "worker-1"):
+                assert f'splitter_worker_restarts_total{{role="{role}"}} 0.0' in text
+    finally:
+        assert await splitter.stop() == 0

@@ -10,6 +10,7 @@ from proxy.engine.events import events_of_body, merge_envelope
 from proxy.engine.masking import mask
 from proxy.engine.model import EVENT_TYPES, Decision, Destination, EventContext, Rule, RuleSet, Source
 from proxy.engine.schema import SCHEMA_VERSION, compile_rules, load_rules
+from proxy.engine.tracking import KINDS as VIOLATION_KINDS
 from proxy.engine.tracking import TrackingPlan, Violation, plan_files
 from proxy.engine.transforms import TransformTable, transformed_events
 
@@ -18,6 +19,7 @@ __all__ = [
     "EVENT_TYPES",
     "NO_KEY_BUCKET",
     "SCHEMA_VERSION",
+    "VIOLATION_KINDS",
     "Decision",
     "Destination",
     "EventContext",
