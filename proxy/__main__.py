@@ -1,5 +1,5 @@
 """`python -m proxy` is the same as the `splitter` console script."""
 
-from proxy.cli import main
+from proxy.entry import main
 
 main()

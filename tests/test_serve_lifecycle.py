@@ -25,6 +25,7 @@ import pytest
 from loadtest.process import SplitterProcess, launch_splitter
 from loadtest.receivers import RunningReceiver, start_receiver
 from proxy.engine import EventContext, compile_rules, decide
+from tests.conftest import splitter_command
 
 WRITE_KEY = "lifecycle-web-key-0123"
 RUDDER_KEY = "lifecycle-rs-key-0123"
@@ -261,3 +262,60 @@ async def test_public_admin_address_without_token_refuses_to_start(tmp_path: Pat
     _, stderr = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 3
     assert "SPLITTER_ADMIN_TOKEN" in stderr.decode()
+
+
+def catches_sighup(pid: int) -> bool:
+    """The kernel's own view (/proc/PID/status SigCgt): does the process catch SIGHUP rather than die of it?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+    return bool(caught & (1 << (signal.SIGHUP - 1)))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sighup_from_the_first_moments_of_start_never_kills(tmp_path: Path, upstreams, workers: str) -> None:  # type: ignore[no-untyped-def]
+    """systemd's ExecReload (kill -HUP) can come at any time: from the moment the interpreter hands
+    over to splitter (the kernel shows SIGHUP caught) it is survived, and one that comes before the
+    reloader runs becomes a reload once it does."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(rules_text(20))
+    started_at = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        *splitter_command("serve", "--config", str(rules), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", workers,
+                          "--spool-dir", str(tmp_path / "spool"), "--dead-letter-dir", str(tmp_path / "dead")),
+        env=splitter_env(*upstreams), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    lines: list[dict[str, Any]] = []
+
+    async def read() -> None:
+        assert process.stdout is not None
+        while line := await process.stdout.readline():
+            lines.append(orjson.loads(line))
+
+    reader = asyncio.create_task(read())
+    try:
+        while not catches_sighup(process.pid):
+            assert process.returncode is None and time.monotonic() - started_at < 10, "SIGHUP never caught"
+            await asyncio.sleep(0.001)
+        caught_after = time.monotonic() - started_at
+        sent = 0
+        deadline = time.monotonic() + 30
+        while not any(line.get("event") == "started" for line in lines):
+            assert time.monotonic() < deadline, f"never started: {lines[-3:]}"
+            assert process.returncode is None, f"died of an early SIGHUP (exit {process.returncode}) after {sent} signals"
+            process.send_signal(signal.SIGHUP)
+            sent += 1
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.5)
+        assert process.returncode is None
+        assert sent > 5, f"the test sent only {sent} signals before start ({caught_after:.3f} s to catch SIGHUP)"
+        reloads = [line for line in lines if str(line.get("event", "")).startswith("config_reload") and line.get("trigger") == "sighup"]
+        assert reloads, "a SIGHUP held during start-up must become a reload once the reloader runs"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), 30)
+        await reader
+    assert code == 0
