@@ -186,7 +186,7 @@ async def test_splitter_serve_applies_a_step_at_its_time(tmp_path: Path, upstrea
                 await asyncio.sleep(0.1)
             applied = await splitter.wait_for_log("ramp_step_applied")
             assert (applied["rule"], applied["step"], applied["percents"]) == ("rollout", 0, {"rudderstack": 60.0, "segment": 40.0})
-            assert await metric(client, splitter, "splitter_config_reloads_total", result="success") is None
+            assert await metric(client, splitter, "splitter_config_reloads_total", result="success") == 0.0  # a ramp step is not a reload
 
             probe = batch("after-step", 200)
             async with client.post(splitter.ingress + "/v1/batch", data=orjson.dumps(probe), headers=AUTH) as response:
