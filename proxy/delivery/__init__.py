@@ -149,14 +149,14 @@ class Delivery:
             if not pipeline.spool.has_room(len(data)):  # checked for every primary before writing any
                 return _spool_full(name)
             staged.append((pipeline, data, len(events)))
-        tickets = []
+        tickets: list[tuple[Spool, int]] = []
         try:
             for pipeline, data, count in staged:
                 tickets.append((pipeline.spool, pipeline.spool.write(data, count)))
-        except SpoolFull:
-            return _spool_full(pipeline.name)
-        except OSError as exc:
-            log.error("spool_write_failed", destination=pipeline.name, error=str(exc))
+        except (SpoolFull, OSError) as exc:
+            self._take_back(tickets)
+            if isinstance(exc, SpoolFull):
+                return _spool_full(pipeline.name)
             return Outcome(False, 503, "spool_unavailable", f"{pipeline.name}: cannot write the spool: {exc.strerror or exc}", 5.0)
         dropped = set()
         for name, events in mirror.items():
@@ -171,9 +171,20 @@ class Delivery:
         try:
             await self._group_commit.wait(tickets)
         except OSError as exc:
+            # Too late to take the records back (others were appended after them, and they may be on
+            # disk): they stay and are delivered, so the client's retry duplicates them (same messageIds).
             log.error("spool_sync_failed", error=str(exc))
             return Outcome(False, 503, "spool_unavailable", f"cannot sync the spool: {exc.strerror or exc}", 5.0)
         return Outcome(True, dropped_mirrors=frozenset(dropped)) if dropped else OK
+
+    @staticmethod
+    def _take_back(tickets: list[tuple[Spool, int]]) -> None:
+        """A primary refused the request's copy (503): take back the copies already written for the
+        others (nothing awaited since, so each is its spool's last record), lest they be delivered.
+        One that cannot be taken back (the cut failed) stays: the client's retry duplicates it."""
+        kept = [spool.directory.name for spool, ticket in tickets if not spool.retract(ticket)]
+        if kept:
+            log.error("spool_copies_kept", destinations=kept, hint="delivered although the request got 503; a retry duplicates them")
 
     def _drop_mirror(self, name: str, count: int, exc: Exception) -> None:
         reason = "spool_full" if isinstance(exc, SpoolFull) else "spool_error"

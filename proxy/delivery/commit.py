@@ -24,6 +24,9 @@ class Syncable(Protocol):
     def sync(self, dirty: object) -> None:
         """fsync what `take_dirty` returned; runs in a worker thread."""
 
+    def sync_failed(self, dirty: object) -> None:
+        """The round that took `dirty` failed; called in the event loop before its requests hear of it."""
+
 
 Tickets = Sequence[tuple[Syncable, int]]
 
@@ -55,7 +58,11 @@ class GroupCommit:
             plan = [(spool, spool.appended, spool.take_dirty()) for spool in spools]
             try:
                 await asyncio.to_thread(_sync_all, plan)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - an OSError is a 503; anything else must not leave requests hanging
+                # Every request waiting fails, not only those of this round: a request that appended
+                # meanwhile may sit behind a hole the failed fsync left in the same file.
+                for spool, _, dirty in plan:
+                    spool.sync_failed(dirty)
                 waiting, self._waiting = self._waiting, []
                 for _, future in waiting:
                     if not future.done():

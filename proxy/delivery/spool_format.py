@@ -1,0 +1,142 @@
+"""The spool's on-disk format, pure: records encoded and decoded, segment files scanned and checked.
+
+Segment files (`NNNNNNNNNNNN.seg`) start with an 8-byte format marker and hold records
+
+    u32 length | u32 crc32(payload) | payload
+    payload = f64 appended_at | u16 len(credential) | u16 len(forwarded_for) | u32 n
+              | credential | forwarded_for | n x u32 event length | events joined by ","
+
+A record is one request's events for one destination (a chunk). The events are stored comma-joined,
+exactly as they go between `{"batch":[` and `]}`: the sender concatenates whole records into upstream
+bodies without looking at single events, and splits a record into its events only to cut an
+oversized batch or to isolate a poison event.
+
+No I/O here: `spool.py` owns the files; this module only says what their bytes mean, so that the
+format can be tested, and changed, apart from the writing and its failure handling.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+MAGIC = b"SPLSPL\x00\x02"  # format 2: chunk records. Format 1 (one event per record) had no marker.
+HEADER = struct.Struct("<II")
+PREFIX = struct.Struct("<dHHI")
+LENGTH = struct.Struct("<I")
+MAX_RECORD = 64 * 1024 * 1024  # anything longer is corruption, not a request's events
+
+
+class SpoolFormatError(Exception):
+    """A segment file this version cannot read: refusing to start beats silently dropping events."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One request's events for one destination, as spooled."""
+
+    segment: int
+    appended_at: float
+    credential: str
+    forwarded_for: str | None
+    joined: bytes  # the events, comma-separated
+    lengths: tuple[int, ...]  # of each event in `joined`
+    encoded_size: int  # bytes the record takes in its segment file
+
+    @property
+    def count(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def size(self) -> int:
+        return len(self.joined)
+
+    def events(self) -> list[bytes]:
+        events, start = [], 0
+        for length in self.lengths:
+            events.append(self.joined[start:start + length])
+            start += length + 1
+        return events
+
+
+def encode(appended_at: float, credential: str, forwarded_for: str | None, events: list[bytes]) -> bytes:
+    """One record holding `events` (at least one), ready to be written."""
+    cred = credential.encode()
+    forwarded = (forwarded_for or "").encode()
+    head = PREFIX.pack(appended_at, len(cred), len(forwarded), len(events)) + cred + forwarded + struct.pack(f"<{len(events)}I", *map(len, events))
+    joined = b",".join(events)
+    return HEADER.pack(len(head) + len(joined), zlib.crc32(joined, zlib.crc32(head))) + head + joined
+
+
+def decode(segment: int, payload: bytes) -> Record:
+    appended_at, cred_len, fwd_len, count = PREFIX.unpack_from(payload)
+    start = PREFIX.size
+    credential = payload[start:start + cred_len].decode()
+    start += cred_len
+    forwarded = payload[start:start + fwd_len].decode() or None
+    start += fwd_len
+    lengths = struct.unpack_from(f"<{count}I", payload, start)
+    return Record(segment, appended_at, credential, forwarded, payload[start + LENGTH.size * count:], lengths, HEADER.size + len(payload))
+
+
+def event_count(payload: bytes) -> int:
+    return int(PREFIX.unpack_from(payload)[3])
+
+
+def scan(data: bytes, start: int = 0) -> tuple[list[bytes], int]:
+    """Complete, valid record payloads in `data` from `start`, and the offset just past the last one."""
+    payloads, offset, end = [], start, len(data)
+    while offset + HEADER.size <= end:
+        length, crc = HEADER.unpack_from(data, offset)
+        body_start = offset + HEADER.size
+        if length < PREFIX.size or length > MAX_RECORD or body_start + length > end:
+            break
+        payload = data[body_start:body_start + length]
+        if zlib.crc32(payload) != crc or not _consistent(payload):
+            break
+        payloads.append(payload)
+        offset = body_start + length
+    return payloads, offset
+
+
+def _consistent(payload: bytes) -> bool:
+    """The framing inside a payload adds up (the crc guards the bytes, this guards a writer's bug)."""
+    _, cred_len, fwd_len, count = PREFIX.unpack_from(payload)
+    start = PREFIX.size + cred_len + fwd_len
+    if count == 0 or start + LENGTH.size * count > len(payload):
+        return False
+    lengths = struct.unpack_from(f"<{count}I", payload, start)
+    return sum(lengths) + count - 1 == len(payload) - start - LENGTH.size * count
+
+
+def _first_frame_is_whole(data: bytes) -> bool:
+    """Whether `data` starts with a whole `length | crc | payload` frame (valid or not)."""
+    if len(data) < HEADER.size:
+        return False
+    length = HEADER.unpack_from(data)[0]
+    return HEADER.size + length <= len(data)
+
+
+def check_format(path: Path, data: bytes) -> int:
+    """Where records start in a segment file's `data`; raises SpoolFormatError for another format's file.
+
+    Besides a whole marker, three shapes are a segment of this format whose creation was cut short,
+    and a start-up repairs them (the records found are kept, the rest is cut) instead of refusing:
+    - a prefix of the marker, or nothing: a crash between creating the file and writing its marker;
+    - no marker, then whole records of this format: splitter before the disk-full fix kept a new
+      segment's descriptor when its marker write failed (ENOSPC) and appended records to the file.
+      Those records were answered 200: they are kept and delivered;
+    - no marker and no whole frame (a first record cut short): nothing in it was ever whole.
+    A file that starts with a whole frame that is not a record of this format is refused: that is
+    another format's file (format 1 had no marker), and cutting it as if torn would drop its events.
+    """
+    if data.startswith(MAGIC):
+        return len(MAGIC)
+    if len(data) < len(MAGIC) and MAGIC.startswith(data):
+        return len(data)  # torn while being created: no records, the open removes it
+    if scan(data, 0)[0] or not _first_frame_is_whole(data):
+        return 0
+    raise SpoolFormatError(f"{path} is not a spool segment of format 2 (written by an older splitter?); "
+                           "deliver it with the version that wrote it, or move it away to start")

@@ -1,0 +1,304 @@
+"""Issue: a full disk must never turn a 200 into a lost event, nor wedge or poison splitter.
+
+Every test runs the spool (or a whole `splitter serve`) on a real tiny tmpfs mounted for the test
+and fills it with a filler file: the short writes, ENOSPC on a format marker and on an ack note are
+the kernel's, nothing of splitter is mocked. Rules: a write is whole on disk and fsynced, or the
+request is answered 503 with Retry-After and nothing of it is delivered; the spool stays readable
+and recovers by itself when space returns; a descriptor is closed once and never written after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import os
+import socket
+import subprocess
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from loadtest.process import SplitterProcess, launch_splitter
+from loadtest.receivers import RunningReceiver, start_receiver
+from proxy.delivery import Delivery
+from proxy.delivery.spool import HEADER, MAGIC, Record, Spool, encode
+from proxy.engine import compile_rules
+from proxy.metrics import Metrics
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- a tiny real filesystem ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def tiny_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)], capture_output=True, text=True,
+                          timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"these tests mount a tiny tmpfs to fill it for real, and mount was refused here: {done.stderr.strip()} "
+                    "(run them as root, or with CAP_SYS_ADMIN)")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def fs(tmp_path: Path) -> Iterator[Path]:
+    with tiny_tmpfs(tmp_path / "fs", "256k") as mounted:
+        yield mounted
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(directory: Path, leave: int = 0) -> Path:
+    """Fill the filesystem to its last page, then give `leave` bytes (whole pages) back."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        chunk = b"\xff" * (16 * PAGE)
+        while True:
+            try:
+                os.write(fd, chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+        assert free_bytes(directory) == 0
+        if leave:
+            os.ftruncate(fd, os.fstat(fd).st_size - leave)
+    finally:
+        os.close(fd)
+    assert free_bytes(directory) == leave
+    return filler
+
+
+def ev(i: int, pad: int = 0) -> bytes:
+    return b'{"messageId":"m-%d","pad":"%s"}' % (i, b"p" * pad)
+
+
+def events_of(records: list[Record]) -> list[bytes]:
+    return [event for r in records for event in r.events()]
+
+
+async def read_all(spool: Spool, count: int, timeout: float = 5.0) -> list[Record]:
+    records: list[Record] = []
+    async with asyncio.timeout(timeout):
+        while sum(r.count for r in records) < count:
+            records += await spool.read(1000, 1 << 30)
+    return records
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.seg"))
+
+
+# -- unit level: the spool on a full disk ------------------------------------------------------------------------
+
+
+async def test_a_short_record_write_is_cut_back_refused_and_the_spool_goes_on_when_space_returns(fs: Path) -> None:
+    spool = Spool(fs / "spool", quota_bytes=1 << 30)
+    spool.open()
+    await spool.commit(spool.append("k", None, [ev(0)]))
+    path = segments(fs / "spool")[0]
+    before = path.stat().st_size
+    filler = fill(fs, leave=PAGE)  # the next record needs two more pages: the kernel writes part of it
+    fds = open_fds()
+    for attempt in range(5):  # every try is refused, none leaves a byte or a descriptor behind
+        with pytest.raises(OSError) as refused:
+            spool.append("k", None, [ev(1, pad=2 * PAGE)])
+        assert refused.value.errno == errno.ENOSPC, attempt
+        assert path.stat().st_size == before and spool.disk_bytes == before and spool.pending == 1
+    spool.sync(spool.take_dirty())
+    assert open_fds() <= fds
+    os.unlink(filler)  # space returns: splitter goes on by itself
+    await spool.commit(spool.append("k", None, [ev(2, pad=2 * PAGE)]))
+    assert events_of(await read_all(spool, 2)) == [ev(0), ev(2, pad=2 * PAGE)]  # no tear to stall at
+    again = Spool(fs / "spool", quota_bytes=1 << 30)
+    recovery = again.open()
+    assert (recovery.records, recovery.truncated_bytes) == (2, 0)
+    assert events_of(await read_all(again, 2)) == [ev(0), ev(2, pad=2 * PAGE)]
+    await spool.close()
+    await again.close()
+
+
+async def test_a_failed_format_marker_at_rotation_leaves_no_markerless_file_and_no_stray_descriptor(fs: Path) -> None:
+    spool = Spool(fs / "spool", quota_bytes=1 << 30, segment_bytes=2 * PAGE)
+    spool.open()
+    await spool.commit(spool.append("k", None, [ev(0, pad=PAGE)]))
+    filler = fill(fs)
+    fds = open_fds()
+    for attempt in range(5):  # each record needs a new segment, whose marker finds no room
+        with pytest.raises(OSError) as refused:
+            spool.append("k", None, [ev(1, pad=PAGE)])
+        assert refused.value.errno == errno.ENOSPC, (attempt, refused.value)  # never "File exists"
+        for path in segments(fs / "spool"):
+            assert path.read_bytes().startswith(MAGIC), path
+        spool.sync(spool.take_dirty())  # sync rounds go on meanwhile
+    assert open_fds() <= fds  # nothing leaked, and nothing the spool holds was closed under it
+    spied_on = socket.socketpair()  # descriptors the spool may have closed are handed out again
+    try:
+        for s in spied_on:
+            s.setblocking(False)
+        os.unlink(filler)
+        tickets = [spool.append("k", None, [ev(i, pad=PAGE)]) for i in range(2, 6)]
+        await spool.commit(tickets[-1])
+        for s in spied_on:
+            with pytest.raises(BlockingIOError):
+                s.recv(1 << 16)  # no spool bytes on anybody else's descriptor
+    finally:
+        for s in spied_on:
+            s.close()
+    await spool.close()
+    again = Spool(fs / "spool", quota_bytes=1 << 30, segment_bytes=2 * PAGE)
+    recovery = again.open()  # starts: every segment has its marker
+    assert (recovery.records, recovery.truncated_bytes) == (5, 0)
+    assert events_of(await read_all(again, 5)) == [ev(0, pad=PAGE)] + [ev(i, pad=PAGE) for i in range(2, 6)]
+    await again.close()
+
+
+async def test_a_failed_ack_note_does_not_break_acking_and_is_written_once_there_is_room(fs: Path) -> None:
+    spool = Spool(fs / "spool", quota_bytes=1 << 30)
+    spool.open()
+    await spool.commit(spool.append("k", None, [ev(0)]))
+    await spool.commit(spool.append("k", None, [ev(1)]))
+    await spool.commit(spool.append("k", None, [ev(2)]))
+    records = await read_all(spool, 3)
+    filler = fill(fs)
+    spool.ack(records[:1])  # the note is due and cannot be written: acking still works
+    assert spool.pending == 2
+    assert not list((fs / "spool").glob("*.tmp"))
+    os.unlink(filler)
+    spool.ack(records[1:2])  # the note failed last time: it is tried again at once
+    note = (fs / "spool" / "000000000001.ack")
+    assert note.read_text().strip() == "2"
+    await spool.close()
+    again = Spool(fs / "spool", quota_bytes=1 << 30)
+    recovery = again.open()
+    assert (recovery.records, recovery.skipped) == (1, 2)
+    assert events_of(await read_all(again, 1)) == [ev(2)]
+    await again.close()
+
+
+async def test_a_spool_opened_on_a_full_disk_delivers_its_backlog_and_takes_writes_when_space_returns(fs: Path) -> None:
+    spool = Spool(fs / "spool", quota_bytes=1 << 30)
+    spool.open()
+    for i in range(3):
+        await spool.commit(spool.append("k", None, [ev(i)]))
+    await spool.close()
+    filler = fill(fs)
+    again = Spool(fs / "spool", quota_bytes=1 << 30)
+    recovery = again.open()  # no room for a new segment: it starts anyway
+    assert recovery.records == 3
+    records = await read_all(again, 3)
+    assert events_of(records) == [ev(i) for i in range(3)]
+    with pytest.raises(OSError):
+        again.append("k", None, [ev(3)])
+    again.ack(records)
+    os.unlink(filler)
+    await again.commit(again.append("k", None, [ev(4)]))
+    assert events_of(await read_all(again, 1)) == [ev(4)]
+    await again.close()
+
+
+async def test_restart_removes_an_empty_or_markerless_new_segment_and_keeps_whole_records_without_marker(fs: Path) -> None:
+    """What splitter before this fix left after a failed marker write: an empty file, or records
+    (whole or torn) in a file without its marker. It refused to start on the second and third."""
+    directory = fs / "spool"
+    spool = Spool(directory, quota_bytes=1 << 30)
+    spool.open()
+    await spool.commit(spool.append("k", None, [ev(0)]))
+    await spool.close()
+    whole = encode(time.time(), "k", None, [ev(1)])
+    for name, content, records, truncated in [("000000000002.seg", b"", 1, 0),
+                                              ("000000000003.seg", whole, 2, 0),
+                                              ("000000000004.seg", whole[:HEADER.size + 5], 1, HEADER.size + 5)]:
+        for path in segments(directory)[1:]:
+            path.unlink()
+        (directory / name).write_bytes(content)
+        again = Spool(directory, quota_bytes=1 << 30)
+        recovery = again.open()
+        assert (recovery.records, recovery.truncated_bytes) == (records, truncated), name
+        got = events_of(await read_all(again, records))
+        assert got == [ev(0), ev(1)][:records], name
+        await again.close()
+        if records == 1:
+            assert not (directory / name).exists(), name
+
+
+async def test_a_tail_torn_by_a_full_disk_is_cut_at_restart(fs: Path) -> None:
+    directory = fs / "spool"
+    spool = Spool(directory, quota_bytes=1 << 30)
+    spool.open()
+    await spool.commit(spool.append("k", None, [ev(0)]))
+    await spool.close()
+    path = segments(directory)[0]
+    whole = path.stat().st_size
+    fill(fs, leave=PAGE)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        written = os.write(fd, encode(time.time(), "k", None, [ev(1, pad=3 * PAGE)]))  # what a write the disk cut short leaves
+    finally:
+        os.close(fd)
+    assert 0 < written < 3 * PAGE
+    again = Spool(directory, quota_bytes=1 << 30)
+    recovery = again.open()
+    assert (recovery.records, recovery.truncated_bytes) == (1, written)
+    assert path.stat().st_size == whole
+    assert events_of(await read_all(again, 1)) == [ev(0)]
+    await again.close()
+
+
+# -- a request to two destinations: all or nothing ----------------------------------------------------------------------
+
+TWO_PRIMARIES = """\
+version: 1
+destinations:
+  segment: {kind: segment, url: "http://127.0.0.1:9", timeout: 1}
+  rudderstack: {kind: rudderstack, url: "http://127.0.0.1:9", timeout: 1}
+sources:
+  - name: web
+    write_keys: ["web-key-0123456789"]
+    credentials: {segment: "seg-web-key-0123456789", rudderstack: "rs-web-key-0123456789"}
+cohort: {key: [anonymousId, userId], salt: "t"}
+rules:
+  - name: everyone
+    route: {to: [segment, rudderstack]}
+"""
+
+
+async def test_a_request_refused_for_one_destination_leaves_nothing_in_the_other(fs: Path, tmp_path: Path) -> None:
+    rules = compile_rules(TWO_PRIMARIES)
+    delivery = Delivery(Metrics(), spool_dir=fs / "spool", dead_letter_dir=tmp_path / "dead")
+    delivery.start(rules)
+    source = rules.sources["web"]
+    try:
+        first = await delivery.accept(rules, {"segment": [ev(0)], "rudderstack": [ev(0)]}, {}, source, "web-key-0123456789", None)
+        assert first.ok
+        sizes = {p: p.stat().st_size for p in (fs / "spool").glob("*/*.seg")}
+        pending = {name: p.spool.pending for name, p in delivery._pipelines.items()}
+        fill(fs, leave=PAGE)  # room for one destination's copy, not for both
+        big = ev(1, pad=PAGE + PAGE // 2)
+        outcome = await delivery.accept(rules, {"segment": [big], "rudderstack": [big]}, {}, source, "web-key-0123456789", None)
+        assert (outcome.ok, outcome.status) == (False, 503) and outcome.retry_after
+        assert {p: p.stat().st_size for p in (fs / "spool").glob("*/*.seg")} == sizes  # not in either spool
+        assert {name: p.spool.pending for name, p in delivery._pipelines.items()} == pending
+    finally:
+        await delivery.close(0)
