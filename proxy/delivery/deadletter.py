@@ -1,8 +1,12 @@
 """Dead letters: events an upstream refused for good, kept with the reason instead of retried forever.
 
 One NDJSON file per destination (`<dir>/<destination>.ndjson`), one line per event:
-`{"time", "destination", "status", "response", "event"}`. The event is embedded verbatim, so a
-fixed copy can be replayed with `splitter`'s own ingest (or any Segment SDK) after the cause is fixed.
+`{"time", "destination", "status", "reason", "response", "event"}`. The event is embedded verbatim,
+so a fixed copy can be replayed with `splitter`'s own ingest (or any Segment SDK) after the cause is
+fixed. `reason` says which cause, because the status alone does not: `rejected` (the upstream
+refused these events, 400/413 and other permanent 4xx), `credential_refused` (401/403: the write
+key, not the events), `redirected` (a 3xx, never followed, kept answering after the retries: the
+destination's URL is wrong). A caller that gives no reason writes no `reason` key.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ class DeadLetters:
         self.path = directory / f"{destination}.ndjson"
         self.destination = destination
 
-    async def write(self, events: Sequence[bytes], status: int, response: bytes) -> None:
+    async def write(self, events: Sequence[bytes], status: int, response: bytes, reason: str | None = None) -> None:
         now = datetime.now(timezone.utc).isoformat()
         text = response.decode("utf-8", "replace").strip()[:2000]
-        lines = b"".join(
-            orjson.dumps({"time": now, "destination": self.destination, "status": status, "response": text, "event": orjson.Fragment(event)}) + b"\n"
-            for event in events
-        )
+        common: dict[str, object] = {"time": now, "destination": self.destination, "status": status}
+        if reason is not None:
+            common["reason"] = reason
+        common["response"] = text
+        lines = b"".join(orjson.dumps({**common, "event": orjson.Fragment(event)}) + b"\n" for event in events)
         await asyncio.to_thread(self._append, lines)
 
     def _append(self, lines: bytes) -> None:

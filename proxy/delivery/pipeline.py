@@ -6,7 +6,16 @@ limits), by joining their bytes. A batch is retried on 5xx, 429,
 timeouts and connection errors with exponential backoff and full jitter, never sooner than a
 `Retry-After`, and the breaker stops the retries from hammering an upstream that is down. A
 permanent rejection (400/413) is split in halves until the bad events are found; those, and
-whole batches refused for their credential (401/403), go to the dead-letter file. Acks reach the
+whole batches refused for their credential (401/403), go to the dead-letter file.
+
+A 3xx is a failure too: redirects are never followed (a followed 302 turns the POST into a
+body-less GET whose 200 would count events as delivered that nobody received). It is retried
+like a 5xx, breaker included, because a redirect can be passing (a maintenance page, a balancer
+being reconfigured) and the spool holds the events safely meanwhile; but a wrong URL never heals
+by itself, so after `redirect_attempts` 3xx answers the batch goes, whole, to the dead-letter file
+with reason `redirected`, ready to be replayed once the URL is fixed. The first 3xx a destination
+URL gives is logged at error level with where it points, so the operator learns which URL is
+wrong from the first failed batch rather than from a dead-letter file. Acks reach the
 spool in read order even when batches finish out of order, so its on-disk notes never claim a
 record was delivered while an earlier one was not.
 """
@@ -14,6 +23,7 @@ record was delivered while an earlier one was not.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,7 +34,7 @@ from proxy.delivery.deadletter import DeadLetters
 from proxy.delivery.errors import UpstreamError, UpstreamRejected
 from proxy.delivery.options import DeliveryOptions
 from proxy.delivery.spool import Record, Spool
-from proxy.delivery.upstream import Upstream
+from proxy.delivery.upstream import Upstream, UpstreamRedirected
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 
@@ -49,6 +59,7 @@ class Pipeline:
     _in_flight: deque[_InFlight] = field(default_factory=deque, init=False)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _runner: asyncio.Task[None] | None = field(default=None, init=False)
+    _redirect_reported: Upstream | None = field(default=None, init=False)  # the client whose first 3xx was logged
 
     def __post_init__(self) -> None:
         self.breaker = Breaker(failures=self.options.breaker_failures, cooldown=self.options.breaker_cooldown, max_cooldown=self.options.retry_max)
@@ -81,7 +92,7 @@ class Pipeline:
             self._in_flight.append(entry)
             task = asyncio.ensure_future(self._deliver_until_done(entry))
             self._tasks.add(task)
-            task.add_done_callback(lambda t, e=entry: self._finished(t, e, slots))
+            task.add_done_callback(functools.partial(self._finished, entry=entry, slots=slots))
 
     def _finished(self, task: asyncio.Task[None], entry: _InFlight, slots: asyncio.Semaphore) -> None:
         self._tasks.discard(task)
@@ -123,10 +134,13 @@ class Pipeline:
         if rejection is None:
             self._delivered.inc(batch.count)
             return
-        if batch.count == 1 or rejection.status in CREDENTIAL_STATUSES:
-            await self.dead_letters.write(batch.events(), rejection.status, rejection.body)
+        reason = _dead_letter_reason(rejection, batch.count)
+        if reason is not None:
+            body = rejection.detail.encode() if isinstance(rejection, UpstreamRedirected) else rejection.body
+            await self.dead_letters.write(batch.events(), rejection.status, body, reason)
             self._dead.inc(batch.count)
-            log.error("events_dead_lettered", destination=self.name, events=batch.count, status=rejection.status, error=rejection.detail)
+            log.error("events_dead_lettered", destination=self.name, events=batch.count, status=rejection.status, reason=reason,
+                      error=rejection.detail)
             return
         for half in batch.halves():
             await self._deliver_batch(half)
@@ -135,7 +149,7 @@ class Pipeline:
         """None once the upstream accepted the batch; the rejection if it refused it for good.
         A batch of events from different clients has no X-Forwarded-For: context.ip carries each one's address."""
         body = batch.body()
-        attempt = 0
+        attempt = redirects = 0
         while True:
             wait = self.breaker.wait_time()
             if wait > 0:
@@ -143,6 +157,13 @@ class Pipeline:
                 continue
             try:
                 await self.upstream.send(body, batch.credential, batch.forwarded_for)
+            except UpstreamRedirected as exc:
+                self.breaker.failure()  # as configured, the destination takes no events: an outage to the sender
+                self._report_redirect(exc)
+                redirects += 1
+                if redirects >= self.options.redirect_attempts:
+                    return exc
+                delay = self._backoff(attempt, None)
             except UpstreamRejected as exc:
                 if not exc.retryable:
                     self.breaker.success()  # the upstream is up; it just refuses this
@@ -161,6 +182,14 @@ class Pipeline:
             self._retries.inc()
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _report_redirect(self, exc: UpstreamRedirected) -> None:
+        """Once per destination URL (a reload to a new URL is reported afresh): which URL redirects, and where to."""
+        if self._redirect_reported is self.upstream:
+            return
+        self._redirect_reported = self.upstream
+        log.error("upstream_redirected", destination=self.name, url=self.upstream.public_url, status=exc.status, location=exc.location,
+                  hint=f"splitter never follows redirects for events; set destinations.{self.name}.url to the address events should go to")
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         ceiling = min(self.options.retry_max, self.options.retry_base * (2 ** min(attempt, 30)))
@@ -189,3 +218,14 @@ class Pipeline:
         while self.spool.pending > 0 and loop.time() < deadline:
             await asyncio.sleep(0.02)
         return self.spool.pending == 0
+
+
+def _dead_letter_reason(rejection: UpstreamRejected, count: int) -> str | None:
+    """Why a refused batch goes to the dead-letter file as it is, or None to bisect it further:
+    a redirect or a refused credential is about the request, not its events, so halves would fare
+    no better; a permanent rejection is about some event, found by bisecting down to one."""
+    if isinstance(rejection, UpstreamRedirected):
+        return "redirected"
+    if rejection.status in CREDENTIAL_STATUSES:
+        return "credential_refused"
+    return "rejected" if count == 1 else None

@@ -5,6 +5,12 @@
 segmentio/segment-proxy does. 200 answers are kept in a small in-memory cache. In the settings,
 `integrations["Segment.io"].apiHost` (and `metrics.host`) are rewritten to splitter's public
 address, so the browser sends its tracking calls (and telemetry) through splitter.
+
+An answer is read into memory (to cache it and rewrite the settings), so at most
+`MAX_ANSWER_BYTES` of it: real settings and bundles are a few hundred KB, and a CDN (or whatever
+`--cdn-url` points at) answering more gets a 502 instead of growing the process by the size of
+its answer. The settings URL carries a write key in its path, as does `/analytics.js/v1/KEY/...`;
+wherever such a URL is logged the key is masked, in aiohttp's error text too.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import orjson
 from aiohttp import web
 
+from proxy.delivery.upstream import public_url as shown_url, read_bounded
+from proxy.engine.masking import mask
 from proxy.ingress import responses
 from proxy.log import get_logger
 
@@ -31,6 +39,8 @@ TAIL_ROUTES = ("/analytics.js/v1/{tail:.*}", "/next-integrations/{tail:.*}", "/a
 PASSED_HEADERS = ("Content-Type", "Cache-Control", "ETag")
 MAX_ENTRIES = 256
 MAX_BYTES = 20 * 1024 * 1024
+MAX_ANSWER_BYTES = 8 * 1024 * 1024  # of one CDN answer; analytics.js and its settings are well under 1 MB
+KEY_PREFIXES = ("/v1/projects/", "/analytics.js/v1/")  # paths whose next segment is a write key
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +96,24 @@ def _public_address(public_url: str | None) -> tuple[str, str] | None:
     return parts.netloc + parts.path.rstrip("/"), parts.scheme
 
 
+def write_key_in(path: str) -> str | None:
+    """The write key a CDN path carries (`/v1/projects/KEY/settings`, `/analytics.js/v1/KEY/...`), if any."""
+    for prefix in KEY_PREFIXES:
+        if path.startswith(prefix):
+            return path[len(prefix):].split("/", 1)[0] or None
+    return None
+
+
+def masked(text: str, key: str | None) -> str:
+    """`text` with `key` (as sent, and percent-decoded) shown only in its masked form."""
+    if not key:
+        return text
+    for form in {key, unquote(key)}:
+        if form:
+            text = text.replace(form, mask(form))
+    return text
+
+
 def rewrite_settings(body: bytes, api_host: str, protocol: str) -> bytes:
     """Point analytics.js at splitter: Segment.io apiHost/protocol and metrics.host. Unparseable -> as is."""
     try:
@@ -108,8 +136,11 @@ def rewrite_settings(body: bytes, api_host: str, protocol: str) -> bytes:
 
 class CdnProxy:
     def __init__(self, cdn_url: str = DEFAULT_CDN_URL, *, public_url: str | None = None, cache_seconds: float = 300.0,
-                 timeout: float = 10.0, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
+                 timeout: float = 10.0, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         self.cdn_url = cdn_url.rstrip("/")
+        self._shown_cdn = shown_url(self.cdn_url)  # as printed: in logs and in answers to browsers
+        self.max_answer_bytes = max_answer_bytes
         self.public = _public_address(public_url)
         self.cache = CdnCache(cache_seconds, max_entries, max_bytes)
         self.timeout = aiohttp.ClientTimeout(total=timeout)
@@ -140,14 +171,25 @@ class CdnProxy:
         if cached is not None:
             return cached
         url = self.cdn_url + key
+        write_key = write_key_in(request.rel_url.raw_path)
+        shown = masked(self._shown_cdn + request.rel_url.raw_path, write_key)  # no userinfo, no query
         try:
             async with self._client().get(url, allow_redirects=True) as upstream:
-                body = await upstream.read()
-                headers = tuple((name, upstream.headers[name]) for name in PASSED_HEADERS if name in upstream.headers)
                 status = upstream.status
+                declared = upstream.content_length
+                body, complete = b"", False
+                if declared is None or declared <= self.max_answer_bytes:
+                    body, complete = await read_bounded(upstream, self.max_answer_bytes + 1)
+                    complete = complete and len(body) <= self.max_answer_bytes
+                if not complete:
+                    upstream.close()  # drop the connection rather than read the rest
+                    log.warning("cdn_answer_too_large", url=shown, status=status, limit=self.max_answer_bytes, content_length=declared)
+                    return responses.error(502, "cdn_answer_too_large",
+                                           f"the CDN ({self._shown_cdn}) answered with more than {self.max_answer_bytes} bytes")
+                headers = tuple((name, upstream.headers[name]) for name in PASSED_HEADERS if name in upstream.headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("cdn_unavailable", url=url, error=str(exc) or type(exc).__name__)
-            return responses.error(502, "cdn_unavailable", f"the CDN ({self.cdn_url}) could not be reached; retry shortly")
+            log.warning("cdn_unavailable", url=shown, error=masked(str(exc) or type(exc).__name__, write_key))
+            return responses.error(502, "cdn_unavailable", f"the CDN ({self._shown_cdn}) could not be reached; retry shortly")
         self.cache.put(key, status, body, headers)
         return CachedAnswer(status, body, headers, 0.0)
 
