@@ -14,12 +14,19 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from multidict import CIMultiDictProxy
-
 from conftest import splitter_command
-from proxy.ingress.cdn import CdnCache, rewrite_settings
-from proxy.settings import ServeSettings, SettingsError
+from multidict import CIMultiDictProxy
 from proxy_harness import Stack, proxy_stack
+
+from proxy.engine.masking import mask
+from proxy.ingress.cdn import (
+    MAX_ANSWER_BYTES,
+    CdnCache,
+    masked,
+    rewrite_settings,
+    write_key_in,
+)
+from proxy.settings import ServeSettings, SettingsError
 
 KEY = "web-key-0123456789"
 JS = b"/* analytics.js stand-in */\n!function(){window.analytics={loaded:true}}();\n"
@@ -153,6 +160,59 @@ async def test_cdn_down_is_502_json() -> None:
     answer = orjson.loads(body)
     assert answer["success"] is False and answer["code"] == "cdn_unavailable" and answer["message"]
     assert headers["Access-Control-Allow-Origin"] == "*"
+
+
+@pytest.fixture
+async def sized_cdn() -> AsyncIterator[tuple[str, Counter[str]]]:
+    """A CDN whose answer is `?mb=N` MiB of JSON-ish filler, streamed; `&length=1` announces it."""
+    served: Counter[str] = Counter()
+
+    async def sized(request: web.Request) -> web.StreamResponse:
+        served[request.rel_url.raw_path_qs] += 1
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        size = int(request.query["mb"]) * 1024 * 1024
+        if request.query.get("length"):
+            response.content_length = size
+        await response.prepare(request)
+        piece = b" " * 1024 * 1024
+        try:
+            for _ in range(size // len(piece)):
+                await response.write(piece)
+        except ConnectionError:
+            pass  # splitter stopped reading and closed
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/projects/{key}/settings", sized)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), served
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("length", ["", "&length=1"])
+async def test_cdn_answer_over_the_bound_is_502_json_and_one_at_the_bound_passes(sized_cdn: tuple[str, Counter[str]], length: str) -> None:
+    url, served = sized_cdn
+    over = MAX_ANSWER_BYTES // (1024 * 1024) + 1
+    async with proxy_stack(cdn_url=url) as stack:
+        for _ in range(2):
+            status, body, _ = await get(stack, f"/v1/projects/{KEY}/settings?mb={over}{length}")
+            assert status == 502 and orjson.loads(body)["code"] == "cdn_answer_too_large"
+        status, body, _ = await get(stack, f"/v1/projects/{KEY}/settings?mb={over - 1}{length}")
+        assert status == 200 and len(body) == MAX_ANSWER_BYTES  # unparseable settings pass as they are
+    assert served[f"/v1/projects/{KEY}/settings?mb={over}{length}"] == 2  # a refused answer is not cached
+
+
+def test_write_keys_in_cdn_paths_are_found_and_masked() -> None:
+    assert write_key_in(f"/v1/projects/{KEY}/settings") == KEY
+    assert write_key_in(f"/analytics.js/v1/{KEY}/analytics.min.js") == KEY
+    assert write_key_in("/next-integrations/integrations/a.js") is None and write_key_in("/v1/projects//settings") is None
+    text = masked(f"GET /v1/projects/{KEY}/settings failed: url='https://cdn/v1/projects/{KEY}/settings'", KEY)
+    assert KEY not in text and text.count(mask(KEY)) == 2
+    assert "a%2Fb" not in masked("x a%2Fb a/b", "a%2Fb") and "a/b" not in masked("x a%2Fb a/b", "a%2Fb")
+    assert masked("nothing to hide", None) == "nothing to hide"
 
 
 async def test_query_string_forwarded_and_part_of_the_cache_key(cdn: Cdn) -> None:

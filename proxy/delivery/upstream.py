@@ -10,14 +10,18 @@ the target's 200 would count events as delivered that nobody received. A 3xx is 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 
 import aiohttp
 from yarl import URL
 
-from proxy.delivery.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from proxy.delivery.errors import (
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from proxy.engine import Destination
 from proxy.engine.masking import MASK
 from proxy.metrics import Metrics
@@ -139,7 +143,7 @@ class Upstream:
                 answer, complete = await read_bounded(response, MAX_ANSWER_BYTES)
                 if not complete:
                     response.close()  # drop the connection rather than read the rest
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._count("timeout", started)
             raise UpstreamTimeout(name, f"no answer within {self.destination.timeout:g}s") from None
         except aiohttp.ClientError as exc:
