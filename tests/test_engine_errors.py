@@ -166,7 +166,7 @@ def test_destination_url_trailing_slash_is_dropped_and_timeout_read() -> None:
     "delivery, message",
     [
         ("{retries: 3}", "destinations.segment.delivery.retries: unknown key 'retries' (expected one of: batch_max_events, batch_max_bytes, "
-                         "flush_interval, max_in_flight, retry_base, retry_max, breaker_failures, breaker_cooldown, spool_quota_mb)"),
+                         "flush_interval, max_in_flight, retry_base, retry_max, breaker_failures, breaker_cooldown, redirect_attempts, spool_quota_mb)"),
         ("{batch_max_events: 2.5}", "destinations.segment.delivery.batch_max_events: must be a whole number, not 2.5"),
         ("{batch_max_events: 3000}", "destinations.segment.delivery.batch_max_events: must be between 1 and 2500, not 3000"),
         ("{flush_interval: -1}", "destinations.segment.delivery.flush_interval: must be between 0 and 5, not -1"),

@@ -19,7 +19,6 @@ class DeliveryOptions:
     breaker_cooldown: float = 2.0  # seconds before the first half-open probe
     # A batch answered 3xx this many times is dead-lettered as `redirected`: ten, as analytics.js and the
     # Segment SDKs retry, spreads the tries over about a minute of backoff (more while the breaker is open).
-    # Settable once the rules schema lists it (proxy/engine/schema.py DELIVERY_OPTIONS).
     redirect_attempts: int = 10
     spool_quota_mb: float = 1024.0  # disk the spool may use; past it primaries get 503, mirrors drop
 

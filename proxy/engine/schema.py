@@ -45,6 +45,7 @@ DELIVERY_OPTIONS: dict[str, tuple[bool, float, float]] = {
     "retry_max": (False, 0.01, 3600),
     "breaker_failures": (True, 1, 1000),
     "breaker_cooldown": (False, 0.01, 3600),
+    "redirect_attempts": (True, 1, 1000),
     "spool_quota_mb": (False, 0.001, 10**7),
 }
 _HUNDRED = Decimal(100)
