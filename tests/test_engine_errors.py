@@ -143,6 +143,8 @@ def dest_errors(line3: str) -> list[str]:
          "destinations.segment.url: must be an http:// or https:// URL with a host, not 'ftp://****@s.test/x'"),
         ('{kind: segment, url: "https://user:pw@s.test/v1"}',
          "destinations.segment.url: must not end in /v1 (splitter appends /v1/batch): 'https://****@s.test/v1'"),
+        ('{kind: segment, url: "https://user:pw@s.test"}',
+         "destinations.segment.url: must not carry a user or password ('https://****@s.test'): the credential comes from sources[].credentials"),
         ('{kind: segment, url: "http://s.test", timeout: 0}', "destinations.segment.timeout: must be a number greater than 0, not 0"),
         ('{kind: segment, url: "http://s.test", timeout: -2.5}',
          "destinations.segment.timeout: must be a number greater than 0, not -2.5"),

@@ -181,6 +181,9 @@ class _Compiler:
         if parts.path.rstrip("/").endswith("/v1"):
             self.r.problem(node, path, f"must not end in /v1 (splitter appends /v1/batch): {shown!r}")
             return None
+        if "@" in parts.netloc:  # the HTTP client refuses userinfo beside an Authorization header: nothing would be delivered
+            self.r.problem(node, path, f"must not carry a user or password ({shown!r}): the credential comes from sources[].credentials")
+            return None
         return url.rstrip("/")
 
     def _sources(self, node: yaml.Node) -> dict[str, Source]:
