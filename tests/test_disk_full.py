@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import itertools
 import os
 import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -302,3 +303,302 @@ async def test_a_request_refused_for_one_destination_leaves_nothing_in_the_other
         assert {name: p.spool.pending for name, p in delivery._pipelines.items()} == pending
     finally:
         await delivery.close(0)
+
+
+# -- real processes: `splitter serve` with its spool on a tiny tmpfs ------------------------------------------------------
+
+WRITE_KEY = "diskfull-web-key-0123"
+RUDDER_KEY = "diskfull-rs-key-0123"
+SERVE_RULES = f"""\
+version: 1
+destinations:
+  segment:     {{kind: segment,     url: "${{SEGMENT_URL}}", timeout: 2,
+                 delivery: {{retry_base: 0.05, retry_max: 0.3, breaker_cooldown: 0.1, flush_interval: 0.005}}}}
+  rudderstack: {{kind: rudderstack, url: "${{RUDDERSTACK_DATA_PLANE_URL}}", timeout: 2,
+                 delivery: {{retry_base: 0.05, retry_max: 0.3, breaker_cooldown: 0.1, flush_interval: 0.005}}}}
+sources:
+  - name: web
+    write_keys: ["{WRITE_KEY}"]
+    credentials: {{rudderstack: "{RUDDER_KEY}"}}
+cohort: {{key: [anonymousId], salt: diskfull}}
+rules:
+  - name: both
+    route: {{to: [segment, rudderstack]}}
+"""
+AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode(), "Content-Type": "application/json"}
+PHASE_SECONDS = 15.0  # an upper bound for each phase, never a measurement
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[tuple[RunningReceiver, RunningReceiver]]:
+    segment = await start_receiver("segment", record=True)
+    rudder = await start_receiver("rudderstack", record=True, valid_keys=[RUDDER_KEY])
+    yield segment, rudder
+    await segment.close()
+    await rudder.close()
+
+
+class Traffic:
+    """Clients sending batches of unique messageIds, keeping what each answer said about which ids."""
+
+    def __init__(self) -> None:
+        self.accepted: set[str] = set()
+        self.refused: set[str] = set()
+        self.statuses: Counter[str] = Counter()
+        self.problems: list[str] = []  # anything a client must never see
+        self.codes: Counter[str] = Counter()  # of the 503s
+        self._n = 0
+
+    async def send(self, splitter: SplitterProcess, client: aiohttp.ClientSession, tag: str, size: int = 20, pad: int = 60) -> int:
+        self._n += 1
+        ids = [f"{tag}-{self._n}-{i}" for i in range(size)]
+        body = {"batch": [{"type": "track", "event": "E", "anonymousId": m, "messageId": m, "properties": {"pad": "p" * pad}} for m in ids]}
+        try:
+            async with client.post(splitter.ingress + "/v1/batch", data=orjson.dumps(body), headers=AUTH,
+                                   timeout=aiohttp.ClientTimeout(total=10)) as response:
+                text = await response.read()
+                status = response.status
+                retry_after = response.headers.get("Retry-After")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.statuses["connection_error"] += 1
+            self.problems.append(f"connection error: {exc!r}")
+            return 0
+        self.statuses[str(status)] += 1
+        if RUDDER_KEY.encode() in text or b"SPLSPL" in text:
+            self.problems.append(f"spool bytes in an answer: {text[:200]!r}")
+        if status == 200:
+            self.accepted.update(ids)
+        elif status == 503:
+            self.refused.update(ids)
+            self.codes[orjson.loads(text).get("code", "?") if text.startswith(b"{") else "?"] += 1
+            if not retry_after or int(retry_after) < 1:
+                self.problems.append(f"503 without Retry-After: {text[:200]!r}")
+        else:
+            self.problems.append(f"unexpected {status}: {text[:200]!r}")
+        return status
+
+    async def until(self, splitter: SplitterProcess, tag: str, done: Callable[[], bool], workers: int = 3,
+                    spies: list[socket.socket] | None = None, shapes: tuple[tuple[int, int], ...] = ((20, 60),)) -> None:
+        """Send from `workers` clients until `done()` or PHASE_SECONDS; each request on a new connection
+        (new descriptors in splitter, where a wrongly closed spool descriptor would be reused)."""
+        deadline = time.monotonic() + PHASE_SECONDS
+
+        async def worker() -> None:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
+                for size, pad in itertools.cycle(shapes):
+                    if done() or time.monotonic() > deadline:
+                        break
+                    await self.send(splitter, client, tag, size, pad)
+                    if spies is not None and len(spies) < 40:
+                        spies.append(idle_connection(splitter))
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+
+
+def idle_connection(splitter: SplitterProcess) -> socket.socket:
+    """A client connection that sends nothing: splitter must never write anything to it."""
+    host, port = splitter.ingress.removeprefix("http://").rsplit(":", 1)
+    spy = socket.create_connection((host, int(port)), timeout=5)
+    spy.setblocking(False)
+    return spy
+
+
+def spied_bytes(spies: list[socket.socket]) -> list[bytes]:
+    found = []
+    for spy in spies:
+        try:
+            data = spy.recv(1 << 16)
+        except BlockingIOError:
+            continue
+        except OSError:
+            continue  # reset by the server: no bytes either
+        if data:
+            found.append(data[:100])
+    return found
+
+
+def delivered(upstreams: tuple[RunningReceiver, RunningReceiver]) -> dict[str, set[str]]:
+    return {u.receiver.kind: set(u.receiver.message_ids()) for u in upstreams}
+
+
+async def all_delivered(upstreams: tuple[RunningReceiver, RunningReceiver], ids: set[str], splitter: SplitterProcess) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if all(ids <= got for got in delivered(upstreams).values()):
+            return
+        await asyncio.sleep(0.1)
+    missing = {name: len(ids - got) for name, got in delivered(upstreams).items()}
+    raise AssertionError(f"answered 200 but never delivered: {missing}; last log lines: {splitter.log[-8:]}")
+
+
+async def test_splitter_on_a_full_disk_answers_503_loses_nothing_acknowledged_and_recovers_by_itself(
+        tmp_path: Path, upstreams: tuple[RunningReceiver, RunningReceiver]) -> None:
+    segment, rudder = upstreams
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(SERVE_RULES)
+    env = dict(os.environ, SEGMENT_URL=segment.url, RUDDERSTACK_DATA_PLANE_URL=rudder.url, PYTHONUNBUFFERED="1")
+    with tiny_tmpfs(tmp_path / "fs", "2m") as fs:
+        args = ["--spool-dir", str(fs / "spool"), "--dead-letter-dir", str(tmp_path / "dead"), "--drain-timeout", "1"]
+        segment.receiver.faults.down = rudder.receiver.faults.down = True  # a backlog builds up in the spool
+        first = await launch_splitter(str(rules), env, args)
+        traffic = Traffic()
+        spies: list[socket.socket] = []
+        try:
+            filler = fill(fs, leave=16 * PAGE)  # the first requests fit, then the disk refuses, part-way through records too
+            await traffic.until(first, "full", lambda: traffic.statuses["503"] >= 30, spies=spies)
+            assert traffic.statuses["503"] >= 30 and traffic.statuses["200"] > 0, traffic.statuses
+            os.unlink(filler)  # space returns: no restart needed
+            accepted_before = len(traffic.accepted)
+            await traffic.until(first, "freed", lambda: len(traffic.accepted) >= accepted_before + 20 * 20)
+            assert len(traffic.accepted) >= accepted_before + 20 * 20, traffic.statuses
+            fill(fs, leave=8 * PAGE)  # full again, then a crash with the backlog on disk
+            await traffic.until(first, "again", lambda: traffic.statuses["503"] >= 60, spies=spies)
+            assert not spied_bytes(spies)
+        finally:
+            first.process.kill()
+            await first.process.wait()
+        fill(fs)  # not a page left for the restart
+        segment.receiver.faults.down = rudder.receiver.faults.down = False
+        second = await launch_splitter(str(rules), env, args)  # starts on the leftover spool and the full disk
+        try:
+            await all_delivered(upstreams, traffic.accepted, second)
+            os.unlink(fs / "filler")
+            accepted_before = len(traffic.accepted)
+            await traffic.until(second, "after", lambda: len(traffic.accepted) >= accepted_before + 5 * 20)
+            await all_delivered(upstreams, traffic.accepted, second)
+            assert not traffic.problems, traffic.problems[:5]
+            assert not spied_bytes(spies)
+            for name, got in delivered(upstreams).items():  # a 503 left nothing behind in either spool
+                assert not (traffic.refused - traffic.accepted) & got, name
+        finally:
+            for spy in spies:
+                spy.close()
+            assert await second.stop() == 0
+
+
+class Competitor:
+    """Another program on the same disk taking every page that frees up, so that splitter meets a
+    full disk exactly when it starts a new segment (after deleting a delivered one)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.fd = os.open(directory / "competitor", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.path = directory / "competitor"
+        self.task: asyncio.Task[None] | None = None
+
+    def grab(self) -> None:
+        while True:
+            try:
+                os.write(self.fd, b"\xee" * PAGE)
+            except OSError:
+                return
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.grab()
+            await asyncio.sleep(0.001)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.unlink(self.path)
+
+
+async def test_splitter_replacing_delivered_segments_on_a_contended_disk_loses_nothing(
+        tmp_path: Path, upstreams: tuple[RunningReceiver, RunningReceiver]) -> None:
+    segment, rudder = upstreams
+    rules = tmp_path / "rules.yaml"
+    # a small quota: delivered segments are sealed, deleted and replaced by new ones all the time
+    rules.write_text(SERVE_RULES.replace("flush_interval: 0.005", "flush_interval: 0.005, spool_quota_mb: 0.03"))
+    env = dict(os.environ, SEGMENT_URL=segment.url, RUDDERSTACK_DATA_PLANE_URL=rudder.url, PYTHONUNBUFFERED="1")
+    with tiny_tmpfs(tmp_path / "fs", "1m") as fs:
+        args = ["--spool-dir", str(fs / "spool"), "--dead-letter-dir", str(tmp_path / "dead"), "--drain-timeout", "1"]
+        first = await launch_splitter(str(rules), env, args)
+        traffic = Traffic()
+        spies: list[socket.socket] = []
+        competitor = Competitor(fs)
+        try:
+            await traffic.until(first, "warm", lambda: len(traffic.accepted) >= 200)
+            stop = asyncio.Event()
+            competing = asyncio.create_task(competitor.run(stop))
+            try:
+                await traffic.until(first, "contended", lambda: traffic.statuses["503"] >= 100, spies=spies)
+            finally:
+                stop.set()
+                await competing
+            assert traffic.statuses["503"] >= 100, traffic.statuses
+            for path in sorted((fs / "spool").glob("*/*.seg")):
+                assert path.read_bytes()[:len(MAGIC)] in (MAGIC, b""), path  # a marker, or a file being created
+            competitor.close()  # space returns: splitter goes on by itself
+            accepted_before = len(traffic.accepted)
+            await traffic.until(first, "freed", lambda: len(traffic.accepted) >= accepted_before + 200)
+            assert len(traffic.accepted) >= accepted_before + 200, (traffic.statuses, first.log[-5:])
+            await all_delivered(upstreams, traffic.accepted, first)
+        finally:
+            assert await first.stop() == 0
+        assert not spied_bytes(spies)
+        second = await launch_splitter(str(rules), env, args)  # starts on what the first left
+        try:
+            accepted_before = len(traffic.accepted)
+            await traffic.until(second, "after", lambda: len(traffic.accepted) >= accepted_before + 100)
+            await all_delivered(upstreams, traffic.accepted, second)
+            assert not traffic.problems, traffic.problems[:5]
+            for name, got in delivered(upstreams).items():
+                assert not (traffic.refused - traffic.accepted) & got, name
+        finally:
+            for spy in spies:
+                spy.close()
+            assert await second.stop() == 0
+
+
+SEGMENT_BYTES = 16 * 1024 * 1024  # Spool's default segment size, which Delivery uses
+
+
+async def test_splitter_on_a_disk_full_when_a_segment_is_full_keeps_no_markerless_file_and_writes_no_client_socket(
+        tmp_path: Path, upstreams: tuple[RunningReceiver, RunningReceiver]) -> None:
+    """The campaign's second finding: the disk fills just as a segment is full, so the next one's
+    format marker cannot be written. Before the fix: `File exists` and 503 forever, small records
+    written into the marker-less file, a descriptor closed several times and its number reused by
+    client sockets (spool records, credential included, sent to clients), and no restart."""
+    segment, rudder = upstreams
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(SERVE_RULES)
+    env = dict(os.environ, SEGMENT_URL=segment.url, RUDDERSTACK_DATA_PLANE_URL=rudder.url, PYTHONUNBUFFERED="1")
+    with tiny_tmpfs(tmp_path / "fs", "40m") as fs:
+        args = ["--spool-dir", str(fs / "spool"), "--dead-letter-dir", str(tmp_path / "dead"), "--drain-timeout", "1"]
+        segment.receiver.faults.down = rudder.receiver.faults.down = True  # nothing is delivered: the segments fill up
+
+        def nearly_full() -> bool:
+            sizes = [p.stat().st_size for p in (fs / "spool").glob("*/*.seg")]
+            return len(sizes) == 2 and min(sizes) > SEGMENT_BYTES - 150 * 1024
+
+        first = await launch_splitter(str(rules), env, args)
+        traffic = Traffic()
+        spies: list[socket.socket] = []
+        try:
+            await traffic.until(first, "fill", nearly_full, workers=1, shapes=((20, 2000),))  # ~40 KB records
+            assert nearly_full() and traffic.statuses == {"200": traffic.statuses["200"]}, traffic.statuses
+            filler = fill(fs)
+            # a 200 KB record needs a new segment, whose marker finds no room; a small one would still fit the full one
+            await traffic.until(first, "full", lambda: traffic.statuses["503"] >= 40, spies=spies, shapes=((20, 10_000), (1, 10)))
+            assert traffic.statuses["503"] >= 40, traffic.statuses
+            for path in sorted((fs / "spool").glob("*/*.seg")):
+                assert path.read_bytes()[:len(MAGIC)] == MAGIC, path
+            os.unlink(filler)  # space returns: no restart needed
+            accepted_before = len(traffic.accepted)
+            await traffic.until(first, "freed", lambda: len(traffic.accepted) >= accepted_before + 10 * 20,
+                                spies=spies, shapes=((20, 10_000), (1, 10)))
+            assert len(traffic.accepted) >= accepted_before + 10 * 20, (traffic.statuses, first.log[-5:])
+            assert not spied_bytes(spies)
+        finally:
+            assert await first.stop() == 0
+        segment.receiver.faults.down = rudder.receiver.faults.down = False
+        second = await launch_splitter(str(rules), env, args)  # every segment has its marker: it starts
+        try:
+            await all_delivered(upstreams, traffic.accepted, second)
+            assert not traffic.problems, traffic.problems[:5]
+            assert not spied_bytes(spies)
+            for name, got in delivered(upstreams).items():
+                assert not (traffic.refused - traffic.accepted) & got, name
+        finally:
+            for spy in spies:
+                spy.close()
+            assert await second.stop() == 0

@@ -527,7 +527,7 @@ async def test_one_group_commit_covers_tickets_of_several_spools(tmp_path: Path)
 async def test_a_failed_sync_fails_the_waiting_request_and_the_next_round_recovers(tmp_path: Path) -> None:
     spool, _ = opened(tmp_path)
     ticket = spool.append("k", None, [ev(1)])
-    fd = spool._fd
+    fd = spool._files.active
     assert fd is not None
     saved = os.dup(fd)
     os.close(fd)  # the segment's descriptor goes bad under the spool: fsync fails with EBADF
@@ -549,7 +549,7 @@ async def test_a_descriptor_handed_to_a_sync_round_stays_open_until_the_next_rou
     [sealed] = round_one[0]
     spool.append("k", None, [ev(1, pad=120)])
     spool.append("k", None, [ev(2, pad=120)])  # rotates: segment 1 is sealed while round one still runs
-    assert spool._fd != sealed
+    assert spool._files.active != sealed
     spool.sync(round_one)  # the round's fsync of the sealed segment still works
     os.fstat(sealed)
     spool.sync(spool.take_dirty())  # the next round: now the sealed descriptor is closed

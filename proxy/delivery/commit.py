@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Syncable(Protocol):
     committed: int  # tickets up to this one are on stable storage
     appended: int  # the last ticket handed out
 
-    def take_dirty(self) -> object:
+    # `dirty` is whatever the Syncable's own take_dirty returned, opaque here: Any, so that an
+    # implementation may name its own type.
+    def take_dirty(self) -> Any:
         """What must be synced to cover `appended` (taken: the next round starts clean)."""
 
-    def sync(self, dirty: object) -> None:
+    def sync(self, dirty: Any) -> None:
         """fsync what `take_dirty` returned; runs in a worker thread."""
 
-    def sync_failed(self, dirty: object) -> None:
+    def sync_failed(self, dirty: Any) -> None:
         """The round that took `dirty` failed; called in the event loop before its requests hear of it."""
 
 
@@ -80,6 +82,6 @@ class GroupCommit:
             self._waiting = still
 
 
-def _sync_all(plan: list[tuple[Syncable, int, object]]) -> None:
+def _sync_all(plan: list[tuple[Syncable, int, Any]]) -> None:
     for spool, _, dirty in plan:
         spool.sync(dirty)

@@ -107,15 +107,15 @@ def _consistent(payload: bytes) -> bool:
     start = PREFIX.size + cred_len + fwd_len
     if count == 0 or start + LENGTH.size * count > len(payload):
         return False
-    lengths = struct.unpack_from(f"<{count}I", payload, start)
-    return sum(lengths) + count - 1 == len(payload) - start - LENGTH.size * count
+    lengths: tuple[int, ...] = struct.unpack_from(f"<{count}I", payload, start)
+    return bool(sum(lengths) + count - 1 == len(payload) - start - LENGTH.size * count)
 
 
 def _first_frame_is_whole(data: bytes) -> bool:
     """Whether `data` starts with a whole `length | crc | payload` frame (valid or not)."""
     if len(data) < HEADER.size:
         return False
-    length = HEADER.unpack_from(data)[0]
+    length: int = HEADER.unpack_from(data)[0]
     return HEADER.size + length <= len(data)
 
 

@@ -1,0 +1,225 @@
+"""The spool's files: segments created with their marker, records written whole or cut back off,
+fsyncs, every descriptor closed exactly once; ack notes; a segment file's repair at start-up.
+
+This is where a full disk bites, so the rules are kept in one small place:
+
+- `os.write` on a nearly full disk may write part of the data and return the count without an
+  error. Everything is written until done or refused (`write_all`); a refused append is cut back off
+  (`ftruncate`, which needs no space), so the file ends with its last whole record again.
+- A new segment's descriptor is kept only once its whole format marker is written; otherwise it is
+  closed at once and the file removed (a file left behind holds no whole record, and the next start
+  removes it).
+- `broken` marks an active file that must not be appended to any more: a cut that failed left a
+  tear past its last record, or an fsync of it failed (a later fsync may succeed although pages of
+  the failed one were lost, and no 200 may rest on a file with a hole before it). The spool seals it
+  and starts a new one at its next write.
+- A sealed file's descriptor stays open while a sync round may use it and is closed at the start of
+  the first round that no longer needs it (closed under a running fsync, its number could be handed
+  to a client socket and the fsync, or worse a write, would land there). Closing goes through one
+  list that a descriptor enters once, so it is closed once; only the active one is ever written.
+- Ack notes are best effort (not fsynced, a crash replays a little): one that cannot be written is
+  left to the next ack. A segment's note is removed before the segment, and notes without their
+  segment are removed at start-up, so that no note can speak for a later segment with its id.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Collection
+from pathlib import Path
+
+from proxy.delivery.spool_format import HEADER, MAGIC, PREFIX, check_format, scan
+from proxy.log import get_logger
+
+log = get_logger("splitter.spool")
+READ_SLACK = 64 * 1024  # read a little past the budget: the record that stops the read is framed in it
+Dirty = tuple[set[int], bool]  # descriptors to fsync, and whether the directory needs it too
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data`, or raise: `os.write` on a nearly full disk writes part without an error."""
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        written = os.write(fd, view[done:])
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        done += written
+
+
+def unlink(path: Path) -> None:
+    """Remove `path` if it is there; a failure is logged, not raised (the next start tidies up)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("spool_file_not_removed", path=str(path), error=str(exc))
+
+
+def recover_file(path: Path) -> tuple[int, list[bytes], int]:
+    """A segment file's record payloads, where they start, and how many torn or corrupt bytes were cut
+    off its end (fsynced). Raises SpoolFormatError for another format's file, changing nothing."""
+    data = path.read_bytes()
+    start = check_format(path, data)
+    payloads, valid = scan(data, start)
+    if valid < len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(valid)
+            os.fsync(handle.fileno())
+    return start, payloads, len(data) - valid
+
+
+def read_records(segment: Path, offset: int, end: int, budget: int) -> list[bytes]:
+    """Whole record payloads of `segment` from `offset`, about `budget` bytes of them (at least one if
+    there is one), never past `end`, the last whole record the spool knows of: a tear beyond is not read."""
+    with open(segment, "rb") as handle:
+        handle.seek(offset)
+        header = handle.read(HEADER.size)
+        wanted = HEADER.size + HEADER.unpack(header)[0] if len(header) == HEADER.size else 0
+        handle.seek(offset)
+        data = handle.read(min(end - offset, max(wanted, budget + READ_SLACK)))  # scan() checks every crc it reads: no more
+    return scan(data)[0]
+
+
+def appended_at(segment: Path, offset: int) -> float | None:
+    """When the record at `offset` was spooled; None if it cannot be read (the reader reports that)."""
+    try:
+        with open(segment, "rb") as handle:
+            handle.seek(offset + HEADER.size)
+            prefix = handle.read(PREFIX.size)
+    except OSError:
+        return None
+    return float(PREFIX.unpack(prefix)[0]) if len(prefix) == PREFIX.size else None
+
+
+def read_note(segment: Path) -> int:
+    """Records acked at the head of `segment`, per its note (0 without one)."""
+    try:
+        return int(segment.with_suffix(".ack").read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def write_note(segment: Path, acked: int) -> bool:
+    """Note `acked` for `segment`, atomically; False when it could not be written (a full disk)."""
+    temporary = segment.with_suffix(".ack.tmp")
+    try:
+        temporary.write_text(str(acked))
+        os.replace(temporary, segment.with_suffix(".ack"))
+    except OSError:
+        unlink(temporary)
+        return False
+    return True
+
+
+def remove_segment(segment: Path) -> None:
+    """The note first: a segment left without its note is replayed (duplicates), never the reverse."""
+    unlink(segment.with_suffix(".ack"))
+    unlink(segment)
+
+
+def forget_orphan_notes(directory: Path, ids: set[int]) -> None:
+    """Notes without their segment (a stop between the two unlinks), and notes' temporary files."""
+    for path in [*directory.glob("*.ack"), *directory.glob("*.ack.tmp")]:
+        stem = path.name.split(".", 1)[0]
+        if path.name.endswith(".tmp") or not stem.isdigit() or int(stem) not in ids:
+            unlink(path)
+
+
+class SegmentFiles:
+    """The active segment's descriptor, and sealed ones that a sync round may still be using."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.active: int | None = None  # the only descriptor ever written
+        self.broken = False  # the active file must not be appended to (see the module docstring)
+        self._dirty: set[int] = set()  # written since the last round took them
+        self._sealed: list[int] = []  # each enters once, and leaves when closed
+        self._dir_dirty = False
+
+    def create(self, path: Path) -> None:
+        """Make `path` the active file, with its marker; or raise, leaving neither file nor descriptor."""
+        assert self.active is None, "seal the active segment first"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            write_all(fd, MAGIC)
+        except OSError:
+            os.close(fd)  # never kept, so closed here and nowhere else
+            unlink(path)
+            raise
+        self.active, self.broken = fd, False
+        self._dirty.add(fd)
+        self._dir_dirty = True
+
+    def append(self, data: bytes, offset: int) -> None:
+        """Append `data`, whole, at `offset` (the end of the active file's last whole record); or raise,
+        with the file cut back to `offset` (or, if even that fails, marked `broken`)."""
+        assert self.active is not None and not self.broken
+        try:
+            write_all(self.active, data)
+        except OSError:
+            if not self.cut(offset):
+                self.broken = True
+            raise
+        finally:
+            self._dirty.add(self.active)
+
+    def cut(self, offset: int) -> bool:
+        """Cut the active file back to `offset`; False (logged) if that fails."""
+        assert self.active is not None
+        try:
+            os.ftruncate(self.active, offset)  # shrinking needs no space
+        except OSError as exc:
+            log.error("spool_cut_failed", directory=str(self.directory), offset=offset, error=str(exc))
+            return False
+        return True
+
+    def seal(self) -> None:
+        """No more writes to the active file; its descriptor is closed once no sync round needs it."""
+        if self.active is not None:
+            self._sealed.append(self.active)
+        self.active, self.broken = None, False
+
+    def take_dirty(self) -> Dirty:
+        """As a sync round starts (the previous round's thread is done): what it must sync. Sealed
+        descriptors it does not need are closed now; one it needs is closed at the next round."""
+        fds, self._dirty = self._dirty, set()
+        self._close_sealed(keep=fds)
+        sync_dir, self._dir_dirty = self._dir_dirty, False
+        return fds, sync_dir
+
+    def sync(self, dirty: Dirty) -> None:
+        """fsync what `take_dirty` returned; runs in a worker thread."""
+        fds, sync_dir = dirty
+        for fd in fds:
+            os.fsync(fd)
+        if sync_dir:
+            directory = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+    def sync_failed(self, dirty: Dirty) -> None:
+        fds, sync_dir = dirty
+        if self.active is not None and self.active in fds:
+            self.broken = True
+        self._dir_dirty = self._dir_dirty or sync_dir
+
+    def close(self) -> None:
+        """Sync what is unsynced (best effort: the process is stopping) and close every descriptor."""
+        self.seal()
+        fds, _ = self.take_dirty()
+        try:
+            self.sync((fds, False))
+        except OSError as exc:
+            log.error("spool_sync_failed", directory=str(self.directory), error=str(exc), at="close")
+        self._close_sealed()
+
+    def _close_sealed(self, keep: Collection[int] = ()) -> None:
+        for fd in self._sealed:
+            if fd not in keep:
+                os.close(fd)
+        self._sealed = [fd for fd in self._sealed if fd in keep]
