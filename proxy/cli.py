@@ -101,6 +101,8 @@ def main() -> None:
 @click.option("--trusted-proxies", envvar="SPLITTER_TRUSTED_PROXIES", default="127.0.0.0/8,::1", show_default=True, help="Peers whose X-Forwarded-For is believed (CIDRs, comma-separated).")
 @click.option("--cors-origins", envvar="SPLITTER_CORS_ORIGINS", default="*", show_default=True, help="Browser origins allowed to send (comma-separated, * for any).")
 @click.option("--max-in-flight", envvar="SPLITTER_MAX_IN_FLIGHT", type=int, default=2000, show_default=True, help="Concurrent client requests before answering 429.")
+@click.option("--header-timeout", envvar="SPLITTER_HEADER_TIMEOUT", type=float, default=10.0, show_default=True, help="Seconds for a request's headers to arrive (then 408 and close).")
+@click.option("--body-timeout", envvar="SPLITTER_BODY_TIMEOUT", type=float, default=30.0, show_default=True, help="Seconds for a request's body to arrive after its headers (then 408).")
 @click.option("--spool-dir", envvar="SPLITTER_SPOOL_DIR", default="var/spool", show_default=True, help="Where undelivered events wait (keep it on a volume).")
 @click.option("--dead-letter-dir", envvar="SPLITTER_DEAD_LETTER_DIR", default="var/dead-letter", show_default=True, help="Where events refused for good are written.")
 @click.option("--cdn-url", envvar="SPLITTER_CDN_URL", default="https://cdn.segment.com", show_default=True, help="CDN that GET /v1/projects/*/settings and /analytics.js/* are forwarded to.")
@@ -110,7 +112,7 @@ def main() -> None:
 @click.option("--workers", envvar="SPLITTER_WORKERS", type=int, default=1, show_default=True, help="Worker processes sharing the ingress port (SO_REUSEPORT); each owns <spool-dir>/worker-<i>.")
 def serve(config: str, listen: str, admin: str, region: str | None, drain_timeout: float, reload_interval: float, trusted_proxies: str,
           cors_origins: str, max_in_flight: int, spool_dir: str, dead_letter_dir: str, cdn_url: str, public_url: str | None,
-          cdn_cache_seconds: float, log_level: str, workers: int) -> None:
+          cdn_cache_seconds: float, log_level: str, workers: int, header_timeout: float, body_timeout: float) -> None:
     """Run the proxy. The admin token, when the admin port is not loopback, comes from SPLITTER_ADMIN_TOKEN."""
     # Before prometheus_client is imported: it picks multiprocess mode from the environment once. An
     # inherited directory (another app's, or one long gone) would crash start-up or hide the rules
@@ -134,6 +136,8 @@ def serve(config: str, listen: str, admin: str, region: str | None, drain_timeou
             trusted_proxies=parse_networks(trusted_proxies),
             cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
             max_in_flight=max_in_flight,
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
             spool_dir=spool_dir,
             dead_letter_dir=dead_letter_dir,
             cdn_url=cdn_url.rstrip("/"),

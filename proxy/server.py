@@ -106,7 +106,8 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None, w
     try:
         await ingress.setup()
         await admin.setup()
-        listener = await listen(ingress, *settings.listen, reuse_port=settings.reuse_port, backlog=1024)
+        listener = await listen(ingress, *settings.listen, reuse_port=settings.reuse_port, backlog=1024,
+                                header_timeout=settings.header_timeout, body_timeout=settings.body_timeout)
         if worker is None:  # a worker's admin port is its supervisor's, served once for all workers
             await web.TCPSite(admin, *settings.admin).start()
     except OSError as exc:

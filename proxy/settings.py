@@ -50,6 +50,8 @@ class ServeSettings:
     spool_dir: str = "var/spool"  # one subdirectory per destination; must survive restarts (a volume)
     dead_letter_dir: str = "var/dead-letter"
     max_in_flight: int = 2000  # client requests handled at once; past it, 429 with Retry-After
+    header_timeout: float = 10.0  # seconds from a request's first byte to the end of its headers; past it, 408 and close
+    body_timeout: float = 30.0  # seconds from a request's headers to the end of its body; past it, 408 and the slot is free
     reuse_port: bool = False
     workers: int = 1  # above 1, a supervisor runs this many worker processes sharing the ingress port (proxy/supervisor.py)
     log_level: str = "info"
@@ -71,6 +73,10 @@ class ServeSettings:
             check_http_url(self.public_url, "--public-url (SPLITTER_PUBLIC_URL)")
         if self.workers < 1:
             raise SettingsError("--workers (SPLITTER_WORKERS) must be 1 or more")
+        if not self.header_timeout > 0:
+            raise SettingsError("--header-timeout (SPLITTER_HEADER_TIMEOUT) must be more than 0 seconds")
+        if not self.body_timeout > 0:
+            raise SettingsError("--body-timeout (SPLITTER_BODY_TIMEOUT) must be more than 0 seconds")
         if self.cdn_cache_seconds < 0:
             raise SettingsError("--cdn-cache-seconds (SPLITTER_CDN_CACHE_SECONDS) must be 0 or more seconds")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -49,49 +48,55 @@ def _route_label(request: web.Request) -> str:
 
 
 class Observer:
-    """What every ingress request goes through, on either lane (fastlane.py): the in-flight limit,
-    request metrics, JSON errors and CORS.
+    """What every ingress request goes through: the in-flight limit, request metrics, JSON errors and CORS.
 
     A POST is admitted (counted in flight) when its headers have arrived, before its body is read:
-    past `max_in_flight` it gets 429 at once, which bounds the bodies being read at a time.
+    past `max_in_flight` it gets 429 at once, which bounds the bodies being read at a time. Requests
+    whose body is still arriving when they are admitted may hold at most half of the slots
+    (`max_arriving`): slow senders (or an attacker sending a byte a second) then cannot shut out the
+    requests that came whole, and each of them holds its slot for at most the body timeout.
     """
 
     def __init__(self, metrics: Metrics, cors_origins: tuple[str, ...], max_in_flight: int) -> None:
         self.metrics = metrics
         self.cors_origins = cors_origins
         self.max_in_flight = max_in_flight
+        self.max_arriving = max(1, max_in_flight // 2)
         self.in_flight = 0
+        self.arriving = 0  # admitted while their body was still arriving, until answered
         metrics.requests_in_flight.set_function(lambda: self.in_flight)
 
-    def admit(self) -> bool:
-        if self.in_flight >= self.max_in_flight:
+    def admit(self, arriving: bool = False) -> bool:
+        if self.in_flight >= self.max_in_flight or (arriving and self.arriving >= self.max_arriving):
             return False
         self.in_flight += 1
+        self.arriving += arriving
         return True
 
-    async def observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """aiohttp's lane (its middleware)."""
-        started = time.perf_counter()
-        if request.method == "POST" and not self.admit():
-            response: web.StreamResponse = responses.error(429, "too_many_requests", "splitter is at capacity; retry shortly", {"Retry-After": "1"})
-            return self.finish(request, response, _route_label(request), started)
-        if request.method != "POST":
-            self.in_flight += 1
-        return await self.answer_admitted(request, handler, _route_label(request), started)
+    def release(self, arriving: bool = False) -> None:
+        """An admitted request is done: answered, or never to be (its client went away mid-body)."""
+        self.in_flight -= 1
+        self.arriving -= arriving
 
-    async def answer_admitted(self, request: Any, handler: Handler, path: str, started: float) -> web.StreamResponse:
-        """A request already counted in flight (the fast lane admits at its headers): answer, release, observe."""
+    async def observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The application's middleware: admit, answer, release, count, add CORS headers."""
+        started = time.perf_counter()
+        path = _route_label(request)
+        arriving = False
+        if request.method == "POST":
+            arriving = not request.content.is_eof()
+            if not self.admit(arriving):
+                response: web.StreamResponse = responses.error(429, "too_many_requests", "splitter is at capacity; retry shortly", {"Retry-After": "1"})
+                return self.finish(request, response, path, started)
+        else:
+            self.in_flight += 1
         try:
             response = await _answer(request, handler)
         finally:
-            self.release()
+            self.release(arriving)
         return self.finish(request, response, path, started)
 
-    def release(self) -> None:
-        """An admitted request is done: answered, or never to be (its client went away mid-body)."""
-        self.in_flight -= 1
-
-    def finish(self, request: Any, response: web.StreamResponse, path: str, started: float) -> web.StreamResponse:
+    def finish(self, request: web.Request, response: web.StreamResponse, path: str, started: float) -> web.StreamResponse:
         self.metrics.child(self.metrics.requests, path, str(response.status)).inc()
         self.metrics.child(self.metrics.request_duration, path).observe(time.perf_counter() - started)
         _cors(request, response, self.cors_origins)
@@ -100,7 +105,8 @@ class Observer:
 
 @dataclass(frozen=True, slots=True)
 class FastIngress:
-    """The ingest routes by exact path, for the fast lane, and the observer both lanes share."""
+    """The ingest handlers by exact path and the observer, for the measuring sticks that serve them
+    without the router (loadtest/baselines/sink.py). splitter's ingest port itself serves the application."""
 
     routes: Mapping[str, Handler]
     observer: Observer
@@ -111,15 +117,15 @@ FAST_INGRESS: web.AppKey[FastIngress] = web.AppKey("fast_ingress", FastIngress)
 
 def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*",), max_in_flight: int = 2000,
                       cdn_url: str = DEFAULT_CDN_URL, public_url: str | None = None, cdn_cache_seconds: float = 300.0) -> web.Application:
-    """The aiohttp application; under FAST_INGRESS, the same ingest handlers for the fast lane."""
+    """The aiohttp application (served by listener.py); under FAST_INGRESS, its ingest handlers and observer."""
     observer = Observer(deps.metrics, cors_origins, max_in_flight)
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await observer.observe(request, handler)
 
-    # auto_decompress off: body.py inflates gzip itself, with a cap; aiohttp's own inflation would
-    # hand it already-inflated bytes (every gzip body then fails as invalid_gzip) with no cap.
+    # auto_decompress off (listener.py sets it too): body.py inflates gzip itself, with a cap; aiohttp's own
+    # inflation would hand it already-inflated bytes (every gzip body then fails as invalid_gzip) with no cap.
     app = web.Application(middlewares=[observe], client_max_size=1024**2, handler_args={"auto_decompress": False})
     ingest = {path: ingest_handler(deps, shape) for path, shape in routes().items()}
     for path, handler in ingest.items():

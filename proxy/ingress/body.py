@@ -4,10 +4,21 @@ Limits apply after decompression (500 KB per request, as Segment's API), and gzi
 incrementally with a cap, so a small gzip bomb is refused after reading at most the cap plus one
 byte instead of being expanded in memory. `text/plain` bodies are JSON too: analytics.js sends
 them that way to avoid a CORS preflight.
+
+A body must arrive by the request's BODY_DEADLINE (set by the listener from `--body-timeout`), or
+the answer is 408 and the request's in-flight slot is freed: a client sending a byte a second, or a
+phone that vanished mid-upload, cannot hold a slot for longer.
+
+A lone UTF-16 surrogate escape (`"\\ud83d"`: a browser cutting a string inside an emoji) is replaced
+by U+FFFD, as Go's JSON decoder does, instead of failing the whole batch: orjson refuses such
+strings, so only then is the body decoded again by the standard library and repaired.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import zlib
 from typing import Any
 
@@ -21,6 +32,9 @@ MAX_EVENT_BYTES = 32 * 1024
 MAX_BATCH_EVENTS = 2500
 MAX_WIRE_BYTES = MAX_REQUEST_BYTES + 64 * 1024  # compressed bodies of incompressible data grow a little
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
+# When the request's body must have arrived (loop time), set by the listener. A plain str key warns on aiohttp >= 3.14.
+BODY_DEADLINE: Any = web.RequestKey("body_deadline", float) if hasattr(web, "RequestKey") else "body_deadline"
+_LONE_SURROGATE = re.compile("[\\ud800-\\udfff]")  # after json.loads, a valid pair is one code point: only lone halves remain
 
 
 def too_large(limit: str) -> IngressError:
@@ -39,14 +53,25 @@ async def read_body(request: web.Request) -> bytes:
         raise IngressError(400, "invalid_request", "Content-Length is not a valid length") from None
     if declared is not None and declared > wire_limit:
         raise too_large("500 KB")
+    deadline = None if request.content.is_eof() else request.get(BODY_DEADLINE)  # the common case: all there already
+    try:
+        async with asyncio.timeout_at(deadline):
+            raw = await _read(request, wire_limit)
+    except TimeoutError:
+        raise IngressError(408, "body_timeout", "the request body did not arrive in time; send it again") from None
+    except (OSError, web.RequestPayloadError) as exc:  # the client went away, or sent a malformed chunked body
+        raise IngressError(400, "incomplete_body", f"the request body ended before it was complete: {exc}") from None
+    return gunzip(raw) if encoding == "gzip" else raw
+
+
+async def _read(request: web.Request, wire_limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.content.iter_chunked(64 * 1024):
         size += len(chunk)
         if size > wire_limit:
             raise too_large("500 KB")
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    return gunzip(raw) if encoding == "gzip" else raw
+    return b"".join(chunks)
 
 
 def gunzip(raw: bytes) -> bytes:
@@ -68,4 +93,24 @@ def parse_json(data: bytes) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise IngressError(400, "invalid_request", f"malformed JSON: {exc}") from None
+        if "surrogate" not in str(exc):
+            raise IngressError(400, "invalid_request", f"malformed JSON: {exc}") from None
+        try:
+            return _without_lone_surrogates(json.loads(data, parse_constant=_refuse_constant))
+        except (ValueError, RecursionError) as again:  # what orjson would refuse besides the surrogate
+            raise IngressError(400, "invalid_request", f"malformed JSON: {again}") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # the standard library accepts NaN and Infinity; orjson (and JSON) do not
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """Every string, keys included, with lone surrogates replaced by U+FFFD (the slow path only)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(key): _without_lone_surrogates(item) for key, item in value.items()}
+    return value

@@ -40,4 +40,7 @@ def error(status: int, code: str, message: str, headers: Mapping[str, str] | Non
 
 
 def from_exception(exc: IngressError) -> web.Response:
-    return error(exc.status, exc.code, exc.message, exc.headers)
+    response = error(exc.status, exc.code, exc.message, exc.headers)
+    if exc.status == 408:  # the body is still arriving (slowly, if at all): close rather than read the rest
+        response.force_close()
+    return response

@@ -1,9 +1,11 @@
-"""The ingest port's fast lane (proxy/ingress/fastlane.py) on real sockets, byte by byte where it matters.
+"""The ingest port (proxy/ingress/listener.py) on real sockets, byte by byte where it matters.
 
-Every other ingress test goes through the fast lane already (the harness listens as `splitter serve`
-does); these tests pin what is particular to it: framing (pipelining, split writes), handing a
-connection to aiohttp for anything that is not the plain case, in-flight accounting from the
-headers on, keep-alive and close, and draining on shutdown.
+Every other ingress test goes through the same listener (the harness listens as `splitter serve`
+does); these pin the HTTP edges: framing (pipelining, split writes, chunked, Expect), malformed
+heads refused with JSON, in-flight accounting from the headers on, keep-alive and close,
+half-close, the header and body timeouts, lone surrogates in bodies, and draining on shutdown.
+The same cases against a real `splitter serve` process, with hostile clients, are in
+test_ingest_abuse.py.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
-import struct
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,14 +24,13 @@ from aiohttp import web
 
 from loadtest.process import launch_splitter
 from loadtest.receivers import start_receiver
-from proxy.ingress.app import FAST_INGRESS, FastIngress, Observer
-from proxy.ingress.fastlane import PAUSE_ABOVE, HttpDate, serialize
+from proxy.ingress.app import Observer
+from proxy.ingress.body import read_body
 from proxy.ingress.listener import IngressListener, listen
-from proxy.ingress.responses import error, success
+from proxy.ingress.responses import success
 from proxy.metrics import Metrics
-from proxy_harness import WEB_KEY, Stack, basic, proxy_stack
-
-AUTH = basic(WEB_KEY)
+from proxy_harness import WEB_KEY, Stack, proxy_stack
+from raw_http import AUTH, Client, head, request, track
 
 
 @pytest.fixture
@@ -40,59 +39,8 @@ async def stack() -> AsyncIterator[Stack]:
         yield running
 
 
-def track(message_id: str, user: str = "u-1") -> bytes:
-    return orjson.dumps({"type": "track", "event": "Fast", "userId": user, "messageId": message_id})
-
-
-def request(path: str, body: bytes, *extra: str, version: str = "HTTP/1.1", length: bool = True) -> bytes:
-    head = [f"POST {path} {version}", "Host: 127.0.0.1", f"Authorization: {AUTH}", "Content-Type: application/json", *extra]
-    if length:
-        head.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
-class Client:
-    """A raw HTTP/1.1 connection: what is written is exactly what splitter reads."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, stack: Stack | str) -> Client:
-        host, port = (stack if isinstance(stack, str) else stack.url).removeprefix("http://").rsplit(":", 1)
-        return cls(*await asyncio.open_connection(host, int(port)))
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def response(self, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
-        """One response: status, headers (lower-cased names), body (Content-Length framed)."""
-        async with asyncio.timeout(timeout):
-            status_line = await self.reader.readline()
-            assert status_line.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")), status_line
-            headers: dict[str, str] = {}
-            while (line := await self.reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                headers[name.strip().lower()] = value.strip()
-            body = await self.reader.readexactly(int(headers.get("content-length", "0")))
-        return int(status_line.split()[1]), headers, body
-
-    async def closed_by_server(self, timeout: float = 5.0) -> bool:
-        async with asyncio.timeout(timeout):
-            return await self.reader.read(1) == b""
-
-    def close(self) -> None:
-        self.writer.close()
-
-    def reset(self) -> None:
-        """Go away with a RST, as a crashed client does: the server sees the connection lost, not an EOF."""
-        self.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.writer.transport.abort()
-
-
 async def test_pipelined_requests_are_answered_in_order_and_delivered(stack: Stack) -> None:
-    client = await Client.open(stack)
+    client = await Client.open(stack.url)
     await client.send(b"".join(request("/v1/track", track(f"pipe-{i}")) for i in range(3)))
     answers = [await client.response() for _ in range(3)]
     assert [status for status, _, _ in answers] == [200, 200, 200]
@@ -104,7 +52,7 @@ async def test_pipelined_requests_are_answered_in_order_and_delivered(stack: Sta
 
 
 async def test_hundreds_of_pipelined_requests_in_one_write_are_answered_in_order(stack: Stack) -> None:
-    client = await Client.open(stack)
+    client = await Client.open(stack.url)
     await client.send(b"".join(request("/v1/track", track(f"many-{i}", f"u{i}")) for i in range(300)))
     statuses = [(await client.response())[0] for _ in range(300)]
     assert statuses == [200] * 300
@@ -114,7 +62,7 @@ async def test_hundreds_of_pipelined_requests_in_one_write_are_answered_in_order
 
 
 async def test_a_request_split_across_many_writes_is_framed_correctly(stack: Stack) -> None:
-    client = await Client.open(stack)
+    client = await Client.open(stack.url)
     data = request("/v1/batch", orjson.dumps({"batch": [orjson.loads(track(f"split-{i}", f"u{i}")) for i in range(40)]}))
     for start in range(0, len(data), 97):  # the head arrives in pieces too
         await client.send(data[start:start + 97])
@@ -126,9 +74,9 @@ async def test_a_request_split_across_many_writes_is_framed_correctly(stack: Sta
     client.close()
 
 
-async def test_after_a_handed_over_request_the_connection_stays_correct(stack: Stack) -> None:
-    """Fast, then telemetry (/v1/m: aiohttp's), then fast again, all written at once: three answers in order."""
-    client = await Client.open(stack)
+async def test_different_routes_pipelined_on_one_connection_are_answered_in_order(stack: Stack) -> None:
+    """An ingest call, then telemetry (/v1/m), then an ingest call again, all written at once: three answers in order."""
+    client = await Client.open(stack.url)
     telemetry = b'{"series":[]}'
     await client.send(request("/v1/track", track("mixed-0")) + request("/v1/m", telemetry) + request("/v1/track", track("mixed-2")))
     answers = [await client.response() for _ in range(3)]
@@ -139,8 +87,8 @@ async def test_after_a_handed_over_request_the_connection_stays_correct(stack: S
 
 
 @pytest.mark.parametrize("shape", ["chunked", "expect-100"])
-async def test_what_the_lane_does_not_frame_itself_is_answered_by_aiohttp(stack: Stack, shape: str) -> None:
-    client = await Client.open(stack)
+async def test_chunked_bodies_and_expect_100_continue_are_answered(stack: Stack, shape: str) -> None:
+    client = await Client.open(stack.url)
     body = track(f"handed-{shape}")
     if shape == "chunked":
         await client.send(request("/v1/track", f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n", "Transfer-Encoding: chunked", length=False))
@@ -161,17 +109,19 @@ async def test_what_the_lane_does_not_frame_itself_is_answered_by_aiohttp(stack:
     "Content-Length : 5",  # whitespace before the colon
     "X-Folded: a\r\n  b\r\nContent-Length: 5",  # obsolete line folding
 ])
-async def test_malformed_framing_is_refused_by_aiohttp(stack: Stack, head: str) -> None:
-    client = await Client.open(stack)
+async def test_malformed_framing_is_refused_with_json(stack: Stack, head: str) -> None:
+    client = await Client.open(stack.url)
     await client.send(f"POST /v1/track HTTP/1.1\r\nHost: x\r\n{head}\r\n\r\n12345".encode())
-    status, _, _ = await client.response()
-    assert status == 400
+    status, headers, body = await client.response()
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert orjson.loads(body)["code"] == "malformed_request"
+    assert await client.closed_by_server()
     client.close()
     assert stack.segment.message_ids() == []
 
 
-async def test_a_bare_lf_request_is_handed_over_rather_than_left_waiting(stack: Stack) -> None:
-    client = await Client.open(stack)
+async def test_a_bare_lf_request_is_answered_rather_than_left_waiting(stack: Stack) -> None:
+    client = await Client.open(stack.url)
     body = track("lf-only")
     await client.send(f"POST /v1/track HTTP/1.1\nHost: x\nAuthorization: {AUTH}\nContent-Length: {len(body)}\n\n".encode() + body)
     status, _, _ = await client.response()  # whatever aiohttp makes of it, the client gets an answer
@@ -180,7 +130,7 @@ async def test_a_bare_lf_request_is_handed_over_rather_than_left_waiting(stack: 
 
 
 async def test_an_oversized_body_gets_413_without_being_read(stack: Stack) -> None:
-    client = await Client.open(stack)
+    client = await Client.open(stack.url)
     await client.send(b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: " + AUTH.encode() + b"\r\nContent-Length: 9000000\r\n\r\n")
     status, _, body = await client.response()
     assert status == 413 and orjson.loads(body)["code"] == "request_too_large"
@@ -188,7 +138,7 @@ async def test_an_oversized_body_gets_413_without_being_read(stack: Stack) -> No
 
 
 async def test_connection_close_is_honoured(stack: Stack) -> None:
-    client = await Client.open(stack)
+    client = await Client.open(stack.url)
     await client.send(request("/v1/track", track("closing"), "Connection: close"))
     status, headers, _ = await client.response()
     assert status == 200 and headers["connection"] == "close"
@@ -196,8 +146,8 @@ async def test_connection_close_is_honoured(stack: Stack) -> None:
     client.close()
 
 
-async def test_http_1_0_goes_to_aiohttp(stack: Stack) -> None:
-    client = await Client.open(stack)
+async def test_http_1_0_is_answered(stack: Stack) -> None:
+    client = await Client.open(stack.url)
     await client.send(request("/v1/track", track("old-http"), version="HTTP/1.0"))
     status_line = await asyncio.wait_for(client.reader.readline(), 5)
     assert status_line.split()[1] == b"200"
@@ -208,11 +158,11 @@ async def test_http_1_0_goes_to_aiohttp(stack: Stack) -> None:
 
 async def test_a_request_counts_in_flight_from_its_headers_and_is_released_if_its_body_never_comes() -> None:
     async with proxy_stack(max_in_flight=1) as stack:
-        held = await Client.open(stack)
+        held = await Client.open(stack.url)
         body = track("held")
         await held.send(request("/v1/track", body)[:-5])  # headers and most of the body
         await stack.wait_metric("splitter_requests_in_flight", 1)
-        second = await Client.open(stack)
+        second = await Client.open(stack.url)
         await second.send(request("/v1/track", track("refused")))
         status, headers, answer = await second.response()
         assert status == 429 and headers["retry-after"] == "1" and orjson.loads(answer)["code"] == "too_many_requests"
@@ -229,7 +179,7 @@ async def test_a_request_counts_in_flight_from_its_headers_and_is_released_if_it
 
 async def test_idle_keepalive_connections_are_closed() -> None:
     async with proxy_stack(keepalive_timeout=0.3) as stack:
-        client = await Client.open(stack)
+        client = await Client.open(stack.url)
         await client.send(request("/v1/track", track("then-idle")))
         assert (await client.response())[0] == 200
         started = time.monotonic()
@@ -240,10 +190,10 @@ async def test_idle_keepalive_connections_are_closed() -> None:
 
 async def test_shutdown_finishes_the_request_in_flight_and_closes_idle_connections() -> None:
     async with proxy_stack(drain_timeout=5.0) as stack:
-        idle = await Client.open(stack)
+        idle = await Client.open(stack.url)
         await idle.send(request("/v1/track", track("before")))
         assert (await idle.response())[0] == 200
-        busy = await Client.open(stack)
+        busy = await Client.open(stack.url)
         data = request("/v1/track", track("during"))
         await busy.send(data[:-3])
         await stack.wait_metric("splitter_requests_in_flight", 1)
@@ -261,7 +211,7 @@ async def test_shutdown_finishes_the_request_in_flight_and_closes_idle_connectio
 
 
 async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(stack: Stack) -> None:
-    client = await Client.open(stack)
+    client = await Client.open(stack.url)
     await client.send(request("/v1/track", track("half-closed")))
     client.writer.write_eof()
     status, _, _ = await client.response()
@@ -285,9 +235,9 @@ rules:
 """
 
 
-async def test_splitter_serve_hands_connections_over_on_uvloop(tmp_path: Path) -> None:
-    """The real process (uvloop's transports): a keep-alive connection goes fast, then to aiohttp for a
-    CORS preflight and a chunked call, and keeps answering in order."""
+async def test_splitter_serve_answers_a_preflight_a_chunked_and_a_plain_call_on_one_connection(tmp_path: Path) -> None:
+    """The real process (uvloop's transports): one keep-alive connection, a plain call, then a CORS
+    preflight, a chunked call and another plain call pipelined, answered in order."""
     rules = tmp_path / "rules.yaml"
     rules.write_text(SERVE_RULES)
     async with await start_receiver("segment", record=True) as segment:
@@ -311,12 +261,8 @@ async def test_splitter_serve_hands_connections_over_on_uvloop(tmp_path: Path) -
             assert await splitter.stop() == 0
 
 
-def head(*lines: str) -> bytes:
-    return ("\r\n".join(["POST /v1/track HTTP/1.1", "Host: x", f"Authorization: {AUTH}", *lines]) + "\r\n\r\n").encode("latin-1")
-
-
 async def test_a_content_length_of_thousands_of_digits_is_answered(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
-    client = await Client.open(stack)
+    client = await Client.open(stack.url)
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         await client.send(head("Content-Length: " + "0" * 4400 + "2") + b"{}")
         status, _, body = await client.response()
@@ -331,7 +277,7 @@ async def test_a_content_length_of_thousands_of_digits_is_answered(stack: Stack,
     b"POST /v1/track HTTP/1.1\rHost: x\rContent-Length: 2\r\r{}",  # bare CRs
 ], ids=["lf-before-crlf", "mixed-lf", "bare-cr"])
 async def test_a_head_that_never_ends_in_crlfcrlf_is_answered_at_once(stack: Stack, data: bytes) -> None:
-    client = await Client.open(stack)
+    client = await Client.open(stack.url)
     await client.send(data)
     assert await asyncio.wait_for(client.reader.readline(), 2)  # aiohttp's 400, not silence until the idle timeout
     client.close()
@@ -341,22 +287,23 @@ async def test_a_head_that_never_ends_in_crlfcrlf_is_answered_at_once(stack: Sta
                          ids=["nul", "control", "not-a-token", "line-over-8190"])
 async def test_a_head_llhttp_refuses_is_refused_not_delivered(stack: Stack, extra: str) -> None:
     body = track("refused-head")
-    client = await Client.open(stack)
+    client = await Client.open(stack.url)
     await client.send(head(extra, f"Content-Length: {len(body)}") + body)
-    status, _, _ = await client.response()
+    status, _, answer = await client.response()
+    assert orjson.loads(answer)["success"] is False
     client.close()
     assert status == 400
     assert stack.segment.message_ids() == []
 
 
 class HeldRoute:
-    """A fast route whose answer waits until the test says so: a request held "being answered"."""
+    """A route whose answer waits until the test says so: a request held "being answered"."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.outcome = ""
 
-    async def __call__(self, request: object) -> web.StreamResponse:
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
         try:
             await self.release.wait()
         except asyncio.CancelledError:
@@ -366,70 +313,78 @@ class HeldRoute:
         return success()
 
 
+async def _read_and_succeed(request: web.Request) -> web.Response:
+    await read_body(request)
+    return success()
+
+
 @asynccontextmanager
-async def held_lane() -> AsyncIterator[tuple[IngressListener, HeldRoute]]:
-    """The fast lane with one held route (/v1/track) and aiohttp behind it (/v1/m)."""
+async def held_port(max_in_flight: int = 10, **timeouts: float) -> AsyncIterator[tuple[IngressListener, HeldRoute, Observer]]:
+    """The ingest listener over a small application with splitter's observer (in-flight limit, JSON
+    errors): /v1/track is held until released, /v1/batch and /v1/m read the body (read_body) and answer."""
     route = HeldRoute()
-    app = web.Application(client_max_size=4 * 1024**2)
+    observer = Observer(Metrics(), ("*",), max_in_flight)
+
+    @web.middleware
+    async def observe(request: web.Request, handler: web.Handler) -> web.StreamResponse:  # type: ignore[name-defined]
+        return await observer.observe(request, handler)
+
+    app = web.Application(middlewares=[observe], client_max_size=4 * 1024**2)
+    app.router.add_post("/v1/track", route.__call__)
+    app.router.add_post("/v1/batch", _read_and_succeed)
     app.router.add_post("/v1/m", _read_and_succeed)
-    app[FAST_INGRESS] = FastIngress({"/v1/track": route}, Observer(Metrics(), ("*",), 10))
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    listener = await listen(runner, "127.0.0.1", 0)
+    listener = await listen(runner, "127.0.0.1", 0, **timeouts)
     try:
-        yield listener, route
+        yield listener, route, observer
     finally:
         route.release.set()
         await listener.close(drain_timeout=1.0)
 
 
-async def held_request(listener: IngressListener) -> None:
-    """Until the request just sent is being answered (held by the route)."""
-    async with asyncio.timeout(5):
-        while listener.lane.observer.in_flight != 1:
+async def until(condition: object, timeout: float = 5.0) -> None:
+    """Until `condition()` holds (a bounded correctness wait, not a measurement)."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # type: ignore[operator]
             await asyncio.sleep(0.01)
 
 
-async def _read_and_succeed(request: web.Request) -> web.Response:
-    await request.read()
-    return success()
-
-
 async def test_shutdown_waits_for_a_request_whose_client_went_away() -> None:
-    async with held_lane() as (listener, route):
+    async with held_port() as (listener, route, observer):
         client = await Client.open(listener.url)
         await client.send(request("/v1/track", track("orphan")))
-        await held_request(listener)
+        await until(lambda: observer.in_flight == 1)
         client.reset()
         await asyncio.sleep(0.1)
         asyncio.get_running_loop().call_later(0.3, route.release.set)
         started = time.monotonic()
         await listener.close(drain_timeout=5.0)
         assert time.monotonic() - started >= 0.25 and route.outcome == "answered"
-        assert listener.lane.observer.in_flight == 0 and not listener.lane.tasks
+        assert observer.in_flight == 0
 
 
 async def test_shutdown_cancels_what_is_still_running_at_the_drain_timeout() -> None:
-    async with held_lane() as (listener, route):
+    async with held_port() as (listener, route, observer):
         client = await Client.open(listener.url)
         await client.send(request("/v1/track", track("too-slow")))
-        await held_request(listener)
+        await until(lambda: observer.in_flight == 1)
         await listener.close(drain_timeout=0.2)
-        assert route.outcome == "cancelled"
-        assert listener.lane.observer.in_flight == 0 and not listener.lane.tasks
+        await until(lambda: route.outcome == "cancelled")
+        assert observer.in_flight == 0
         assert await client.closed_by_server()
         client.close()
 
 
-async def test_a_connection_reset_while_answering_is_never_handed_to_aiohttp() -> None:
-    """Behind the held request, one aiohttp must take, past PAUSE_ABOVE (reading paused); then a RST."""
+async def test_a_reset_while_pipelined_requests_wait_leaves_no_loop_errors() -> None:
+    """Behind a held request, a large pipelined one (reading pauses); then a RST."""
     errors: list[dict[str, object]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
-    async with held_lane() as (listener, route):
+    async with held_port() as (listener, route, observer):
         client = await Client.open(listener.url)
         await client.send(request("/v1/track", track("first")))
-        await held_request(listener)
-        client.writer.write(request("/v1/m", b"x" * (PAUSE_ABOVE + 500 * 1024)))
+        await until(lambda: observer.in_flight == 1)
+        client.writer.write(request("/v1/m", b"x" * (1536 * 1024)))
         await asyncio.sleep(0.2)
         client.reset()
         await asyncio.sleep(0.1)
@@ -438,18 +393,91 @@ async def test_a_connection_reset_while_answering_is_never_handed_to_aiohttp() -
     assert not errors, [(context.get("message"), repr(context.get("exception"))) for context in errors]
 
 
-def test_serialize_writes_status_headers_length_and_date() -> None:
-    data = serialize(error(429, "too_many_requests", "busy", {"Retry-After": "1"}), "Mon, 23 Nov 2026 12:00:00 GMT", keep_alive=False)
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    assert lines[0] == "HTTP/1.1 429 Too Many Requests"
-    assert {"Retry-After: 1", "Content-Type: application/json", f"Content-Length: {len(body)}", "Connection: close",
-            "Date: Mon, 23 Nov 2026 12:00:00 GMT"} <= set(lines[1:])
-    assert orjson.loads(body)["code"] == "too_many_requests"
-    assert b"Connection" not in serialize(success(), "d", keep_alive=True)
+async def test_a_body_that_does_not_arrive_in_time_gets_408_json_and_frees_its_slot() -> None:
+    async with held_port(body_timeout=0.5) as (listener, _, observer):
+        client = await Client.open(listener.url)
+        data = request("/v1/batch", orjson.dumps({"batch": []}))
+        await client.send(data[:-4])
+        await until(lambda: observer.in_flight == 1)
+        status, headers, body = await client.response(timeout=5)
+        assert status == 408 and headers["connection"] == "close"
+        assert orjson.loads(body)["code"] == "body_timeout"
+        await until(lambda: observer.in_flight == 0)
+        assert await client.closed_by_server(timeout=15)  # after at most aiohttp's lingering read of the rest
+        client.close()
 
 
-def test_the_date_header_is_rfc_7231_and_changes_with_the_second() -> None:
-    date = HttpDate()
-    text = date.now()
-    assert text.endswith(" GMT") and len(text) == 29
+async def test_a_head_that_does_not_arrive_in_time_gets_408_and_the_connection_closes() -> None:
+    async with held_port(header_timeout=0.5) as (listener, _, observer):
+        client = await Client.open(listener.url)
+        data = request("/v1/batch", b"{}")
+
+        async def trickle() -> None:
+            for byte in data[:40]:
+                client.writer.write(bytes([byte]))
+                await asyncio.sleep(0.1)
+
+        sender = asyncio.ensure_future(trickle())
+        status, headers, body = await client.response(timeout=5)
+        sender.cancel()
+        assert status == 408 and headers["connection"] == "close" and orjson.loads(body)["code"] == "header_timeout"
+        assert await client.closed_by_server()
+        assert observer.in_flight == 0
+        client.close()
+
+
+async def test_an_idle_keepalive_connection_is_not_cut_by_the_header_timeout() -> None:
+    """The header clock runs from a request's first byte, not while a connection waits for its next request."""
+    async with held_port(header_timeout=0.3) as (listener, _, _observer):
+        client = await Client.open(listener.url)
+        await client.send(request("/v1/batch", b"{}"))
+        assert (await client.response())[0] == 200
+        await asyncio.sleep(1.0)  # idle for longer than the header timeout
+        await client.send(request("/v1/batch", b"{}"))
+        assert (await client.response())[0] == 200
+        client.close()
+
+
+async def test_requests_whose_body_is_still_arriving_hold_at_most_half_the_slots() -> None:
+    async with held_port(max_in_flight=4) as (listener, _, observer):
+        slow = [await Client.open(listener.url) for _ in range(3)]
+        data = request("/v1/batch", orjson.dumps({"batch": []}))
+        for index, client in enumerate(slow[:2]):
+            await client.send(data[:-3])
+            await until(lambda count=index + 1: observer.arriving == count)  # type: ignore[misc]
+        await slow[2].send(data[:-3])
+        status, _, body = await slow[2].response()
+        assert status == 429 and orjson.loads(body)["code"] == "too_many_requests"
+        whole = await Client.open(listener.url)
+        await whole.send(data)
+        assert (await whole.response())[0] == 200  # two slots are left for requests that came whole
+        for client in slow[:2]:
+            await client.send(data[-3:])
+            assert (await client.response())[0] == 200
+        assert observer.in_flight == 0 and observer.arriving == 0
+        for client in [*slow, whole]:
+            client.close()
+
+
+@pytest.mark.parametrize("escape", ["\\ud83d", "\\ude00", "x\\ud83d\\ud83dy"], ids=["high", "low", "two-highs"])
+async def test_a_lone_surrogate_escape_becomes_u_fffd_and_the_batch_is_accepted(stack: Stack, escape: str) -> None:
+    """A browser cut a string inside an emoji: that event and its siblings are delivered, not refused with 400."""
+    cut = b'{"type":"track","event":"Cut","userId":"u-2","messageId":"cut","properties":{"title":"ok \\ud83d\\ude00 then ' + escape.encode() + b'"}}'
+    body = b'{"batch":[' + track("before") + b"," + cut + b"," + track("after") + b"]}"
+    client = await Client.open(stack.url)
+    await client.send(request("/v1/batch", body))
+    status, _, answer = await client.response()
+    client.close()
+    assert (status, orjson.loads(answer)) == (200, {"success": True})
+    await stack.settle()
+    assert stack.segment.message_ids() == ["before", "cut", "after"]
+    title = next(r.event for r in stack.segment.events if r.event["messageId"] == "cut")["properties"]["title"]
+    assert title.startswith("ok \U0001F600 then ") and "\ufffd" in title and not any(0xD800 <= ord(c) <= 0xDFFF for c in title)
+
+
+async def test_the_surrogate_repair_still_refuses_what_is_not_json(stack: Stack) -> None:
+    client = await Client.open(stack.url)
+    await client.send(request("/v1/track", b'{"type":"track","event":"\\ud83d","userId":"u","x":NaN}'))
+    status, _, answer = await client.response()
+    client.close()
+    assert status == 400 and orjson.loads(answer)["code"] == "invalid_request"
