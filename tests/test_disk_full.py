@@ -267,6 +267,27 @@ async def test_a_tail_torn_by_a_full_disk_is_cut_at_restart(fs: Path) -> None:
     await again.close()
 
 
+async def test_the_reader_reports_and_skips_a_record_damaged_under_it_instead_of_stalling(fs: Path) -> None:
+    """A tear can no longer be written by the spool itself; should the file be damaged under it anyway
+    (a failing disk), the reader does what the next start would do, and says so, rather than stop."""
+    directory = fs / "spool"
+    spool = Spool(directory, quota_bytes=1 << 30, fresh_limit=0)  # the reader reads the files
+    spool.open()
+    tickets = [spool.append("k", None, [ev(i, pad=50)]) for i in range(3)]
+    await spool.commit(tickets[-1])
+    path = segments(directory)[0]
+    second_record = len(MAGIC) + len(encode(0.0, "k", None, [ev(0, pad=50)]))
+    with open(path, "r+b") as handle:
+        handle.seek(second_record + HEADER.size + 30)
+        handle.write(b"\x00\xff")  # the second record's bytes no longer match their crc
+    assert events_of(await read_all(spool, 1)) == [ev(0, pad=50)]
+    assert spool.pending == 1  # the damaged record and the one after it are reported lost, not waited for
+    await spool.commit(spool.append("k", None, [ev(3)]))
+    assert events_of(await read_all(spool, 1)) == [ev(3)]  # the sender goes on
+    assert len(segments(directory)) == 2  # nothing was appended after the damage
+    await spool.close()
+
+
 # -- a request to two destinations: all or nothing ----------------------------------------------------------------------
 
 TWO_PRIMARIES = """\
@@ -498,8 +519,10 @@ class Competitor:
             await asyncio.sleep(0.001)
 
     def close(self) -> None:
-        os.close(self.fd)
-        os.unlink(self.path)
+        if self.fd >= 0:
+            os.close(self.fd)
+            os.unlink(self.path)
+            self.fd = -1
 
 
 async def test_splitter_replacing_delivered_segments_on_a_contended_disk_loses_nothing(
@@ -533,6 +556,7 @@ async def test_splitter_replacing_delivered_segments_on_a_contended_disk_loses_n
             assert len(traffic.accepted) >= accepted_before + 200, (traffic.statuses, first.log[-5:])
             await all_delivered(upstreams, traffic.accepted, first)
         finally:
+            competitor.close()
             assert await first.stop() == 0
         assert not spied_bytes(spies)
         second = await launch_splitter(str(rules), env, args)  # starts on what the first left
