@@ -264,6 +264,8 @@ class Spool:
                 continue
             if records:
                 return records
+            self._readable.clear()  # counted but not readable (cannot happen): wait for a write rather than spin
+            await self._readable.wait()
 
     def _keep_fresh(self, segment_id: int, offset: int, data: bytes) -> None:
         if self._fresh_bytes + len(data) > self._fresh_limit:
@@ -280,8 +282,7 @@ class Spool:
         while fresh and (fresh[0][0], fresh[0][1]) < (segment.id, offset):  # read from the file meanwhile
             self._fresh_bytes -= HEADER.size + len(fresh.popleft()[2])
         if fresh and fresh[0][0] == segment.id and fresh[0][1] == offset:
-            payloads: list[bytes] = []
-            size = 0
+            payloads, size = list[bytes](), 0
             for segment_id, _, payload in fresh:  # contiguous from `offset`, as they were written
                 if segment_id != segment.id or (payloads and size > budget):
                     break
