@@ -468,6 +468,7 @@ async def test_splitter_on_a_full_disk_answers_503_loses_nothing_acknowledged_an
             filler = fill(fs, leave=16 * PAGE)  # the first requests fit, then the disk refuses, part-way through records too
             await traffic.until(first, "full", lambda: traffic.statuses["503"] >= 30, spies=spies)
             assert traffic.statuses["503"] >= 30 and traffic.statuses["200"] > 0, traffic.statuses
+            assert first.events("spool_write_refused")  # the disk did refuse records, not only the quota
             os.unlink(filler)  # space returns: no restart needed
             accepted_before = len(traffic.accepted)
             await traffic.until(first, "freed", lambda: len(traffic.accepted) >= accepted_before + 20 * 20)
@@ -604,6 +605,7 @@ async def test_splitter_on_a_disk_full_when_a_segment_is_full_keeps_no_markerles
             # a 200 KB record needs a new segment, whose marker finds no room; a small one would still fit the full one
             await traffic.until(first, "full", lambda: traffic.statuses["503"] >= 40, spies=spies, shapes=((20, 10_000), (1, 10)))
             assert traffic.statuses["503"] >= 40, traffic.statuses
+            assert first.events("spool_segment_not_started")  # the marker of a new segment found no room
             for path in sorted((fs / "spool").glob("*/*.seg")):
                 assert path.read_bytes()[:len(MAGIC)] == MAGIC, path
             os.unlink(filler)  # space returns: no restart needed
