@@ -48,7 +48,8 @@ class Gauge(prometheus_client.Gauge):
         self._function = f
 
     def refresh(self) -> None:
-        children = list(self._metrics.values()) if self._is_parent() else [self]
+        is_parent = bool(self._labelnames) and not self._labelvalues
+        children = [child for child in self._metrics.values() if isinstance(child, Gauge)] if is_parent else [self]
         for child in children:
             if child._function is not None:
                 child.set(child._function())
@@ -178,7 +179,7 @@ class Metrics:
             return
         self.config_info.labels(rules.sha256).set(1)
         _remove_except(self.config_info, {(rules.sha256,)})
-        live = set()
+        live: set[tuple[str, ...]] = set()
         for rule in rules.rules:
             for destination, percent in rollout_of(rule):
                 self.rollout_percent.labels(rule.name, destination).set(percent)

@@ -61,10 +61,11 @@ def first_match(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext) -> 
     if not candidates.rules[0].event_conditions:  # it takes every event: nothing to look at or remember
         return candidates.rules[0]
     signature = routing_signature(event, ctx)
+    hashable = True
     try:
         found = candidates.first_match.get(signature)
     except TypeError:  # a list or an object where a name should be: decided without the memory
-        found = signature = None
+        found, hashable = None, False
     if found is not None:
         return found
     for rule in candidates.rules:
@@ -72,7 +73,7 @@ def first_match(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext) -> 
             if not condition(event, ctx):
                 break
         else:
-            if signature is not None:
+            if hashable:
                 if len(candidates.first_match) >= MAX_SIGNATURES:
                     candidates.first_match.clear()
                 candidates.first_match[signature] = rule

@@ -38,14 +38,15 @@ def check_plans(rules: RuleSet, samples: Iterable[Sample]) -> PlanReport:
     counts: Counter[tuple[str, str, str]] = Counter()
     examples: dict[tuple[str, str, str], list[str]] = {}
     for event, ctx in samples:
-        plan = rules.tracking_plans.get(ctx.source) if ctx.source is not None else None
-        if plan is None:
+        source = ctx.source
+        plan = rules.tracking_plans.get(source) if source is not None else None
+        if plan is None or source is None:
             continue
         report.checked += 1
         found = plan.violations(event)
         report.failing += bool(found)
         for violation in found:
-            key = (ctx.source, violation.kind, violation.event)
+            key: tuple[str, str, str] = (source, violation.kind, violation.event)
             counts[key] += 1
             kept = examples.setdefault(key, [])
             if len(kept) < EXAMPLES and violation.message not in kept:

@@ -17,7 +17,7 @@ import yaml
 from proxy.engine import conditions, intake
 from proxy.engine.errors import Problem, RulesError
 from proxy.engine.masking import mask
-from proxy.engine.model import Cohort, Decision, Destination, Route, Rule, RuleSet, Source, Split
+from proxy.engine.model import Cohort, Decision, Destination, Predicate, Route, Rule, RuleSet, Source, Split
 from proxy.engine.nodes import NodeReader
 from proxy.engine.nodes import plain as _plain
 from proxy.engine.ramp import compile_ramp
@@ -34,7 +34,7 @@ RULE_KEYS = ("name", "when", "route", "cohort", "reshuffle", "transforms")
 ROUTE_KEYS = ("split", "to", "mirror", "ramp")
 DEFAULT_COHORT_KEY = ("anonymousId", "userId")
 DEFAULT_SALT = "splitter"
-DEFAULT_COUNTRY_HEADERS = ("CF-IPCountry", "CloudFront-Viewer-Country", "X-Country")
+DEFAULT_COUNTRY_HEADERS: tuple[str, ...] = ("CF-IPCountry", "CloudFront-Viewer-Country", "X-Country")
 # destinations.NAME.delivery: name -> (integer?, minimum, maximum). Defaults live with the delivery layer.
 DELIVERY_OPTIONS: dict[str, tuple[bool, float, float]] = {
     "batch_max_events": (True, 1, 2500),
@@ -273,7 +273,8 @@ class _Compiler:
                 continue
             name = self._unique_name(item, spec, path, names, "rule")
             names.add(name or "")
-            predicates, when_text = (), {}
+            predicates: tuple[tuple[str, Predicate], ...] = ()
+            when_text: dict[str, object] = {}
             if "when" in spec:
                 predicates, when_text = self._when(spec["when"], f"{path}.when")
                 if index == last:
@@ -295,7 +296,7 @@ class _Compiler:
                 ))
         return tuple(rules)
 
-    def _when(self, node: yaml.Node, path: str) -> tuple[tuple[tuple[str, conditions.Predicate], ...], dict[str, object]]:
+    def _when(self, node: yaml.Node, path: str) -> tuple[tuple[tuple[str, Predicate], ...], dict[str, object]]:
         spec = self.r.mapping(node, path, conditions.CONDITION_NAMES)
         if spec is not None and not spec:
             self.r.problem(node, path, "must hold at least one condition (leave `when` out for the default rule)")

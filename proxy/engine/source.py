@@ -35,7 +35,8 @@ class Document:
 
 
 def line_of(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
+    line: int = node.start_mark.line
+    return line + 1
 
 
 def compose(text: str, *, filename: str, env: Mapping[str, str]) -> Document:
@@ -96,4 +97,4 @@ def _expand_scalar(node: yaml.ScalarNode, document: Document, env: Mapping[str, 
 
     node.value = _ENV_REF.sub(substitute, text)
     if node.style is None:  # plain scalar: type it as if the value had been written literally
-        node.tag = _RESOLVER.resolve(yaml.ScalarNode, node.value, (True, False))
+        node.tag = _RESOLVER.resolve(yaml.ScalarNode, node.value, (True, False))  # type: ignore[no-untyped-call]  # PyYAML's resolver is untyped

@@ -177,7 +177,7 @@ def _json_schema(r: NodeReader, node: yaml.Node, path: str) -> SchemaCheck | Non
         r.problem(_node_at(node, ["$schema"]), f"{path}.$schema", f"must be a string naming a JSON Schema dialect, not {shown(schema['$schema'])}")
         return None
     validator_class = validator_for(schema, default=Draft202012Validator)
-    if "$schema" in schema and validator_for(schema, default=None) is None:
+    if "$schema" in schema and validator_for(schema, default=None) is None:  # type: ignore[arg-type]  # None is jsonschema's documented "no default"; the stubs omit it
         r.problem(_node_at(node, ["$schema"]), f"{path}.$schema", f"unknown JSON Schema dialect {schema['$schema']!r}")
         return None
     try:
@@ -189,7 +189,7 @@ def _json_schema(r: NodeReader, node: yaml.Node, path: str) -> SchemaCheck | Non
     # An empty registry: jsonschema's default one fetches a remote $ref with a blocking urlopen, on the
     # event loop; and a $ref that does not resolve would raise from every check. Both are found here.
     registry: Registry = Registry()
-    specification = specification_with(validator_class.META_SCHEMA.get("$schema", ""), default=None)
+    specification = specification_with(validator_class.META_SCHEMA.get("$schema", ""), default=None)  # type: ignore[arg-type]  # as above
     if specification is not None:
         resolver = registry.combine(_META_REGISTRY).resolver_with_root(specification.create_resource(schema))
         before = len(r.problems)

@@ -228,7 +228,8 @@ class _TransformCompiler:
         if not node.value.strip():
             self.r.problem(node, path, "must not be empty")  # a variable set to "", or an empty default
             return None
-        return node.value
+        text: str = node.value
+        return text
 
     def _set_property(self, node: yaml.Node, path: str, when: tuple[Predicate, ...]) -> Operation | None:
         spec = self._args(node, path, ("path", "value"))

@@ -101,7 +101,7 @@ class Deduplicator:
     async def _claim(self, primary: Mapping[str, list[bytes]], mirror: Mapping[str, list[bytes]], ids: Mapping[int, str]) -> Claim:
         """Filter out what each destination has; wait for concurrent requests holding the same ids."""
         while True:
-            claim, others = Claim(), set()
+            claim, others = Claim(), set[asyncio.Future[bool]]()
             for role, events_by_destination in ((claim.primary, primary), (claim.mirror, mirror)):
                 for destination, events in events_by_destination.items():
                     role[destination] = self._fresh(claim, others, destination, events, ids)
