@@ -26,7 +26,7 @@ from proxy.delivery.errors import UpstreamError
 from proxy.delivery.options import DeliveryOptions
 from proxy.delivery.pipeline import Pipeline
 from proxy.delivery.spool import Spool, SpoolFull, encode
-from proxy.delivery.upstream import Upstream
+from proxy.delivery.upstream import Upstream, public_url
 from proxy.engine import Destination, RuleSet, Source
 from proxy.log import LogThrottle, get_logger
 from proxy.metrics import Metrics
@@ -113,7 +113,7 @@ class Delivery:
         options = DeliveryOptions.from_mapping(destination.options)
         pipeline.options = options
         pipeline.spool.quota_bytes = options.spool_quota_bytes
-        log.info("destination_updated", destination=destination.name, url=destination.url.split("@")[-1])
+        log.info("destination_updated", destination=destination.name, url=public_url(destination.url))
 
     async def close(self, drain_timeout: float) -> None:
         """Deliver what can be delivered within `drain_timeout`; the rest stays spooled for the next start."""
