@@ -8,8 +8,9 @@ below the floor. For a batch of 50 events (`rules/bench.yaml`, the payload of `b
   - `direct`: the load straight to Segment's stand-in receiver (its rate sets the latency target's load);
   - `aiohttp, read and answer`: an aiohttp + uvloop app that reads the body and answers 200
     (`loadtest/baselines/sink.py`): what aiohttp alone costs per request;
-  - `splitter's ingest port, read and answer`: the same behind splitter's fast lane, with its request
-    metrics and in-flight limit (`sink.py --kind fastlane`): splitter's HTTP layer;
+  - `splitter's ingest port, read and answer`: the same handler on splitter's ingest listener (aiohttp
+    with its timeouts, keepalive and backpressure) behind splitter's observer (request metrics,
+    in-flight limit, CORS, JSON errors), served by `python -m loadtest.floor --serve`: splitter's HTTP layer;
   - `bare asyncio protocol`: a Content-Length-only protocol on uvloop: moving the bytes through Python;
   - `aiohttp forwarder`: the plain parsing forwarder of `loadtest.bench` (the ratio target's baseline);
 - in this process, pinned to the proxy core, best of repeated passes over the same bodies:
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -43,10 +45,16 @@ from loadtest.payloads import BATCH
 from loadtest.report import CPU_PER_EVENT_US as BATCH_TARGET_US
 from loadtest.report import FORWARDER_RATIO
 from loadtest.harness import LOAD_CORE, PROXY_CORE, cpu_seconds, pinned_server, pinning_available, run_wrk
+from aiohttp import web
+
 from proxy.delivery.spool import encode
 from proxy.engine import EventContext, RuleSet, route
+from proxy.ingress.app import Observer, observing
+from proxy.ingress.body import read_body
 from proxy.ingress.handlers import _prepare_request
+from proxy.ingress.listener import listen
 from proxy.ingress.prepare import CallShape
+from proxy.metrics import Metrics
 
 PORT_ROW = "splitter's ingest port, read and answer"
 
@@ -152,8 +160,9 @@ async def measure(seconds: float) -> dict[str, Any]:
     receivers, _, rules, bodies, auth = prepare_load()
     try:
         http = {"direct": http_row("direct", receivers.segment, [], bodies, auth, seconds)}
-        for kind, name in (("aiohttp", "aiohttp, read and answer"), ("fastlane", PORT_ROW), ("bare", "bare asyncio protocol")):
-            with pinned_server("loadtest.baselines.sink", "--kind", kind) as (url, pid):
+        for args, name in ((("loadtest.baselines.sink", "--kind", "aiohttp"), "aiohttp, read and answer"), (("loadtest.floor", "--serve"), PORT_ROW),
+                           (("loadtest.baselines.sink", "--kind", "bare"), "bare asyncio protocol")):
+            with pinned_server(*args) as (url, pid):
                 http[name] = http_row(name, url, [pid], bodies, auth, seconds)
         async with subjects.forwarder(receivers) as forwarder:
             http["aiohttp forwarder"] = http_row("aiohttp forwarder", forwarder.url, forwarder.pids(), bodies, auth, seconds)
@@ -165,11 +174,38 @@ async def measure(seconds: float) -> dict[str, Any]:
             "pinned": pinning_available()}
 
 
+async def _answer(request: web.Request) -> web.Response:
+    await read_body(request)
+    return web.Response(body=b'{"success":true}', content_type="application/json")
+
+
+async def serve_ingest_port() -> None:
+    """The `PORT_ROW` server: read and answer on splitter's ingest listener and observer; prints its URL as JSON."""
+    app = web.Application(middlewares=[observing(Observer(Metrics(), ("*",), 10_000))], client_max_size=1024**2)
+    for path in ("/v1/batch", "/v1/track", "/v1/t"):
+        app.router.add_post(path, _answer)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    listener = await listen(runner, "127.0.0.1", 0)
+    print(json.dumps({"url": listener.url}), flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await listener.close(1.0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="per HTTP run (default 4)")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the ingest-port server measured by the run
     args = parser.parse_args()
+    if args.serve:
+        import uvloop
+
+        uvloop.run(serve_ingest_port())
+        return 0
     result = asyncio.run(measure(args.seconds))
     http = {row["name"]: row for row in result["http"]}
     print(render(http, result["in_process_us_per_event"], result["floor_us_per_event"], result["targets"]))

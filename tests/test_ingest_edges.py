@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from aiohttp import web
 
 from loadtest.process import launch_splitter
 from loadtest.receivers import start_receiver
-from proxy.ingress.app import Observer
+from proxy.ingress.app import Observer, observing
 from proxy.ingress.body import read_body
 from proxy.ingress.listener import IngressListener, listen
 from proxy.ingress.responses import success
@@ -319,23 +319,19 @@ async def _read_and_succeed(request: web.Request) -> web.Response:
 
 
 @asynccontextmanager
-async def held_port(max_in_flight: int = 10, **timeouts: float) -> AsyncIterator[tuple[IngressListener, HeldRoute, Observer]]:
+async def held_port(max_in_flight: int = 10, header_timeout: float = 10.0, body_timeout: float = 30.0
+                    ) -> AsyncIterator[tuple[IngressListener, HeldRoute, Observer]]:
     """The ingest listener over a small application with splitter's observer (in-flight limit, JSON
     errors): /v1/track is held until released, /v1/batch and /v1/m read the body (read_body) and answer."""
     route = HeldRoute()
     observer = Observer(Metrics(), ("*",), max_in_flight)
-
-    @web.middleware
-    async def observe(request: web.Request, handler: web.Handler) -> web.StreamResponse:  # type: ignore[name-defined]
-        return await observer.observe(request, handler)
-
-    app = web.Application(middlewares=[observe], client_max_size=4 * 1024**2)
+    app = web.Application(middlewares=[observing(observer)], client_max_size=4 * 1024**2)
     app.router.add_post("/v1/track", route.__call__)
     app.router.add_post("/v1/batch", _read_and_succeed)
     app.router.add_post("/v1/m", _read_and_succeed)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    listener = await listen(runner, "127.0.0.1", 0, **timeouts)
+    listener = await listen(runner, "127.0.0.1", 0, header_timeout=header_timeout, body_timeout=body_timeout)
     try:
         yield listener, route, observer
     finally:
@@ -343,10 +339,10 @@ async def held_port(max_in_flight: int = 10, **timeouts: float) -> AsyncIterator
         await listener.close(drain_timeout=1.0)
 
 
-async def until(condition: object, timeout: float = 5.0) -> None:
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     """Until `condition()` holds (a bounded correctness wait, not a measurement)."""
     async with asyncio.timeout(timeout):
-        while not condition():  # type: ignore[operator]
+        while not condition():
             await asyncio.sleep(0.01)
 
 
@@ -442,9 +438,10 @@ async def test_requests_whose_body_is_still_arriving_hold_at_most_half_the_slots
     async with held_port(max_in_flight=4) as (listener, _, observer):
         slow = [await Client.open(listener.url) for _ in range(3)]
         data = request("/v1/batch", orjson.dumps({"batch": []}))
-        for index, client in enumerate(slow[:2]):
-            await client.send(data[:-3])
-            await until(lambda count=index + 1: observer.arriving == count)  # type: ignore[misc]
+        await slow[0].send(data[:-3])
+        await until(lambda: observer.arriving == 1)
+        await slow[1].send(data[:-3])
+        await until(lambda: observer.arriving == 2)
         await slow[2].send(data[:-3])
         status, _, body = await slow[2].response()
         assert status == 429 and orjson.loads(body)["code"] == "too_many_requests"

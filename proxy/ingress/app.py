@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from proxy.ingress import responses
 from proxy.ingress.auth import key_from_header
@@ -103,6 +104,16 @@ class Observer:
         return response
 
 
+def observing(observer: Observer) -> Middleware:
+    """The observer as the application's middleware (it runs once a request's headers are parsed)."""
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await observer.observe(request, handler)
+
+    return observe
+
+
 @dataclass(frozen=True, slots=True)
 class FastIngress:
     """The ingest handlers by exact path and the observer, for the measuring sticks that serve them
@@ -119,11 +130,7 @@ def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*"
                       cdn_url: str = DEFAULT_CDN_URL, public_url: str | None = None, cdn_cache_seconds: float = 300.0) -> web.Application:
     """The aiohttp application (served by listener.py); under FAST_INGRESS, its ingest handlers and observer."""
     observer = Observer(deps.metrics, cors_origins, max_in_flight)
-
-    @web.middleware
-    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await observer.observe(request, handler)
-
+    observe = observing(observer)
     # auto_decompress off (listener.py sets it too): body.py inflates gzip itself, with a cap; aiohttp's own
     # inflation would hand it already-inflated bytes (every gzip body then fails as invalid_gzip) with no cap.
     app = web.Application(middlewares=[observe], client_max_size=1024**2, handler_args={"auto_decompress": False})

@@ -74,7 +74,7 @@ class IngestProtocol(web.RequestHandler):
             self.head_since = time.monotonic()  # the header clock: stopped when the request is dispatched
         super().data_received(data)
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's protocol returns bool; aiohttp narrowed it to None
         """The client will send nothing more (a half-close): what it sent is still answered, then the
         connection closes. (aiohttp lets the transport close at once, and the answers are lost.)"""
         self.eof = True
