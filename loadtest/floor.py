@@ -49,7 +49,7 @@ from aiohttp import web
 
 from proxy.delivery.spool import encode
 from proxy.engine import EventContext, RuleSet, route
-from proxy.ingress.app import Observer, observing
+from proxy.ingress.app import FAST_INGRESS, FastIngress, Observer, observing
 from proxy.ingress.body import read_body
 from proxy.ingress.handlers import _prepare_request
 from proxy.ingress.listener import listen
@@ -181,9 +181,12 @@ async def _answer(request: web.Request) -> web.Response:
 
 async def serve_ingest_port() -> None:
     """The `PORT_ROW` server: read and answer on splitter's ingest listener and observer; prints its URL as JSON."""
-    app = web.Application(middlewares=[observing(Observer(Metrics(), ("*",), 10_000))], client_max_size=1024**2)
-    for path in ("/v1/batch", "/v1/track", "/v1/t"):
+    observer = Observer(Metrics(), ("*",), 10_000)
+    app = web.Application(middlewares=[observing(observer)], client_max_size=1024**2)
+    paths = ("/v1/batch", "/v1/track", "/v1/t")
+    for path in paths:
         app.router.add_post(path, _answer)
+    app[FAST_INGRESS] = FastIngress(dict.fromkeys(paths, _answer), observer)  # dispatched as splitter's own ingest routes are
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     listener = await listen(runner, "127.0.0.1", 0)

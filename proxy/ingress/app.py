@@ -79,10 +79,12 @@ class Observer:
         self.in_flight -= 1
         self.arriving -= arriving
 
-    async def observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """The application's middleware: admit, answer, release, count, add CORS headers."""
+    async def observe(self, request: web.Request, handler: Handler, path: str | None = None) -> web.StreamResponse:
+        """Admit, answer, release, count, add CORS headers: the application's middleware, and what the
+        listener calls directly for an ingest POST (with its path: no route was resolved)."""
         started = time.perf_counter()
-        path = _route_label(request)
+        if path is None:
+            path = _route_label(request)
         arriving = False
         if request.method == "POST":
             arriving = not request.content.is_eof()
@@ -116,8 +118,8 @@ def observing(observer: Observer) -> Middleware:
 
 @dataclass(frozen=True, slots=True)
 class FastIngress:
-    """The ingest handlers by exact path and the observer, for the measuring sticks that serve them
-    without the router (loadtest/baselines/sink.py). splitter's ingest port itself serves the application."""
+    """The ingest handlers by exact path and the observer: the listener hands an ingest POST straight
+    to them, past aiohttp's router and middleware chain (the same observer, handlers and answers)."""
 
     routes: Mapping[str, Handler]
     observer: Observer
