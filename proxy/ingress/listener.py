@@ -41,7 +41,10 @@ from aiohttp import StreamReader, web
 from proxy.ingress import responses
 from proxy.ingress.app import FAST_INGRESS
 from proxy.ingress.body import BODY_DEADLINE
+from proxy.log import get_logger
 from proxy.tasks import BackgroundTask
+
+log = get_logger("splitter.ingress")
 
 KEEPALIVE_TIMEOUT = 75.0  # seconds an idle keep-alive connection stays open (aiohttp's default for web apps)
 HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
@@ -113,6 +116,12 @@ class IngestProtocol(web.RequestHandler):
         if self.transport is not None:
             self.transport.pause_reading()
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """aiohttp resumes reading when a request body's buffer drains; not while answers back up."""
+        super().resume_reading(resume_parser)
+        if self.transport is not None and getattr(self, "_paused", False):  # writing paused (aiohttp's flag)
+            self.transport.pause_reading()
+
     def resume_writing(self) -> None:
         super().resume_writing()
         # aiohttp may hold reading itself (a payload buffer or its queue of pipelined requests is full):
@@ -140,6 +149,8 @@ class IngestProtocol(web.RequestHandler):
         """408 and close: nothing of this connection is being answered, so the stream stays well formed."""
         transport = self.transport
         if transport is not None and not transport.is_closing():
+            peer = transport.get_extra_info("peername")
+            log.info("request_header_timeout", remote=peer[0] if isinstance(peer, tuple) else None)
             transport.write(_HEADER_TIMEOUT_ANSWER)
         self.force_close()  # closes the transport once the answer is flushed
 
