@@ -12,7 +12,6 @@ import socket
 import struct
 
 import orjson
-
 from proxy_harness import WEB_KEY, basic
 
 AUTH = basic(WEB_KEY)

@@ -20,12 +20,12 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from proxy_harness import WEB_KEY, basic
+from raw_http import Client, request, track
 
 from loadtest.harness import rss_mb
 from loadtest.process import SplitterProcess, launch_splitter
 from loadtest.receivers import RunningReceiver, start_receiver
-from proxy_harness import WEB_KEY, basic
-from raw_http import Client, request, track
 
 RULES = f"""\
 version: 1

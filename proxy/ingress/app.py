@@ -12,7 +12,12 @@ from aiohttp.typedefs import Middleware
 from proxy.ingress import responses
 from proxy.ingress.auth import key_from_header
 from proxy.ingress.cdn import DEFAULT_CDN_URL, CdnProxy
-from proxy.ingress.handlers import SOURCE_KEY, IngressDeps, ingest_handler, telemetry_handler
+from proxy.ingress.handlers import (
+    SOURCE_KEY,
+    IngressDeps,
+    ingest_handler,
+    telemetry_handler,
+)
 from proxy.ingress.prepare import CallShape
 from proxy.ingress.responses import IngressError
 from proxy.ingress.webhook import WEBHOOK_ROUTE, webhook_handler

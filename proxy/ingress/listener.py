@@ -60,7 +60,7 @@ _HEADER_TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: applic
 class IngestProtocol(web.RequestHandler):
     """aiohttp's connection handler, plus the header clock, TCP keepalive tuning and write backpressure."""
 
-    __slots__ = ("_guards", "head_since", "in_request", "eof", "body")
+    __slots__ = ("_guards", "body", "eof", "head_since", "in_request")
 
     def __init__(self, manager: web.Server, guards: Guards, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
