@@ -9,11 +9,13 @@ The same limits against a real `splitter serve` with hostile clients are in test
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import orjson
+import pytest
 from aiohttp import web
 from raw_http import Client, request, track
 
@@ -22,6 +24,7 @@ from proxy.ingress.body import read_body
 from proxy.ingress.listener import IngressListener, listen
 from proxy.ingress.responses import success
 from proxy.metrics import Metrics
+from proxy.settings import ServeSettings, SettingsError
 
 
 class HeldRoute:
@@ -182,3 +185,10 @@ async def test_requests_whose_body_is_still_arriving_hold_at_most_half_the_slots
         assert observer.in_flight == 0 and observer.arriving == 0
         for client in [*slow, whole]:
             client.close()
+
+
+@pytest.mark.parametrize(("field", "flag"), [("header_timeout", "--header-timeout (SPLITTER_HEADER_TIMEOUT)"),
+                                             ("body_timeout", "--body-timeout (SPLITTER_BODY_TIMEOUT)")])
+def test_a_timeout_of_zero_is_refused_naming_its_flag(field: str, flag: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(flag)):
+        ServeSettings(config="rules.yaml", **{field: 0.0})  # type: ignore[arg-type]
