@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import NoReturn
 
 import click
 import orjson
@@ -39,7 +40,7 @@ def _load(path: str) -> RuleSet:
         _fail(f"{path}: cannot read rules: {exc.strerror or exc}")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"splitter: {message}", err=True)
     sys.exit(BAD_INPUT)
 
@@ -54,7 +55,6 @@ def _read_input(path: str) -> list[SampleEvent]:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"{path}: cannot read: {exc.strerror or exc}")
-    raise AssertionError("unreachable")
 
 
 def _contexts(rules: RuleSet, samples: Iterable[SampleEvent], write_key: str | None, headers: CIMultiDict[str], region: str | None,

@@ -202,7 +202,7 @@ async def proxy_stack(
                                 cdn_cache_seconds=cdn_cache_seconds)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, handle_signals=False)
         await runner.setup()
-        server = await listen(runner, "127.0.0.1", 0, keepalive_timeout=keepalive_timeout)  # the fast lane in front of aiohttp, as `splitter serve` listens
+        server = await listen(runner, "127.0.0.1", 0, keepalive_timeout=keepalive_timeout)  # as `splitter serve` listens
         session = aiohttp.ClientSession(auto_decompress=False)
         yield Stack(segment, rudder, rules, metrics, delivery, server, session, deps.active)
     finally:

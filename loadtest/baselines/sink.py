@@ -2,13 +2,13 @@
 
 - `--kind aiohttp`: an aiohttp + uvloop application, as splitter's ingress is built (same body limit,
   no decompression): what aiohttp's request handling costs before any of splitter's work starts.
-- `--kind fastlane`: splitter's own ingest port (proxy/ingress/fastlane.py in front of aiohttp, with
-  the request metrics and in-flight limit): what splitter's HTTP layer costs before its work starts.
+(splitter's own ingest port, with its timeouts, in-flight limit and metrics, is measured by
+`python -m loadtest.floor --serve`, next to these.)
 - `--kind bare`: a bare `asyncio.Protocol` on uvloop that frames requests by Content-Length only: the
   cost of moving the bytes through Python at all. A measuring stick, not an HTTP server (no chunked
   bodies, no header validation, no limits): never put it in front of traffic.
 
-Run: `python -m loadtest.baselines.sink --kind aiohttp|fastlane|bare [--port 0]`; prints its URL as JSON.
+Run: `python -m loadtest.baselines.sink --kind aiohttp|bare [--port 0]`; prints its URL as JSON.
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ import signal
 
 from aiohttp import web
 
-from proxy.ingress.app import FAST_INGRESS, FastIngress, Observer
 from proxy.ingress.body import read_body
-from proxy.ingress.listener import IngressListener, listen
-from proxy.metrics import Metrics
 
 ANSWER = b'{"success":true}'
 BARE_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
@@ -33,7 +30,7 @@ PATHS = ("/v1/batch", "/v1/track", "/v1/t")
 
 
 async def _read_and_answer(request: web.Request) -> web.Response:
-    await read_body(request)  # splitter's body reader: works on either lane
+    await read_body(request)  # splitter's body reader
     return web.Response(body=ANSWER, content_type="application/json")
 
 
@@ -49,15 +46,6 @@ async def _aiohttp_site(port: int) -> tuple[str, web.AppRunner]:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return f"http://127.0.0.1:{runner.addresses[0][1]}", runner
-
-
-async def _fastlane_site(port: int) -> tuple[str, IngressListener]:
-    app = _app()
-    app[FAST_INGRESS] = FastIngress(dict.fromkeys(PATHS, _read_and_answer), Observer(Metrics(), ("*",), 10_000))
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    listener = await listen(runner, "127.0.0.1", port)
-    return listener.url, listener
 
 
 class BareProtocol(asyncio.Protocol):
@@ -89,15 +77,12 @@ class BareProtocol(asyncio.Protocol):
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--kind", choices=("aiohttp", "fastlane", "bare"), required=True)
+    parser.add_argument("--kind", choices=("aiohttp", "bare"), required=True)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     runner: web.AppRunner | None = None
-    listener: IngressListener | None = None
     if args.kind == "aiohttp":
         url, runner = await _aiohttp_site(args.port)
-    elif args.kind == "fastlane":
-        url, listener = await _fastlane_site(args.port)
     else:
         server = await asyncio.get_running_loop().create_server(BareProtocol, "127.0.0.1", args.port)
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
@@ -108,8 +93,6 @@ async def main() -> None:
     await stop.wait()
     if runner is not None:
         await runner.cleanup()
-    if listener is not None:
-        await listener.close(1.0)
 
 
 if __name__ == "__main__":
