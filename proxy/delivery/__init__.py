@@ -60,6 +60,7 @@ class Delivery:
         self.spool_dir = spool_dir
         self.dead_letter_dir = dead_letter_dir
         self._pipelines: dict[str, Pipeline] = {}
+        self._applied: RuleSet | None = None  # the rule set the pipelines were last built from
         self._retired: list[Upstream] = []
         self._telemetry: set[asyncio.Task[None]] = set()
         self._lock_fd: int | None = None
@@ -80,19 +81,28 @@ class Delivery:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SpoolLocked(f"spool directory {self.spool_dir} is in use by another splitter process") from None
-        for destination in rules.destinations.values():
-            self._pipeline(destination)
+        self.apply(rules)
         for leftover in sorted(p for p in self.spool_dir.iterdir() if p.is_dir() and p.name not in rules.destinations):
             if any(leftover.glob("*.seg")):
                 log.error("spool_orphaned", destination=leftover.name, directory=str(leftover),
                           hint="this destination is no longer in the rules; add it back to deliver what is spooled for it")
 
-    def _pipeline(self, destination: Destination) -> Pipeline:
-        found = self._pipelines.get(destination.name)
-        if found is not None:
-            if found.upstream.destination != destination:
-                self._retarget(found, destination)
-            return found
+    def apply(self, rules: RuleSet) -> None:
+        """Make every destination of `rules` ready before the first request that needs it: a new one
+        gets its spool recovered and its sender started; a changed one (URL, timeout, any delivery
+        option) is reconfigured whole, breaker and concurrency included. A destination no longer in
+        the rules keeps its sender, so what is spooled for it still goes out."""
+        if rules is self._applied:
+            return
+        for destination in rules.destinations.values():
+            found = self._pipelines.get(destination.name)
+            if found is None:
+                self._pipelines[destination.name] = self._new_pipeline(destination)
+            elif found.upstream.destination != destination:
+                self._reconfigure(found, destination)
+        self._applied = rules
+
+    def _new_pipeline(self, destination: Destination) -> Pipeline:
         options = DeliveryOptions.from_mapping(destination.options)
         spool = Spool(self.spool_dir / destination.name, quota_bytes=options.spool_quota_bytes, group=self._group_commit)
         recovery = spool.open()
@@ -103,17 +113,20 @@ class Delivery:
             self.metrics.child(self.metrics.spool_truncated_bytes, destination.name).inc(recovery.truncated_bytes)
         pipeline = Pipeline(Upstream(destination, self.metrics), spool, DeadLetters(self.dead_letter_dir, destination.name), self.metrics, options)
         pipeline.start()
-        self._pipelines[destination.name] = pipeline
         return pipeline
 
-    def _retarget(self, pipeline: Pipeline, destination: Destination) -> None:
-        """A reload changed the destination's URL, timeout or delivery options: new client, same spool."""
-        self._retired.append(pipeline.upstream)
-        pipeline.upstream = Upstream(destination, self.metrics)
-        options = DeliveryOptions.from_mapping(destination.options)
-        pipeline.options = options
-        pipeline.spool.quota_bytes = options.spool_quota_bytes
-        log.info("destination_updated", destination=destination.name, url=public_url(destination.url))
+    def _reconfigure(self, pipeline: Pipeline, destination: Destination) -> None:
+        """New options in place; a new client only when the URL or timeout changed (the old one is
+        closed at shutdown: batches in flight may still be using it)."""
+        before = pipeline.upstream.destination
+        upstream = None
+        if (before.url, before.timeout, before.kind) != (destination.url, destination.timeout, destination.kind):
+            self._retired.append(pipeline.upstream)
+            upstream = Upstream(destination, self.metrics)
+        else:
+            pipeline.upstream.destination = destination
+        pipeline.reconfigure(DeliveryOptions.from_mapping(destination.options), upstream)
+        log.info("destination_updated", destination=destination.name, url=public_url(destination.url), options=dict(destination.options))
 
     async def close(self, drain_timeout: float) -> None:
         """Deliver what can be delivered within `drain_timeout`; the rest stays spooled for the next start."""
@@ -135,6 +148,7 @@ class Delivery:
     # -- the request path -----------------------------------------------------------------------------------
     async def accept(self, rules: RuleSet, primary: Mapping[str, list[bytes]], mirror: Mapping[str, list[bytes]], source: Source,
                      presented_key: str, forwarded_for: str | None) -> Outcome:
+        self.apply(rules)  # a no-op but for the first request after a reload; see apply()
         now = time.time()
 
         def record(name: str, events: list[bytes]) -> bytes:  # one spool record per destination and request
@@ -144,7 +158,7 @@ class Delivery:
         for name, events in primary.items():
             if not events:
                 continue
-            pipeline = self._pipeline(rules.destinations[name])
+            pipeline = self._pipelines[name]
             data = record(name, events)
             if not pipeline.spool.has_room(len(data)):  # checked for every primary before writing any
                 return _spool_full(name)
@@ -162,7 +176,7 @@ class Delivery:
         for name, events in mirror.items():
             if not events:
                 continue
-            pipeline = self._pipeline(rules.destinations[name])
+            pipeline = self._pipelines[name]
             try:
                 tickets.append((pipeline.spool, pipeline.spool.write(record(name, events), len(events))))
             except (SpoolFull, OSError) as exc:
@@ -198,7 +212,7 @@ class Delivery:
         """`/v1/m` goes to Segment destinations only, best effort, with bounded concurrency."""
         for destination in rules.destinations.values():
             if destination.kind == "segment" and len(self._telemetry) < MAX_TELEMETRY_IN_FLIGHT:
-                self._spawn(self._send_telemetry(self._pipeline(destination).upstream, body, content_type))
+                self._spawn(self._send_telemetry(self._pipelines[destination.name].upstream, body, content_type))
 
     async def _send_telemetry(self, upstream: Upstream, body: bytes, content_type: str) -> None:
         try:

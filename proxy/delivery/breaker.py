@@ -23,6 +23,16 @@ class Breaker:
         self._cooldown = cooldown
         self._opened_at = 0.0
 
+    def configure(self, *, failures: int, cooldown: float, max_cooldown: float) -> None:
+        """New thresholds from a reload, taking effect at once; the state is kept (an upstream that is
+        down stays known to be down), and an open breaker's current cool-down is capped by the new bounds."""
+        self.threshold = failures
+        self.base_cooldown = cooldown
+        self.max_cooldown = max_cooldown
+        self._cooldown = min(max(self._cooldown, cooldown), max_cooldown) if self.state != "closed" else cooldown
+        if self.state == "closed" and self.consecutive_failures >= failures:
+            self._open(None)
+
     def wait_time(self, now: float | None = None) -> float:
         """Seconds to wait before the next request may go; moves open → half-open when due."""
         if self.state != "open":

@@ -60,6 +60,7 @@ class Pipeline:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _runner: asyncio.Task[None] | None = field(default=None, init=False)
     _redirect_reported: Upstream | None = field(default=None, init=False)  # the client whose first 3xx was logged
+    _room: asyncio.Event = field(default_factory=asyncio.Event, init=False)  # set when a batch slot may have freed
 
     def __post_init__(self) -> None:
         self.breaker = Breaker(failures=self.options.breaker_failures, cooldown=self.options.breaker_cooldown, max_cooldown=self.options.retry_max)
@@ -81,22 +82,35 @@ class Pipeline:
     def start(self) -> None:
         self._runner = asyncio.ensure_future(self._run())
 
+    def reconfigure(self, options: DeliveryOptions, upstream: Upstream | None = None) -> None:
+        """A reload changed this destination: every setting takes effect for the next batch, the
+        breaker's thresholds and the concurrency included (`upstream`: a new client for a new URL or
+        timeout; the caller closes the old one). Batches already in flight finish as they started."""
+        if upstream is not None:
+            self.upstream = upstream
+        self.options = options
+        self.spool.quota_bytes = options.spool_quota_bytes
+        self.breaker.configure(failures=options.breaker_failures, cooldown=options.breaker_cooldown, max_cooldown=options.retry_max)
+        self._room.set()  # a larger max_in_flight may let the reader go on now
+
     async def _run(self) -> None:
         """Read, spawn, repeat; cancelled by `stop()`. Cancelling is safe at any await here: the
-        spool hands records out only when `read()` returns, with no await in between."""
-        slots = asyncio.Semaphore(self.options.max_in_flight)
+        spool hands records out only when `read()` returns, with no await in between. The number of
+        batches in flight is checked against the options of the moment, so a reload changes it."""
         while True:
-            await slots.acquire()
+            while len(self._tasks) >= self.options.max_in_flight:
+                self._room.clear()
+                await self._room.wait()
             records = await self.spool.read(self.options.batch_max_events, self.options.batch_max_bytes, self.options.flush_interval)
             entry = _InFlight(records)
             self._in_flight.append(entry)
             task = asyncio.ensure_future(self._deliver_until_done(entry))
             self._tasks.add(task)
-            task.add_done_callback(functools.partial(self._finished, entry=entry, slots=slots))
+            task.add_done_callback(functools.partial(self._finished, entry=entry))
 
-    def _finished(self, task: asyncio.Task[None], entry: _InFlight, slots: asyncio.Semaphore) -> None:
+    def _finished(self, task: asyncio.Task[None], entry: _InFlight) -> None:
         self._tasks.discard(task)
-        slots.release()
+        self._room.set()
         if task.cancelled() or task.exception() is not None:
             if not task.cancelled():
                 log.error("delivery_task_failed", destination=self.name, error=repr(task.exception()))
