@@ -6,10 +6,15 @@ Everything else in splitter imports the engine from here and only from here.
 from proxy.engine.cohort import BUCKETS, NO_KEY_BUCKET, bucket
 from proxy.engine.decide import decide, route
 from proxy.engine.errors import Problem, RulesError
-from proxy.engine.events import events_of_body, merge_envelope
-from proxy.engine.masking import mask
-from proxy.engine.model import EVENT_TYPES, Decision, Destination, EventContext, Rule, RuleSet, Source
+from proxy.engine.events import events_of_body, has_envelope, merge_envelope
+from proxy.engine.intake import DedupSettings
+from proxy.engine.masking import MASK, mask
+from proxy.engine.model import EVENT_TYPES, Cohort, Decision, Destination, EventContext, Rule, RuleSet, Source
+from proxy.engine.plan_report import plan_report_lines
+from proxy.engine.ramp import RampView, effective_rules, iso, next_step_at, ramp_views
+from proxy.engine.rollout import compare
 from proxy.engine.schema import SCHEMA_VERSION, compile_rules, load_rules
+from proxy.engine.simulate import Sample, against, tally
 from proxy.engine.tracking import KINDS as VIOLATION_KINDS
 from proxy.engine.tracking import TrackingPlan, Violation, plan_files
 from proxy.engine.transforms import TransformTable, transformed_events
@@ -17,28 +22,42 @@ from proxy.engine.transforms import TransformTable, transformed_events
 __all__ = [
     "BUCKETS",
     "EVENT_TYPES",
+    "MASK",
     "NO_KEY_BUCKET",
     "SCHEMA_VERSION",
     "VIOLATION_KINDS",
+    "Cohort",
     "Decision",
+    "DedupSettings",
     "Destination",
     "EventContext",
     "Problem",
+    "RampView",
     "Rule",
     "RuleSet",
     "RulesError",
+    "Sample",
     "Source",
     "TrackingPlan",
     "TransformTable",
     "Violation",
+    "against",
     "bucket",
+    "compare",
     "compile_rules",
     "decide",
-    "route",
+    "effective_rules",
     "events_of_body",
+    "has_envelope",
+    "iso",
     "load_rules",
     "mask",
     "merge_envelope",
+    "next_step_at",
     "plan_files",
+    "plan_report_lines",
+    "ramp_views",
+    "route",
+    "tally",
     "transformed_events",
 ]
