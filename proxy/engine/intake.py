@@ -20,7 +20,7 @@ import yaml
 
 from proxy.engine.errors import Problem
 from proxy.engine.model import Destination, Rule, Source
-from proxy.engine.nodes import NodeReader
+from proxy.engine.yaml_reader import NodeReader
 
 WEBHOOK_KEYS = ("secret",)
 DEDUP_KEYS = ("window", "max_ids")

@@ -32,7 +32,7 @@ import yaml
 
 from proxy.engine.cohort import BUCKETS
 from proxy.engine.model import Rule, RuleSet, Split
-from proxy.engine.nodes import NodeReader, plain
+from proxy.engine.yaml_reader import NodeReader, plain
 
 EXAMPLE_TIME = "2026-12-01T00:00:00Z"
 

@@ -1,7 +1,7 @@
 """Compile a rules file (schema version 1) into an immutable `RuleSet`, or fail with every problem.
 
 Layout of the file and the meaning of each key are documented in docs/configuration.md; this
-module is the single place that enforces them. It reads the node tree from `source.py` so each
+module is the single place that enforces them. It reads the node tree from `yaml_source.py` so each
 problem carries the line it is about, and it never half-builds: any problem raises `RulesError`.
 """
 
@@ -18,10 +18,10 @@ from proxy.engine import conditions, intake
 from proxy.engine.errors import Problem, RulesError
 from proxy.engine.masking import mask
 from proxy.engine.model import Cohort, Decision, Destination, Predicate, Route, Rule, RuleSet, Source, Split
-from proxy.engine.nodes import NodeReader
-from proxy.engine.nodes import plain as _plain
+from proxy.engine.yaml_reader import NodeReader
+from proxy.engine.yaml_reader import plain as _plain
 from proxy.engine.ramp import compile_ramp
-from proxy.engine.source import compose, line_of
+from proxy.engine.yaml_source import compose, line_of
 from proxy.engine.tracking_schema import PlanCompiler, ReadFile
 from proxy.engine.transform_schema import compile_transforms
 

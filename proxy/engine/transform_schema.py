@@ -21,7 +21,7 @@ import yaml
 
 from proxy.engine import conditions
 from proxy.engine.model import Predicate, Rule
-from proxy.engine.nodes import NodeReader
+from proxy.engine.yaml_reader import NodeReader
 from proxy.engine.transforms import (
     Chain, DropProperty, HashProperty, Operation, Path, RenameEvent, RenameProperty, SetProperty, TransformTable,
 )

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from proxy.engine.errors import Problem
-from proxy.engine.source import line_of
+from proxy.engine.yaml_source import line_of
 
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()
 _KIND_NAMES = {yaml.ScalarNode: "a value", yaml.SequenceNode: "a list", yaml.MappingNode: "a mapping"}
