@@ -1,31 +1,32 @@
 """The `splitter` command: a thin layer that maps flags onto the engine and server and formats output.
 
-Exit codes: 0 success, 2 bad rules or bad input (the message names the file and line), 3 the
-server could not start.
+Exit codes (proxy/exits.py): 0 success, 2 bad rules or bad input (the message names the file and
+line), 3 the server could not start.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 import orjson
 from multidict import CIMultiDict
 
 from proxy import __version__
-from proxy.engine import EventContext, RuleSet, RulesError, decide, load_rules, transformed_events
+from proxy.engine import EventContext, RulesError, RuleSet, decide, load_rules, transformed_events
 from proxy.engine.plan_report import plan_report_lines
 from proxy.engine.ramp import effective_rules
 from proxy.engine.simulate import Sample, against, tally
+from proxy.exits import BAD_INPUT, STARTUP_FAILURE
 from proxy.inputs import InputError, SampleEvent, read_events
 from proxy.ramp_cli import at_option, position_lines, schedule_lines
+from proxy.settings import LOG_LEVELS, ServeSettings, SettingsError, flag_default
 
-BAD_INPUT = 2
-STARTUP_FAILURE = 3
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 
 def _load(path: str) -> RuleSet:
@@ -91,28 +92,34 @@ def main() -> None:
     """Route or mirror Segment tracking events to Segment, RudderStack or both."""
 
 
-@main.command()
-@click.option("--config", "config", envvar="SPLITTER_CONFIG", required=True, metavar="RULES.yaml", help="The rules file (hot-reloaded).")
-@click.option("--listen", envvar="SPLITTER_LISTEN", default="0.0.0.0:8080", show_default=True, help="Ingress address for SDK traffic.")
-@click.option("--admin", envvar="SPLITTER_ADMIN", default="127.0.0.1:9090", show_default=True, help="Admin address: /metrics /healthz /readyz /admin/*.")
-@click.option("--region", envvar="SPLITTER_REGION", default=None, help="This replica's region, for `region` conditions.")
-@click.option("--drain-timeout", envvar="SPLITTER_DRAIN_TIMEOUT", type=float, default=25.0, show_default=True, help="Seconds to finish in-flight work on SIGTERM.")
-@click.option("--reload-interval", envvar="SPLITTER_RELOAD_INTERVAL", type=float, default=1.0, show_default=True, help="Seconds between checks of the rules file.")
-@click.option("--trusted-proxies", envvar="SPLITTER_TRUSTED_PROXIES", default="127.0.0.0/8,::1", show_default=True, help="Peers whose X-Forwarded-For is believed (CIDRs, comma-separated).")
-@click.option("--cors-origins", envvar="SPLITTER_CORS_ORIGINS", default="*", show_default=True, help="Browser origins allowed to send (comma-separated, * for any).")
-@click.option("--max-in-flight", envvar="SPLITTER_MAX_IN_FLIGHT", type=int, default=2000, show_default=True, help="Concurrent client requests before answering 429.")
-@click.option("--header-timeout", envvar="SPLITTER_HEADER_TIMEOUT", type=float, default=10.0, show_default=True, help="Seconds for a request's headers to arrive (then 408 and close).")
-@click.option("--body-timeout", envvar="SPLITTER_BODY_TIMEOUT", type=float, default=30.0, show_default=True, help="Seconds for a request's body to arrive after its headers (then 408).")
-@click.option("--spool-dir", envvar="SPLITTER_SPOOL_DIR", default="var/spool", show_default=True, help="Where undelivered events wait (keep it on a volume).")
-@click.option("--dead-letter-dir", envvar="SPLITTER_DEAD_LETTER_DIR", default="var/dead-letter", show_default=True, help="Where events refused for good are written.")
-@click.option("--cdn-url", envvar="SPLITTER_CDN_URL", default="https://cdn.segment.com", show_default=True, help="CDN that GET /v1/projects/*/settings and /analytics.js/* are forwarded to.")
-@click.option("--public-url", envvar="SPLITTER_PUBLIC_URL", default=None, help="splitter's address as browsers see it (e.g. https://analytics.example.com); written into the settings' apiHost. Default: the request's host.")
-@click.option("--cdn-cache-seconds", envvar="SPLITTER_CDN_CACHE_SECONDS", type=float, default=300.0, show_default=True, help="Seconds to cache CDN answers (0 disables).")
-@click.option("--log-level", envvar="SPLITTER_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-@click.option("--workers", envvar="SPLITTER_WORKERS", type=int, default=1, show_default=True, help="Worker processes sharing the ingress port (SO_REUSEPORT); each owns <spool-dir>/worker-<i>.")
-def serve(config: str, listen: str, admin: str, region: str | None, drain_timeout: float, reload_interval: float, trusted_proxies: str,
-          cors_origins: str, max_in_flight: int, spool_dir: str, dead_letter_dir: str, cdn_url: str, public_url: str | None,
-          cdn_cache_seconds: float, log_level: str, workers: int, header_timeout: float, body_timeout: float) -> None:
+def _flag(*decls: str, field: str, **kwargs: Any) -> Callable[[FC], FC]:
+    """A `serve` option whose default is `ServeSettings.<field>`'s, shown in --help with its SPLITTER_* variable."""
+    return click.option(*decls, default=flag_default(field), show_default=True, show_envvar=True, **kwargs)
+
+
+# `auto_envvar_prefix` on `serve` itself (not on the group, which would name them SPLITTER_SERVE_*):
+# every flag reads SPLITTER_<FLAG NAME>, e.g. --drain-timeout from SPLITTER_DRAIN_TIMEOUT.
+@main.command(context_settings={"auto_envvar_prefix": "SPLITTER"})
+@click.option("--config", required=True, metavar="RULES.yaml", show_envvar=True, help="The rules file (hot-reloaded).")
+@_flag("--listen", field="listen", help="Ingress address for SDK traffic.")
+@_flag("--admin", field="admin", help="Admin address: /metrics /healthz /readyz /admin/*.")
+@_flag("--region", field="region", help="This replica's region, for `region` conditions.")
+@_flag("--drain-timeout", field="drain_timeout", type=float, help="Seconds to finish in-flight work on SIGTERM.")
+@_flag("--reload-interval", field="reload_poll_interval", type=float, help="Seconds between checks of the rules file.")
+@_flag("--trusted-proxies", field="trusted_proxies", help="Peers whose X-Forwarded-For is believed (CIDRs, comma-separated).")
+@_flag("--cors-origins", field="cors_origins", help="Browser origins allowed to send (comma-separated, * for any).")
+@_flag("--max-in-flight", field="max_in_flight", type=int, help="Concurrent client requests before answering 429.")
+@_flag("--header-timeout", field="header_timeout", type=float, help="Seconds for a request's headers to arrive (then 408 and close).")
+@_flag("--body-timeout", field="body_timeout", type=float, help="Seconds for a request's body to arrive after its headers (then 408).")
+@_flag("--spool-dir", field="spool_dir", help="Where undelivered events wait (keep it on a volume).")
+@_flag("--dead-letter-dir", field="dead_letter_dir", help="Where events refused for good are written.")
+@_flag("--cdn-url", field="cdn_url", help="CDN that GET /v1/projects/*/settings and /analytics.js/* are forwarded to.")
+@_flag("--public-url", field="public_url",
+       help="splitter's address as browsers see it (e.g. https://analytics.example.com); written into the settings' apiHost. Default: the request's host.")
+@_flag("--cdn-cache-seconds", field="cdn_cache_seconds", type=float, help="Seconds to cache CDN answers (0 disables).")
+@_flag("--log-level", field="log_level", type=click.Choice(LOG_LEVELS))
+@_flag("--workers", field="workers", type=int, help="Worker processes sharing the ingress port (SO_REUSEPORT); each owns <spool-dir>/worker-<i>.")
+def serve(**flags: Any) -> None:
     """Run the proxy. The admin token, when the admin port is not loopback, comes from SPLITTER_ADMIN_TOKEN."""
     # Before prometheus_client is imported: it picks multiprocess mode from the environment once. An
     # inherited directory (another app's, or one long gone) would crash start-up or hide the rules
@@ -120,35 +127,14 @@ def serve(config: str, listen: str, admin: str, region: str | None, drain_timeou
     for name in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
         if (inherited := os.environ.pop(name, None)) is not None:
             click.echo(f"splitter: ignoring {name}={inherited}: splitter manages its own metrics directory", err=True)
-    from proxy.server import run
-    from proxy.settings import ServeSettings, SettingsError, parse_address, parse_networks
-    from proxy.supervisor import supervise
-
     try:
-        settings = ServeSettings(
-            config=config,
-            listen=parse_address(listen, "--listen"),
-            admin=parse_address(admin, "--admin"),
-            region=region,
-            admin_token=os.environ.get("SPLITTER_ADMIN_TOKEN") or None,
-            drain_timeout=drain_timeout,
-            reload_poll_interval=reload_interval,
-            trusted_proxies=parse_networks(trusted_proxies),
-            cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
-            max_in_flight=max_in_flight,
-            header_timeout=header_timeout,
-            body_timeout=body_timeout,
-            spool_dir=spool_dir,
-            dead_letter_dir=dead_letter_dir,
-            cdn_url=cdn_url.rstrip("/"),
-            public_url=public_url.rstrip("/") if public_url else None,
-            cdn_cache_seconds=cdn_cache_seconds,
-            log_level=log_level,
-            workers=workers,
-        )
+        settings = ServeSettings.from_flags(flags, admin_token=os.environ.get("SPLITTER_ADMIN_TOKEN"))
     except SettingsError as exc:
         click.echo(f"splitter: {exc}", err=True)
         sys.exit(STARTUP_FAILURE)
+    from proxy.server import run  # here, not at the top: `check`, `explain` and `simulate` need no server
+    from proxy.supervisor import supervise
+
     sys.exit(supervise(settings) if settings.workers > 1 else run(settings))
 
 

@@ -1,10 +1,11 @@
 """Apply ramp steps when they fall due, without a reload.
 
 The engine says which split a ramp gives at a time (`effective_rules`) and when the next step is
-(`next_step_at`); this module owns the clock. `RampScheduler` sleeps until the next step, swaps the
-rules with that step applied into `ActiveRules` (one rebind, like a reload), republishes
-`splitter_rollout_percent` and logs `ramp_step_applied`. A reload installs rules already set to
-"now" (`live()`) and calls `replan()`, so the next wake-up is computed from the new file.
+(`next_step_at`); this module owns the clock. `RampScheduler` sleeps until the next step and installs
+the rules with that step applied through the process's `RulesInstaller` (proxy/install.py: the same
+step as a reload, so the swap, `splitter_rollout_percent` and delivery move together), then logs
+`ramp_step_applied`. A reload installs rules already set to "now" (`live()`), and every install
+calls `replan()`, so the next wake-up is computed from the rules now in effect.
 
 The clock is injectable (`Clock`) so tests can move time by hand; `SystemClock` naps at most a
 minute at a time and re-reads the wall clock, so a clock stepped by NTP cannot make it oversleep.
@@ -16,11 +17,8 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Protocol
 
-from proxy.engine import RuleSet
-from proxy.engine.ramp import effective_rules, iso, next_step_at
+from proxy.engine import RuleSet, effective_rules, iso, next_step_at
 from proxy.log import get_logger
-from proxy.metrics import Metrics
-from proxy.state import ActiveRules
 from proxy.tasks import BackgroundTask
 
 log = get_logger(__name__)
@@ -34,6 +32,17 @@ class Clock(Protocol):
         """Return at or after `when`, or earlier: callers check `now()` again."""
 
 
+class Installer(Protocol):
+    """What the scheduler needs of `proxy.install.RulesInstaller` (which owns it, so it cannot import it)."""
+
+    @property
+    def current(self) -> RuleSet:
+        """The rules in effect."""
+
+    def install(self, rules: RuleSet) -> RuleSet:
+        """Put `rules` into effect; returns the rules they replaced."""
+
+
 class SystemClock:
     MAX_NAP = 60.0
 
@@ -45,9 +54,8 @@ class SystemClock:
 
 
 class RampScheduler:
-    def __init__(self, active: ActiveRules, metrics: Metrics, clock: Clock | None = None) -> None:
-        self._active = active
-        self._metrics = metrics
+    def __init__(self, installer: Installer, clock: Clock | None = None) -> None:
+        self._installer = installer
         self._clock = clock or SystemClock()
         self._wake = asyncio.Event()
         self._latest: datetime | None = None  # the latest time seen: the clock stepped back must not undo a step
@@ -70,18 +78,17 @@ class RampScheduler:
         return effective_rules(rules, self.now())
 
     def replan(self) -> None:
-        """The active rules were replaced: work out the next step time again."""
+        """The active rules were replaced: work out the next step time again (the installer calls this)."""
         self._wake.set()
 
     def apply_due(self) -> None:
         """Install the steps due now, if any changed a split; at start-up this catches up at once."""
         now = self.now()
-        current = self._active.current
+        current = self._installer.current
         live = effective_rules(current, now)
         if live is current:
             return
-        self._active.swap(live)
-        self._metrics.show_rules(live)
+        self._installer.install(live)
         for before, after in zip(current.rules, live.rules, strict=True):
             if after.route.ramp is not None and after.route.split != before.route.split:
                 step = after.route.ramp.index_at(now)
@@ -90,9 +97,9 @@ class RampScheduler:
 
     async def run(self) -> None:
         while True:
-            self._wake.clear()
             self.apply_due()
-            due = next_step_at(self._active.current, self.now())
+            self._wake.clear()  # after: the install above replanned, and the next step is worked out just below
+            due = next_step_at(self._installer.current, self.now())
             if due is None:
                 await self._wake.wait()
             else:

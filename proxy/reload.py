@@ -4,6 +4,9 @@ Every trigger (SIGHUP, the file watcher, `POST /admin/reload`) ends in `Reloader
 all-or-nothing: a file that does not compile, or that would reshuffle users between destinations
 without saying `reshuffle: true`, is logged and counted and the last good rules stay active. Reloads
 are serialized by a lock, so two triggers can never compare against, or swap over, each other.
+A rule set that passes is put into effect by the process's `RulesInstaller` (proxy/install.py), the
+same step start-up and ramp steps take. In a `--workers N` supervisor, `forward` passes an
+operator's reload (anything but the supervisor's own file watcher) on to every worker.
 
 Signal handlers must not do work, so `request()` only records a trigger and sets an event; the
 `run()` task wakes, takes every trigger recorded so far, and reloads once for the whole burst.
@@ -13,19 +16,19 @@ The rules text is never logged (it may hold literal write keys), only the engine
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy.engine import RulesError, load_rules, plan_files
-from proxy.engine.rollout import compare
+from proxy.engine import RulesError, compare, load_rules, plan_files
+from proxy.install import RulesInstaller
 from proxy.log import get_logger
 from proxy.metrics import Metrics
-from proxy.ramp_clock import RampScheduler
 from proxy.state import ActiveRules
 from proxy.tasks import BackgroundTask
 
 log = get_logger(__name__)
+FILE_CHANGE = "file_change"  # the trigger of the rules watcher, which every process of `--workers N` runs itself
 Status = Literal["success", "error", "refused", "unchanged"]  # proxy.metrics.RELOAD_RESULTS presets each at 0
 
 
@@ -43,9 +46,14 @@ class ReloadResult:
 
 
 class Reloader:
-    def __init__(self, path: str, active: ActiveRules, metrics: Metrics, env: Mapping[str, str], ramps: RampScheduler | None = None) -> None:
+    def __init__(self, path: str, active: ActiveRules, metrics: Metrics, env: Mapping[str, str], installer: RulesInstaller | None = None, *,
+                 forward: Callable[[], None] | None = None) -> None:
+        """`active` is read and `metrics` counts reloads; `installer` puts new rules into effect (the
+        process's own, with its ramps and delivery; by default one over `active` and `metrics` alone)."""
+        self._installer = installer or RulesInstaller(active, metrics)
+        assert self._installer.active is active, "the installer must install into the rules this reloader reads"
         self._path = path
-        self._ramps = ramps  # ramped splits are compared and installed at the step due now
+        self._forward = forward
         self._active = active
         self._metrics = metrics
         self._env = env
@@ -59,7 +67,9 @@ class Reloader:
         async with self._lock:
             result = await self._attempt(trigger)
             self._metrics.config_reloads.labels(result=result.status).inc()
-            return result
+        if self._forward is not None and trigger != FILE_CHANGE:  # the workers compile the same file with the same checks
+            self._forward()
+        return result
 
     async def _attempt(self, trigger: str) -> ReloadResult:
         try:
@@ -74,8 +84,7 @@ class Reloader:
         # Read only now: a ramp step may have been applied while the file compiled in a thread, and
         # the comparison must be against the rules that are live, or a rollback from that step is missed.
         old = self._active.current
-        if self._ramps is not None:
-            new = self._ramps.live(new)
+        new = self._installer.live(new)  # ramped splits are compared and installed at the step due now
         if new.sha256 == old.sha256 and plan_files(new.tracking_plans) == plan_files(old.tracking_plans):
             log.info("config_reload_unchanged", trigger=trigger, sha256=old.sha256[:12])
             return ReloadResult("unchanged", trigger, old.sha256)
@@ -83,10 +92,7 @@ class Reloader:
         if report.refused:
             log.error("config_reload_refused", trigger=trigger, path=self._path, sha256=new.sha256[:12], errors=list(report.refused))
             return ReloadResult("refused", trigger, old.sha256, report.refused)
-        self._active.swap(new)
-        self._metrics.show_rules(new)
-        if self._ramps is not None:
-            self._ramps.replan()
+        self._installer.install(new)
         log.info("config_reloaded", trigger=trigger, old_sha256=old.sha256[:12], new_sha256=new.sha256[:12])
         for change in report.rollbacks:
             log.warning("config_rollback", trigger=trigger, rule=change.rule, buckets_back=change.buckets_back)

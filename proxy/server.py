@@ -1,51 +1,103 @@
-"""The composition root: build every part, listen, react to signals, drain, exit.
+"""The composition root: `Server` builds every part of a splitter process, starts it, and unwinds it.
 
-Lifecycle, in order: compile the rules (a bad file stops start-up with its FILE:LINE errors),
-start delivery, the ingress and admin listeners, the reload loop and file watcher; then wait.
-SIGHUP asks for a reload. SIGTERM/SIGINT: stop accepting, let in-flight requests finish, deliver
-what the spools hold until the drain timeout, leave the rest spooled for the next start, exit 0.
+One lifecycle owner (uvicorn's `Server` is the model) for every kind of process, so the wiring is
+written once:
+
+- `splitter serve`: delivery, the ingress and admin listeners, the control plane (the active rules,
+  the installer and its ramp clock, the reloader, the file watcher);
+- a worker of `serve --workers N` (`link`, see proxy/worker.py): the same without the admin port,
+  which its supervisor serves once for all workers;
+- the supervisor of `serve --workers N` (`fleet`, see proxy/supervisor.py): the control plane and the
+  admin port; its worker processes serve and deliver;
+- tests/proxy_harness.py: `serve`'s kind in the test's own event loop (`handle_signals=False`).
+
+`startup()` starts the parts in order: load the rules (a bad file: exit 2 with its FILE:LINE
+errors), set up the admin app, lock and recover the spool, install the rules, bind the ingress and
+admin ports, install the signal handlers, start the fleet, start the background tasks. Each part
+enters one `AsyncExitStack` as it starts, so a start that fails half way unwinds exactly what
+started, the same way `shutdown()` unwinds a running process: background tasks, the fleet, the
+ingress listener (in-flight requests finish within the drain timeout), delivery (sends what it can
+in what is left of that time; the rest stays spooled for the next start), and the admin port last,
+so `/metrics` and `/readyz` answer while the process drains.
+
+SIGHUP asks for a reload; SIGTERM/SIGINT set `stopping`. The handlers go in once the ports are
+bound and before the fleet and the background tasks start, so a SIGHUP held since the process began
+(proxy/signals.py) becomes one reload as soon as the reloader runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from proxy.admin import build_admin_app
 from proxy.delivery import Delivery, SpoolLocked
 from proxy.delivery.spool import SpoolFormatError
-from proxy.engine import RuleSet, RulesError, load_rules
+from proxy.engine import RulesError, RuleSet, load_rules
+from proxy.exits import BAD_RULES, OK, STARTUP_FAILURE, WORKER_KILLED
 from proxy.ingress.app import build_ingress_app
 from proxy.ingress.handlers import IngressDeps
-from proxy.ingress.listener import IngressListener, listen
+from proxy.ingress.listener import KEEPALIVE_TIMEOUT, IngressListener, listen
+from proxy.install import RulesInstaller
+from proxy.layout import worker_spools
 from proxy.log import configure, get_logger
 from proxy.metrics import Metrics
-from proxy.ramp_clock import RampScheduler
-from proxy.reload import Reloader
+from proxy.ramp_clock import Clock
+from proxy.reload import FILE_CHANGE, Reloader
 from proxy.settings import ServeSettings
 from proxy.signals import stop_on_signals
 from proxy.state import ActiveRules
 from proxy.watch import RulesWatcher
-from proxy.layout import worker_spools
-from proxy.worker import WorkerLink
 
 log = get_logger("splitter.server")
-OK, BAD_RULES, STARTUP_FAILURE = 0, 2, 3
+ADMIN_SHUTDOWN_TIMEOUT = 2.0  # seconds for a scrape or probe still running when the admin port closes
 
 
-def bound_addresses(runner: web.AppRunner) -> list[str]:
-    addresses = []
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        for sock in getattr(server, "sockets", None) or ():
-            host, port = sock.getsockname()[:2]
-            addresses.append(f"{host}:{port}")
-    return addresses
+class StartupFailed(Exception):
+    """Start-up stopped after logging why; `code` is the process exit code (proxy/exits.py)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class Link(Protocol):
+    """A worker's side of its supervisor (proxy.worker.WorkerLink; typed here so this module need not import it)."""
+
+    def start(self, metrics: Metrics, on_supervisor_lost: Callable[[], None]) -> None: ...
+
+    def draining(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class Fleet(Protocol):
+    """The worker processes a supervisor runs (proxy.supervisor.Supervisor)."""
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """What `/metrics` exports: the workers' values merged, and the supervisor's rules gauges."""
+
+    def is_ready(self) -> bool: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Fields for the `started` line: the shared ingress address, the workers, the drainers."""
+
+    async def start(self) -> int | None:
+        """Start every worker; None once all are ready, else the exit code of one that failed."""
+
+    def forward_reload(self) -> None:
+        """An operator asked for a reload: pass it on to every worker."""
+
+    async def drain(self, drain_timeout: float) -> bool:
+        """Stop every worker within `drain_timeout`; False if one had to be killed."""
 
 
 async def load_initial_rules(settings: ServeSettings, env: Mapping[str, str]) -> RuleSet | None:
@@ -70,81 +122,196 @@ def start_delivery(settings: ServeSettings, rules: RuleSet, metrics: Metrics) ->
     return delivery
 
 
-async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None, worker: WorkerLink | None = None) -> int:
-    """Run the proxy: alone, or as one worker of `serve --workers N` (`worker`: its link to the supervisor)."""
-    env = os.environ if env is None else env
-    configure(settings.log_level)
-    rules = await load_initial_rules(settings, env)
-    if rules is None:
-        return BAD_RULES
+def addresses(runner: web.AppRunner) -> list[str]:
+    """HOST:PORT of every socket `runner`'s sites listen on (the kernel's port where `:0` was asked)."""
+    return [f"{host}:{port}" for host, port, *_ in runner.addresses]
 
-    metrics = Metrics()
-    metrics.show_rules(rules)
-    active = ActiveRules(rules)
-    ramps = RampScheduler(active, metrics)
-    ramps.apply_due()  # a ramp step already due is in effect before the first request
-    delivery = start_delivery(settings, rules, metrics)
-    if delivery is None:
-        return STARTUP_FAILURE
-    if worker is None:  # a single process does not read the per-worker spools a `--workers N` run left
-        for leftover in worker_spools(Path(settings.spool_dir)):
-            log.error("spool_orphaned", directory=str(leftover), hint="left by `serve --workers N`; start with --workers 2 or more to deliver it")
-    reloader = Reloader(settings.config, active, metrics, env, ramps)
-    ready = False
-    deps = IngressDeps(active, delivery, metrics, settings.region, settings.trusted_proxies)
-    ingress_app = build_ingress_app(deps, cors_origins=settings.cors_origins, max_in_flight=settings.max_in_flight,
-                                    cdn_url=settings.cdn_url, public_url=settings.public_url, cdn_cache_seconds=settings.cdn_cache_seconds)
-    ingress = web.AppRunner(ingress_app,
-                            access_log=None, shutdown_timeout=settings.drain_timeout, handle_signals=False)
-    admin = web.AppRunner(
-        build_admin_app(active=active, reloader=reloader, metrics=metrics, token=settings.admin_token, is_ready=lambda: ready),
-        access_log=None, shutdown_timeout=2.0, handle_signals=False,
-    )
-    watcher = RulesWatcher(settings.config, lambda: reloader.reload("file_change"), interval=settings.reload_poll_interval, baseline=rules.sha256)
-    loop = asyncio.get_running_loop()
-    listener: IngressListener | None = None
-    try:
-        await ingress.setup()
-        await admin.setup()
-        listener = await listen(ingress, *settings.listen, reuse_port=settings.reuse_port, backlog=1024,
-                                header_timeout=settings.header_timeout, body_timeout=settings.body_timeout)
-        if worker is None:  # a worker's admin port is its supervisor's, served once for all workers
-            await web.TCPSite(admin, *settings.admin).start()
-    except OSError as exc:
-        log.error("listen_failed", error=str(exc), listen=f"{settings.listen[0]}:{settings.listen[1]}", admin=f"{settings.admin[0]}:{settings.admin[1]}")
-        if listener is not None:
-            await listener.close(0)
+
+class Server:
+    """One splitter process: `startup()`, then `stopping` is awaited, then `shutdown()`; `serve()` does all three."""
+
+    def __init__(self, settings: ServeSettings, env: Mapping[str, str], *, rules: RuleSet | None = None, metrics: Metrics | None = None,
+                 link: Link | None = None, fleet: Fleet | None = None, clock: Clock | None = None, handle_signals: bool = True,
+                 keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
+        """`rules`: already compiled (a supervisor checks the file before reserving the port; a test
+        compiles text), else loaded from `settings.config` by `startup()`. `clock`: the ramp clock."""
+        self.settings = settings
+        self.env = env
+        self.rules = rules
+        self.metrics = metrics or Metrics()
+        self.link = link
+        self.fleet = fleet
+        self._clock = clock
+        self._handle_signals = handle_signals
+        self._keepalive_timeout = keepalive_timeout
+        self._log = get_logger("splitter.supervisor" if fleet is not None else "splitter.server")
+        self._exits = AsyncExitStack()
+        self._deadline = 0.0  # loop time by which shutdown must be done; a failed start drains nothing
+        self.ready = False
+        self.killed_workers = False
+        self.stopping = asyncio.Event()  # replaced by the signal handlers' event once they are installed
+        # The parts, set by startup():
+        self.active: ActiveRules | None = None
+        self.installer: RulesInstaller | None = None
+        self.reloader: Reloader | None = None
+        self.watcher: RulesWatcher | None = None
+        self.delivery: Delivery | None = None
+        self.listener: IngressListener | None = None
+        self.admin: web.AppRunner | None = None
+
+    def is_ready(self) -> bool:
+        return self.ready and (self.fleet is None or self.fleet.is_ready())
+
+    async def serve(self) -> int:
+        """The whole life of the process; returns its exit code."""
+        try:
+            await self.startup()
+        except StartupFailed as exc:
+            return exc.code
+        self._log.info("started" if self.link is None else "worker_started", **self._started_fields())
+        if self.link is not None:  # after the log line: a supervisor's `started` comes after its workers'
+            self.link.start(self.metrics, self.stopping.set)
+        await self.stopping.wait()
+        self.ready = False
+        if self.link is not None:
+            self.link.draining()
+        extra = {"workers": self.settings.workers} if self.fleet is not None else {}
+        self._log.info("draining", timeout=self.settings.drain_timeout, **extra)
+        await self.shutdown()
+        if self.link is not None:
+            await self.link.stop()
+        self._log.info("stopped", **({"killed_workers": self.killed_workers} if self.fleet is not None else {}))
+        return WORKER_KILLED if self.killed_workers else OK
+
+    async def startup(self) -> None:
+        """Start every part in order; on failure unwind what started and raise `StartupFailed` (already logged)."""
+        try:
+            await self._start(self._exits)
+        except BaseException:
+            self._deadline = asyncio.get_running_loop().time()
+            await self._exits.aclose()
+            raise
+
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Unwind in reverse order of start-up, within `drain_timeout` (by default the settings')."""
+        self.ready = False
+        timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        self._deadline = asyncio.get_running_loop().time() + timeout
+        await self._exits.aclose()
+
+    def _left(self) -> float:
+        return max(0.0, self._deadline - asyncio.get_running_loop().time())
+
+    async def _start(self, exits: AsyncExitStack) -> None:
+        settings, fleet = self.settings, self.fleet
+        rules = self.rules or await load_initial_rules(settings, self.env)
+        if rules is None:
+            raise StartupFailed(BAD_RULES)
+        self.rules = rules
+        self.active = active = ActiveRules(rules)
+        if fleet is None:
+            self.delivery = start_delivery(settings, rules, self.metrics)  # a supervisor's workers deliver, not the supervisor
+            if self.delivery is None:
+                raise StartupFailed(STARTUP_FAILURE)
+            exits.push_async_callback(self._close_delivery)
+            if self.link is None:  # a single process does not read the per-worker spools a `--workers N` run left
+                for leftover in worker_spools(Path(settings.spool_dir)):
+                    log.error("spool_orphaned", directory=str(leftover), hint="left by `serve --workers N`; start with --workers 2 or more to deliver it")
+        self.installer = installer = RulesInstaller(active, self.metrics, self.delivery, clock=self._clock)
+        installer.install(rules)
+        installer.ramps.apply_due()  # a ramp step already due is in effect before the first request
+        self.reloader = reloader = Reloader(settings.config, active, self.metrics, self.env, installer,
+                                            forward=fleet.forward_reload if fleet is not None else None)
+        self.watcher = RulesWatcher(settings.config, lambda: reloader.reload(FILE_CHANGE), interval=settings.reload_poll_interval,
+                                    baseline=rules.sha256)
+        if self.link is None:  # a worker's admin port is its supervisor's, served once for all workers
+            self.admin = web.AppRunner(
+                build_admin_app(active=active, reloader=reloader, metrics=self.metrics, token=settings.admin_token, is_ready=self.is_ready,
+                                registry=fleet.registry if fleet is not None else None),
+                access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT, handle_signals=False,
+            )
+            await self.admin.setup()
+            exits.push_async_callback(self.admin.cleanup)  # entered before the listener: the admin port closes last
+        await self._bind(exits)
+        if self._handle_signals:  # installed to the end: a second SIGTERM while draining only sets it again
+            self.stopping = stop_on_signals(reloader.request)
+        if fleet is not None:
+            code = await fleet.start()
+            if code is not None:
+                self._log.error("workers_failed_to_start", code=code)
+                raise StartupFailed(code)
+            exits.push_async_callback(self._drain_fleet)
+        reloader.start()
+        installer.ramps.start()
+        self.watcher.start()
+        exits.push_async_callback(self._stop_control_plane)
+        self.ready = True
+
+    async def _bind(self, exits: AsyncExitStack) -> None:
+        """Listen on the ingress port (unless a fleet serves it) and the admin port; OSError: exit 3."""
+        settings = self.settings
+        try:
+            if self.fleet is None:
+                assert self.active is not None and self.delivery is not None
+                deps = IngressDeps(self.active, self.delivery, self.metrics, settings.region, settings.trusted_proxies)
+                app = build_ingress_app(deps, cors_origins=settings.cors_origins, max_in_flight=settings.max_in_flight, cdn_url=settings.cdn_url,
+                                        public_url=settings.public_url, cdn_cache_seconds=settings.cdn_cache_seconds)
+                ingress = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout, handle_signals=False)
+                await ingress.setup()
+                exits.push_async_callback(self._close_ingress, ingress)
+                self.listener = await listen(ingress, *settings.listen, reuse_port=settings.reuse_port, backlog=1024,
+                                             keepalive_timeout=self._keepalive_timeout, header_timeout=settings.header_timeout,
+                                             body_timeout=settings.body_timeout)
+            if self.admin is not None:
+                await web.TCPSite(self.admin, *settings.admin).start()
+        except OSError as exc:
+            where = {"admin": f"{settings.admin[0]}:{settings.admin[1]}"}
+            if self.fleet is None:  # a supervisor reserved the ingress address before it got here
+                where = {"listen": f"{settings.listen[0]}:{settings.listen[1]}", **where}
+            log.error("listen_failed", error=str(exc), **where)
+            raise StartupFailed(STARTUP_FAILURE) from None
+
+    def _started_fields(self) -> dict[str, Any]:
+        rules = self.rules
+        assert rules is not None
+        if self.fleet is not None:
+            where = self.fleet.describe()
+        else:
+            where = {"listen": self.listener.addresses if self.listener is not None else []}
+        fields: dict[str, Any] = {**where, "admin": addresses(self.admin) if self.admin is not None else [],
+                                  "rules": self.settings.config, "sha256": rules.sha256[:12]}
+        if self.fleet is None:
+            fields["region"] = self.settings.region
+        return {**fields, "pid": os.getpid()}
+
+    # The exit stack's callbacks, in the order they run on the way down.
+    async def _stop_control_plane(self) -> None:
+        assert self.watcher is not None and self.reloader is not None and self.installer is not None
+        await self.watcher.stop()
+        await self.reloader.stop()
+        await self.installer.ramps.stop()
+
+    async def _drain_fleet(self) -> None:
+        assert self.fleet is not None
+        self.killed_workers = not await self.fleet.drain(self._left())
+
+    async def _close_ingress(self, ingress: web.AppRunner) -> None:
+        """Stop accepting and let in-flight requests finish (the listener also cleans the runner up)."""
+        if self.listener is not None:
+            await self.listener.close(self._left())
         else:
             await ingress.cleanup()
-        await admin.cleanup()
-        await delivery.close(drain_timeout=0)
-        return STARTUP_FAILURE
-    assert listener is not None
-    stop = stop_on_signals(reloader.request)  # installed to the end: a second SIGTERM while draining only sets it again
-    reloader.start()
-    ramps.start()
-    watcher.start()
-    ready = True
-    log.info("started" if worker is None else "worker_started", listen=listener.addresses, admin=bound_addresses(admin), rules=settings.config, sha256=rules.sha256[:12], region=settings.region, pid=os.getpid())
-    if worker is not None:
-        worker.start(metrics, stop.set)  # after the log line: a supervisor's `started` comes after its workers'
 
-    await stop.wait()
-    ready = False
-    if worker is not None:
-        worker.draining()
-    log.info("draining", timeout=settings.drain_timeout)
-    drain_deadline = loop.time() + settings.drain_timeout
-    await watcher.stop()
-    await reloader.stop()
-    await ramps.stop()
-    await listener.close(settings.drain_timeout)  # stops accepting, waits for in-flight requests up to the drain timeout
-    await delivery.close(drain_timeout=max(0.0, drain_deadline - loop.time()))  # deliver what it can; the rest stays spooled
-    await admin.cleanup()
-    if worker is not None:
-        await worker.stop()
-    log.info("stopped")
-    return OK
+    async def _close_delivery(self) -> None:
+        """Deliver what can be delivered in the time left; the rest stays spooled for the next start."""
+        assert self.delivery is not None
+        await self.delivery.close(drain_timeout=self._left())
+
+
+async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None, link: Link | None = None) -> int:
+    """Run the proxy: alone, or as one worker of `serve --workers N` (`link`: its link to the supervisor)."""
+    configure(settings.log_level)
+    return await Server(settings, os.environ if env is None else env, link=link).serve()
 
 
 def run(settings: ServeSettings) -> int:

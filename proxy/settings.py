@@ -1,17 +1,23 @@
 """`splitter serve` settings: parsed and checked once, frozen, then passed to everything else.
 
-Every flag also reads a `SPLITTER_*` environment variable (the CLI maps them); the checks that
-involve several settings at once (a public admin port needs a token) live here.
+Each default is written once, on `ServeSettings`: the CLI's flags take theirs from `flag_default()`,
+which also shows them in `--help`. Every flag also reads a `SPLITTER_*` environment variable (click's
+`auto_envvar_prefix`, set on the `serve` command); `from_flags()` parses what the flags give, and the
+checks that involve several settings at once (a public admin port needs a token) live here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-from urllib.parse import urlsplit
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1/128")
+DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class SettingsError(ValueError):
@@ -59,6 +65,35 @@ class ServeSettings:
     public_url: str | None = None  # splitter's address as browsers see it; written into the settings' apiHost
     cdn_cache_seconds: float = 300.0  # 0 disables the CDN cache
 
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any], *, admin_token: str | None) -> ServeSettings:
+        """Settings from `splitter serve`'s flags, as written on the command line or in SPLITTER_* variables.
+
+        The admin token is never a flag (a command line is visible to every user of the machine):
+        the CLI passes SPLITTER_ADMIN_TOKEN here itself."""
+        public_url = flags["public_url"]
+        return cls(
+            config=flags["config"],
+            listen=parse_address(flags["listen"], "--listen"),
+            admin=parse_address(flags["admin"], "--admin"),
+            region=flags["region"],
+            admin_token=admin_token or None,
+            drain_timeout=flags["drain_timeout"],
+            reload_poll_interval=flags["reload_interval"],
+            trusted_proxies=parse_networks(flags["trusted_proxies"]),
+            cors_origins=tuple(o.strip() for o in flags["cors_origins"].split(",") if o.strip()),
+            max_in_flight=flags["max_in_flight"],
+            header_timeout=flags["header_timeout"],
+            body_timeout=flags["body_timeout"],
+            spool_dir=flags["spool_dir"],
+            dead_letter_dir=flags["dead_letter_dir"],
+            cdn_url=flags["cdn_url"].rstrip("/"),
+            public_url=public_url.rstrip("/") if public_url else None,
+            cdn_cache_seconds=flags["cdn_cache_seconds"],
+            log_level=flags["log_level"],
+            workers=flags["workers"],
+        )
+
     def __post_init__(self) -> None:
         admin_host = self.admin[0]
         if not is_loopback(admin_host) and not self.admin_token:
@@ -79,6 +114,23 @@ class ServeSettings:
             raise SettingsError("--body-timeout (SPLITTER_BODY_TIMEOUT) must be more than 0 seconds")
         if self.cdn_cache_seconds < 0:
             raise SettingsError("--cdn-cache-seconds (SPLITTER_CDN_CACHE_SECONDS) must be 0 or more seconds")
+
+
+def flag_default(name: str) -> str | int | float | None:
+    """The default of `ServeSettings.<name>` written as its flag is (`0.0.0.0:8080`, `127.0.0.0/8,::1`)."""
+    spec = ServeSettings.__dataclass_fields__[name]
+    value = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        return f"{value[0]}:{value[1]}"
+    if isinstance(value, tuple):
+        return ",".join(_network_text(item) if isinstance(item, IPNetwork) else str(item) for item in value)
+    assert value is None or isinstance(value, str | int | float)
+    return value
+
+
+def _network_text(network: IPNetwork) -> str:
+    """`::1` for a single address, `127.0.0.0/8` for a range, as an operator writes them."""
+    return str(network.network_address) if network.num_addresses == 1 else str(network)
 
 
 def check_http_url(text: str, flag: str) -> None:

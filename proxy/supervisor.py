@@ -30,33 +30,26 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import structlog
-from aiohttp import web
+from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import mark_process_dead
 
-from proxy.admin import build_admin_app
 from proxy.engine import RuleSet
+from proxy.exits import BAD_RULES, STARTUP_FAILURE
 from proxy.layout import leftovers, worker_dir
 from proxy.log import configure, get_logger
 from proxy.metrics import Metrics, SupervisorMetrics
-from proxy.ramp_clock import RampScheduler
-from proxy.reload import Reloader, ReloadResult
-from proxy.server import BAD_RULES, OK, STARTUP_FAILURE, bound_addresses, load_initial_rules, run_loop
+from proxy.server import Server, load_initial_rules, run_loop
 from proxy.settings import ServeSettings
-from proxy.signals import stop_on_signals
-from proxy.state import ActiveRules
-from proxy.watch import RulesWatcher
 from proxy.worker import DRAIN_PREFIX
 
 log = get_logger("splitter.supervisor")
-WORKER_KILLED = 1  # exit code: a worker did not stop within the drain timeout and was killed
 METRICS_DIR_PREFIX = "splitter-metrics-"
-FILE_CHANGE = "file_change"
 WORKER_COMMAND = ("-c", "from proxy.signals import hold_sighup; hold_sighup(); from proxy.worker import main; main()")
 RESTART_BACKOFF = (0.5, 30.0)  # first and largest wait before restarting a worker that exited
 STABLE_AFTER = 30.0  # seconds a worker must have run for its next restart to wait the shortest time again
@@ -77,24 +70,6 @@ class Child:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
-
-
-class FanOutReloader(Reloader):
-    """The supervisor's reloader: an operator's reload (SIGHUP, `POST /admin/reload`) reaches every worker.
-
-    The supervisor compiles the same file with the same checks, so its result is the workers'
-    result; a change its own watcher sees is not forwarded, since every worker watches the file too.
-    """
-
-    def __init__(self, *args: Any, forward: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._forward = forward
-
-    async def reload(self, trigger: str) -> ReloadResult:
-        result = await super().reload(trigger)
-        if trigger != FILE_CHANGE:
-            self._forward()
-        return result
 
 
 def reserve_port(address: tuple[str, int]) -> socket.socket:
@@ -150,8 +125,11 @@ def plan(settings: ServeSettings, port: int) -> list[Child]:
 
 
 class Supervisor:
-    def __init__(self, children: list[Child], metrics: SupervisorMetrics, env: Mapping[str, str]) -> None:
+    """The worker processes: started, watched, restarted, drained. `proxy.server.Server` runs it as its `fleet`."""
+
+    def __init__(self, children: list[Child], metrics: SupervisorMetrics, env: Mapping[str, str], listen: tuple[str, int]) -> None:
         self.children = children
+        self.listen = listen  # the ingress address the supervisor reserved, which every worker binds
         self.metrics = metrics
         self._env = env
         self._started = False
@@ -166,8 +144,25 @@ class Supervisor:
     def workers(self) -> list[Child]:
         return [child for child in self.children if child.serves]
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
     def is_ready(self) -> bool:
         return self._started and not self._stop.is_set() and all(child.ready for child in self.workers)
+
+    def describe(self) -> dict[str, Any]:
+        return {"listen": [f"{self.listen[0]}:{self.listen[1]}"], "workers": len(self.workers), "drainers": [c.role for c in self.children if not c.serves]}
+
+    def forward_reload(self) -> None:
+        """An operator's reload (SIGHUP, `POST /admin/reload`) reaches every worker; the supervisor has
+        compiled the same file with the same checks, so its result is theirs. A change its own watcher
+        sees is not forwarded (proxy.reload.Reloader decides): every worker watches the file too."""
+        self.signal_ready_workers(signal.SIGHUP)
+
+    async def drain(self, drain_timeout: float) -> bool:
+        """SIGTERM every child; kill those still running `KILL_GRACE` seconds past the drain timeout."""
+        return await self.stop(timeout=drain_timeout + KILL_GRACE)
 
     def signal_ready_workers(self, sig: signal.Signals) -> None:
         """Only ready workers: one still starting has no handler yet, and SIGHUP's default is to die."""
@@ -283,48 +278,11 @@ async def supervise_async(settings: ServeSettings, env: Mapping[str, str]) -> in
 
 
 async def _supervise(settings: ServeSettings, env: Mapping[str, str], rules: RuleSet, listen: tuple[str, int], metrics_dir: str) -> int:
-    metrics = Metrics()  # the supervisor's own: only its rules gauges are exported
-    metrics.show_rules(rules)
-    active = ActiveRules(rules)
-    ramps = RampScheduler(active, metrics)  # keeps the supervisor's rules, and so its rollout gauge, at the workers' step
-    ramps.apply_due()
+    """The supervisor's control plane and admin port, with the workers as the server's fleet."""
+    metrics = Metrics()  # the supervisor's own: only its rules gauges are exported, kept at the workers' ramp step
     exported = SupervisorMetrics(metrics_dir, metrics)
-    supervisor = Supervisor(plan(settings, listen[1]), exported, dict(env, PROMETHEUS_MULTIPROC_DIR=metrics_dir))
-    reloader = FanOutReloader(settings.config, active, metrics, env, ramps, forward=lambda: supervisor.signal_ready_workers(signal.SIGHUP))
-    watcher = RulesWatcher(settings.config, lambda: reloader.reload(FILE_CHANGE), interval=settings.reload_poll_interval, baseline=rules.sha256)
-    admin = web.AppRunner(
-        build_admin_app(active=active, reloader=reloader, metrics=metrics, token=settings.admin_token, is_ready=supervisor.is_ready,
-                        registry=exported.registry),
-        access_log=None, shutdown_timeout=2.0, handle_signals=False,
-    )
-    await admin.setup()
-    try:
-        await web.TCPSite(admin, *settings.admin).start()
-    except OSError as exc:
-        log.error("listen_failed", error=str(exc), admin=f"{settings.admin[0]}:{settings.admin[1]}")
-        await admin.cleanup()
-        return STARTUP_FAILURE
-    stop = stop_on_signals(reloader.request)
-    failed = await supervisor.start()
-    if failed is not None:
-        log.error("workers_failed_to_start", code=failed)
-        await admin.cleanup()
-        return failed
-    reloader.start()
-    ramps.start()
-    watcher.start()
-    log.info("started", listen=[f"{listen[0]}:{listen[1]}"], admin=bound_addresses(admin), workers=settings.workers,
-             drainers=[c.role for c in supervisor.children if not c.serves], rules=settings.config, sha256=rules.sha256[:12], pid=os.getpid())
-
-    await stop.wait()
-    log.info("draining", timeout=settings.drain_timeout, workers=settings.workers)
-    await watcher.stop()
-    await reloader.stop()
-    await ramps.stop()
-    clean = await supervisor.stop(timeout=settings.drain_timeout + KILL_GRACE)
-    await admin.cleanup()
-    log.info("stopped", killed_workers=not clean)
-    return OK if clean else WORKER_KILLED
+    fleet = Supervisor(plan(settings, listen[1]), exported, dict(env, PROMETHEUS_MULTIPROC_DIR=metrics_dir), listen)
+    return await Server(settings, env, rules=rules, metrics=metrics, fleet=fleet).serve()
 
 
 def supervise(settings: ServeSettings) -> int:

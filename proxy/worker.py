@@ -23,8 +23,10 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
+from proxy.exits import BAD_RULES, OK, STARTUP_FAILURE
 from proxy.log import configure, get_logger
 from proxy.metrics import Metrics
+from proxy.server import load_initial_rules, run_loop, serve, start_delivery
 from proxy.settings import ServeSettings
 from proxy.signals import stop_on_signals
 from proxy.tasks import BackgroundTask
@@ -35,7 +37,10 @@ DRAIN_PREFIX = "drain:"
 
 
 class WorkerLink:
-    """This process's side of the supervisor: readiness reports, gauge refresh, supervisor loss."""
+    """This process's side of the supervisor: readiness reports, gauge refresh, supervisor loss.
+
+    `proxy.server.Server` drives it (as its `link`) through the `Link` protocol declared there, so
+    that the server never imports this module, which imports the server."""
 
     def __init__(self, fd: int) -> None:
         self._socket = socket.socket(fileno=fd)
@@ -89,9 +94,8 @@ async def drain(settings: ServeSettings, link: WorkerLink, env: Mapping[str, str
 
     Used for a spool that no worker owns any more (N was lowered, or the spool came from a single
     process): the events in it were acknowledged to clients, so they are sent, never forgotten.
+    It needs no control plane: it serves nothing, and only delivers what the spool holds.
     """
-    from proxy.server import BAD_RULES, OK, STARTUP_FAILURE, load_initial_rules, start_delivery
-
     configure(settings.log_level)
     rules = await load_initial_rules(settings, env)
     if rules is None:
@@ -118,8 +122,6 @@ def main() -> None:
     settings: ServeSettings = pickle.load(sys.stdin.buffer)  # written by our own supervisor, never by a client
     structlog.contextvars.bind_contextvars(process=role)
     link = WorkerLink(fd)
-    from proxy.server import run_loop, serve
-
     if role.startswith(DRAIN_PREFIX):
         sys.exit(run_loop(drain(settings, link, os.environ)))
-    sys.exit(run_loop(serve(settings, worker=link)))
+    sys.exit(run_loop(serve(settings, link=link)))

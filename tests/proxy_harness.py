@@ -1,10 +1,11 @@
-"""The real splitter ingress + delivery stack in-process, on real loopback sockets, no mocks.
+"""The real splitter process in-process, on real loopback sockets, no mocks.
 
 `proxy_stack()` starts a stand-in Segment and RudderStack receiver (RudderStack validates the
-credentials, so a wrong key is a 401 there), compiles a rules file pointing at them, builds
-`Delivery` and the ingress app exactly as `proxy.server` does, serves it on 127.0.0.1 and opens a
-client session. `Stack.post()` sends a call the way an SDK would (any of Segment's auth forms,
-optionally gzipped) and returns (status, parsed JSON or None, response headers).
+credentials, so a wrong key is a 401 there), compiles a rules file pointing at them, and runs
+`proxy.server.Server`, the lifecycle `splitter serve` runs (delivery, the ingress and admin ports on
+127.0.0.1, the reloader, the ramp clock, the file watcher), in the test's event loop without signal
+handlers; then it opens a client session. `Stack.post()` sends a call the way an SDK would (any of
+Segment's auth forms, optionally gzipped) and returns (status, parsed JSON or None, response headers).
 """
 
 from __future__ import annotations
@@ -22,18 +23,18 @@ from typing import Any, Literal
 
 import aiohttp
 import orjson
-from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from loadtest.receivers import Receiver, RunningReceiver, start_receiver
 from proxy.delivery import Delivery
 from proxy.engine import RuleSet, compile_rules
-from proxy.ingress.app import build_ingress_app
 from proxy.ingress.cdn import DEFAULT_CDN_URL
-from proxy.ingress.handlers import IngressDeps
-from proxy.ingress.listener import IngressListener, listen
+from proxy.ingress.listener import IngressListener
 from proxy.metrics import Metrics
-from proxy.settings import DEFAULT_TRUSTED_PROXIES, IPNetwork
+from proxy.ramp_clock import Clock, RampScheduler
+from proxy.reload import Reloader
+from proxy.server import Server, addresses
+from proxy.settings import DEFAULT_TRUSTED_PROXIES, IPNetwork, ServeSettings
 from proxy.state import ActiveRules
 
 WEB_KEY = "web-key-0123456789"
@@ -91,17 +92,22 @@ def basic(key: str, colon: bool = True) -> str:
 
 
 class Stack:
-    def __init__(self, segment: RunningReceiver, rudder: RunningReceiver, rules: RuleSet, metrics: Metrics,
-                 delivery: Delivery, server: IngressListener, session: aiohttp.ClientSession, active: ActiveRules) -> None:
+    def __init__(self, segment: RunningReceiver, rudder: RunningReceiver, rules: RuleSet, proxy: Server, session: aiohttp.ClientSession) -> None:
+        assert proxy.delivery is not None and proxy.listener is not None and proxy.active is not None
+        assert proxy.installer is not None and proxy.reloader is not None and proxy.admin is not None
         self.segment_running = segment
         self.rudder_running = rudder
-        self.rules = rules
-        self.metrics = metrics
-        self.delivery = delivery
-        self.server = server
+        self.rules = rules  # as compiled, before a ramp step due at start-up was applied
+        self.proxy = proxy
+        self.metrics: Metrics = proxy.metrics
+        self.delivery: Delivery = proxy.delivery
+        self.server: IngressListener = proxy.listener
+        self.active: ActiveRules = proxy.active  # the ingress reads its rules from here
+        self.ramps: RampScheduler = proxy.installer.ramps
+        self.reloader: Reloader = proxy.reloader
         self.session = session
-        self.active = active  # the ingress reads its rules from here; a test may swap them (e.g. a ramp scheduler)
-        self.url = server.url
+        self.url = self.server.url
+        self.admin_url = f"http://{addresses(proxy.admin)[0]}"
 
     @property
     def segment(self) -> Receiver:
@@ -183,35 +189,33 @@ async def proxy_stack(
     public_url: str | None = None,
     cdn_cache_seconds: float = 300.0,
     keepalive_timeout: float = 75.0,
+    clock: Clock | None = None,
 ) -> AsyncIterator[Stack]:
-    """The default CDN is never contacted unless a test GETs a CDN route."""
+    """The default CDN is never contacted unless a test GETs a CDN route. `clock`: the ramp clock
+    (tests move a manual one); `drain_timeout`: the time the stack has to stop, as `--drain-timeout`."""
     segment = await start_receiver("segment", record=True)
     rudder = await start_receiver("rudderstack", valid_keys=RUDDER_KEYS, record=True)
-    delivery: Delivery | None = None
-    server: IngressListener | None = None
+    proxy: Server | None = None
     session: aiohttp.ClientSession | None = None
     try:
-        rules = compile_rules(rules_text, env={"SEGMENT_URL": segment.url, "RUDDERSTACK_URL": rudder.url})
-        metrics = Metrics()
-        metrics.show_rules(rules)
+        env = {"SEGMENT_URL": segment.url, "RUDDERSTACK_URL": rudder.url}
+        rules = compile_rules(rules_text, env=env)
         scratch = Path(tempfile.mkdtemp(prefix="splitter-test-"))
-        delivery = Delivery(metrics, spool_dir=scratch / "spool", dead_letter_dir=scratch / "dead-letter")
-        delivery.start(rules)
-        deps = IngressDeps(ActiveRules(rules), delivery, metrics, region, trusted_proxies)
-        app = build_ingress_app(deps, cors_origins=cors_origins, max_in_flight=max_in_flight, cdn_url=cdn_url, public_url=public_url,
-                                cdn_cache_seconds=cdn_cache_seconds)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, handle_signals=False)
-        await runner.setup()
-        server = await listen(runner, "127.0.0.1", 0, keepalive_timeout=keepalive_timeout)  # as `splitter serve` listens
+        (scratch / "rules.yaml").write_text(rules_text)  # what a reload reads (the watcher finds it unchanged)
+        settings = ServeSettings(
+            config=str(scratch / "rules.yaml"), listen=("127.0.0.1", 0), admin=("127.0.0.1", 0), region=region, drain_timeout=drain_timeout,
+            trusted_proxies=trusted_proxies, cors_origins=cors_origins, max_in_flight=max_in_flight, spool_dir=str(scratch / "spool"),
+            dead_letter_dir=str(scratch / "dead-letter"), cdn_url=cdn_url, public_url=public_url, cdn_cache_seconds=cdn_cache_seconds,
+        )
+        proxy = Server(settings, env, rules=rules, clock=clock, handle_signals=False, keepalive_timeout=keepalive_timeout)
+        await proxy.startup()
         session = aiohttp.ClientSession(auto_decompress=False)
-        yield Stack(segment, rudder, rules, metrics, delivery, server, session, deps.active)
+        yield Stack(segment, rudder, rules, proxy, session)
     finally:
         if session is not None:
             await session.close()
-        if server is not None:
-            await server.close(drain_timeout=2.0)
-        if delivery is not None:
-            await delivery.close(drain_timeout=drain_timeout)
+        if proxy is not None:
+            await proxy.shutdown()
         segment.receiver.faults.delay = 0  # requests already sleeping are cut by the runner's short shutdown
         rudder.receiver.faults.delay = 0
         await rudder.close()

@@ -1,8 +1,8 @@
 """Ramp steps taking effect in a running proxy, without a reload.
 
-In-process: the real ingress + delivery stack (tests/proxy_harness.py) with a `RampScheduler` on a
-clock the test moves by hand; what changes is observed at the stand-in receivers and on the
-metrics. Then once with the real `splitter serve` process and the wall clock.
+In-process: the real lifecycle (tests/proxy_harness.py) with its `RampScheduler` on a clock the
+test moves by hand; what changes is observed at the stand-in receivers and on the metrics. Then
+once with the real `splitter serve` process and the wall clock.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from loadtest.process import launch_splitter
-from proxy.engine import EventContext, bucket, decide, load_rules
-from proxy.engine.ramp import effective_rules
+from proxy.engine import EventContext, bucket, decide, effective_rules, load_rules
+from proxy.install import RulesInstaller
 from proxy.metrics import Metrics
 from proxy.ramp_clock import RampScheduler
 from proxy.reload import Reloader
@@ -59,15 +59,9 @@ class ManualClock:
 
 @pytest.fixture
 async def ramped() -> AsyncIterator[tuple[Stack, ManualClock, RampScheduler]]:
-    async with proxy_stack(RAMPED) as stack:
-        clock = ManualClock(STEP - timedelta(days=1))
-        scheduler = RampScheduler(stack.active, stack.metrics, clock)
-        scheduler.apply_due()
-        scheduler.start()
-        try:
-            yield stack, clock, scheduler
-        finally:
-            await scheduler.stop()
+    clock = ManualClock(STEP - timedelta(days=1))
+    async with proxy_stack(RAMPED, clock=clock) as stack:  # start-up applies what is due and starts the scheduler
+        yield stack, clock, stack.ramps
 
 
 def users(count: int) -> list[dict[str, object]]:
@@ -113,9 +107,7 @@ async def test_advancing_the_clock_past_a_step_moves_users_forward_without_a_rel
 
 
 async def test_a_step_already_due_at_start_is_applied_before_traffic() -> None:
-    async with proxy_stack(RAMPED) as stack:
-        scheduler = RampScheduler(stack.active, stack.metrics, ManualClock(STEP + timedelta(days=3)))
-        scheduler.apply_due()
+    async with proxy_stack(RAMPED, clock=ManualClock(STEP + timedelta(days=3))) as stack:
         assert stack.metric("splitter_rollout_percent", rule="split", destination="rudderstack") == 60.0
         live = stack.active.current
         assert decide(live, users(1)[0], EventContext("web")) == decide(effective_rules(stack.rules, STEP), users(1)[0], EventContext("web"))
@@ -128,9 +120,9 @@ def reload_setup(path: Path, text: str, clock: ManualClock) -> tuple[ActiveRules
     path.write_text(text)
     active = ActiveRules(load_rules(str(path), LOOPBACK_ENV))
     metrics = Metrics()
-    scheduler = RampScheduler(active, metrics, clock)
-    scheduler.apply_due()
-    return active, metrics, scheduler, Reloader(str(path), active, metrics, LOOPBACK_ENV, scheduler)
+    installer = RulesInstaller(active, metrics, clock=clock)
+    installer.ramps.apply_due()
+    return active, metrics, installer.ramps, Reloader(str(path), active, metrics, LOOPBACK_ENV, installer)
 
 
 def ramp_rules(percent: int, *steps: tuple[datetime, int]) -> str:

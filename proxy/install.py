@@ -1,0 +1,52 @@
+"""Put a rule set into effect: the one step start-up, every reload and every ramp step take.
+
+A new rule set is applied whole, in one place, outside the request path:
+
+1. `ActiveRules.swap` rebinds the active rules (a request keeps the snapshot it started with);
+2. `Metrics.show_rules` republishes the rules gauges (`splitter_config_info`, `splitter_rollout_percent`);
+3. the ramp schedule is replanned from the rules now in effect;
+4. `Delivery.apply` builds or reconfigures every destination's pipeline (options, breaker,
+   concurrency, quota, spool) before the first request that needs it.
+
+All four run in one synchronous call, so no request can see the new rules while delivery still has
+the old ones. Before this module the step was spread over reload.py, ramp_clock.py and server.py,
+and a reload that changed a destination's delivery options reached only part of its pipeline.
+
+A supervisor (`serve --workers N`) installs without a delivery: its workers deliver, and each one
+installs the same rules in its own process.
+"""
+
+from __future__ import annotations
+
+from proxy.delivery import Delivery
+from proxy.engine import RuleSet
+from proxy.metrics import Metrics
+from proxy.ramp_clock import Clock, RampScheduler
+from proxy.state import ActiveRules
+
+
+class RulesInstaller:
+    """Owns the step that puts rules into effect, and the ramp scheduler whose steps go through it."""
+
+    def __init__(self, active: ActiveRules, metrics: Metrics, delivery: Delivery | None = None, *, clock: Clock | None = None) -> None:
+        self.active = active
+        self.metrics = metrics
+        self.delivery = delivery
+        self.ramps = RampScheduler(self, clock)  # the installer replans it; its steps are installed here
+
+    @property
+    def current(self) -> RuleSet:
+        return self.active.current
+
+    def install(self, rules: RuleSet) -> RuleSet:
+        """Swap `rules` in, publish them, replan the ramps and apply them to delivery; returns the rules replaced."""
+        previous = self.active.swap(rules)
+        self.metrics.show_rules(rules)
+        self.ramps.replan()
+        if self.delivery is not None:
+            self.delivery.apply(rules)
+        return previous
+
+    def live(self, rules: RuleSet) -> RuleSet:
+        """`rules` with each ramp at the step due now: what a reload compares against and installs."""
+        return self.ramps.live(rules)
