@@ -12,6 +12,7 @@ import base64
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -319,3 +320,48 @@ async def test_sighup_from_the_first_moments_of_start_never_kills(tmp_path: Path
         code = await asyncio.wait_for(process.wait(), 30)
         await reader
     assert code == 0
+
+
+SERVE_VARIABLES = {  # every `serve` flag's variable before auto_envvar_prefix: the same names, none lost
+    "SPLITTER_CONFIG", "SPLITTER_LISTEN", "SPLITTER_ADMIN", "SPLITTER_REGION", "SPLITTER_DRAIN_TIMEOUT", "SPLITTER_RELOAD_INTERVAL",
+    "SPLITTER_TRUSTED_PROXIES", "SPLITTER_CORS_ORIGINS", "SPLITTER_MAX_IN_FLIGHT", "SPLITTER_HEADER_TIMEOUT", "SPLITTER_BODY_TIMEOUT",
+    "SPLITTER_SPOOL_DIR", "SPLITTER_DEAD_LETTER_DIR", "SPLITTER_CDN_URL", "SPLITTER_PUBLIC_URL", "SPLITTER_CDN_CACHE_SECONDS",
+    "SPLITTER_LOG_LEVEL", "SPLITTER_WORKERS",
+}
+
+
+def test_serve_help_names_each_flags_variable_as_the_docs_do() -> None:
+    result = subprocess.run(splitter_command("serve", "--help"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # click wraps the help to the terminal's width
+    assert set(re.findall(r"env var: (SPLITTER_\w+)", text)) == SERVE_VARIABLES
+    assert "[env var: SPLITTER_LISTEN; default: 0.0.0.0:8080]" in text
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    table = docs.partition("## `splitter serve` flags and environment")[2].partition("Exit codes:")[0]
+    assert set(re.findall(r"`(SPLITTER_\w+)`", table)) == SERVE_VARIABLES | {"SPLITTER_ADMIN_TOKEN"}
+
+
+async def test_serve_runs_from_splitter_variables_alone(tmp_path: Path, upstreams) -> None:  # type: ignore[no-untyped-def]
+    """No flag at all, the way deploy/ manifests and the systemd unit configure it."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(rules_text(10))
+    env = {**splitter_env(*upstreams), "SPLITTER_CONFIG": str(path), "SPLITTER_LISTEN": "127.0.0.1:0", "SPLITTER_ADMIN": "127.0.0.1:0",
+           "SPLITTER_REGION": "eu-test-1", "SPLITTER_DRAIN_TIMEOUT": "3", "SPLITTER_RELOAD_INTERVAL": "60",
+           "SPLITTER_SPOOL_DIR": str(tmp_path / "spool"), "SPLITTER_DEAD_LETTER_DIR": str(tmp_path / "dead")}
+    process = await asyncio.create_subprocess_exec(*splitter_command("serve"), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    lines: list[dict[str, Any]] = []
+    try:
+        while not lines or lines[-1].get("event") != "started":
+            line = await asyncio.wait_for(process.stdout.readline(), 20)
+            assert line, f"exited during start-up: {lines[-3:]}"
+            lines.append(orjson.loads(line))
+        started = lines[-1]
+        assert (started["region"], started["rules"]) == ("eu-test-1", str(path))
+        assert started["listen"][0].startswith("127.0.0.1:") and started["admin"][0].startswith("127.0.0.1:")
+        assert (tmp_path / "spool" / "segment").is_dir()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.wait_for(process.communicate(), 30)
+    draining = [orjson.loads(line) for line in rest.splitlines() if b'"draining"' in line]
+    assert process.returncode == 0 and [d["timeout"] for d in draining] == [3.0]
