@@ -204,7 +204,7 @@ class Server:
 
     async def _start(self, exits: AsyncExitStack) -> None:
         settings, fleet = self.settings, self.fleet
-        rules = self.rules or await load_initial_rules(settings, self.env)
+        rules = self.rules if self.rules is not None else await load_initial_rules(settings, self.env)
         if rules is None:
             raise StartupFailed(BAD_RULES)
         self.rules = rules

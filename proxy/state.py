@@ -1,4 +1,4 @@
-"""The active rules: one reference, replaced whole by a reload.
+"""The active rules: one reference, replaced whole by `proxy.install.RulesInstaller` (start-up, reload, ramp step).
 
 Handlers read `active.current` once per request and use that snapshot to the end, so a request
 started under the old rules finishes under them even if a reload lands mid-request.
