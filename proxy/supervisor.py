@@ -17,6 +17,10 @@ core. The supervisor serves nothing on the ingress port. It:
   `POST /admin/reload` to every worker (workers notice file changes themselves);
 - restarts a worker that exits unexpectedly, with backoff; the new worker recovers and replays its
   spool. SIGTERM/SIGINT: every worker drains its own spool within the drain timeout; exit 0.
+
+The control plane and the admin port are `proxy.server.Server`'s, the same lifecycle a single
+process runs, with `Supervisor` as its fleet: started once the admin port is bound, drained before
+the admin port closes.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import fcntl
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -293,6 +294,17 @@ async def test_a_worker_that_cannot_start_stops_the_others_and_exits_3(tmp_path:
         with pytest.raises(RuntimeError, match="exited during start-up with code 3") as failure:
             await start(rules_path, upstreams, tmp_path, "--workers", "2")
     assert "workers_failed_to_start" in str(failure.value)
+
+
+async def test_a_supervisor_whose_admin_port_is_taken_exits_3_before_any_worker_starts(tmp_path: Path, rules_path: Path, upstreams) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"127.0.0.1:{holder.getsockname()[1]}"
+        with pytest.raises(RuntimeError, match="exited during start-up with code 3") as failure:
+            await start(rules_path, upstreams, tmp_path, "--workers", "2", "--admin", taken)  # the later --admin wins
+    assert "listen_failed" in str(failure.value) and "worker_started" not in str(failure.value)
+    assert not (tmp_path / "spool").exists()  # no worker ever ran
 
 
 async def test_workers_env_below_one_refuses_to_start(rules_path: Path) -> None:
