@@ -103,12 +103,12 @@ def in_process_rows(rules: RuleSet, bodies: list[bytes], seconds: float) -> dict
     ctx = EventContext(source.name)
     parsed = {id(body): orjson.loads(body)["batch"] for body in bodies}
     shape = CallShape(True)
-    prepared = {id(body): _prepare_request(rules, body, WRITE_KEY, shape, None, None, "10.0.0.1")[0] for body in bodies}
+    prepared = {id(body): _prepare_request(rules, body, WRITE_KEY, shape, None, None, "10.0.0.1").submission for body in bodies}
 
     def frame(body: bytes) -> None:
         done = prepared[id(body)]
-        for events in (*done.primary.values(), *done.mirror.values()):
-            encode(1.0, "key", None, events)
+        for chunk in (*done.primary.values(), *done.mirror.values()):
+            encode(1.0, "key", None, chunk.events)
 
     with on_proxy_core():
         return {

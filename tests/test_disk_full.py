@@ -28,9 +28,9 @@ import pytest
 
 from loadtest.process import SplitterProcess, launch_splitter
 from loadtest.receivers import RunningReceiver, start_receiver
-from proxy.delivery import Delivery
+from proxy.delivery import Chunk, Delivery, Submission
 from proxy.delivery.spool import HEADER, MAGIC, Record, Spool, encode
-from proxy.engine import compile_rules
+from proxy.engine import Source, compile_rules
 from proxy.metrics import Metrics
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -306,19 +306,26 @@ rules:
 """
 
 
+def to_both(source: Source, event: bytes, message_id: str) -> Submission:
+    """One event for both primaries, as prepare() hands it over (type and name matter to no one here)."""
+    chunk = Chunk()
+    chunk.add(event, message_id, "track", "track")
+    return Submission(source, "web-key-0123456789", None, {"segment": chunk, "rudderstack": chunk}, {})
+
+
 async def test_a_request_refused_for_one_destination_leaves_nothing_in_the_other(fs: Path, tmp_path: Path) -> None:
     rules = compile_rules(TWO_PRIMARIES)
     delivery = Delivery(Metrics(), spool_dir=fs / "spool", dead_letter_dir=tmp_path / "dead")
     delivery.start(rules)
     source = rules.sources["web"]
     try:
-        first = await delivery.accept(rules, {"segment": [ev(0)], "rudderstack": [ev(0)]}, {}, source, "web-key-0123456789", None)
+        first = await delivery.accept(to_both(source, ev(0), "m-0"))
         assert first.ok
         sizes = {p: p.stat().st_size for p in (fs / "spool").glob("*/*.seg")}
         pending = {name: p.spool.pending for name, p in delivery._pipelines.items()}
         fill(fs, leave=PAGE)  # room for one destination's copy, not for both
         big = ev(1, pad=PAGE + PAGE // 2)
-        outcome = await delivery.accept(rules, {"segment": [big], "rudderstack": [big]}, {}, source, "web-key-0123456789", None)
+        outcome = await delivery.accept(to_both(source, big, "m-1"))
         assert (outcome.ok, outcome.status) == (False, 503) and outcome.retry_after
         assert {p: p.stat().st_size for p in (fs / "spool").glob("*/*.seg")} == sizes  # not in either spool
         assert {name: p.spool.pending for name, p in delivery._pipelines.items()} == pending

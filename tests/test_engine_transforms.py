@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import hashlib
 import textwrap
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -15,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.engine import Decision, EventContext, RuleSet, RulesError, compile_rules, decide, transformed_events
+from proxy.delivery import Chunk
+from proxy.engine import Decision, EventContext, RulesError, RuleSet, compile_rules, decide, transformed_events
 from proxy.engine.transforms import Chain, HashProperty, hash_value
 from proxy.ingress.prepare import CallShape, prepare
 
@@ -467,12 +469,16 @@ def test_other_destinations_receive_the_untransformed_bytes(batch: list[dict[str
     source = with_transforms.sources["web"]
     shape = CallShape(is_batch=True)
     ctx = EventContext(source="web")
-    plain = prepare(without, {"batch": copy.deepcopy(batch)}, shape, source, ctx, None)
-    transformed = prepare(with_transforms, {"batch": copy.deepcopy(batch)}, shape, source, ctx, None)
-    assert transformed.primary["segment"] == plain.primary["segment"]
-    assert transformed.mirror.get("segment") == plain.mirror.get("segment")
-    rudder = transformed.primary.get("rudderstack", []) + transformed.mirror.get("rudderstack", [])
-    plain_rudder = plain.primary.get("rudderstack", []) + plain.mirror.get("rudderstack", [])
+    plain = prepare(without, {"batch": copy.deepcopy(batch)}, shape, source, ctx, None).submission
+    transformed = prepare(with_transforms, {"batch": copy.deepcopy(batch)}, shape, source, ctx, None).submission
+
+    def events(chunks: Mapping[str, Chunk], destination: str) -> list[bytes] | None:
+        return chunks[destination].events if destination in chunks else None
+
+    assert transformed.primary["segment"].events == plain.primary["segment"].events
+    assert events(transformed.mirror, "segment") == events(plain.mirror, "segment")
+    rudder = (events(transformed.primary, "rudderstack") or []) + (events(transformed.mirror, "rudderstack") or [])
+    plain_rudder = (events(plain.primary, "rudderstack") or []) + (events(plain.mirror, "rudderstack") or [])
     assert [orjson.loads(b)["messageId"] for b in rudder] == [orjson.loads(b)["messageId"] for b in plain_rudder]
     for encoded, original in zip(rudder, plain_rudder, strict=True):
         assert encoded == orjson.dumps(chain(PII_CHAIN).apply(orjson.loads(original)))

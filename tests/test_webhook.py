@@ -15,9 +15,9 @@ import orjson
 import pytest
 
 from proxy.admin import describe
+from proxy.delivery.dedup import Deduplicator
 from proxy.engine import RulesError, compile_rules
 from proxy.engine.intake import DedupSettings
-from proxy.ingress.dedup import Deduplicator
 from proxy.log import mask_write_keys
 from tests.proxy_harness import FAST_DELIVERY, WEB_KEY, Stack, proxy_stack
 

@@ -1,8 +1,10 @@
 """Delivery: every accepted event reaches each destination it was routed to, or a dead-letter file.
 
-The ingress hands over, per request, the encoded events for each primary and mirror destination.
-`accept()` appends them to each destination's spool and returns once they are on stable storage
-(one group-committed fsync shared by concurrent requests): that is when the client may be told 200.
+The ingress hands over, per request, one `Submission`: the encoded events for each primary and
+mirror destination, with their messageIds. `accept()`, the one door whatever the request came in
+by, drops what de-duplication has already seen, appends the rest to each destination's spool and
+returns once they are on stable storage (one group-committed fsync shared by concurrent requests):
+that is when the client may be told 200.
 Each destination's `Pipeline` then sends from its spool, coalescing events across requests into
 upstream batches, retrying through outages, splitting out poison events into dead letters. An
 upstream outage therefore costs clients neither errors nor latency, and a crash loses nothing that
@@ -15,39 +17,26 @@ import asyncio
 import fcntl
 import os
 import time
-from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from proxy.delivery.commit import GroupCommit
 from proxy.delivery.deadletter import DeadLetters
+from proxy.delivery.dedup import Deduplicator
 from proxy.delivery.errors import UpstreamError
 from proxy.delivery.options import DeliveryOptions
 from proxy.delivery.pipeline import Pipeline
 from proxy.delivery.spool import Spool, SpoolFull, encode
+from proxy.delivery.submission import OK, Chunk, Outcome, Rejection, Submission
 from proxy.delivery.upstream import Upstream, public_url
-from proxy.engine import Destination, RuleSet, Source
+from proxy.engine import Destination, RuleSet
 from proxy.log import LogThrottle, get_logger
 from proxy.metrics import Metrics
 
+__all__ = ["Chunk", "Delivery", "Outcome", "Rejection", "SpoolLocked", "Submission"]
 log = get_logger("splitter.delivery")
 MAX_TELEMETRY_IN_FLIGHT = 16  # /v1/m forwards at once; more are dropped (it is analytics.js's own telemetry)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How a request's events were taken: `ok`, or the status the client should see."""
-
-    ok: bool
-    status: int = 200
-    code: str = ""
-    message: str = ""
-    retry_after: float | None = None
-    dropped_mirrors: frozenset[str] = frozenset()  # mirror destinations whose copies were dropped (spool full or failing)
-
-
-OK = Outcome(True)
 
 
 class SpoolLocked(RuntimeError):
@@ -66,6 +55,7 @@ class Delivery:
         self._lock_fd: int | None = None
         self._drop_log = LogThrottle()  # per destination
         self._group_commit = GroupCommit()  # one fsync round for all destinations' spools
+        self._dedup = Deduplicator()  # the filter in front of the spool writes; on while the applied rules say so
 
     # -- lifecycle --------------------------------------------------------------------------------------
     @property
@@ -100,6 +90,7 @@ class Delivery:
                 self._pipelines[destination.name] = self._new_pipeline(destination)
             elif found.upstream.destination != destination:
                 self._reconfigure(found, destination)
+        self._dedup.settings = rules.dedup
         self._applied = rules
 
     def _new_pipeline(self, destination: Destination) -> Pipeline:
@@ -146,16 +137,22 @@ class Delivery:
             self._lock_fd = None
 
     # -- the request path -----------------------------------------------------------------------------------
-    async def accept(self, rules: RuleSet, primary: Mapping[str, list[bytes]], mirror: Mapping[str, list[bytes]], source: Source,
-                     presented_key: str, forwarded_for: str | None) -> Outcome:
-        self.apply(rules)  # a no-op but for the first request after a reload; see apply()
+    async def accept(self, submission: Submission) -> Outcome:
+        """Spool a request's events (but those de-duplication drops); ok once they are on stable storage.
+
+        Every destination named in `submission` must be in the rules last given to `apply()`."""
+        return await self._dedup.accept(submission, self._write, self.metrics)
+
+    async def _write(self, submission: Submission) -> Outcome:
         now = time.time()
+        source, presented_key, forwarded_for = submission.source, submission.presented_key, submission.forwarded_for
 
         def record(name: str, events: list[bytes]) -> bytes:  # one spool record per destination and request
             return encode(now, source.credential_for(name, presented_key), forwarded_for, events)
 
         staged = []
-        for name, events in primary.items():
+        for name, chunk in submission.primary.items():
+            events = chunk.events
             if not events:
                 continue
             pipeline = self._pipelines[name]
@@ -173,7 +170,8 @@ class Delivery:
                 return _spool_full(pipeline.name)
             return Outcome(False, 503, "spool_unavailable", f"{pipeline.name}: cannot write the spool: {exc.strerror or exc}", 5.0)
         dropped = set()
-        for name, events in mirror.items():
+        for name, chunk in submission.mirror.items():
+            events = chunk.events
             if not events:
                 continue
             pipeline = self._pipelines[name]

@@ -2,7 +2,8 @@
 
 One rules snapshot is read at the start and used to the end, so a reload mid-request cannot mix
 two rule sets. The synchronous `_prepare_request` holds every parsed object; the handler itself
-keeps only bytes across its awaits.
+keeps only bytes across its awaits. Direct calls and the webhook intake meet in `deliver()`, whose
+one door into delivery is `Delivery.accept(submission)` (de-duplication included).
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from proxy.delivery import Delivery
-from proxy.engine import EventContext, RuleSet, Source
+from proxy.engine import EventContext, RuleSet
 from proxy.ingress import responses
 from proxy.ingress.auth import authenticate, key_from_header
 from proxy.ingress.body import parse_json, read_body
 from proxy.ingress.client_ip import client_address
-from proxy.ingress.dedup import Deduplicator
 from proxy.ingress.plan_checks import PlanChecks
 from proxy.ingress.prepare import CallShape, Prepared, prepare, single_call_error
 from proxy.ingress.responses import IngressError
@@ -39,15 +39,15 @@ class IngressDeps:
     metrics: Metrics
     region: str | None
     trusted_proxies: tuple[IPNetwork, ...]
-    dedup: Deduplicator = field(default_factory=Deduplicator)  # used only when the rules turn de-duplication on
     plan_checks: PlanChecks = field(default_factory=PlanChecks)  # used only for sources with a tracking plan
 
 
 def _prepare_request(rules: RuleSet, data: bytes, header_key: str | None, shape: CallShape, region: str | None, country: str | None,
-                     client_ip: str | None) -> tuple[Prepared, Source, str]:
+                     client_ip: str | None, forwarded_for: str | None = None) -> Prepared:
     body: Any = parse_json(data)
     source, key = authenticate(rules, header_key, body)
-    return prepare(rules, body, shape, source, EventContext(source.name, region, country), client_ip), source, key
+    ctx = EventContext(source.name, region, country)
+    return prepare(rules, body, shape, source, ctx, client_ip, presented_key=key, forwarded_for=forwarded_for)
 
 
 def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-untyped-def]
@@ -58,28 +58,25 @@ def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-unty
             raise IngressError(401, "invalid_write_key", "unknown write key")  # before reading the body
         data = await read_body(request)
         client_ip, forwarded_for = client_address(request.remote, request.headers.get("X-Forwarded-For"), deps.trusted_proxies)
-        prepared, source, key = _prepare_request(rules, data, header_key, shape, deps.region, rules.country_from_headers(request.headers), client_ip)
-        request[SOURCE_KEY] = source.name
-        return await deliver(deps, rules, prepared, shape, source, key, forwarded_for)
+        prepared = _prepare_request(rules, data, header_key, shape, deps.region, rules.country_from_headers(request.headers), client_ip, forwarded_for)
+        request[SOURCE_KEY] = prepared.submission.source.name
+        return await deliver(deps, rules, prepared, shape)
 
     return handle
 
 
-async def deliver(deps: IngressDeps, rules: RuleSet, prepared: Prepared, shape: CallShape, source: Source, key: str,
-                  forwarded_for: str | None) -> web.Response:
-    """Count rejections, hand the events to delivery (without duplicates when de-duplication is on), answer."""
-    metrics = deps.metrics
-    for rejection in prepared.rejected:
-        metrics.child(metrics.events_rejected, source.name, rejection["code"]).inc()
+async def deliver(deps: IngressDeps, rules: RuleSet, prepared: Prepared, shape: CallShape) -> web.Response:
+    """Count rejections, hand the submission to delivery (which drops duplicates when de-duplication is on), answer."""
+    metrics, submission = deps.metrics, prepared.submission
+    source, key, rejected = submission.source, submission.presented_key, submission.rejected
+    for rejection in rejected:
+        metrics.child(metrics.events_rejected, source.name, rejection.code).inc()
     if prepared.violations:
         deps.plan_checks.record(source.name, prepared.violations, "block")
-    if not shape.is_batch and prepared.rejected:
-        raise single_call_error(prepared.rejected[0])
-    if rules.dedup is None:
-        outcome = await deps.delivery.accept(rules, prepared.primary, prepared.mirror, source, key, forwarded_for)
-    else:
-        outcome = await deps.dedup.accept(deps.delivery, metrics, rules, prepared.primary, prepared.mirror, prepared.message_ids, source, key,
-                                          forwarded_for)
+    if not shape.is_batch and rejected:
+        raise single_call_error(rejected[0])
+    deps.delivery.apply(rules)  # until the installer applies rules at reload
+    outcome = await deps.delivery.accept(submission)
     if not outcome.ok:
         headers = {"Retry-After": str(max(1, round(outcome.retry_after)))} if outcome.retry_after else None
         log.warning("events_not_accepted", status=outcome.status, code=outcome.code, source=source.name, write_key=key, error=outcome.message)
@@ -88,9 +85,9 @@ async def deliver(deps: IngressDeps, rules: RuleSet, prepared: Prepared, shape: 
         deps.plan_checks.submit(rules, source.name, prepared.observed)
     for labels, count in prepared.routed_labels(source.name):
         metrics.child(metrics.events, *labels).inc(count)
-    if prepared.rejected:
-        log.info("events_rejected", source=source.name, write_key=key, count=len(prepared.rejected), codes=sorted({r["code"] for r in prepared.rejected}))
-        return responses.success({"rejected": prepared.rejected})
+    if rejected:
+        log.info("events_rejected", source=source.name, write_key=key, count=len(rejected), codes=sorted({r.code for r in rejected}))
+        return responses.success({"rejected": [r.as_json() for r in rejected]})
     return responses.success()
 
 

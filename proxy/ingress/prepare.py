@@ -8,30 +8,46 @@ so only encoded bytes survive.
 Per event, in this order: reject what no upstream can take (not an object, no type in a batch,
 neither userId nor anonymousId, over 32 KB), drop the client's `writeKey` (each destination gets
 its own credential as a header), stamp a `messageId` if missing, set `context.ip` for browser and
-app events that have none, decide, encode once, and file the bytes under every destination.
+app events that have none, decide, encode once, and file the bytes under every destination, with
+the event's messageId, type and name beside them (a `Chunk` per destination and role).
+
+What comes out is one `Submission` for delivery (everything a spool record and de-duplication
+need, rejections included) and what only ingress needs: routing counts for the metrics and the
+events for the tracking-plan checks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from proxy.engine import Decision, EventContext, RuleSet, Source, TrackingPlan, TransformTable, Violation, merge_envelope, route, transformed_events
-from proxy.engine.events import has_envelope
+from proxy.delivery import Chunk, Rejection, Submission
+from proxy.delivery.submission import NAME_FIELDS
+from proxy.engine import (
+    Decision,
+    EventContext,
+    RuleSet,
+    Source,
+    TrackingPlan,
+    TransformTable,
+    Violation,
+    has_envelope,
+    merge_envelope,
+    route,
+    transformed_events,
+)
 from proxy.ingress.body import MAX_BATCH_EVENTS, MAX_EVENT_BYTES
 from proxy.ingress.plan_checks import screen
 from proxy.ingress.responses import IngressError
 from proxy.metrics import bounded_type
 
-
 CLIENT_CHANNELS = ("browser", "mobile", "client")  # context.channel of events from a browser or an app
-_NO_COPIES: dict[str, bytes] = {}  # no destination has transforms: every one files the same bytes
+_NO_COPIES: dict[str, tuple[bytes, str]] = {}  # no destination has transforms: every one files the same bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,15 +59,36 @@ class CallShape:
     from_client: bool = False  # analytics.js / mobile routes: events from a browser or an app
 
 
-@dataclass
+# (rule, primary, mirror, type) -> events. A plain dict: `d[k] = d.get(k, 0) + 1` costs half of a Counter's `+= 1`.
+Routed = dict[tuple[str, tuple[str, ...], tuple[str, ...], str], int]
+
+
+class _Filing:
+    """What `prepare()` collects while it walks the events; the `Submission` is built from it at the end."""
+
+    __slots__ = ("mirror", "observed", "primary", "rejected", "routed", "violations")
+
+    def __init__(self) -> None:
+        self.primary: dict[str, Chunk] = {}
+        self.mirror: dict[str, Chunk] = {}
+        self.rejected: list[Rejection] = []
+        self.routed: Routed = {}
+        self.observed: list[bytes] = []
+        self.violations: list[Violation] = []
+
+
+@dataclass(frozen=True, slots=True)
 class Prepared:
-    primary: dict[str, list[bytes]] = field(default_factory=dict)
-    mirror: dict[str, list[bytes]] = field(default_factory=dict)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    routed: Counter[tuple[str, tuple[str, ...], tuple[str, ...], str]] = field(default_factory=Counter)  # (rule, primary, mirror, type) -> events
-    observed: list[bytes] = field(default_factory=list)  # events for the background tracking-plan check
-    violations: list[Violation] = field(default_factory=list)  # of events a blocking tracking plan rejected
-    message_ids: dict[int, str] = field(default_factory=dict)  # id() of each filed event's bytes -> its messageId, for de-duplication
+    """One request, prepared: the submission for delivery, and what only ingress needs of it."""
+
+    submission: Submission
+    routed: Routed
+    observed: list[bytes]  # events for the background tracking-plan check
+    violations: list[Violation]  # of events a blocking tracking plan rejected
+
+    @property
+    def rejected(self) -> tuple[Rejection, ...]:
+        return self.submission.rejected
 
     def routed_labels(self, source: str) -> Iterator[tuple[tuple[str, str, str, str, str], int]]:
         """`splitter_events_total` labels (source, type, rule, destination, role) and counts.
@@ -90,8 +127,8 @@ def _has_identity(event: dict[str, Any]) -> bool:
     return False
 
 
-def _reject(prepared: Prepared, index: int, code: str, message: str) -> None:
-    prepared.rejected.append({"index": index, "code": code, "message": message})
+def _reject(filing: _Filing, index: int, code: str, message: str) -> None:
+    filing.rejected.append(Rejection(index, code, message))
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,19 +144,21 @@ class RequestScope:
     ip_for_client_channels: str | None  # other routes: only for events whose context.channel is a client's
     transforms: TransformTable
     plan: TrackingPlan | None
-    keep_message_ids: bool  # de-duplication is on: it is handed each event's messageId instead of parsing it again
 
     @classmethod
     def of(cls, rules: RuleSet, shape: CallShape, source: Source, ctx: EventContext, client_ip: str | None,
            envelope: dict[str, Any] | None) -> RequestScope:
         return cls(rules, source, ctx, envelope, None if shape.is_batch else shape.implied_type,
                    client_ip if shape.from_client else None, client_ip if not shape.from_client else None,
-                   rules.transforms, rules.tracking_plans.get(source.name), rules.dedup is not None)
+                   rules.transforms, rules.tracking_plans.get(source.name))
 
 
 def prepare(
-    rules: RuleSet, body: Any, shape: CallShape, source: Source, ctx: EventContext, client_ip: str | None
+    rules: RuleSet, body: Any, shape: CallShape, source: Source, ctx: EventContext, client_ip: str | None, *,
+    presented_key: str = "", forwarded_for: str | None = None,
 ) -> Prepared:
+    """`body` as parsed JSON, from `source` (which the client proved with `presented_key`; "" for a
+    signed webhook). `forwarded_for` goes upstream with the events."""
     if not isinstance(body, dict):
         raise IngressError(400, "invalid_request", f"body must be a JSON object, not {type(body).__name__}")
     if shape.is_batch:
@@ -130,17 +169,18 @@ def prepare(
             raise IngressError(413, "too_many_events", f"batch has {len(events)} events; the limit is {MAX_BATCH_EVENTS} per request")
     else:
         events = [body]
-    prepared = Prepared()
+    filing = _Filing()
     scope = RequestScope.of(rules, shape, source, ctx, client_ip, body if shape.is_batch and has_envelope(body) else None)
     for index, event in enumerate(events):
-        _prepare_event(prepared, scope, index, event)
-    return prepared
+        _prepare_event(filing, scope, index, event)
+    submission = Submission(source, presented_key, forwarded_for, filing.primary, filing.mirror, tuple(filing.rejected))
+    return Prepared(submission, filing.routed, filing.observed, filing.violations)
 
 
-def _prepare_event(prepared: Prepared, scope: RequestScope, index: int, event: Any) -> None:
+def _prepare_event(filing: _Filing, scope: RequestScope, index: int, event: Any) -> None:
     """One parsed event: validated, completed, encoded, routed and filed (or rejected)."""
     if type(event) is not dict:
-        _reject(prepared, index, "invalid_event", f"event is not a JSON object ({type(event).__name__})")
+        _reject(filing, index, "invalid_event", f"event is not a JSON object ({type(event).__name__})")
         return
     if scope.envelope is not None:
         merge_envelope(scope.envelope, event)
@@ -150,33 +190,36 @@ def _prepare_event(prepared: Prepared, scope: RequestScope, index: int, event: A
         del event["writeKey"]
     event_type = event.get("type")
     if type(event_type) is not str or not event_type:
-        _reject(prepared, index, "missing_type", "event has no type (track, identify, page, screen, group or alias)")
+        _reject(filing, index, "missing_type", "event has no type (track, identify, page, screen, group or alias)")
         return
     if not _has_identity(event):
-        _reject(prepared, index, "no_user_anon_id", "event has neither userId nor anonymousId")
+        _reject(filing, index, "no_user_anon_id", "event has neither userId nor anonymousId")
         return
     try:
         message_id = event.get("messageId")
         if type(message_id) is not str or not message_id.strip():
-            event["messageId"] = message_id_for(scope.source.name, event, index)  # before context.ip: a retry from elsewhere gets the same id
+            message_id = event["messageId"] = message_id_for(scope.source.name, event, index)  # before context.ip: a retry from elsewhere gets the same id
         if scope.ip_for_all is not None:
             _set_ip(event, scope.ip_for_all)
         elif scope.ip_for_client_channels is not None and _is_client_channel(event.get("context")):
             _set_ip(event, scope.ip_for_client_channels)
         encoded = orjson.dumps(event)
     except orjson.JSONEncodeError as exc:  # parsed, but not encodable: nesting deeper than orjson writes (255 levels)
-        _reject(prepared, index, "invalid_event", f"event cannot be forwarded: {exc}")
+        _reject(filing, index, "invalid_event", f"event cannot be forwarded: {exc}")
         return
-    _file_event(prepared, scope, index, event, encoded)
+    _file_event(filing, scope, index, event, encoded, event_type, message_id)
 
 
-def _file_event(prepared: Prepared, scope: RequestScope, index: int, event: dict[str, Any], encoded: bytes) -> None:
-    """Size check, tracking plan, decision, and the event's bytes filed under each destination."""
+def _file_event(filing: _Filing, scope: RequestScope, index: int, event: dict[str, Any], encoded: bytes, event_type: str, message_id: str) -> None:
+    """Size check, tracking plan, decision, and the event's bytes filed under each destination.
+
+    Without transformed copies (the common case) the filing loops are written out here rather than
+    shared through a helper: this runs for every event."""
     if len(encoded) > MAX_EVENT_BYTES:
-        _reject(prepared, index, "event_too_large", f"event is {len(encoded)} bytes; the limit is 32 KB per event")
+        _reject(filing, index, "event_too_large", f"event is {len(encoded)} bytes; the limit is 32 KB per event")
         return
-    if scope.plan is not None and (refusal := screen(scope.plan, event, encoded, prepared.observed, prepared.violations)) is not None:
-        _reject(prepared, index, "tracking_plan_violation", refusal)
+    if scope.plan is not None and (refusal := screen(scope.plan, event, encoded, filing.observed, filing.violations)) is not None:
+        _reject(filing, index, "tracking_plan_violation", refusal)
         return
     decision = route(scope.rules, event, scope.ctx)
     copies = _NO_COPIES
@@ -184,26 +227,66 @@ def _file_event(prepared: Prepared, scope: RequestScope, index: int, event: dict
         try:
             copies = _encode_transformed(scope.transforms, decision, event)
         except orjson.JSONEncodeError as exc:  # a transform nested it past what orjson writes: never send the untransformed copy
-            _reject(prepared, index, "invalid_event", f"event cannot be forwarded once transformed: {exc}")
+            _reject(filing, index, "invalid_event", f"event cannot be forwarded once transformed: {exc}")
             return
+    routed = filing.routed
+    key = (decision.rule, decision.primary, decision.mirror, event_type)
+    routed[key] = routed.get(key, 0) + 1
+    name_field = NAME_FIELDS.get(event_type)  # _name() written out: a call per event costs more than these lines
+    name = event.get(name_field, event_type) if name_field is not None else event_type
+    if type(name) is not str:
+        name = event_type
+    if copies:
+        _file_copies(filing, decision, copies, encoded, message_id, event_type, name)
+        return
     for destination in decision.primary:
-        prepared.primary.setdefault(destination, []).append(copies.get(destination, encoded))
+        chunk = filing.primary.get(destination)
+        if chunk is None:
+            chunk = filing.primary[destination] = Chunk()
+        chunk.events.append(encoded)
+        chunk.message_ids.append(message_id)
+        chunk.types.append(event_type)
+        chunk.names.append(name)
     for destination in decision.mirror:
-        prepared.mirror.setdefault(destination, []).append(copies.get(destination, encoded))
-    if scope.keep_message_ids:
-        for filed in (encoded, *copies.values()):  # transforms never touch messageId
-            prepared.message_ids[id(filed)] = event["messageId"]
-    prepared.routed[(decision.rule, decision.primary, decision.mirror, event["type"])] += 1
+        chunk = filing.mirror.get(destination)
+        if chunk is None:
+            chunk = filing.mirror[destination] = Chunk()
+        chunk.events.append(encoded)
+        chunk.message_ids.append(message_id)
+        chunk.types.append(event_type)
+        chunk.names.append(name)
+
+
+def _file_copies(filing: _Filing, decision: Decision, copies: dict[str, tuple[bytes, str]], encoded: bytes, message_id: str, event_type: str,
+                 name: str) -> None:
+    """Filing when some destinations get a transformed copy: its own bytes and, after a rename_event,
+    its own name (transforms never change messageId or type)."""
+    for chunks, destinations in ((filing.primary, decision.primary), (filing.mirror, decision.mirror)):
+        for destination in destinations:
+            chunk = chunks.get(destination)
+            if chunk is None:
+                chunk = chunks[destination] = Chunk()
+            data, filed_name = copies.get(destination, (encoded, name))
+            chunk.add(data, message_id, event_type, filed_name)
+
+
+def _name(event: dict[str, Any], event_type: str) -> str:
+    """Track `event`, page and screen `name`; else, or when that is not a string, the type."""
+    name_field = NAME_FIELDS.get(event_type)
+    if name_field is None:
+        return event_type
+    name = event.get(name_field)
+    return name if type(name) is str else event_type
 
 
 def _is_client_channel(context: Any) -> bool:
     return type(context) is dict and context.get("channel") in CLIENT_CHANNELS
 
 
-def single_call_error(rejection: dict[str, Any]) -> IngressError:
+def single_call_error(rejection: Rejection) -> IngressError:
     """The error for a single-event call whose event was rejected (the handler counts it first)."""
-    status = 413 if rejection["code"] == "event_too_large" else 400
-    return IngressError(status, rejection["code"], rejection["message"])
+    status = 413 if rejection.code == "event_too_large" else 400
+    return IngressError(status, rejection.code, rejection.message)
 
 
 def _set_ip(event: dict[str, Any], client_ip: str) -> None:
@@ -216,6 +299,7 @@ def _set_ip(event: dict[str, Any], client_ip: str) -> None:
         context["ip"] = client_ip
 
 
-def _encode_transformed(transforms: TransformTable, decision: Decision, event: dict[str, Any]) -> dict[str, bytes]:
-    """Each transformed destination's own bytes; the event itself (shared by the others) is left as it is."""
-    return {destination: orjson.dumps(copy) for destination, copy in transformed_events(transforms, decision, event).items()}
+def _encode_transformed(transforms: TransformTable, decision: Decision, event: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
+    """Each transformed destination's own bytes and name; the event itself (shared by the others) is left as it is."""
+    event_type = event["type"]
+    return {destination: (orjson.dumps(copy), _name(copy, event_type)) for destination, copy in transformed_events(transforms, decision, event).items()}

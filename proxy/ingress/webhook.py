@@ -5,8 +5,9 @@ and batching off) POSTs one Segment event per request as `application/json`, and
 Secret set signs it: `X-Signature` is the hex HMAC-SHA1 of the body under that secret. The
 signature is checked over the body bytes as received, before anything parses them.
 
-A signed event then takes the same path as a direct single call (`prepare()` and `deliver()`),
-as an event of the source named in the URL, with that source's credentials for every destination.
+A signed event then takes the same path as a direct single call (`prepare()` and `deliver()`,
+de-duplication against direct traffic included), as an event of the source named in the URL,
+with that source's credentials for every destination (no key was presented).
 The IP and geo headers of the request are Segment's servers, not the user's: neither is used.
 """
 
@@ -63,7 +64,7 @@ def _prepare_event(rules: RuleSet, data: bytes, source: Source, region: str | No
     if event_type is None:
         return None
     shape = _SHAPES[event_type]
-    return prepare(rules, body, shape, source, EventContext(source.name, region), None), shape
+    return prepare(rules, body, shape, source, EventContext(source.name, region), None, presented_key="", forwarded_for=None), shape
 
 
 def webhook_handler(deps: IngressDeps):  # type: ignore[no-untyped-def]
@@ -80,6 +81,6 @@ def webhook_handler(deps: IngressDeps):  # type: ignore[no-untyped-def]
             log.info("webhook_notice_ignored", source=source.name, type=IGNORED_TYPE)
             return responses.success({"ignored": IGNORED_TYPE})
         prepared, shape = found
-        return await deliver(deps, rules, prepared, shape, source, "", None)
+        return await deliver(deps, rules, prepared, shape)
 
     return handle

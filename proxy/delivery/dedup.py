@@ -1,5 +1,10 @@
 """messageId de-duplication per destination, so an event that arrives twice is sent at most once.
 
+A filter in front of the spool write (`Delivery.accept` goes through it while the rules turn
+de-duplication on, and `Delivery.apply` hands it their settings): whatever door an event came in
+by, webhook or direct, it meets the same windows. The messageIds come with the `Submission`
+(`prepare()` stamped one on every event), so nothing is parsed again here.
+
 The same event can reach splitter directly from an app and again through Segment's Webhooks
 destination. Each destination remembers the messageIds it was given for a time window, in an
 `OrderedDict` messageId -> expiry: a look-up is O(1), expired ids are dropped from the front (the
@@ -8,7 +13,7 @@ rather than `dict` because removing from the front of a plain dict leaves holes 
 `next(iter(d))` walks over again.
 
 Correctness under failure and concurrency:
-- An id is remembered only once the request carrying it was accepted (`Delivery.accept` returned
+- An id is remembered only once the request carrying it was accepted (the spool write returned
   ok). A request that fails (503, spool full) leaves no trace, so the client's retry goes through.
 - While a request's events are being accepted, their ids are *claimed*. A concurrent request with
   the same id for the same destination waits for that outcome: when the first is accepted, the
@@ -20,15 +25,15 @@ Correctness under failure and concurrency:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from proxy.delivery import Delivery, Outcome
-from proxy.engine import RuleSet, Source
-from proxy.engine.intake import DedupSettings
+from proxy.delivery.submission import Chunk, Outcome, Submission
+from proxy.engine import DedupSettings
 from proxy.log import LogThrottle, get_logger
 from proxy.metrics import Metrics
 
@@ -42,8 +47,8 @@ MAX_KEPT_ID_CHARS = 64  # a UUID is 36; a longer messageId is remembered by a di
 class Claim:
     """One request's events minus the duplicates, and the (destination, messageId) pairs it holds."""
 
-    primary: dict[str, list[bytes]] = field(default_factory=dict)
-    mirror: dict[str, list[bytes]] = field(default_factory=dict)
+    primary: dict[str, Chunk] = field(default_factory=dict)
+    mirror: dict[str, Chunk] = field(default_factory=dict)
     held: dict[Key, asyncio.Future[bool]] = field(default_factory=dict)
     hits: dict[str, int] = field(default_factory=dict)  # destination -> events dropped as duplicates
 
@@ -53,6 +58,7 @@ class Deduplicator:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
+        self.settings: DedupSettings | None = None  # set by Delivery.apply from the rules; None: off, every event passes
         self.windows: dict[str, OrderedDict[str, float]] = {}
         self._held: dict[Key, asyncio.Future[bool]] = {}
         self._log = LogThrottle()  # a steady stream of duplicates is expected
@@ -78,44 +84,39 @@ class Deduplicator:
             window.popitem(last=False)
         return len(window)
 
-    async def accept(self, delivery: Delivery, metrics: Metrics, rules: RuleSet, primary: Mapping[str, list[bytes]],
-                     mirror: Mapping[str, list[bytes]], message_ids: Mapping[int, str], source: Source, key: str,
-                     forwarded_for: str | None) -> Outcome:
-        """`Delivery.accept` for the events no destination has yet; remembers their ids if accepted.
-
-        `message_ids` maps the id() of each event's bytes to its messageId (`prepare()` stamped one on
-        every event), so nothing is parsed again here."""
-        settings = rules.dedup
-        assert settings is not None, "called only when the rules turn de-duplication on"
-        claim = await self._claim(primary, mirror, message_ids)  # ids as sent: seen() and remember() store them as kept
+    async def accept(self, submission: Submission, write: Callable[[Submission], Awaitable[Outcome]], metrics: Metrics) -> Outcome:
+        """`write` the events no destination has yet; remember their ids if that was accepted."""
+        settings = self.settings  # read once: a reload while this request waits does not change its window
+        if settings is None:
+            return await write(submission)
+        claim = await self._claim(submission.primary, submission.mirror)  # ids as sent: seen() and remember() store them as kept
         ok, dropped = False, frozenset[str]()
         try:
-            outcome = await delivery.accept(rules, claim.primary, claim.mirror, source, key, forwarded_for)
+            outcome = await write(dataclasses.replace(submission, primary=claim.primary, mirror=claim.mirror))
             ok, dropped = outcome.ok, outcome.dropped_mirrors
         finally:
             self._settle(settings, metrics, claim, ok, dropped)
         if ok and claim.hits:
-            self._report(metrics, claim.hits, source.name)
+            self._report(metrics, claim.hits, submission.source.name)
         return outcome
 
-    async def _claim(self, primary: Mapping[str, list[bytes]], mirror: Mapping[str, list[bytes]], ids: Mapping[int, str]) -> Claim:
+    async def _claim(self, primary: Mapping[str, Chunk], mirror: Mapping[str, Chunk]) -> Claim:
         """Filter out what each destination has; wait for concurrent requests holding the same ids."""
         while True:
             claim, others = Claim(), set[asyncio.Future[bool]]()
-            for role, events_by_destination in ((claim.primary, primary), (claim.mirror, mirror)):
-                for destination, events in events_by_destination.items():
-                    role[destination] = self._fresh(claim, others, destination, events, ids)
+            for role, chunks in ((claim.primary, primary), (claim.mirror, mirror)):
+                for destination, chunk in chunks.items():
+                    role[destination] = self._fresh(claim, others, destination, chunk)
             if not others:
                 for held_key, future in claim.held.items():
                     self._held[held_key] = future
                 return claim
             await asyncio.wait(others)  # nothing was held yet: the pass starts over when they settle
 
-    def _fresh(self, claim: Claim, others: set[asyncio.Future[bool]], destination: str, events: list[bytes], ids: Mapping[int, str]) -> list[bytes]:
+    def _fresh(self, claim: Claim, others: set[asyncio.Future[bool]], destination: str, chunk: Chunk) -> Chunk:
         loop = asyncio.get_running_loop()
-        kept = []
-        for event in events:
-            message_id = ids[id(event)]
+        kept = Chunk()
+        for data, message_id, event_type, name in zip(chunk.events, chunk.message_ids, chunk.types, chunk.names, strict=True):
             held_key = (destination, message_id)
             pending = self._held.get(held_key)
             if pending is not None:
@@ -124,7 +125,7 @@ class Deduplicator:
                 claim.hits[destination] = claim.hits.get(destination, 0) + 1
             else:
                 claim.held[held_key] = loop.create_future()
-                kept.append(event)
+                kept.add(data, message_id, event_type, name)
         return kept
 
     def _settle(self, settings: DedupSettings, metrics: Metrics, claim: Claim, ok: bool, dropped: frozenset[str]) -> None:

@@ -1,0 +1,94 @@
+"""What ingress hands delivery for one request, and what delivery answers: typed values, no handles.
+
+`prepare()` builds one `Submission` per request: who sent it (the source, the key it presented, the
+X-Forwarded-For to pass on) and, per destination and role, a `Chunk`: the encoded events bytes with
+each event's messageId, type and name beside them. Delivery reads the ids from there instead of
+parsing the bytes again (de-duplication does), and so can the event catalog and delivery ledger
+that are coming.
+
+`Chunk` keeps parallel lists rather than an object per event: a batch of 500 events would build 500
+objects per destination on the hot path, where four `list.append`s per event cost less. A chunk is
+what the spool stores as one record (spool_format.py calls it that too).
+
+Named `Submission`, not `Accepted` or `Request`: delivery has not accepted it yet (the spool may be
+full), and `request` is aiohttp's `web.Request` everywhere in ingress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.engine import Source
+
+NAME_FIELDS = {"track": "event", "page": "name", "screen": "name"}  # an event's name: this field if a string, else its type
+
+
+class Chunk:
+    """One request's events for one destination and role: the bytes to send, and per event (same
+    index) its messageId, type and name. Filled by `prepare()`, read-only once submitted."""
+
+    __slots__ = ("events", "message_ids", "names", "types")
+
+    def __init__(self) -> None:
+        self.events: list[bytes] = []
+        self.message_ids: list[str] = []
+        self.types: list[str] = []
+        self.names: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __repr__(self) -> str:
+        return f"Chunk({len(self.events)} events)"
+
+    def add(self, data: bytes, message_id: str, event_type: str, name: str) -> None:
+        """Off the hot path (prepare() appends inline); for building chunks elsewhere."""
+        self.events.append(data)
+        self.message_ids.append(message_id)
+        self.types.append(event_type)
+        self.names.append(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An event of the request that no destination gets, and why; the client sees it in `rejected`."""
+
+    index: int  # in the request's batch
+    code: str  # e.g. no_user_anon_id, event_too_large; a metric label
+    message: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"index": self.index, "code": self.code, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One request's events on their way to the spools: built once by `prepare()`, then only read."""
+
+    source: Source
+    presented_key: str  # the client's write key: a secret (never in the repr), passed on where a destination has no own credential
+    forwarded_for: str | None  # X-Forwarded-For for the destinations
+    primary: Mapping[str, Chunk]  # destination -> events; all must be spooled before the client hears 200
+    mirror: Mapping[str, Chunk]  # destination -> events; copies, dropped (and counted) when their spool cannot take them
+    rejected: tuple[Rejection, ...] = ()
+
+    def __repr__(self) -> str:  # the source by name: its repr lists its write keys
+        return (f"Submission(source={self.source.name!r}, forwarded_for={self.forwarded_for!r}, primary={dict(self.primary)!r}, "
+                f"mirror={dict(self.mirror)!r}, rejected={len(self.rejected)})")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a request's events were taken: `ok`, or the status the client should see."""
+
+    ok: bool
+    status: int = 200
+    code: str = ""
+    message: str = ""
+    retry_after: float | None = None
+    dropped_mirrors: frozenset[str] = frozenset()  # mirror destinations whose copies were dropped (spool full or failing)
+
+
+OK = Outcome(True)
