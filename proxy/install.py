@@ -2,11 +2,13 @@
 
 A new rule set is applied whole, in one place, outside the request path:
 
-1. `ActiveRules.swap` rebinds the active rules (a request keeps the snapshot it started with);
-2. `Metrics.show_rules` republishes the rules gauges (`splitter_config_info`, `splitter_rollout_percent`);
-3. the ramp schedule is replanned from the rules now in effect;
-4. `Delivery.apply` builds or reconfigures every destination's pipeline (options, breaker,
-   concurrency, quota, spool) before the first request that needs it.
+1. `Delivery.apply` builds or reconfigures every destination's pipeline (options, breaker,
+   concurrency, quota, spool) before the first request that needs it. It goes first because it is
+   the step that can fail (a new destination's spool that cannot be opened): then nothing has
+   changed, and the reload fails with the last good rules still serving;
+2. `ActiveRules.swap` rebinds the active rules (a request keeps the snapshot it started with);
+3. `Metrics.show_rules` republishes the rules gauges (`splitter_config_info`, `splitter_rollout_percent`);
+4. the ramp schedule is replanned from the rules now in effect.
 
 All four run in one synchronous call, so no request can see the new rules while delivery still has
 the old ones. Before this module the step was spread over reload.py, ramp_clock.py and server.py,
@@ -39,12 +41,12 @@ class RulesInstaller:
         return self.active.current
 
     def install(self, rules: RuleSet) -> RuleSet:
-        """Swap `rules` in, publish them, replan the ramps and apply them to delivery; returns the rules replaced."""
+        """Apply `rules` to delivery, swap them in, publish them and replan the ramps; returns the rules replaced."""
+        if self.delivery is not None:
+            self.delivery.apply(rules)
         previous = self.active.swap(rules)
         self.metrics.show_rules(rules)
         self.ramps.replan()
-        if self.delivery is not None:
-            self.delivery.apply(rules)
         return previous
 
     def live(self, rules: RuleSet) -> RuleSet:
