@@ -75,7 +75,6 @@ async def deliver(deps: IngressDeps, rules: RuleSet, prepared: Prepared, shape: 
         deps.plan_checks.record(source.name, prepared.violations, "block")
     if not shape.is_batch and rejected:
         raise single_call_error(rejected[0])
-    deps.delivery.apply(rules)  # until the installer applies rules at reload
     outcome = await deps.delivery.accept(submission)
     if not outcome.ok:
         headers = {"Retry-After": str(max(1, round(outcome.retry_after)))} if outcome.retry_after else None
