@@ -116,7 +116,9 @@ class Deduplicator:
     def _fresh(self, claim: Claim, others: set[asyncio.Future[bool]], destination: str, chunk: Chunk) -> Chunk:
         loop = asyncio.get_running_loop()
         kept = Chunk()
-        for data, message_id, event_type, name in zip(chunk.events, chunk.message_ids, chunk.types, chunk.names, strict=True):
+        meta = chunk.meta
+        for index, data in enumerate(chunk):
+            message_id, event_type, name = meta[3 * index:3 * index + 3]
             held_key = (destination, message_id)
             pending = self._held.get(held_key)
             if pending is not None:

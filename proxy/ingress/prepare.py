@@ -243,18 +243,20 @@ def _file_event(filing: _Filing, scope: RequestScope, index: int, event: dict[st
         chunk = filing.primary.get(destination)
         if chunk is None:
             chunk = filing.primary[destination] = Chunk()
-        chunk.events.append(encoded)
-        chunk.message_ids.append(message_id)
-        chunk.types.append(event_type)
-        chunk.names.append(name)
+        chunk.append(encoded)
+        meta = chunk.meta
+        meta.append(message_id)
+        meta.append(event_type)
+        meta.append(name)
     for destination in decision.mirror:
         chunk = filing.mirror.get(destination)
         if chunk is None:
             chunk = filing.mirror[destination] = Chunk()
-        chunk.events.append(encoded)
-        chunk.message_ids.append(message_id)
-        chunk.types.append(event_type)
-        chunk.names.append(name)
+        chunk.append(encoded)
+        meta = chunk.meta
+        meta.append(message_id)
+        meta.append(event_type)
+        meta.append(name)
 
 
 def _file_copies(filing: _Filing, decision: Decision, copies: dict[str, tuple[bytes, str]], encoded: bytes, message_id: str, event_type: str,
