@@ -217,6 +217,7 @@ def simulate(rules_path: str, events_path: str, old_path: str | None, write_key:
     old = effective_rules(_load(old_path), at)
     moved = against(old, rules, _contexts(old, events, write_key, headers, region, source_name))
     share = 100.0 * moved.keys_changed / moved.keys if moved.keys else 0.0
-    click.echo(f"\nagainst {old_path}: {moved.keys_changed} of {moved.keys} cohort keys ({share:.2f}%) change primary destination; {moved.events_changed} events")
+    click.echo(f"\nagainst {old_path}: {moved.keys_changed} of {moved.keys} cohort keys ({share:.2f}%) change primary destination; "
+               f"{moved.events_changed} events")
     for (before, after), count in moved.transitions.most_common():
         click.echo(f"  {before} -> {after}: {count} keys")

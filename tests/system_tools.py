@@ -76,7 +76,7 @@ def skip_reason(tools: list[Tool]) -> str:
 
 def needs(*programs: str) -> pytest.MarkDecorator:
     """A pytest skip marker for tests that drive these programs."""
-    import pytest  # imported here: the installer runs before pytest is installed  # noqa: F811
+    import pytest  # imported here: the installer runs before pytest is installed
 
     absent = missing(programs)
     return pytest.mark.skipif(bool(absent), reason=skip_reason(absent) if absent else "")

@@ -26,8 +26,8 @@ from loadtest.receivers import RunningReceiver, start_receiver
 from proxy.engine import EventContext, RuleSet, compile_rules, decide
 
 try:
-    from segment import analytics as segment_analytics
     from rudderstack import analytics as rudder_analytics
+    from segment import analytics as segment_analytics
 except ImportError as missing:  # the other client tests import this module's helpers: skip only the Python SDK tests
     segment_analytics = rudder_analytics = None
     MISSING_SDKS = f"segment-analytics-python / rudder-sdk-python are not installed ({missing}); pip install -e '.[test]'"

@@ -28,8 +28,8 @@ import yaml
 from proxy.engine import load_rules
 from proxy.engine.rollout import compare
 from proxy.metrics import Metrics
+from tests.conftest import ROOT, RULES_DIR, RULES_ENV, splitter_command
 from tests.system_tools import find, missing, skip_reason
-from tests.conftest import RULES_DIR, RULES_ENV, ROOT, splitter_command
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"

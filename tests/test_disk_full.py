@@ -387,7 +387,7 @@ class Traffic:
                 text = await response.read()
                 status = response.status
                 retry_after = response.headers.get("Retry-After")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             self.statuses["connection_error"] += 1
             self.problems.append(f"connection error: {exc!r}")
             return 0

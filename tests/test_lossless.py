@@ -92,7 +92,7 @@ async def send_until(splitter: SplitterProcess, stop: asyncio.Event, accepted: d
                     statuses[str(response.status)] += 1
                     if response.status == 200:
                         accepted.update((e["messageId"], e) for e in batch)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 statuses["connection_error"] += 1
                 await asyncio.sleep(0.05)
 

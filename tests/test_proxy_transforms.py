@@ -7,7 +7,6 @@ import hashlib
 from typing import Any
 
 import orjson
-
 from proxy_harness import DEFAULT_RULES, SERVER_KEY, proxy_stack
 
 SALT = "dev-only-salt"

@@ -150,7 +150,7 @@ async def test_a_reload_mid_ramp_compares_at_now_and_is_not_a_rollback(tmp_path:
 
 async def test_the_scheduler_replans_after_a_reload(tmp_path: Path) -> None:
     clock = ManualClock(STEP - timedelta(days=1))
-    active, metrics, scheduler, reloader = reload_setup(tmp_path / "rules.yaml", ramp_rules(10, (STEP + timedelta(days=30), 60)), clock)
+    _active, metrics, scheduler, reloader = reload_setup(tmp_path / "rules.yaml", ramp_rules(10, (STEP + timedelta(days=30), 60)), clock)
     scheduler.start()
     try:
         (tmp_path / "rules.yaml").write_text(ramp_rules(10, (STEP, 30)))  # the step moved much closer
@@ -164,7 +164,7 @@ async def test_the_scheduler_replans_after_a_reload(tmp_path: Path) -> None:
         await scheduler.stop()
 
 
-async def test_splitter_serve_applies_a_step_at_its_time(tmp_path: Path, upstreams) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+async def test_splitter_serve_applies_a_step_at_its_time(tmp_path: Path, upstreams) -> None:  # type: ignore[no-untyped-def]
     segment, rudder = upstreams
     path = tmp_path / "rules.yaml"
     step_at = (datetime.now(UTC) + timedelta(seconds=2)).replace(microsecond=0)
@@ -199,7 +199,7 @@ async def test_a_step_landing_while_a_reload_compiles_is_what_the_reload_compare
     rollback it then finds must be measured from the step that is live (60), not from before it (10)."""
     clock = ManualClock(STEP - timedelta(hours=1))
     path = tmp_path / "rules.yaml"
-    active, metrics, scheduler, reloader = reload_setup(path, ramp_rules(10, (STEP, 60)), clock)
+    _active, metrics, scheduler, reloader = reload_setup(path, ramp_rules(10, (STEP, 60)), clock)
     scheduler.start()
     try:
         path.unlink()

@@ -92,7 +92,7 @@ async def metric(client: aiohttp.ClientSession, splitter: SplitterProcess, name:
     async with client.get(splitter.admin + "/metrics") as response:
         text = await response.text()
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith((name + "{", name + " ")):
             found = dict(re.findall(r'(\w+)="([^"]*)"', line.partition(" ")[0]))
             if all(found.get(k) == v for k, v in labels.items()):
                 return float(line.rsplit(" ", 1)[1])

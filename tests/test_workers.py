@@ -182,7 +182,7 @@ async def test_sighup_and_admin_reload_reach_every_worker(tmp_path: Path, rules_
 
 
 async def test_a_killed_worker_is_restarted_and_its_spool_replayed(tmp_path: Path, rules_path: Path, upstreams) -> None:  # type: ignore[no-untyped-def]
-    segment, rudder = upstreams
+    _segment, rudder = upstreams
     rules_path.write_text(rules_text(100))
     rudder.receiver.faults.status = 503  # the upstream is out: every accepted event waits in a spool
     splitter = await start(rules_path, upstreams, tmp_path, "--workers", "2")

@@ -18,12 +18,12 @@ from proxy.engine import conditions, intake
 from proxy.engine.errors import Problem, RulesError
 from proxy.engine.masking import mask
 from proxy.engine.model import Cohort, Decision, Destination, Predicate, Route, Rule, RuleSet, Source, Split
-from proxy.engine.yaml_reader import NodeReader
-from proxy.engine.yaml_reader import plain as _plain
 from proxy.engine.ramp import compile_ramp
-from proxy.engine.yaml_source import compose, line_of
 from proxy.engine.tracking_schema import PlanCompiler, ReadFile
 from proxy.engine.transform_schema import compile_transforms
+from proxy.engine.yaml_reader import NodeReader
+from proxy.engine.yaml_reader import plain as _plain
+from proxy.engine.yaml_source import compose, line_of
 
 SCHEMA_VERSION = 1
 TOP_KEYS = ("version", "destinations", "sources", "cohort", "rules", "country_headers", "dedup")
@@ -124,8 +124,8 @@ class _Compiler:
         transforms = compile_transforms(self.r, top, text, rules, self._unknown_destination)
         if cohort is None or not rules:
             return None
-        return RuleSet(SCHEMA_VERSION, filename, sha256, self.destinations, self.sources, sources_by_key, cohort, rules, headers, text, dedup=dedup, transforms=transforms,
-                       tracking_plans=self.plans.plans)
+        return RuleSet(SCHEMA_VERSION, filename, sha256, self.destinations, self.sources, sources_by_key, cohort, rules, headers, text,
+                       dedup=dedup, transforms=transforms, tracking_plans=self.plans.plans)
 
     def _destinations(self, node: yaml.Node) -> None:
         entries = self.r.mapping(node, "destinations")

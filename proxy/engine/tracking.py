@@ -167,7 +167,9 @@ class TrackingPlan:
             return () if self.allow_unplanned_events else (Violation("unplanned_event", _NO_NAME, "track event has no event name"),)
         check = self.events.get(name)
         if check is None:
-            return () if self.allow_unplanned_events else (Violation("unplanned_event", name, f"event {_clipped(repr(name), 100)} is not in the tracking plan"),)
+            if self.allow_unplanned_events:
+                return ()
+            return (Violation("unplanned_event", name, f"event {_clipped(repr(name), 100)} is not in the tracking plan"),)
         return tuple(check.violations(name, event))
 
 

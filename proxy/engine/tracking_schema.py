@@ -22,9 +22,9 @@ from referencing import Registry
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import specification_with
 
+from proxy.engine.tracking import TYPE_NAMES, EventCheck, FieldsCheck, FieldSpec, Mode, SchemaCheck, TrackingPlan, enum_key, shown, type_allowed, type_of
 from proxy.engine.yaml_reader import NodeReader
 from proxy.engine.yaml_source import compose
-from proxy.engine.tracking import TYPE_NAMES, EventCheck, FieldsCheck, FieldSpec, Mode, SchemaCheck, TrackingPlan, enum_key, shown, type_allowed, type_of
 
 ReadFile = Callable[[str], bytes]
 PLAN_KEYS = ("mode", "allow_unplanned_events", "events", "identify")

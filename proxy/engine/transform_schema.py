@@ -15,16 +15,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from proxy.engine import conditions
 from proxy.engine.model import Predicate, Rule
-from proxy.engine.yaml_reader import NodeReader
 from proxy.engine.transforms import (
-    Chain, DropProperty, HashProperty, Operation, Path, RenameEvent, RenameProperty, SetProperty, TransformTable,
+    Chain,
+    DropProperty,
+    HashProperty,
+    Operation,
+    Path,
+    RenameEvent,
+    RenameProperty,
+    SetProperty,
+    TransformTable,
 )
+from proxy.engine.yaml_reader import NodeReader
 
 KEY = "transforms"
 PATH_ROOTS = ("properties", "traits", "context")
@@ -251,7 +259,7 @@ class _TransformCompiler:
             return _INVALID
         return value
 
-    _BUILDERS: dict[str, Callable[[_TransformCompiler, yaml.Node, str, tuple[Predicate, ...]], Operation | None]] = {
+    _BUILDERS: ClassVar[dict[str, Callable[[_TransformCompiler, yaml.Node, str, tuple[Predicate, ...]], Operation | None]]] = {
         "rename_event": _rename_event,
         "rename_property": _rename_property,
         "drop_property": _drop_property,

@@ -66,7 +66,7 @@ def _expand(node: yaml.Node, document: Document, env: Mapping[str, str], seen: s
         for item in node.value:
             _expand(item, document, env, seen)
     elif isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
+        for _key, value in node.value:
             _expand(value, document, env, seen)
 
 
@@ -88,7 +88,8 @@ def _expand_scalar(node: yaml.ScalarNode, document: Document, env: Mapping[str, 
         if value is None or (value == "" and default is not None):
             if default is None:
                 document.problems.append(
-                    Problem(document.filename, line_of(node), "", f"environment variable {name} is not set and has no default (write ${{{name}:-default}} to give one)")
+                    Problem(document.filename, line_of(node), "",
+                            f"environment variable {name} is not set and has no default (write ${{{name}:-default}} to give one)")
                 )
                 document.unresolved.add(id(node))
                 return ""
