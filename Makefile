@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test tools check bench clean
+.PHONY: demo test tools lint check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ demo: $(STAMP)
 tools: $(STAMP)
 	$(PY) tests/system_tools.py install
 
-test: $(STAMP) tools
+# The style goals, checked: types (mypy --strict), lint and import order (ruff), and the
+# architecture's import contracts (import-linter). Configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
+
+test: $(STAMP) tools lint
 	$(PY) -m pytest -q -rs
 
 check: $(STAMP)  # every shipped rules file passes `splitter check`, with the placeholder environment the tests use

@@ -21,9 +21,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from loadtest.harness import LOAD_CORE, Receivers, PROXY_CORE, balanced_batches, cpu_seconds, pin, pinning_available, rss_mb, run_wrk, start_receivers
-from loadtest.process import launch_splitter
+from loadtest.harness import LOAD_CORE, PROXY_CORE, Receivers, balanced_batches, cpu_seconds, pin, pinning_available, rss_mb, run_wrk, start_receivers
 from loadtest.payloads import BATCH, RUDDER_SHARE, batch_payload, delivered
+from loadtest.process import launch_splitter
 from proxy.delivery.upstream import basic_auth
 from proxy.engine import RuleSet, load_rules
 

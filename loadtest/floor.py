@@ -38,15 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from loadtest import subjects
 from loadtest.bench_delivery import CONNECTIONS, WRITE_KEY, prepare_load
+from loadtest.harness import LOAD_CORE, PROXY_CORE, cpu_seconds, pinned_server, pinning_available, run_wrk
 from loadtest.payloads import BATCH
 from loadtest.report import CPU_PER_EVENT_US as BATCH_TARGET_US
 from loadtest.report import FORWARDER_RATIO
-from loadtest.harness import LOAD_CORE, PROXY_CORE, cpu_seconds, pinned_server, pinning_available, run_wrk
-from aiohttp import web
-
 from proxy.delivery.spool import encode
 from proxy.engine import EventContext, RuleSet, route
 from proxy.ingress.app import FAST_INGRESS, FastIngress, Observer, observing
@@ -129,7 +128,8 @@ def verdicts(http: dict[str, dict[str, Any]], pieces: dict[str, float]) -> tuple
     capacity = 1e6 / floor
     rows = [
         {"target": f"batch ≤ {BATCH_TARGET_US:g} µs proxy CPU/event", "limit_us": BATCH_TARGET_US, "below_floor": floor > BATCH_TARGET_US,
-         "note": f"leaves {BATCH_TARGET_US - floor:.1f} µs for spool I/O, upstream sends, metrics" if floor <= BATCH_TARGET_US else "the floor alone is over it"},
+         "note": (f"leaves {BATCH_TARGET_US - floor:.1f} µs for spool I/O, upstream sends, metrics" if floor <= BATCH_TARGET_US
+                  else "the floor alone is over it")},
         {"target": f"{FORWARDER_RATIO}× less than the forwarder", "limit_us": forwarder_target, "below_floor": floor > forwarder_target,
          "note": f"forwarder {http['aiohttp forwarder']['cpu_us_per_event']:.1f} µs / {FORWARDER_RATIO}"},
         {"target": "p99 at 50 % of direct (one core must sustain it)", "limit_us": 1e6 / offered, "below_floor": capacity < offered,

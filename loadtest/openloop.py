@@ -22,11 +22,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-from time import perf_counter
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from time import perf_counter
 from urllib.parse import urlsplit
 
 SATURATED_BELOW = 0.95  # achieved / offered under this: the offered load was not sustained

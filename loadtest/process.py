@@ -49,7 +49,7 @@ class SplitterProcess:
             self.signal(signal.SIGTERM)
         try:
             code = await asyncio.wait_for(self.process.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.process.kill()
             code = await self.process.wait()
         if self._reader is not None:
@@ -86,7 +86,7 @@ async def launch_splitter(rules: str, env: Mapping[str, str], extra: Sequence[st
     while loop.time() < deadline:
         try:
             line = await asyncio.wait_for(process.stdout.readline(), max(0.1, deadline - loop.time()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         if not line:
             error = (await process.stderr.read()).decode("utf-8", "replace")

@@ -430,9 +430,8 @@ class Receiver:
         if not poison:
             return None
         for ev in events:
-            if isinstance(ev, dict) and isinstance(mid := ev.get("messageId"), str):
-                if mid in poison:
-                    return mid
+            if isinstance(ev, dict) and isinstance(mid := ev.get("messageId"), str) and mid in poison:
+                return mid
         return None
 
     async def _read_body(self, request: web.Request) -> bytes | None:

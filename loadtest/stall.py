@@ -55,7 +55,8 @@ async def stalled_upstreams(receivers: Receivers, env: dict[str, str], payload: 
     half = next(s for s in samples if s[0] >= samples[-1][0] / 2)
     rss_growth, spool_growth = samples[-1][1] - half[1], samples[-1][2] - half[2]
     return {
-        "seconds": seconds, "rudderstack": "hanging" if hang else "refusing", "requests_per_s": round(run.ok / run.seconds), "events_per_s": round(run.ok * payload.events / run.seconds),
+        "seconds": seconds, "rudderstack": "hanging" if hang else "refusing", "requests_per_s": round(run.ok / run.seconds),
+        "events_per_s": round(run.ok * payload.events / run.seconds),
         "non_200": run.requests - run.ok, "peak_rss_mb": round(peak, 1), "rss_growth_second_half_mb": round(rss_growth, 1),
         "spool_mb_at_end": round(samples[-1][2], 1), "spool_growth_second_half_mb": round(spool_growth, 1),
         "bounded": rss_growth < BOUNDED_GROWTH_MB and spool_growth > 0,

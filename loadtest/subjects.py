@@ -51,7 +51,7 @@ async def _pause() -> float:
 @asynccontextmanager
 async def direct(receivers: Receivers) -> AsyncIterator[Subject]:
     """No proxy: the floor. Nothing to measure on the proxy core."""
-    yield Subject("direct", receivers.segment, "forward", lambda: [], _pause)
+    yield Subject("direct", receivers.segment, "forward", list, _pause)
 
 
 @asynccontextmanager

@@ -19,13 +19,10 @@ from urllib.parse import urlsplit, urlunsplit
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from proxy.engine import RuleSet, mask
-from proxy.engine.masking import MASK
-from proxy.engine.model import Cohort, Rule
-from proxy.engine.ramp import ramp_views
+from proxy.control.reload import Reloader, ReloadResult
+from proxy.control.state import ActiveRules
+from proxy.engine import MASK, Cohort, Rule, RuleSet, mask, ramp_views
 from proxy.metrics import Metrics
-from proxy.reload import Reloader, ReloadResult
-from proxy.state import ActiveRules
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACTIVE = web.AppKey("active", ActiveRules)

@@ -5,9 +5,9 @@ written once:
 
 - `splitter serve`: delivery, the ingress and admin listeners, the control plane (the active rules,
   the installer and its ramp clock, the reloader, the file watcher);
-- a worker of `serve --workers N` (`link`, see proxy/worker.py): the same without the admin port,
+- a worker of `serve --workers N` (`link`, see proxy/process/worker.py): the same without the admin port,
   which its supervisor serves once for all workers;
-- the supervisor of `serve --workers N` (`fleet`, see proxy/supervisor.py): the control plane and the
+- the supervisor of `serve --workers N` (`fleet`, see proxy/process/supervisor.py): the control plane and the
   admin port; its worker processes serve and deliver;
 - tests/proxy_harness.py: `serve`'s kind in the test's own event loop (`handle_signals=False`).
 
@@ -38,23 +38,23 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.admin import build_admin_app
+from proxy.control.install import RulesInstaller
+from proxy.control.ramps import Clock
+from proxy.control.reload import FILE_CHANGE, Reloader
+from proxy.control.state import ActiveRules
+from proxy.control.watch import RulesWatcher
 from proxy.delivery import Delivery, SpoolLocked
 from proxy.delivery.spool import SpoolFormatError
+from proxy.delivery.worker_dirs import worker_spools
 from proxy.engine import RulesError, RuleSet, load_rules
 from proxy.exits import BAD_RULES, OK, STARTUP_FAILURE, WORKER_KILLED
 from proxy.ingress.app import build_ingress_app
 from proxy.ingress.handlers import IngressDeps
 from proxy.ingress.listener import KEEPALIVE_TIMEOUT, IngressListener, listen
-from proxy.install import RulesInstaller
-from proxy.layout import worker_spools
 from proxy.log import configure, get_logger
 from proxy.metrics import Metrics
-from proxy.ramp_clock import Clock
-from proxy.reload import FILE_CHANGE, Reloader
 from proxy.settings import ServeSettings
 from proxy.signals import stop_on_signals
-from proxy.state import ActiveRules
-from proxy.watch import RulesWatcher
 
 log = get_logger("splitter.server")
 ADMIN_SHUTDOWN_TIMEOUT = 2.0  # seconds for a scrape or probe still running when the admin port closes

@@ -26,16 +26,16 @@ import orjson
 from multidict import CIMultiDictProxy
 
 from loadtest.receivers import Receiver, RunningReceiver, start_receiver
+from proxy.control.ramps import Clock, RampScheduler
+from proxy.control.reload import Reloader
+from proxy.control.state import ActiveRules
 from proxy.delivery import Delivery
 from proxy.engine import RuleSet, compile_rules
 from proxy.ingress.cdn import DEFAULT_CDN_URL
 from proxy.ingress.listener import IngressListener
 from proxy.metrics import Metrics
-from proxy.ramp_clock import Clock, RampScheduler
-from proxy.reload import Reloader
 from proxy.server import Server, addresses
 from proxy.settings import DEFAULT_TRUSTED_PROXIES, IPNetwork, ServeSettings
-from proxy.state import ActiveRules
 
 WEB_KEY = "web-key-0123456789"
 SERVER_KEY = "server-key-0123456789"

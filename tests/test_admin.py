@@ -12,10 +12,10 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.admin import build_admin_app, public_url
+from proxy.control.reload import Reloader
+from proxy.control.state import ActiveRules
 from proxy.engine import load_rules, mask
 from proxy.metrics import Metrics
-from proxy.reload import Reloader
-from proxy.state import ActiveRules
 
 WRITE_KEY = "wk_live_web_0123456789abcdef"
 RS_KEY = "rs_live_web_fedcba9876543210"

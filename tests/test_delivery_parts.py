@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -183,9 +183,9 @@ async def test_dead_letters_are_ndjson_lines_with_the_event_embedded(tmp_path: P
     directory = tmp_path / "not" / "there" / "yet"
     letters = DeadLetters(directory, "segment")
     events = [b'{"messageId":"m-1","properties":{"n":1}}', b'{"messageId":"m-2","text":"caf\xc3\xa9 \xf0\x9f\x8e\x89"}']
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     await letters.write(events, 400, b'  {"error":"bad event"}\n')
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     path = directory / "segment.ndjson"
     assert letters.path == path
     raw = path.read_bytes()

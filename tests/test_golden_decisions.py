@@ -22,9 +22,9 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
+from proxy.cli.samples import read_events
 from proxy.engine import EventContext, decide, load_rules, transformed_events
 from proxy.engine.ramp import effective_rules
-from proxy.inputs import read_events
 from tests.conftest import splitter_command
 
 CASES_DIR = Path(__file__).resolve().parent / "golden" / "decisions"

@@ -114,8 +114,8 @@ def imports(path: Path) -> tuple[set[str], list[str]]:
 
 def test_the_server_imports_neither_its_worker_nor_its_supervisor() -> None:
     top, nested = imports(PROXY / "server.py")
-    assert not {"proxy.worker", "proxy.supervisor", "proxy.cli"} & top and nested == []
-    for name in ("worker.py", "supervisor.py"):
+    assert not {"proxy.process.worker", "proxy.process.supervisor", "proxy.cli"} & top and nested == []
+    for name in ("process/worker.py", "process/supervisor.py"):
         assert imports(PROXY / name)[1] == [], f"{name} imports proxy modules inside functions"
 
 

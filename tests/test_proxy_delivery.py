@@ -6,9 +6,9 @@ import time
 from typing import Any
 
 import orjson
+from proxy_harness import DEFAULT_RULES, SERVER_KEY, proxy_stack
 
 from proxy.delivery.batches import MAX_UPSTREAM_BODY
-from proxy_harness import DEFAULT_RULES, SERVER_KEY, proxy_stack
 
 
 def track(i: int, **extra: Any) -> dict[str, Any]:

@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 import pytest
+from proxy_harness import CREDENTIALS, SERVER_KEY, WEB_KEY, Stack, basic, proxy_stack, with_delivery
 
 from proxy.engine import EventContext, decide
-from proxy_harness import CREDENTIALS, SERVER_KEY, WEB_KEY, Stack, basic, proxy_stack, with_delivery
 
 SEG_WEB, RS_WEB = CREDENTIALS["web"]["segment"], CREDENTIALS["web"]["rudderstack"]
 SEG_SERVER, RS_SERVER = CREDENTIALS["server"]["segment"], CREDENTIALS["server"]["rudderstack"]

@@ -20,12 +20,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from loadtest.process import launch_splitter
+from proxy.control.install import RulesInstaller
+from proxy.control.ramps import RampScheduler
+from proxy.control.reload import Reloader
+from proxy.control.state import ActiveRules
 from proxy.engine import EventContext, bucket, decide, effective_rules, load_rules
-from proxy.install import RulesInstaller
 from proxy.metrics import Metrics
-from proxy.ramp_clock import RampScheduler
-from proxy.reload import Reloader
-from proxy.state import ActiveRules
 from tests.proxy_harness import DEFAULT_RULES, Stack, proxy_stack
 from tests.test_serve_lifecycle import AUTH, batch, metric, rules_text, settled, splitter_env, upstreams  # noqa: F401 (fixture)
 

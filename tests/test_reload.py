@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from proxy.control.reload import Reloader, ReloadResult
+from proxy.control.state import ActiveRules
+from proxy.control.watch import RulesWatcher
 from proxy.engine import load_rules
 from proxy.metrics import Metrics
-from proxy.reload import Reloader, ReloadResult
-from proxy.state import ActiveRules
-from proxy.watch import RulesWatcher
 
 WRITE_KEY = "wk_live_web_0123456789abcdef"
 RS_KEY = "rs_live_web_fedcba9876543210"

@@ -53,3 +53,19 @@ def test_without_apt_the_installer_says_what_to_run_and_tests_skip_naming_the_pa
     lines = run.stdout.strip().splitlines()
     assert lines[-1] == "tests: 0 passed, 0 failed, 1 skipped", run.stdout
     assert "skipped 1: needs wrk (Debian package wrk): run `sudo apt-get install -y --no-install-recommends wrk`" in run.stdout
+
+
+def test_the_engine_facade_contract_names_every_engine_module() -> None:
+    """import-linter's facade contract lists the engine's modules by hand: a new one must be added there."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    facade = next(c for c in contracts if c["name"].startswith("outside the engine"))
+    modules = {f"proxy.engine.{path.stem}" for path in (ROOT / "proxy" / "engine").glob("*.py") if path.stem != "__init__"}
+    assert set(facade["forbidden_modules"]) == modules
+
+
+def test_make_test_runs_the_style_checks_before_the_tests() -> None:
+    recipe = subprocess.run(["make", "-n", "-C", str(ROOT), "test"], capture_output=True, text=True, check=True).stdout
+    for check in ("mypy", "ruff check", "lint-imports"):
+        assert recipe.index(check) < recipe.index("-m pytest"), check

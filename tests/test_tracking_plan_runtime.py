@@ -18,12 +18,12 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from proxy.control.reload import Reloader
+from proxy.control.state import ActiveRules
 from proxy.engine import EventContext, RulesError, Violation, compile_rules, load_rules
 from proxy.ingress.plan_checks import PlanChecks
 from proxy.ingress.prepare import CallShape, prepare
 from proxy.metrics import Metrics
-from proxy.reload import Reloader
-from proxy.state import ActiveRules
 from tests.conftest import RULES_DIR, splitter_command
 from tests.proxy_harness import DEFAULT_RULES, SERVER_KEY, Stack, proxy_stack
 

@@ -26,7 +26,7 @@ import pytest
 
 from loadtest.process import SplitterProcess, launch_splitter
 from loadtest.receivers import RunningReceiver, start_receiver
-from proxy.layout import leftovers, worker_dir
+from proxy.delivery.worker_dirs import leftovers, worker_dir
 
 WRITE_KEY = "workers-web-key-0123"
 RUDDER_KEY = "workers-rs-key-0123"

@@ -60,7 +60,7 @@ class GroupCommit:
             plan = [(spool, spool.appended, spool.take_dirty()) for spool in spools]
             try:
                 await asyncio.to_thread(_sync_all, plan)
-            except Exception as exc:  # noqa: BLE001 - an OSError is a 503; anything else must not leave requests hanging
+            except Exception as exc:
                 # Every request waiting fails, not only those of this round: a request that appended
                 # meanwhile may sit behind a hole the failed fsync left in the same file.
                 for spool, _, dirty in plan:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -26,7 +26,7 @@ class DeadLetters:
         self.destination = destination
 
     async def write(self, events: Sequence[bytes], status: int, response: bytes, reason: str | None = None) -> None:
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         text = response.decode("utf-8", "replace").strip()[:2000]
         common: dict[str, object] = {"time": now, "destination": self.destination, "status": status}
         if reason is not None:

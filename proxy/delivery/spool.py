@@ -11,8 +11,8 @@ each segment is noted in `NNNNNNNNNNNN.ack` (best effort, not fsynced, at most e
 sent again (same messageId, so warehouses drop them), never fewer. At start-up every segment is
 scanned; a torn or corrupt tail is truncated and reported, and the records before it survive.
 
-On a full disk (ENOSPC, EDQUOT) or a failing one (EIO) the spool stays consistent. A refused record, even part-written, is cut back off its segment: nothing of it
-counts, the request gets 503 with Retry-After. Cutting back rather than sealing keeps a full disk
+On a full disk (ENOSPC, EDQUOT) or a failing one (EIO) the spool stays consistent. A refused record, even
+part-written, is cut back off its segment: nothing of it counts, the request gets 503 with Retry-After. Cutting back rather than sealing keeps a full disk
 from leaving a trail of near-empty segments, one per refused request; a segment is sealed only when
 the cut fails (the next start cuts the tear) or an fsync of it failed. A new segment is started
 after the old one is sealed (a delivered one deleted first, giving its room back); until one could
@@ -33,8 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.delivery.commit import GroupCommit
-from proxy.delivery.segment_files import (Dirty, SegmentFiles, appended_at, forget_orphan_notes, read_note, read_records, recover_file,
-                                          remove_segment, unlink, write_note)
+from proxy.delivery.segment_files import (
+    Dirty,
+    SegmentFiles,
+    appended_at,
+    forget_orphan_notes,
+    read_note,
+    read_records,
+    recover_file,
+    remove_segment,
+    unlink,
+    write_note,
+)
 from proxy.delivery.spool_format import HEADER, MAGIC, Record, SpoolFormatError, decode, encode, event_count
 from proxy.log import LogThrottle, get_logger
 
@@ -60,7 +70,7 @@ class Recovery:
 
 
 class _Segment:
-    __slots__ = ("id", "path", "records", "events", "acked", "acked_offset", "handed", "handed_events", "size", "noted", "noted_at")
+    __slots__ = ("acked", "acked_offset", "events", "handed", "handed_events", "id", "noted", "noted_at", "path", "records", "size")
 
     def __init__(self, segment_id: int, path: Path, acked: int = 0, acked_events: int = 0, acked_offset: int = len(MAGIC)) -> None:
         self.id, self.path, self.size = segment_id, path, 0

@@ -22,8 +22,7 @@ from proxy.delivery.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.engine import Destination
-from proxy.engine.masking import MASK
+from proxy.engine import MASK, Destination
 from proxy.metrics import Metrics
 
 USER_AGENT = "splitter/0.1"

@@ -4,8 +4,8 @@ Everything else in splitter imports the engine from here and only from here.
 """
 
 from proxy.engine.cohort import BUCKETS, NO_KEY_BUCKET, bucket
-from proxy.engine.decide import decide, route
 from proxy.engine.errors import Problem, RulesError
+from proxy.engine.evaluate import decide, route
 from proxy.engine.events import events_of_body, has_envelope, merge_envelope
 from proxy.engine.intake import DedupSettings
 from proxy.engine.masking import MASK, mask

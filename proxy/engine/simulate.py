@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.engine.cohort import cohort_key
-from proxy.engine.decide import decide
+from proxy.engine.evaluate import decide
 from proxy.engine.model import EventContext, RuleSet
 
 Sample = tuple[Mapping[str, Any], EventContext]

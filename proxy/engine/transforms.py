@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.engine.decide import NO_CONTEXT
+from proxy.engine.evaluate import NO_CONTEXT
 from proxy.engine.model import Decision, Predicate
 
 Path = tuple[str, ...]

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from proxy.delivery.upstream import public_url as shown_url
 from proxy.delivery.upstream import read_bounded
-from proxy.engine.masking import mask
+from proxy.engine import mask
 from proxy.ingress import responses
 from proxy.log import get_logger
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.control.state import ActiveRules
 from proxy.delivery import Delivery
 from proxy.engine import EventContext, RuleSet
 from proxy.ingress import responses
@@ -25,7 +26,6 @@ from proxy.ingress.responses import IngressError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 from proxy.settings import IPNetwork
-from proxy.state import ActiveRules
 
 log = get_logger("splitter.ingress")
 # The source a request authenticated as, for the error log. A plain str key warns on aiohttp >= 3.14.

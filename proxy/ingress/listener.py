@@ -38,11 +38,11 @@ from typing import Any
 import orjson
 from aiohttp import StreamReader, web
 
+from proxy.background import BackgroundTask
 from proxy.ingress import responses
 from proxy.ingress.app import FAST_INGRESS
 from proxy.ingress.body import BODY_DEADLINE
 from proxy.log import get_logger
-from proxy.tasks import BackgroundTask
 
 log = get_logger("splitter.ingress")
 

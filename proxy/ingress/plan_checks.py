@@ -23,10 +23,10 @@ from collections.abc import AsyncIterator, Callable, Iterable
 import orjson
 from aiohttp import web
 
+from proxy.background import BackgroundTask
 from proxy.engine import RuleSet, TrackingPlan, Violation
 from proxy.log import LogThrottle, get_logger
 from proxy.metrics import Metrics
-from proxy.tasks import BackgroundTask
 
 log = get_logger("splitter.tracking_plan")
 QUEUE_CAPACITY = 10_000  # events waiting for a check; a burst beyond this is skipped and counted

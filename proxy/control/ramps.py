@@ -2,7 +2,7 @@
 
 The engine says which split a ramp gives at a time (`effective_rules`) and when the next step is
 (`next_step_at`); this module owns the clock. `RampScheduler` sleeps until the next step and installs
-the rules with that step applied through the process's `RulesInstaller` (proxy/install.py: the same
+the rules with that step applied through the process's `RulesInstaller` (proxy/control/install.py: the same
 step as a reload, so the swap, `splitter_rollout_percent` and delivery move together), then logs
 `ramp_step_applied`. A reload installs rules already set to "now" (`live()`), and every install
 calls `replan()`, so the next wake-up is computed from the rules now in effect.
@@ -17,9 +17,9 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Protocol
 
+from proxy.background import BackgroundTask
 from proxy.engine import RuleSet, effective_rules, iso, next_step_at
 from proxy.log import get_logger
-from proxy.tasks import BackgroundTask
 
 log = get_logger(__name__)
 

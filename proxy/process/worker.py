@@ -1,6 +1,6 @@
 """A worker process of `splitter serve --workers N`: its link to the supervisor, and its entry point.
 
-The supervisor starts each worker as `python -c "from proxy.worker import main; main()" ROLE FD`
+The supervisor starts each worker as `python -c "from proxy.process.worker import main; main()" ROLE FD`
 with the worker's `ServeSettings` pickled on stdin (its own spool and dead-letter directories,
 `reuse_port` on) and PROMETHEUS_MULTIPROC_DIR in its environment, so prometheus_client keeps every
 value in shared files from the first import. FD is this process's end of a socket pair: the worker
@@ -8,7 +8,7 @@ writes `ready` / `draining` lines on it, and end-of-file on it means the supervi
 drains and stops the worker rather than leaving it serving unsupervised.
 
 ROLE is `worker-<i>` for a serving worker, or `drain:<directory>` for a drainer: a process that only
-delivers what a spool no worker owns still holds (see `proxy.layout`), then exits 0.
+delivers what a spool no worker owns still holds (see `proxy.delivery.worker_dirs`), then exits 0.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
+from proxy.background import BackgroundTask
 from proxy.exits import BAD_RULES, OK, STARTUP_FAILURE
 from proxy.log import configure, get_logger
 from proxy.metrics import Metrics
 from proxy.server import load_initial_rules, run_loop, serve, start_delivery
 from proxy.settings import ServeSettings
 from proxy.signals import stop_on_signals
-from proxy.tasks import BackgroundTask
 
 log = get_logger("splitter.worker")
 REFRESH_INTERVAL = 0.5  # seconds between copies of the set_function gauges into the shared files

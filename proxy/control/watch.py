@@ -13,8 +13,8 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 
+from proxy.background import BackgroundTask
 from proxy.log import get_logger
-from proxy.tasks import BackgroundTask
 
 log = get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """`splitter serve --workers N`: a supervisor process and N workers sharing the ingress port.
 
-Each worker is a full `splitter serve` (proxy/worker.py) that binds the ingress address itself with
+Each worker is a full `splitter serve` (proxy/process/worker.py) that binds the ingress address itself with
 SO_REUSEPORT, so the kernel spreads new connections over the workers; one Python process is one
 core. The supervisor serves nothing on the ingress port. It:
 
@@ -9,7 +9,7 @@ core. The supervisor serves nothing on the ingress port. It:
   no connections);
 - gives worker i its own spool, `<spool-dir>/worker-<i>`, and dead letters, `<dead-letter-dir>/
   worker-<i>` (a spool has one writer), and starts a drainer process for every spool no worker owns
-  that still holds records (`proxy.layout.leftovers`: N was lowered, or a single process wrote it);
+  that still holds records (`proxy.delivery.worker_dirs.leftovers`: N was lowered, or a single process wrote it);
 - serves the admin port once: `/metrics` merges the workers' prometheus_client multiprocess files
   (PROMETHEUS_MULTIPROC_DIR: a fresh directory, removed at exit; a dead worker's live gauges are
   removed by `mark_process_dead`), `/readyz` is ready when every worker is, `/admin/*` as usual;
@@ -43,18 +43,18 @@ import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import mark_process_dead
 
+from proxy.delivery.worker_dirs import leftovers, worker_dir
 from proxy.engine import RuleSet
 from proxy.exits import BAD_RULES, STARTUP_FAILURE
-from proxy.layout import leftovers, worker_dir
 from proxy.log import configure, get_logger
 from proxy.metrics import Metrics, SupervisorMetrics
+from proxy.process.worker import DRAIN_PREFIX
 from proxy.server import Server, load_initial_rules, run_loop
 from proxy.settings import ServeSettings
-from proxy.worker import DRAIN_PREFIX
 
 log = get_logger("splitter.supervisor")
 METRICS_DIR_PREFIX = "splitter-metrics-"
-WORKER_COMMAND = ("-c", "from proxy.signals import hold_sighup; hold_sighup(); from proxy.worker import main; main()")
+WORKER_COMMAND = ("-c", "from proxy.signals import hold_sighup; hold_sighup(); from proxy.process.worker import main; main()")
 RESTART_BACKOFF = (0.5, 30.0)  # first and largest wait before restarting a worker that exited
 STABLE_AFTER = 30.0  # seconds a worker must have run for its next restart to wait the shortest time again
 KILL_GRACE = 10.0  # seconds past the drain timeout before a worker that has not exited is killed

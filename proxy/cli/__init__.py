@@ -17,13 +17,10 @@ import orjson
 from multidict import CIMultiDict
 
 from proxy import __version__
-from proxy.engine import EventContext, RulesError, RuleSet, decide, load_rules, transformed_events
-from proxy.engine.plan_report import plan_report_lines
-from proxy.engine.ramp import effective_rules
-from proxy.engine.simulate import Sample, against, tally
+from proxy.cli.ramps import at_option, position_lines, schedule_lines
+from proxy.cli.samples import InputError, SampleEvent, read_events
+from proxy.engine import EventContext, RulesError, RuleSet, Sample, against, decide, effective_rules, load_rules, plan_report_lines, tally, transformed_events
 from proxy.exits import BAD_INPUT, STARTUP_FAILURE
-from proxy.inputs import InputError, SampleEvent, read_events
-from proxy.ramp_cli import at_option, position_lines, schedule_lines
 from proxy.settings import LOG_LEVELS, ServeSettings, SettingsError, flag_default
 
 FC = TypeVar("FC", bound=Callable[..., Any])
@@ -123,7 +120,7 @@ def serve(**flags: Any) -> None:
     """Run the proxy. The admin token, when the admin port is not loopback, comes from SPLITTER_ADMIN_TOKEN."""
     # Before prometheus_client is imported: it picks multiprocess mode from the environment once. An
     # inherited directory (another app's, or one long gone) would crash start-up or hide the rules
-    # gauges; `--workers N` gives its workers a fresh one of its own (proxy/supervisor.py).
+    # gauges; `--workers N` gives its workers a fresh one of its own (proxy/process/supervisor.py).
     for name in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"):
         if (inherited := os.environ.pop(name, None)) is not None:
             click.echo(f"splitter: ignoring {name}={inherited}: splitter manages its own metrics directory", err=True)
@@ -132,8 +129,8 @@ def serve(**flags: Any) -> None:
     except SettingsError as exc:
         click.echo(f"splitter: {exc}", err=True)
         sys.exit(STARTUP_FAILURE)
+    from proxy.process.supervisor import supervise
     from proxy.server import run  # here, not at the top: `check`, `explain` and `simulate` need no server
-    from proxy.supervisor import supervise
 
     sys.exit(supervise(settings) if settings.workers > 1 else run(settings))
 

@@ -20,11 +20,11 @@ installs the same rules in its own process.
 
 from __future__ import annotations
 
+from proxy.control.ramps import Clock, RampScheduler
+from proxy.control.state import ActiveRules
 from proxy.delivery import Delivery
 from proxy.engine import RuleSet
 from proxy.metrics import Metrics
-from proxy.ramp_clock import Clock, RampScheduler
-from proxy.state import ActiveRules
 
 
 class RulesInstaller:

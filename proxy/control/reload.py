@@ -4,7 +4,7 @@ Every trigger (SIGHUP, the file watcher, `POST /admin/reload`) ends in `Reloader
 all-or-nothing: a file that does not compile, or that would reshuffle users between destinations
 without saying `reshuffle: true`, is logged and counted and the last good rules stay active. Reloads
 are serialized by a lock, so two triggers can never compare against, or swap over, each other.
-A rule set that passes is put into effect by the process's `RulesInstaller` (proxy/install.py), the
+A rule set that passes is put into effect by the process's `RulesInstaller` (proxy/control/install.py), the
 same step start-up and ramp steps take. In a `--workers N` supervisor, `forward` passes an
 operator's reload (anything but the supervisor's own file watcher) on to every worker.
 
@@ -20,12 +20,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from proxy.background import BackgroundTask
+from proxy.control.install import RulesInstaller
+from proxy.control.state import ActiveRules
 from proxy.engine import RulesError, compare, load_rules, plan_files
-from proxy.install import RulesInstaller
 from proxy.log import get_logger
 from proxy.metrics import Metrics
-from proxy.state import ActiveRules
-from proxy.tasks import BackgroundTask
 
 log = get_logger(__name__)
 FILE_CHANGE = "file_change"  # the trigger of the rules watcher, which every process of `--workers N` runs itself

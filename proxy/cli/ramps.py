@@ -11,8 +11,7 @@ from datetime import UTC, datetime
 
 import click
 
-from proxy.engine import RuleSet
-from proxy.engine.ramp import RampView, iso, ramp_views
+from proxy.engine import RampView, RuleSet, iso, ramp_views
 
 
 def _parse_at(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime:
