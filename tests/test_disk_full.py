@@ -32,6 +32,7 @@ from proxy.delivery import Chunk, Delivery, Submission
 from proxy.delivery.spool import HEADER, MAGIC, Record, Spool, encode
 from proxy.engine import Source, compile_rules
 from proxy.metrics import Metrics
+from tests.spooling import synced, write_request
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -117,20 +118,20 @@ def segments(directory: Path) -> list[Path]:
 async def test_a_short_record_write_is_cut_back_refused_and_the_spool_goes_on_when_space_returns(fs: Path) -> None:
     spool = Spool(fs / "spool", quota_bytes=1 << 30)
     spool.open()
-    await spool.commit(spool.append("k", None, [ev(0)]))
+    await synced(spool, write_request(spool, "k", None, [ev(0)]))
     path = segments(fs / "spool")[0]
     before = path.stat().st_size
     filler = fill(fs, leave=PAGE)  # the next record needs two more pages: the kernel writes part of it
     fds = open_fds()
     for attempt in range(5):  # every try is refused, none leaves a byte or a descriptor behind
         with pytest.raises(OSError) as refused:
-            spool.append("k", None, [ev(1, pad=2 * PAGE)])
+            write_request(spool, "k", None, [ev(1, pad=2 * PAGE)])
         assert refused.value.errno == errno.ENOSPC, attempt
         assert path.stat().st_size == before and spool.disk_bytes == before and spool.pending == 1
     spool.sync(spool.take_dirty())
     assert open_fds() <= fds
     os.unlink(filler)  # space returns: splitter goes on by itself
-    await spool.commit(spool.append("k", None, [ev(2, pad=2 * PAGE)]))
+    await synced(spool, write_request(spool, "k", None, [ev(2, pad=2 * PAGE)]))
     assert events_of(await read_all(spool, 2)) == [ev(0), ev(2, pad=2 * PAGE)]  # no tear to stall at
     again = Spool(fs / "spool", quota_bytes=1 << 30)
     recovery = again.open()
@@ -143,12 +144,12 @@ async def test_a_short_record_write_is_cut_back_refused_and_the_spool_goes_on_wh
 async def test_a_failed_format_marker_at_rotation_leaves_no_markerless_file_and_no_stray_descriptor(fs: Path) -> None:
     spool = Spool(fs / "spool", quota_bytes=1 << 30, segment_bytes=2 * PAGE)
     spool.open()
-    await spool.commit(spool.append("k", None, [ev(0, pad=PAGE)]))
+    await synced(spool, write_request(spool, "k", None, [ev(0, pad=PAGE)]))
     filler = fill(fs)
     fds = open_fds()
     for attempt in range(5):  # each record needs a new segment, whose marker finds no room
         with pytest.raises(OSError) as refused:
-            spool.append("k", None, [ev(1, pad=PAGE)])
+            write_request(spool, "k", None, [ev(1, pad=PAGE)])
         assert refused.value.errno == errno.ENOSPC, (attempt, refused.value)  # never "File exists"
         for path in segments(fs / "spool"):
             assert path.read_bytes().startswith(MAGIC), path
@@ -159,8 +160,8 @@ async def test_a_failed_format_marker_at_rotation_leaves_no_markerless_file_and_
         for s in spied_on:
             s.setblocking(False)
         os.unlink(filler)
-        tickets = [spool.append("k", None, [ev(i, pad=PAGE)]) for i in range(2, 6)]
-        await spool.commit(tickets[-1])
+        tickets = [write_request(spool, "k", None, [ev(i, pad=PAGE)]) for i in range(2, 6)]
+        await synced(spool, tickets[-1])
         for s in spied_on:
             with pytest.raises(BlockingIOError):
                 s.recv(1 << 16)  # no spool bytes on anybody else's descriptor
@@ -178,9 +179,9 @@ async def test_a_failed_format_marker_at_rotation_leaves_no_markerless_file_and_
 async def test_a_failed_ack_note_does_not_break_acking_and_is_written_once_there_is_room(fs: Path) -> None:
     spool = Spool(fs / "spool", quota_bytes=1 << 30)
     spool.open()
-    await spool.commit(spool.append("k", None, [ev(0)]))
-    await spool.commit(spool.append("k", None, [ev(1)]))
-    await spool.commit(spool.append("k", None, [ev(2)]))
+    await synced(spool, write_request(spool, "k", None, [ev(0)]))
+    await synced(spool, write_request(spool, "k", None, [ev(1)]))
+    await synced(spool, write_request(spool, "k", None, [ev(2)]))
     records = await read_all(spool, 3)
     filler = fill(fs)
     spool.ack(records[:1])  # the note is due and cannot be written: acking still works
@@ -202,7 +203,7 @@ async def test_a_spool_opened_on_a_full_disk_delivers_its_backlog_and_takes_writ
     spool = Spool(fs / "spool", quota_bytes=1 << 30)
     spool.open()
     for i in range(3):
-        await spool.commit(spool.append("k", None, [ev(i)]))
+        await synced(spool, write_request(spool, "k", None, [ev(i)]))
     await spool.close()
     filler = fill(fs)
     again = Spool(fs / "spool", quota_bytes=1 << 30)
@@ -211,10 +212,10 @@ async def test_a_spool_opened_on_a_full_disk_delivers_its_backlog_and_takes_writ
     records = await read_all(again, 3)
     assert events_of(records) == [ev(i) for i in range(3)]
     with pytest.raises(OSError):
-        again.append("k", None, [ev(3)])
+        write_request(again, "k", None, [ev(3)])
     again.ack(records)
     os.unlink(filler)
-    await again.commit(again.append("k", None, [ev(4)]))
+    await synced(again, write_request(again, "k", None, [ev(4)]))
     assert events_of(await read_all(again, 1)) == [ev(4)]
     await again.close()
 
@@ -225,7 +226,7 @@ async def test_restart_removes_an_empty_or_markerless_new_segment_and_keeps_whol
     directory = fs / "spool"
     spool = Spool(directory, quota_bytes=1 << 30)
     spool.open()
-    await spool.commit(spool.append("k", None, [ev(0)]))
+    await synced(spool, write_request(spool, "k", None, [ev(0)]))
     await spool.close()
     whole = encode(time.time(), "k", None, [ev(1)])
     for name, content, records, truncated in [("000000000002.seg", b"", 1, 0),
@@ -248,7 +249,7 @@ async def test_a_tail_torn_by_a_full_disk_is_cut_at_restart(fs: Path) -> None:
     directory = fs / "spool"
     spool = Spool(directory, quota_bytes=1 << 30)
     spool.open()
-    await spool.commit(spool.append("k", None, [ev(0)]))
+    await synced(spool, write_request(spool, "k", None, [ev(0)]))
     await spool.close()
     path = segments(directory)[0]
     whole = path.stat().st_size
@@ -273,8 +274,8 @@ async def test_the_reader_reports_and_skips_a_record_damaged_under_it_instead_of
     directory = fs / "spool"
     spool = Spool(directory, quota_bytes=1 << 30, fresh_limit=0)  # the reader reads the files
     spool.open()
-    tickets = [spool.append("k", None, [ev(i, pad=50)]) for i in range(3)]
-    await spool.commit(tickets[-1])
+    tickets = [write_request(spool, "k", None, [ev(i, pad=50)]) for i in range(3)]
+    await synced(spool, tickets[-1])
     path = segments(directory)[0]
     second_record = len(MAGIC) + len(encode(0.0, "k", None, [ev(0, pad=50)]))
     with open(path, "r+b") as handle:
@@ -282,7 +283,7 @@ async def test_the_reader_reports_and_skips_a_record_damaged_under_it_instead_of
         handle.write(b"\x00\xff")  # the second record's bytes no longer match their crc
     assert events_of(await read_all(spool, 1)) == [ev(0, pad=50)]
     assert spool.pending == 1  # the damaged record and the one after it are reported lost, not waited for
-    await spool.commit(spool.append("k", None, [ev(3)]))
+    await synced(spool, write_request(spool, "k", None, [ev(3)]))
     assert events_of(await read_all(spool, 1)) == [ev(3)]  # the sender goes on
     assert len(segments(directory)) == 2  # nothing was appended after the damage
     await spool.close()

@@ -19,6 +19,7 @@ from proxy.delivery.commit import GroupCommit
 from proxy.delivery.spool import FRESH_LIMIT, MAGIC, Record, Recovery, Spool, SpoolFormatError, SpoolFull
 from proxy.engine import compile_rules
 from proxy.metrics import Metrics
+from tests.spooling import synced, write_request
 
 BIG = 1 << 30
 Entry = tuple[str, "str | None", bytes]
@@ -33,13 +34,13 @@ def append(spool: Spool, entries: list[Entry]) -> int:
     """One record per run of entries with the same credential and forwarded-for (as one request's)."""
     ticket = 0
     for (credential, forwarded), run in itertools.groupby(entries, key=lambda e: (e[0], e[1])):
-        ticket = spool.append(credential, forwarded, [event for _, _, event in run])
+        ticket = write_request(spool, credential, forwarded, [event for _, _, event in run])
     return ticket
 
 
 async def put(spool: Spool, entries: list[Entry]) -> int:
     ticket = append(spool, entries)
-    await spool.commit(ticket)
+    await synced(spool, ticket)
     return ticket
 
 
@@ -438,7 +439,7 @@ async def test_quota_refuses_a_batch_that_does_not_fit_and_writes_nothing(tmp_pa
     assert one == path.stat().st_size > 100
     assert spool.has_room(1000 - one) and not spool.has_room(1000 - one + 1)
     with pytest.raises(SpoolFull):
-        spool.append("k", None, [ev(i, pad=100) for i in range(1, 10)])
+        write_request(spool, "k", None, [ev(i, pad=100) for i in range(1, 10)])
     assert path.stat().st_size == one and spool.disk_bytes == one and spool.pending == 1
     assert seg_files(tmp_path) == ["000000000001.seg"]
     for i in range(1, 10):  # fill it up one by one, rotating
@@ -450,7 +451,7 @@ async def test_quota_refuses_a_batch_that_does_not_fit_and_writes_nothing(tmp_pa
     total = sum(p.stat().st_size for p in tmp_path.glob("*.seg"))
     assert total == spool.disk_bytes <= 1000
     with pytest.raises(SpoolFull):
-        spool.append("k", None, [ev(99, pad=100)])
+        write_request(spool, "k", None, [ev(99, pad=100)])
     assert sum(p.stat().st_size for p in tmp_path.glob("*.seg")) == total
     # the sender catches up: sealed segments are deleted and the room comes back
     spool.ack(await read(spool))
@@ -479,8 +480,8 @@ async def test_fifty_concurrent_commits_complete_together(tmp_path: Path) -> Non
     spool, _ = opened(tmp_path)
 
     async def request(i: int) -> int:
-        ticket = spool.append("k", None, [ev(i)])
-        await spool.commit(ticket)
+        ticket = write_request(spool, "k", None, [ev(i)])
+        await synced(spool, ticket)
         return ticket
 
     started = time.monotonic()
@@ -489,7 +490,7 @@ async def test_fifty_concurrent_commits_complete_together(tmp_path: Path) -> Non
     assert time.monotonic() - started < 5.0
     assert sorted(tickets) == list(range(1, 51))
     for ticket in tickets:  # all covered: committing again does not even yield to the loop
-        coroutine = spool.commit(ticket)
+        coroutine = synced(spool, ticket)
         with pytest.raises(StopIteration):
             coroutine.send(None)
     assert events_of(await read(spool)) == [ev(i) for i in range(50)]
@@ -498,10 +499,10 @@ async def test_fifty_concurrent_commits_complete_together(tmp_path: Path) -> Non
 
 async def test_one_commit_covers_every_earlier_ticket(tmp_path: Path) -> None:
     spool, _ = opened(tmp_path)
-    tickets = [spool.append("k", None, [ev(i)]) for i in range(50)]
-    await spool.commit(tickets[-1])  # one fsync round for all of them
+    tickets = [write_request(spool, "k", None, [ev(i)]) for i in range(50)]
+    await synced(spool, tickets[-1])  # one fsync round for all of them
     for ticket in tickets:
-        coroutine = spool.commit(ticket)
+        coroutine = synced(spool, ticket)
         with pytest.raises(StopIteration):
             coroutine.send(None)
     again, recovery = opened(tmp_path)  # and it is all on disk for another reader
@@ -515,7 +516,7 @@ async def test_one_group_commit_covers_tickets_of_several_spools(tmp_path: Path)
     first = Spool(tmp_path / "a", quota_bytes=BIG, group=group)
     second = Spool(tmp_path / "b", quota_bytes=BIG, group=group)
     first.open(), second.open()
-    tickets = [(first, first.append("k", None, [ev(1)])), (second, second.append("k", None, [ev(2)]))]
+    tickets = [(first, write_request(first, "k", None, [ev(1)])), (second, write_request(second, "k", None, [ev(2)]))]
     await group.wait(tickets)
     assert (first.committed, second.committed) == (1, 1)
     _, recovered = opened(tmp_path / "b")  # on disk for another reader
@@ -526,16 +527,16 @@ async def test_one_group_commit_covers_tickets_of_several_spools(tmp_path: Path)
 
 async def test_a_failed_sync_fails_the_waiting_request_and_the_next_round_recovers(tmp_path: Path) -> None:
     spool, _ = opened(tmp_path)
-    ticket = spool.append("k", None, [ev(1)])
+    ticket = write_request(spool, "k", None, [ev(1)])
     fd = spool._files.active
     assert fd is not None
     saved = os.dup(fd)
     os.close(fd)  # the segment's descriptor goes bad under the spool: fsync fails with EBADF
     with pytest.raises(OSError):
-        await spool.commit(ticket)
+        await synced(spool, ticket)
     os.dup2(saved, fd)  # the same descriptor works again
     os.close(saved)
-    await spool.commit(spool.append("k", None, [ev(2)]))  # later requests are not stuck behind the failure
+    await synced(spool, write_request(spool, "k", None, [ev(2)]))  # later requests are not stuck behind the failure
     assert spool.committed == 2
     await spool.close()
 
@@ -544,11 +545,11 @@ async def test_a_descriptor_handed_to_a_sync_round_stays_open_until_the_next_rou
     """A segment sealed while a worker thread fsyncs its descriptor: closed then, the fsync would hit
     a closed (or, worse, reused) descriptor and fail the round's requests with a 503 for nothing."""
     spool, _ = opened(tmp_path, segment_bytes=300)
-    spool.append("k", None, [ev(0, pad=120)])
+    write_request(spool, "k", None, [ev(0, pad=120)])
     round_one = spool.take_dirty()  # a round starts: its thread will fsync these
     [sealed] = round_one[0]
-    spool.append("k", None, [ev(1, pad=120)])
-    spool.append("k", None, [ev(2, pad=120)])  # rotates: segment 1 is sealed while round one still runs
+    write_request(spool, "k", None, [ev(1, pad=120)])
+    write_request(spool, "k", None, [ev(2, pad=120)])  # rotates: segment 1 is sealed while round one still runs
     assert spool._files.active != sealed
     spool.sync(round_one)  # the round's fsync of the sealed segment still works
     os.fstat(sealed)
@@ -650,7 +651,7 @@ async def _roundtrip(directory: Path, entries: list[Entry], batches: list[int], 
         tickets = [append(spool, [entry]) for entry in entries]
     else:
         tickets = [append(spool, part) for part in (entries[: len(entries) // 2], entries[len(entries) // 2:]) if part]
-    await spool.commit(tickets[-1])
+    await synced(spool, tickets[-1])
     sizes = itertools.cycle(batches)
     read_batches: list[list[Record]] = []
     seen = 0
@@ -711,9 +712,9 @@ async def test_a_reader_that_falls_behind_reads_the_files_and_then_memory_again(
     spool, _ = opened(tmp_path, fresh_limit=300)
     events = [ev(i, pad=100) for i in range(8)]  # ~150 bytes a record: the third overflows the memory
     for e in events[:5]:
-        spool.append("k", None, [e])
+        write_request(spool, "k", None, [e])
     assert events_of(await read(spool)) == events[:5]  # the first two from memory, then the files
-    spool.append("k", None, [events[5]])  # caught up again: kept in memory
+    write_request(spool, "k", None, [events[5]])  # caught up again: kept in memory
     (tmp_path / "000000000001.seg").write_bytes(b"")  # were it read from the file, nothing would be found
     assert events_of(await read(spool)) == [events[5]]
     await spool.close()

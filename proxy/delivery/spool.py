@@ -11,16 +11,15 @@ each segment is noted in `NNNNNNNNNNNN.ack` (best effort, not fsynced, at most e
 sent again (same messageId, so warehouses drop them), never fewer. At start-up every segment is
 scanned; a torn or corrupt tail is truncated and reported, and the records before it survive.
 
-On a full disk (ENOSPC, EDQUOT) or a failing one (EIO) the spool stays consistent. A refused record, even
-part-written, is cut back off its segment: nothing of it counts, the request gets 503 with Retry-After. Cutting back rather than sealing keeps a full disk
-from leaving a trail of near-empty segments, one per refused request; a segment is sealed only when
-the cut fails (the next start cuts the tear) or an fsync of it failed. A new segment is started
-after the old one is sealed (a delivered one deleted first, giving its room back); until one could
-be created there is no active segment and every write tries again, so the spool recovers by itself
-when space returns, and starts on a full disk, delivering its backlog. A failed fsync fails every
-waiting request (503); its records stay and are delivered, so a retry duplicates them (same
-messageIds) and nothing is lost. A record that cannot be read back is reported and the rest of its
-segment skipped, as the next start would cut it, instead of the sender stalling silently.
+On a full disk (ENOSPC, EDQUOT) or a failing one (EIO) the spool stays consistent. A refused record,
+even part-written, is cut back off its segment: nothing of it counts, and the request gets 503 with
+Retry-After (cutting back rather than sealing leaves no trail of near-empty segments on a full disk).
+A segment is sealed only when the cut fails (the next start cuts the tear) or its fsync failed. A
+new segment is started after the old one is sealed (a delivered one deleted first, giving its room
+back); until one can be created every write tries again, so the spool recovers by itself when space
+returns, and starts on a full disk. A failed fsync fails its waiting requests (503) but its records
+stay and are delivered: a retry duplicates them (same messageIds), nothing is lost. A record that
+cannot be read back is reported and the rest of its segment skipped, instead of a silent stall.
 """
 
 from __future__ import annotations
@@ -95,7 +94,7 @@ class Spool:
         self._last: tuple[int, _Segment, int, int] | None = None  # (ticket, segment, offset, events) of the last write
         self.appended = 0  # records ever appended (tickets)
         self.committed = 0  # tickets covered by an fsync
-        self._group = group or GroupCommit()
+        self.group = group or GroupCommit()
         self._readable = asyncio.Event()
         self._cursor: tuple[int, int] | None = None  # (segment id, offset) of the next record to read
         self._unread = 0  # records appended (or recovered) and not yet handed out by read()
@@ -155,10 +154,6 @@ class Spool:
         active = self._active
         return active.size - len(MAGIC) if active is not None and active.records and active.acked >= active.records else 0
 
-    def append(self, credential: str, forwarded_for: str | None, events: list[bytes]) -> int:
-        """Spool one request's `events` (at least one) as one record; returns a commit ticket."""
-        return self.write(encode(time.time(), credential, forwarded_for, events), len(events))
-
     def write(self, data: bytes, events: int) -> int:
         """Write a record made by `encode()` holding `events` events; returns a commit ticket. Raises
         SpoolFull when it would not fit the quota, and OSError (ENOSPC, EDQUOT, EIO...) when the disk
@@ -214,10 +209,6 @@ class Spool:
         self.pending += events
         self._unread += records
         self._unread_events += events
-
-    async def commit(self, ticket: int) -> None:
-        """Return once everything appended up to `ticket` is on stable storage."""
-        await self._group.wait(((self, ticket),))
 
     def take_dirty(self) -> Dirty:
         """As a sync round starts: what it must fsync (see SegmentFiles.take_dirty)."""
@@ -401,7 +392,7 @@ class Spool:
         if self._closed:
             return
         self._closed = True
-        await self._group.idle()
+        await self.group.idle()
         for segment in self._segments.values():
             if segment.acked != segment.noted:
                 self._write_ack(segment, time.monotonic())

@@ -1,0 +1,22 @@
+"""What the spool tests do with a request's events: encode one record, write it, wait for its fsync.
+
+Production does the same in `Delivery.accept` (one `encode` per destination, `Spool.write`, one
+group-commit wait for all of a request's tickets); these two keep the tests short without giving
+`Spool` methods only tests call.
+"""
+
+from __future__ import annotations
+
+import time
+
+from proxy.delivery.spool import Spool, encode
+
+
+def write_request(spool: Spool, credential: str, forwarded_for: str | None, events: list[bytes]) -> int:
+    """Spool one request's `events` as one record; returns its commit ticket."""
+    return spool.write(encode(time.time(), credential, forwarded_for, events), len(events))
+
+
+async def synced(spool: Spool, ticket: int) -> None:
+    """Return once everything written up to `ticket` is on stable storage."""
+    await spool.group.wait(((spool, ticket),))
