@@ -14,7 +14,7 @@ below the floor. For a batch of 50 events (`rules/bench.yaml`, the payload of `b
   - `bare asyncio protocol`: a Content-Length-only protocol on uvloop: moving the bytes through Python;
   - `aiohttp forwarder`: the plain parsing forwarder of `loadtest.bench` (the ratio target's baseline);
 - in this process, pinned to the proxy core, best of repeated passes over the same bodies:
-  - `orjson parse`, `orjson encode per event`, `route()` per event;
+  - `orjson parse`, `orjson encode per event`, `shared_decision()` per event;
   - `prepare()`: parse, validate, complete, route, encode and file every event;
   - `spool framing`: the records for the primary and the mirror (lengths, crc32).
 
@@ -47,7 +47,7 @@ from loadtest.payloads import BATCH
 from loadtest.report import CPU_PER_EVENT_US as BATCH_TARGET_US
 from loadtest.report import FORWARDER_RATIO
 from proxy.delivery.spool import encode
-from proxy.engine import EventContext, RuleSet, route
+from proxy.engine import EventContext, RuleSet, shared_decision
 from proxy.ingress.app import FAST_INGRESS, FastIngress, Observer, observing
 from proxy.ingress.body import read_body
 from proxy.ingress.handlers import _prepare_request
@@ -113,7 +113,7 @@ def in_process_rows(rules: RuleSet, bodies: list[bytes], seconds: float) -> dict
         return {
             "orjson parse": per_event(orjson.loads, bodies, seconds),
             "orjson encode per event": per_event(lambda body: [orjson.dumps(event) for event in parsed[id(body)]], bodies, seconds),
-            "route() per event": per_event(lambda body: [route(rules, event, ctx) for event in parsed[id(body)]], bodies, seconds),
+            "shared_decision() per event": per_event(lambda body: [shared_decision(rules, event, ctx) for event in parsed[id(body)]], bodies, seconds),
             "prepare() (parse, validate, route, encode, file)": per_event(
                 lambda body: _prepare_request(rules, body, WRITE_KEY, shape, None, None, "10.0.0.1"), bodies, seconds),
             "spool framing (primary + mirror records)": per_event(frame, bodies, seconds),

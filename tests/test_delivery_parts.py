@@ -184,7 +184,7 @@ async def test_dead_letters_are_ndjson_lines_with_the_event_embedded(tmp_path: P
     letters = DeadLetters(directory, "segment")
     events = [b'{"messageId":"m-1","properties":{"n":1}}', b'{"messageId":"m-2","text":"caf\xc3\xa9 \xf0\x9f\x8e\x89"}']
     before = datetime.now(UTC)
-    await letters.write(events, 400, b'  {"error":"bad event"}\n')
+    await letters.add(events, 400, b'  {"error":"bad event"}\n')
     after = datetime.now(UTC)
     path = directory / "segment.ndjson"
     assert letters.path == path
@@ -202,9 +202,9 @@ async def test_dead_letters_are_ndjson_lines_with_the_event_embedded(tmp_path: P
 
 async def test_dead_letter_responses_are_truncated_and_writes_append(tmp_path: Path) -> None:
     letters = DeadLetters(tmp_path, "rudderstack")
-    await letters.write([b'{"n":1}'], 413, b"x" * 5000)
-    await letters.write([b'{"n":2}', b'{"n":3}'], 401, b"\xff\xfe not utf-8")
-    await letters.write([], 400, b"nothing")
+    await letters.add([b'{"n":1}'], 413, b"x" * 5000)
+    await letters.add([b'{"n":2}', b'{"n":3}'], 401, b"\xff\xfe not utf-8")
+    await letters.add([], 400, b"nothing")
     lines = [orjson.loads(line) for line in (tmp_path / "rudderstack.ndjson").read_bytes().splitlines()]
     assert [line["event"] for line in lines] == [{"n": 1}, {"n": 2}, {"n": 3}]
     assert [line["status"] for line in lines] == [413, 401, 401]

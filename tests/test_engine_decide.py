@@ -515,7 +515,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from proxy.engine.conditions import CONDITION_NAMES  # noqa: E402
 from proxy.engine.evaluate import SIGNATURE_CONDITIONS  # noqa: E402
-from proxy.engine.evaluate import route as hot_route  # noqa: E402
+from proxy.engine.evaluate import shared_decision as hot_route  # noqa: E402
 
 EVERY_CONDITION = compile_("""\
 rules:

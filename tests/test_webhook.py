@@ -15,8 +15,7 @@ import orjson
 import pytest
 
 from proxy.admin import describe
-from proxy.engine import RulesError, compile_rules
-from proxy.engine.intake import DedupSettings
+from proxy.engine import DedupSettings, RulesError, compile_rules
 from proxy.log import mask_write_keys
 from tests.proxy_harness import FAST_DELIVERY, WEB_KEY, Stack, proxy_stack
 

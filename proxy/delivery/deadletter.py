@@ -25,7 +25,7 @@ class DeadLetters:
         self.path = directory / f"{destination}.ndjson"
         self.destination = destination
 
-    async def write(self, events: Sequence[bytes], status: int, response: bytes, reason: str | None = None) -> None:
+    async def add(self, events: Sequence[bytes], status: int, response: bytes, reason: str | None = None) -> None:
         now = datetime.now(UTC).isoformat()
         text = response.decode("utf-8", "replace").strip()[:2000]
         common: dict[str, object] = {"time": now, "destination": self.destination, "status": status}

@@ -151,7 +151,7 @@ class Pipeline:
         reason = _dead_letter_reason(rejection, batch.count)
         if reason is not None:
             body = rejection.detail.encode() if isinstance(rejection, UpstreamRedirected) else rejection.body
-            await self.dead_letters.write(batch.events(), rejection.status, body, reason)
+            await self.dead_letters.add(batch.events(), rejection.status, body, reason)
             self._dead.inc(batch.count)
             log.error("events_dead_lettered", destination=self.name, events=batch.count, status=rejection.status, reason=reason,
                       error=rejection.detail)

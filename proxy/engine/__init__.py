@@ -5,9 +5,8 @@ Everything else in splitter imports the engine from here and only from here.
 
 from proxy.engine.cohort import BUCKETS, NO_KEY_BUCKET, bucket
 from proxy.engine.errors import Problem, RulesError
-from proxy.engine.evaluate import decide, route
+from proxy.engine.evaluate import decide, shared_decision
 from proxy.engine.events import events_of_body, has_envelope, merge_envelope
-from proxy.engine.intake import DedupSettings
 from proxy.engine.masking import MASK, mask
 from proxy.engine.model import EVENT_TYPES, Cohort, Decision, Destination, EventContext, Rule, RuleSet, Source
 from proxy.engine.plan_report import plan_report_lines
@@ -18,6 +17,7 @@ from proxy.engine.simulate import Sample, against, tally
 from proxy.engine.tracking import KINDS as VIOLATION_KINDS
 from proxy.engine.tracking import TrackingPlan, Violation, plan_files
 from proxy.engine.transforms import TransformTable, transformed_events
+from proxy.engine.webhook_schema import DedupSettings
 
 __all__ = [
     "BUCKETS",
@@ -57,7 +57,7 @@ __all__ = [
     "plan_files",
     "plan_report_lines",
     "ramp_views",
-    "route",
+    "shared_decision",
     "tally",
     "transformed_events",
 ]

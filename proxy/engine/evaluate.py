@@ -36,7 +36,7 @@ def decide(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext = NO_CONT
     return Decision(rule.name, arm.primary, arm.mirror, chosen, field)
 
 
-def route(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext = NO_CONTEXT) -> Decision:
+def shared_decision(rules: RuleSet, event: Mapping[str, Any], ctx: EventContext = NO_CONTEXT) -> Decision:
     """The same routing as `decide`, for the proxy's hot path: the rule's or the split arm's shared
     decision, without the bucket and key (nothing allocated per event)."""
     rule = first_match(rules, event, ctx)

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 if TYPE_CHECKING:
-    from proxy.engine.intake import DedupSettings
     from proxy.engine.ramp import Ramp
     from proxy.engine.tracking import TrackingPlan
     from proxy.engine.transforms import TransformTable
+    from proxy.engine.webhook_schema import DedupSettings
 
 DestinationKind = Literal["segment", "rudderstack"]
 EVENT_TYPES = ("track", "identify", "page", "screen", "group", "alias")
@@ -44,7 +44,7 @@ class Source:
     name: str
     write_keys: tuple[str, ...]
     credentials: Mapping[str, str]  # destination name -> write key that destination receives
-    webhook_secret: str | None = field(default=None, repr=False)  # Segment webhook intake (engine/intake.py)
+    webhook_secret: str | None = field(default=None, repr=False)  # Segment webhook intake (engine/webhook_schema.py)
 
     def credential_for(self, destination: str, presented_key: str) -> str:
         """The key to send upstream; without a configured one the client's own key passes through."""

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proxy.engine import conditions, intake
+from proxy.engine import conditions, webhook_schema
 from proxy.engine.errors import Problem, RulesError
 from proxy.engine.masking import mask
 from proxy.engine.model import Cohort, Decision, Destination, Predicate, Route, Rule, RuleSet, Source, Split
@@ -119,8 +119,8 @@ class _Compiler:
         if "country_headers" in top:
             headers = tuple(h for h, _ in self.r.strings(top["country_headers"], "country_headers"))
         rules = self._rules(top["rules"], cohort or _default_cohort()) if "rules" in top else ()
-        dedup = intake.dedup_settings(self.r, top.get("dedup"), self.sources)
-        intake.check_webhook_routes(self.r, self.sources, self.webhook_places, self.destinations, rules)
+        dedup = webhook_schema.dedup_settings(self.r, top.get("dedup"), self.sources)
+        webhook_schema.check_webhook_routes(self.r, self.sources, self.webhook_places, self.destinations, rules)
         transforms = compile_transforms(self.r, top, text, rules, self._unknown_destination)
         if cohort is None or not rules:
             return None
@@ -217,7 +217,7 @@ class _Compiler:
                 credential = self.r.string(cred_node, f"{path}.credentials.{dest}")
                 if credential is not None:
                     credentials[dest] = credential
-            secret = intake.webhook_secret(self.r, spec["webhook"], f"{path}.webhook") if "webhook" in spec else None
+            secret = webhook_schema.webhook_secret(self.r, spec["webhook"], f"{path}.webhook") if "webhook" in spec else None
             if "tracking_plan" in spec:
                 self.plans.add(name, spec["tracking_plan"], f"{path}.tracking_plan")
             if name is not None:

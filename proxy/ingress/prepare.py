@@ -38,7 +38,7 @@ from proxy.engine import (
     Violation,
     has_envelope,
     merge_envelope,
-    route,
+    shared_decision,
     transformed_events,
 )
 from proxy.ingress.body import MAX_BATCH_EVENTS, MAX_EVENT_BYTES
@@ -221,7 +221,7 @@ def _file_event(filing: _Filing, scope: RequestScope, index: int, event: dict[st
     if scope.plan is not None and (refusal := screen(scope.plan, event, encoded, filing.observed, filing.violations)) is not None:
         _reject(filing, index, "tracking_plan_violation", refusal)
         return
-    decision = route(scope.rules, event, scope.ctx)
+    decision = shared_decision(scope.rules, event, scope.ctx)
     copies = _NO_COPIES
     if scope.transforms:
         try:
