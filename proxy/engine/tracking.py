@@ -11,7 +11,7 @@ Violation kinds are a fixed set because they become a metric label.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -20,6 +20,31 @@ Kind = Literal["unplanned_event", "missing_property", "wrong_type", "not_allowed
 KINDS: tuple[Kind, ...] = ("unplanned_event", "missing_property", "wrong_type", "not_allowed_value", "schema")
 TYPE_NAMES = ("string", "number", "integer", "boolean", "object", "array", "null")
 MAX_SCHEMA_ERRORS = 10  # per event: a badly broken event must not produce an unbounded report
+# JSON Schema validation of a recursive schema costs far more than linear time in the event's depth
+# (250 nested arrays against a recursive $ref took over a minute of CPU, on the event loop in block
+# mode): an event nested deeper than this is not checked against a JSON Schema at all.
+MAX_SCHEMA_DEPTH = 32
+
+
+class TooDeepToCheck(ValueError):
+    """An event nested deeper than MAX_SCHEMA_DEPTH: its check fails (counted, logged), the event goes on."""
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether `value` nests dicts and lists more than `limit` levels deep; stops at the first such path."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 _SHOWN_VALUE_CHARS = 40  # values are quoted in messages (and logs) only this far: they may hold user data
 _NO_NAME = "(no event name)"
 
@@ -121,6 +146,8 @@ class SchemaCheck:
     validator: Any  # a jsonschema Validator; typed loosely so the engine's model carries no jsonschema types
 
     def violations(self, subject: str, event: Mapping[str, Any]) -> list[Violation]:
+        if _deeper_than(event, MAX_SCHEMA_DEPTH):
+            raise TooDeepToCheck(f"{subject!r} nests more than {MAX_SCHEMA_DEPTH} levels deep: not checked against its JSON Schema")
         found = []
         for error in self.validator.iter_errors(event):
             where = _clipped(".".join(str(part) for part in error.absolute_path), 100) or "(event)"  # may hold client keys
