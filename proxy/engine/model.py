@@ -42,8 +42,8 @@ class Destination:
 @dataclass(frozen=True, slots=True)
 class Source:
     name: str
-    write_keys: tuple[str, ...]
-    credentials: Mapping[str, str]  # destination name -> write key that destination receives
+    write_keys: tuple[str, ...] = field(repr=False)  # secrets: never in a repr, a log line or a traceback
+    credentials: Mapping[str, str] = field(repr=False)  # destination name -> write key that destination receives
     webhook_secret: str | None = field(default=None, repr=False)  # Segment webhook intake (engine/webhook_schema.py)
 
     def credential_for(self, destination: str, presented_key: str) -> str:
