@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import sys
 import tempfile
@@ -26,6 +27,7 @@ class SplitterProcess:
     log: list[dict[str, object]] = field(default_factory=list)  # every JSON log line, as it arrives
     _reader: asyncio.Task[None] | None = None
     _terminated: bool = False
+    scratch: Path | None = None  # the spool and dead letters launch_splitter made up; removed once stopped
 
     def events(self, name: str) -> list[dict[str, object]]:
         return [record for record in self.log if record.get("event") == name]
@@ -55,6 +57,8 @@ class SplitterProcess:
         if self._reader is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._reader, 2)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
         return code
 
 
@@ -72,6 +76,7 @@ async def launch_splitter(rules: str, env: Mapping[str, str], extra: Sequence[st
 
     Without `--spool-dir` in `extra`, the spool and dead letters go to a fresh temporary directory.
     """
+    scratch: Path | None = None
     if "--spool-dir" not in extra:
         scratch = Path(tempfile.mkdtemp(prefix="splitter-"))
         extra = [*extra, "--spool-dir", str(scratch / "spool"), "--dead-letter-dir", str(scratch / "dead-letter")]
@@ -90,14 +95,18 @@ async def launch_splitter(rules: str, env: Mapping[str, str], extra: Sequence[st
             break
         if not line:
             error = (await process.stderr.read()).decode("utf-8", "replace")
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
             raise RuntimeError(f"splitter exited during start-up with code {await process.wait()}: {log[-3:]} {error}")
         record = orjson.loads(line)
         log.append(record)
         if record.get("event") == "started":
             listen, admin = record["listen"], record["admin"]
-            running = SplitterProcess(process, f"http://{listen[0]}", f"http://{admin[0]}", log)  # type: ignore[index]
+            running = SplitterProcess(process, f"http://{listen[0]}", f"http://{admin[0]}", log, scratch=scratch)  # type: ignore[index]
             running._reader = asyncio.ensure_future(_collect(process.stdout, log))
             return running
     process.kill()
     await process.wait()
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     raise RuntimeError(f"splitter did not start within {timeout} s: {log[-3:]}")

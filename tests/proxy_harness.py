@@ -14,6 +14,7 @@ import asyncio
 import base64
 import gzip as gzip_module
 import ipaddress
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -197,6 +198,7 @@ async def proxy_stack(
     rudder = await start_receiver("rudderstack", valid_keys=RUDDER_KEYS, record=True)
     proxy: Server | None = None
     session: aiohttp.ClientSession | None = None
+    scratch: Path | None = None
     try:
         env = {"SEGMENT_URL": segment.url, "RUDDERSTACK_URL": rudder.url}
         rules = compile_rules(rules_text, env=env)
@@ -220,3 +222,5 @@ async def proxy_stack(
         rudder.receiver.faults.delay = 0
         await rudder.close()
         await segment.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)  # the rules file, spool and dead letters of this stack
