@@ -21,6 +21,9 @@ import pytest
 from aiohttp import web
 
 from loadtest.process import SplitterProcess, launch_splitter
+from proxy.delivery import Delivery
+from proxy.engine import compile_rules
+from proxy.metrics import Metrics
 
 WRITE_KEY = "apply-web-key-0123"
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode(), "Content-Type": "application/json"}
@@ -175,3 +178,21 @@ async def test_a_reload_of_max_in_flight_changes_how_many_batches_go_at_once(tmp
         assert slow.most_at_once == 4, f"max_in_flight reloaded to 4, yet at most {slow.most_at_once} batches went at once"
     finally:
         assert await splitter.stop(timeout=30) == 0
+
+
+async def test_a_rule_set_whose_new_spool_cannot_open_changes_no_running_destination(tmp_path: Path) -> None:
+    """apply() does what can fail first: a reload that adds a destination whose spool cannot be
+    opened (its path is taken by a file) fails whole, and the running destination keeps its settings."""
+    def rules(extra: str, in_flight: int) -> str:
+        return rules_text("http://127.0.0.1:9", f"max_in_flight: {in_flight}").replace(
+            "sources:", f"  {extra}\nsources:" if extra else "sources:")
+
+    delivery = Delivery(Metrics(), spool_dir=tmp_path / "spool", dead_letter_dir=tmp_path / "dead")
+    delivery.start(compile_rules(rules("", 1)))
+    try:
+        (tmp_path / "spool" / "segment").write_text("not a directory")
+        with pytest.raises(OSError):
+            delivery.apply(compile_rules(rules('segment: {kind: segment, url: "http://127.0.0.1:9"}', 4)))
+        assert delivery._pipelines["rudderstack"].options.max_in_flight == 1
+    finally:
+        await delivery.close(drain_timeout=0)

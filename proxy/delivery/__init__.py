@@ -84,11 +84,12 @@ class Delivery:
         the rules keeps its sender, so what is spooled for it still goes out."""
         if rules is self._applied:
             return
-        for destination in rules.destinations.values():
-            found = self._pipelines.get(destination.name)
-            if found is None:
+        for destination in rules.destinations.values():  # first what can fail (a spool that cannot open):
+            if destination.name not in self._pipelines:  # then no running destination has changed yet
                 self._pipelines[destination.name] = self._new_pipeline(destination)
-            elif found.upstream.destination != destination:
+        for destination in rules.destinations.values():
+            found = self._pipelines[destination.name]
+            if found.upstream.destination != destination:
                 self._reconfigure(found, destination)
         self._dedup.settings = rules.dedup
         self._applied = rules
