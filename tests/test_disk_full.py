@@ -33,6 +33,7 @@ from proxy.delivery.spool import HEADER, MAGIC, Record, Spool, encode
 from proxy.engine import Source, compile_rules
 from proxy.metrics import Metrics
 from tests.spooling import synced, write_request
+from tests.test_spool import RULES
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -291,20 +292,7 @@ async def test_the_reader_reports_and_skips_a_record_damaged_under_it_instead_of
 
 # -- a request to two destinations: all or nothing ----------------------------------------------------------------------
 
-TWO_PRIMARIES = """\
-version: 1
-destinations:
-  segment: {kind: segment, url: "http://127.0.0.1:9", timeout: 1}
-  rudderstack: {kind: rudderstack, url: "http://127.0.0.1:9", timeout: 1}
-sources:
-  - name: web
-    write_keys: ["web-key-0123456789"]
-    credentials: {segment: "seg-web-key-0123456789", rudderstack: "rs-web-key-0123456789"}
-cohort: {key: [anonymousId, userId], salt: "t"}
-rules:
-  - name: everyone
-    route: {to: [segment, rudderstack]}
-"""
+TWO_PRIMARIES = RULES  # test_spool's: one source, every event to both destinations
 
 
 def to_both(source: Source, event: bytes, message_id: str) -> Submission:

@@ -22,22 +22,13 @@ import orjson
 import pytest
 from proxy_harness import WEB_KEY, basic
 from raw_http import Client, request, track
+from test_ingest_edges import SERVE_RULES
 
 from loadtest.harness import rss_mb
 from loadtest.process import SplitterProcess, launch_splitter
 from loadtest.receivers import RunningReceiver, start_receiver
 
-RULES = f"""\
-version: 1
-destinations:
-  segment: {{kind: segment, url: "${{SEGMENT_URL}}"}}
-sources:
-  - name: web
-    write_keys: ["{WEB_KEY}"]
-rules:
-  - name: all
-    route: {{to: [segment]}}
-"""
+RULES = SERVE_RULES  # the same one-destination rules as the in-process edge tests
 
 
 @pytest.fixture

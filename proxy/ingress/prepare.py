@@ -239,19 +239,17 @@ def _file_event(filing: _Filing, scope: RequestScope, index: int, event: dict[st
     if copies:
         _file_copies(filing, decision, copies, encoded, message_id, event_type, name)
         return
-    for destination in decision.primary:
-        chunk = filing.primary.get(destination)
+    _file(filing.primary, decision.primary, encoded, message_id, event_type, name)
+    if decision.mirror:
+        _file(filing.mirror, decision.mirror, encoded, message_id, event_type, name)
+
+
+def _file(chunks: dict[str, Chunk], destinations: tuple[str, ...], encoded: bytes, message_id: str, event_type: str, name: str) -> None:
+    """Add one event to each destination's chunk of a role (no tuple per event: appends only)."""
+    for destination in destinations:
+        chunk = chunks.get(destination)
         if chunk is None:
-            chunk = filing.primary[destination] = Chunk()
-        chunk.append(encoded)
-        meta = chunk.meta
-        meta.append(message_id)
-        meta.append(event_type)
-        meta.append(name)
-    for destination in decision.mirror:
-        chunk = filing.mirror.get(destination)
-        if chunk is None:
-            chunk = filing.mirror[destination] = Chunk()
+            chunk = chunks[destination] = Chunk()
         chunk.append(encoded)
         meta = chunk.meta
         meta.append(message_id)
