@@ -14,13 +14,13 @@ import hmac
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.control.reload import Reloader, ReloadResult
 from proxy.control.state import ActiveRules
+from proxy.delivery.upstream import public_url  # the one place a URL is made fit to show
 from proxy.engine import MASK, Cohort, Rule, RuleSet, mask, ramp_views
 from proxy.metrics import Metrics
 
@@ -138,12 +138,6 @@ def _rule(rule: Rule) -> dict[str, Any]:
 
 def _cohort(cohort: Cohort) -> dict[str, Any]:
     return {"key": list(cohort.fields), "salt": cohort.salt}
-
-
-def public_url(url: str) -> str:
-    """`url` without `user:pass@` or a query string, the two places a credential can ride along."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def _guarded(handler: Handler) -> Handler:
