@@ -21,18 +21,12 @@ from proxy.engine import (
     events_of_body,
     merge_envelope,
 )
+from tests.rules_texts import HEAD_WITH_WAREHOUSE, WEB_KEY
 
-HEAD = """\
-version: 1
-destinations:
-  segment: {kind: segment, url: "http://seg.test"}
-  rudderstack: {kind: rudderstack, url: "http://rs.test"}
-  warehouse: {kind: segment, url: "http://wh.test"}
-sources:
-  - {name: web, write_keys: [web-key-000001]}
+HEAD = HEAD_WITH_WAREHOUSE + """\
   - {name: ios, write_keys: [ios-key-000001, ios-key-000002]}
   - {name: android, write_keys: [and-key-000001]}
-"""
+"""  # destinations segment, rudderstack, warehouse; sources web, ios, android
 WEB = EventContext(source="web")
 
 
@@ -455,7 +449,7 @@ def test_blank_country_header_is_skipped() -> None:
 def test_source_for_key() -> None:
     rules = route("segment")
     assert rules.source_for_key("ios-key-000002").name == "ios"
-    assert rules.source_for_key("web-key-000001") is rules.sources["web"]
+    assert rules.source_for_key(WEB_KEY) is rules.sources["web"]
     assert rules.source_for_key("nope") is None
     assert rules.source_for_key("") is None
     assert rules.source_for_key(None) is None

@@ -12,25 +12,24 @@ from hypothesis import strategies as st
 from proxy.engine import RuleSet, compile_rules, decide
 from proxy.engine.ramp import effective_rules, next_step_at, ramp_views
 from proxy.engine.rollout import SplitChange, compare
+from tests.rules_texts import HEAD_WITH_WAREHOUSE, lines
 from tests.test_engine_errors import errors
 
-HEAD = """\
-version: 1
-destinations:
-  segment: {kind: segment, url: "http://seg.test"}
-  rudderstack: {kind: rudderstack, url: "http://rs.test"}
-  warehouse: {kind: segment, url: "http://wh.test"}
-sources:
-  - {name: web, write_keys: [web-key-000001]}
+HEAD = HEAD_WITH_WAREHOUSE + """\
 rules:
   - name: ramped
     route:
       split: SPLIT
       ramp:
-"""  # lines 1-12: the first step is on line 13
+"""
+RAMP = lines(HEAD)  # the line of `ramp:`; `split:` is the line before it
 T1, T2, T3 = "2026-12-01T00:00:00Z", "2026-12-08T00:00:00Z", "2026-12-15T00:00:00Z"
-PREFIX = "rules.yaml:{line}: rules[0].route.ramp"
 BACKWARDS = "ramps only move forward (to roll back, edit the split and reload)"
+
+
+def ramp_step(i: int) -> str:
+    """Where a problem of step i is reported: its own line, RAMP + 1 + i."""
+    return f"rules.yaml:{RAMP + 1 + i}: rules[0].route.ramp[{i}]"
 
 
 def ramp_file(*steps: str, split: str = "{rudderstack: 5, segment: 95}", rule_extra: str = "") -> str:
@@ -59,39 +58,39 @@ def weekly() -> RuleSet:
     "steps, expected",
     [
         ((f"{{at: {T1}, rudderstack: 25}}", f"{{at: {T2}, rudderstack: 20}}"),
-         [f"{PREFIX.format(line=14)}[1]: rudderstack goes from 25 to 20 %, which would move users back to segment; {BACKWARDS}"]),
+         [f"{ramp_step(1)}: rudderstack goes from 25 to 20 %, which would move users back to segment; {BACKWARDS}"]),
         ((f"{{at: {T1}, rudderstack: 3}}",),
-         [f"{PREFIX.format(line=13)}[0]: rudderstack goes from 5 to 3 %, which would move users back to segment; {BACKWARDS}"]),
+         [f"{ramp_step(0)}: rudderstack goes from 5 to 3 %, which would move users back to segment; {BACKWARDS}"]),
         ((f"{{at: {T2}, rudderstack: 10}}", f"{{at: {T1}, rudderstack: 20}}"),
-         [f"{PREFIX.format(line=14)}[1].at: 2026-12-01T00:00:00Z is not after the previous step's 2026-12-08T00:00:00Z; steps must be in time order"]),
+         [f"{ramp_step(1)}.at: 2026-12-01T00:00:00Z is not after the previous step's 2026-12-08T00:00:00Z; steps must be in time order"]),
         ((f"{{at: {T1}, rudderstack: 10}}", "{at: 2026-12-01T01:00:00+01:00, rudderstack: 20}"),
-         [f"{PREFIX.format(line=14)}[1].at: 2026-12-01T00:00:00Z is not after the previous step's 2026-12-01T00:00:00Z; steps must be in time order"]),
+         [f"{ramp_step(1)}.at: 2026-12-01T00:00:00Z is not after the previous step's 2026-12-01T00:00:00Z; steps must be in time order"]),
         (("{at: 2026-12-01T00:00:00, rudderstack: 10}",),
-         [f"{PREFIX.format(line=13)}[0].at: 2026-12-01T00:00:00 has no timezone: add Z (UTC) or an offset such as +01:00"]),
+         [f"{ramp_step(0)}.at: 2026-12-01T00:00:00 has no timezone: add Z (UTC) or an offset such as +01:00"]),
         (('{at: "2026-12-01 00:00", rudderstack: 10}',),
-         [f"{PREFIX.format(line=13)}[0].at: 2026-12-01T00:00:00 has no timezone: add Z (UTC) or an offset such as +01:00"]),
+         [f"{ramp_step(0)}.at: 2026-12-01T00:00:00 has no timezone: add Z (UTC) or an offset such as +01:00"]),
         (("{at: 2026-12-01, rudderstack: 10}",),
-         [f"{PREFIX.format(line=13)}[0].at: 2026-12-01 is a date: give a time with a timezone, such as 2026-12-01T00:00:00Z"]),
+         [f"{ramp_step(0)}.at: 2026-12-01 is a date: give a time with a timezone, such as 2026-12-01T00:00:00Z"]),
         (("{at: next monday, rudderstack: 10}",),
-         [f"{PREFIX.format(line=13)}[0].at: must be an ISO 8601 time with a timezone, such as 2026-12-01T00:00:00Z, not 'next monday'"]),
+         [f"{ramp_step(0)}.at: must be an ISO 8601 time with a timezone, such as 2026-12-01T00:00:00Z, not 'next monday'"]),
         (("{at: 1764547200, rudderstack: 10}",),
-         [f"{PREFIX.format(line=13)}[0].at: must be an ISO 8601 time with a timezone, such as 2026-12-01T00:00:00Z, not '1764547200'"]),
-        (("{at: [2026], rudderstack: 10}",), [f"{PREFIX.format(line=13)}[0].at: must be a single value, not a list"]),
-        ((f"{{at: {T1}, rudderstack: 101}}",), [f"{PREFIX.format(line=13)}[0].rudderstack: percent 101 is over 100"]),
+         [f"{ramp_step(0)}.at: must be an ISO 8601 time with a timezone, such as 2026-12-01T00:00:00Z, not '1764547200'"]),
+        (("{at: [2026], rudderstack: 10}",), [f"{ramp_step(0)}.at: must be a single value, not a list"]),
+        ((f"{{at: {T1}, rudderstack: 101}}",), [f"{ramp_step(0)}.rudderstack: percent 101 is over 100"]),
         ((f"{{at: {T1}, rudderstack: 10.005}}",),
-         [f"{PREFIX.format(line=13)}[0].rudderstack: percent 10.005 has more than two decimals (the finest step is 0.01)"]),
-        ((f"{{at: {T1}, rudderstack: -1}}",), [f"{PREFIX.format(line=13)}[0].rudderstack: must be a number at least 0, not -1"]),
-        ((f"{{at: {T1}, rudderstack: lots}}",), [f"{PREFIX.format(line=13)}[0].rudderstack: must be a number, not 'lots'"]),
+         [f"{ramp_step(0)}.rudderstack: percent 10.005 has more than two decimals (the finest step is 0.01)"]),
+        ((f"{{at: {T1}, rudderstack: -1}}",), [f"{ramp_step(0)}.rudderstack: must be a number at least 0, not -1"]),
+        ((f"{{at: {T1}, rudderstack: lots}}",), [f"{ramp_step(0)}.rudderstack: must be a number, not 'lots'"]),
         (("{rudderstack: 10}",),
-         [f"{PREFIX.format(line=13)}[0].at: is required: when this step takes effect, such as 2026-12-01T00:00:00Z"]),
-        ((f"{{at: {T1}}}",), [f"{PREFIX.format(line=13)}[0].rudderstack: is required: the percent of rudderstack from this step on"]),
+         [f"{ramp_step(0)}.at: is required: when this step takes effect, such as 2026-12-01T00:00:00Z"]),
+        ((f"{{at: {T1}}}",), [f"{ramp_step(0)}.rudderstack: is required: the percent of rudderstack from this step on"]),
         ((f"{{at: {T1}, rudderstack: 10, segment: 90}}",),
-         [f"{PREFIX.format(line=13)}[0].segment: give the percent of rudderstack, the destination that ramps; segment gets the rest"]),
+         [f"{ramp_step(0)}.segment: give the percent of rudderstack, the destination that ramps; segment gets the rest"]),
         ((f"{{at: {T1}, rudderstack: 10, warehouse: 5}}",),
-         [f"{PREFIX.format(line=13)}[0].warehouse: 'warehouse' is not in this rule's split (rudderstack, segment)"]),
+         [f"{ramp_step(0)}.warehouse: 'warehouse' is not in this rule's split (rudderstack, segment)"]),
         ((f"{{at: {T1}, rudderstack: 10, amplitude: 5}}",),
-         [f"{PREFIX.format(line=13)}[0].amplitude: unknown destination 'amplitude' (destinations: segment, rudderstack, warehouse)"]),
-        (("10",), [f"{PREFIX.format(line=13)}[0]: must be a mapping, not a value"]),
+         [f"{ramp_step(0)}.amplitude: unknown destination 'amplitude' (destinations: segment, rudderstack, warehouse)"]),
+        (("10",), [f"{ramp_step(0)}: must be a mapping, not a value"]),
     ],
 )
 def test_step_problems(steps: tuple[str, ...], expected: list[str]) -> None:
@@ -100,16 +99,16 @@ def test_step_problems(steps: tuple[str, ...], expected: list[str]) -> None:
 
 def test_every_problem_of_every_step_is_reported_at_once() -> None:
     assert ramp_errors(f"{{at: {T2}, rudderstack: 50}}", f"{{at: {T1}, rudderstack: 20}}", "{at: soon, rudderstack: 101}") == [
-        f"{PREFIX.format(line=14)}[1]: rudderstack goes from 50 to 20 %, which would move users back to segment; {BACKWARDS}",
-        f"{PREFIX.format(line=14)}[1].at: 2026-12-01T00:00:00Z is not after the previous step's 2026-12-08T00:00:00Z; steps must be in time order",
-        f"{PREFIX.format(line=15)}[2].at: must be an ISO 8601 time with a timezone, such as 2026-12-01T00:00:00Z, not 'soon'",
-        f"{PREFIX.format(line=15)}[2].rudderstack: percent 101 is over 100",
+        f"{ramp_step(1)}: rudderstack goes from 50 to 20 %, which would move users back to segment; {BACKWARDS}",
+        f"{ramp_step(1)}.at: 2026-12-01T00:00:00Z is not after the previous step's 2026-12-08T00:00:00Z; steps must be in time order",
+        f"{ramp_step(2)}.at: must be an ISO 8601 time with a timezone, such as 2026-12-01T00:00:00Z, not 'soon'",
+        f"{ramp_step(2)}.rudderstack: percent 101 is over 100",
     ]
 
 
 def test_reshuffle_true_does_not_allow_a_ramp_to_move_users_back() -> None:
     assert ramp_errors(f"{{at: {T1}, rudderstack: 1}}", rule_extra="    reshuffle: true\n") == [
-        f"{PREFIX.format(line=13)}[0]: rudderstack goes from 5 to 1 %, which would move users back to segment; {BACKWARDS}",
+        f"{ramp_step(0)}: rudderstack goes from 5 to 1 %, which would move users back to segment; {BACKWARDS}",
     ]
 
 
@@ -127,24 +126,24 @@ def test_a_step_that_keeps_the_percent_is_allowed() -> None:
 )
 def test_ramp_must_be_a_list(ramp: str, expected: str) -> None:
     text = HEAD.replace("SPLIT", "{rudderstack: 5, segment: 95}").replace("      ramp:\n", f"      ramp: {ramp}\n")
-    assert errors(text) == [f"rules.yaml:12: rules[0].route.ramp: {expected}"]
+    assert errors(text) == [f"rules.yaml:{RAMP}: rules[0].route.ramp: {expected}"]
 
 
 def test_ramp_needs_a_split() -> None:
     text = HEAD.replace("      split: SPLIT\n", "      to: [segment]\n") + f"        - {{at: {T1}, rudderstack: 10}}\n"
-    assert errors(text) == ["rules.yaml:12: rules[0].route.ramp: needs a `split` next to it: the percents that apply before the first step"]
+    assert errors(text) == [f"rules.yaml:{RAMP}: rules[0].route.ramp: needs a `split` next to it: the percents that apply before the first step"]
 
 
 def test_only_a_two_destination_split_ramps() -> None:
     assert ramp_errors(f"{{at: {T1}, rudderstack: 10}}", split="{rudderstack: 5, warehouse: 5, segment: 90}") == [
-        "rules.yaml:12: rules[0].route.ramp: only a split of two destinations can ramp "
+        f"rules.yaml:{RAMP}: rules[0].route.ramp: only a split of two destinations can ramp "
         "(the first-listed ramps, the other gets the rest), this one has 3",
     ]
 
 
 def test_a_broken_split_is_reported_once_not_again_through_its_ramp() -> None:
     assert ramp_errors(f"{{at: {T1}, rudderstack: 10}}", split="{rudderstack: 5, segment: 90}") == [
-        "rules.yaml:11: rules[0].route.split: percents sum to 95, must be 100",
+        f"rules.yaml:{RAMP - 1}: rules[0].route.split: percents sum to 95, must be 100",
     ]
 
 

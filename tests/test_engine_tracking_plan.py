@@ -11,15 +11,9 @@ import pytest
 from proxy.engine import EventContext, RulesError, Violation, compile_rules, load_rules, plan_files
 from proxy.engine.plan_report import check_plans, plan_report_lines
 from proxy.engine.tracking import KINDS
+from tests.rules_texts import HEAD, lines
 
-HEAD = """\
-version: 1
-destinations:
-  segment: {kind: segment, url: "http://seg.test"}
-sources:
-  - name: web
-    write_keys: [web-key-000001]
-"""  # lines 1-6; a source's `tracking_plan:` appended to it starts on line 7
+PLAN = lines(HEAD) + 1  # the line of the `tracking_plan:` appended to HEAD's source web; a plan's lines count from it
 TAIL = "rules:\n  - name: default\n    route: segment\n"
 
 SIMPLE_PLAN = """\
@@ -174,12 +168,12 @@ def test_plan_defaults_and_modes() -> None:
     "plan, expected",
     [
         ("tracking_plan: {mode: enforce, events: {}}\n",
-         ["rules.yaml:7: sources[0].tracking_plan.mode: must be observe or block, not 'enforce'"]),
+         [f"rules.yaml:{PLAN}: sources[0].tracking_plan.mode: must be observe or block, not 'enforce'"]),
         ("tracking_plan: {allow_unplanned_events: sometimes}\n",
-         ["rules.yaml:7: sources[0].tracking_plan.allow_unplanned_events: must be true or false, not 'sometimes'"]),
+         [f"rules.yaml:{PLAN}: sources[0].tracking_plan.allow_unplanned_events: must be true or false, not 'sometimes'"]),
         ("tracking_plan: {event: {}}\n",
-         ["rules.yaml:7: sources[0].tracking_plan.event: unknown key 'event' (expected one of: mode, allow_unplanned_events, events, identify)"]),
-        ("tracking_plan: [E]\n", ["rules.yaml:7: sources[0].tracking_plan: must be a mapping, not a list"]),
+         [f"rules.yaml:{PLAN}: sources[0].tracking_plan.event: unknown key 'event' (expected one of: mode, allow_unplanned_events, events, identify)"]),
+        ("tracking_plan: [E]\n", [f"rules.yaml:{PLAN}: sources[0].tracking_plan: must be a mapping, not a list"]),
         ("""\
          tracking_plan:
            events:
@@ -193,22 +187,22 @@ def test_plan_defaults_and_modes() -> None:
                  other: {format: email}
                schema: {}
          """, [
-            "rules.yaml:12: sources[0].tracking_plan.events.E.properties.total.type: unknown type 'decimal' "
+            f"rules.yaml:{PLAN + 5}: sources[0].tracking_plan.events.E.properties.total.type: unknown type 'decimal' "
             "(expected one of: string, number, integer, boolean, object, array, null)",
-            "rules.yaml:13: sources[0].tracking_plan.events.E.properties.kind.type: unknown type 'text' "
+            f"rules.yaml:{PLAN + 6}: sources[0].tracking_plan.events.E.properties.kind.type: unknown type 'text' "
             "(expected one of: string, number, integer, boolean, object, array, null)",
-            "rules.yaml:14: sources[0].tracking_plan.events.E.properties.currency.enum: must be a non-empty list of allowed values",
-            "rules.yaml:15: sources[0].tracking_plan.events.E.properties.size.enum[1]: '2' is string, but the type is integer",
-            "rules.yaml:15: sources[0].tracking_plan.events.E.properties.size.enum[2]: 2.5 is number, but the type is integer",
-            "rules.yaml:15: sources[0].tracking_plan.events.E.properties.size.enum[3]: '2026-01-01' is not a JSON value (quote it to make it a string)",
-            "rules.yaml:15: sources[0].tracking_plan.events.E.properties.size.enum[4]: must be a single value, not a list",
-            "rules.yaml:16: sources[0].tracking_plan.events.E.properties.other.format: unknown key 'format' (expected one of: type, enum)",
-            "rules.yaml:17: sources[0].tracking_plan.events.E.schema: unknown key 'schema' (expected one of: required, properties, json_schema)",
+            f"rules.yaml:{PLAN + 7}: sources[0].tracking_plan.events.E.properties.currency.enum: must be a non-empty list of allowed values",
+            f"rules.yaml:{PLAN + 8}: sources[0].tracking_plan.events.E.properties.size.enum[1]: '2' is string, but the type is integer",
+            f"rules.yaml:{PLAN + 8}: sources[0].tracking_plan.events.E.properties.size.enum[2]: 2.5 is number, but the type is integer",
+            f"rules.yaml:{PLAN + 8}: sources[0].tracking_plan.events.E.properties.size.enum[3]: '2026-01-01' is not a JSON value (quote it to make it a string)",
+            f"rules.yaml:{PLAN + 8}: sources[0].tracking_plan.events.E.properties.size.enum[4]: must be a single value, not a list",
+            f"rules.yaml:{PLAN + 9}: sources[0].tracking_plan.events.E.properties.other.format: unknown key 'format' (expected one of: type, enum)",
+            f"rules.yaml:{PLAN + 10}: sources[0].tracking_plan.events.E.schema: unknown key 'schema' (expected one of: required, properties, json_schema)",
         ]),
         ("tracking_plan:\n  identify: {properties: {}}\n",
-         ["rules.yaml:8: sources[0].tracking_plan.identify.properties: unknown key 'properties' (expected one of: required, traits, json_schema)"]),
+         [f"rules.yaml:{PLAN + 1}: sources[0].tracking_plan.identify.properties: unknown key 'properties' (expected one of: required, traits, json_schema)"]),
         ("tracking_plan:\n  events:\n    E: {required: [a], json_schema: {type: object}}\n",
-         ["rules.yaml:9: sources[0].tracking_plan.events.E: give either json_schema or required/properties, not both"]),
+         [f"rules.yaml:{PLAN + 2}: sources[0].tracking_plan.events.E: give either json_schema or required/properties, not both"]),
     ],
 )
 def test_simple_plan_errors(plan: str, expected: list[str]) -> None:
@@ -235,11 +229,11 @@ def test_malformed_json_schema_is_reported_at_the_offending_keyword() -> None:
           json_schema: {$schema: "https://example.com/my-dialect", type: object}
     """
     assert errors(plan) == [
-        "rules.yaml:15: sources[0].tracking_plan.events.Order Completed.json_schema.properties.properties.properties.total.type: "
+        f"rules.yaml:{PLAN + 8}: sources[0].tracking_plan.events.Order Completed.json_schema.properties.properties.properties.total.type: "
         "invalid JSON Schema: 'decimal' is not valid under any of the given schemas",
-        "rules.yaml:18: sources[0].tracking_plan.events.Signed Up.json_schema.required: invalid JSON Schema: 'plan' is not of type 'array'",
-        "rules.yaml:20: sources[0].tracking_plan.events.Logged In.json_schema: must be a JSON Schema object (a mapping)",
-        "rules.yaml:22: sources[0].tracking_plan.events.Logged Out.json_schema.$schema: unknown JSON Schema dialect 'https://example.com/my-dialect'",
+        f"rules.yaml:{PLAN + 11}: sources[0].tracking_plan.events.Signed Up.json_schema.required: invalid JSON Schema: 'plan' is not of type 'array'",
+        f"rules.yaml:{PLAN + 13}: sources[0].tracking_plan.events.Logged In.json_schema: must be a JSON Schema object (a mapping)",
+        f"rules.yaml:{PLAN + 15}: sources[0].tracking_plan.events.Logged Out.json_schema.$schema: unknown JSON Schema dialect 'https://example.com/my-dialect'",
     ]
 
 
@@ -281,7 +275,7 @@ def test_json_plan_file_with_env_references(tmp_path: Path) -> None:
 
 def test_missing_plan_file(tmp_path: Path) -> None:
     path = write_rules(tmp_path, "plans/missing.yaml")
-    assert load_errors(path) == [f"{path}:7: sources[0].tracking_plan: cannot read plan file {tmp_path}/conf/plans/missing.yaml: No such file or directory"]
+    assert load_errors(path) == [f"{path}:{PLAN}: sources[0].tracking_plan: cannot read plan file {tmp_path}/conf/plans/missing.yaml: No such file or directory"]
 
 
 def test_plan_file_problems_name_the_plan_file_and_its_lines(tmp_path: Path) -> None:
@@ -295,14 +289,14 @@ def test_plan_file_problems_name_the_plan_file_and_its_lines(tmp_path: Path) -> 
     plan.write_text("events: {E: [\n")
     assert load_errors(path) == [f"{plan}:2: invalid YAML: while parsing a flow node expected the node content, but found '<stream end>'"]
     plan.write_text("# nothing yet\n")
-    assert load_errors(path) == [f"{path}:7: sources[0].tracking_plan: plan file {plan} is empty"]
+    assert load_errors(path) == [f"{path}:{PLAN}: sources[0].tracking_plan: plan file {plan} is empty"]
     plan.write_bytes(b"events: {\xff: {}}\n")
-    assert load_errors(path) == [f"{path}:7: sources[0].tracking_plan: plan file {plan} is not UTF-8 text (byte 0xff at offset 9)"]
+    assert load_errors(path) == [f"{path}:{PLAN}: sources[0].tracking_plan: plan file {plan} is not UTF-8 text (byte 0xff at offset 9)"]
 
 
 def test_plan_file_needs_a_reader() -> None:
     assert errors("tracking_plan: plans/web.yaml\n", filename="conf/rules.yaml") == [
-        "conf/rules.yaml:7: sources[0].tracking_plan: plan file conf/plans/web.yaml cannot be read: "
+        f"conf/rules.yaml:{PLAN}: sources[0].tracking_plan: plan file conf/plans/web.yaml cannot be read: "
         "these rules were not loaded from a file (use an inline plan)"
     ]
 
@@ -362,7 +356,7 @@ def test_a_ref_that_does_not_resolve_is_a_compile_error_not_a_failure_per_event(
               context: {$ref: "#/$defs/order"}
     """
     assert errors(plan) == [
-        "rules.yaml:14: sources[0].tracking_plan.events.E.json_schema.properties.properties.$ref: "
+        f"rules.yaml:{PLAN + 7}: sources[0].tracking_plan.events.E.json_schema.properties.properties.$ref: "
         "cannot resolve '#/$defs/missing' (a $ref must point into the same schema: nothing is fetched)"
     ]
 
@@ -397,10 +391,10 @@ def test_local_refs_and_refs_under_an_id_resolve() -> None:
 
 def test_schema_dialect_and_dynamic_ref_problems_are_reported_not_raised() -> None:
     assert errors('tracking_plan: {events: {E: {json_schema: {$schema: 5}}}}\n') == [
-        "rules.yaml:7: sources[0].tracking_plan.events.E.json_schema.$schema: must be a string naming a JSON Schema dialect, not 5"
+        f"rules.yaml:{PLAN}: sources[0].tracking_plan.events.E.json_schema.$schema: must be a string naming a JSON Schema dialect, not 5"
     ]
     assert errors('tracking_plan: {events: {E: {json_schema: {$dynamicRef: "#nope"}}}}\n') == [
-        "rules.yaml:7: sources[0].tracking_plan.events.E.json_schema.$dynamicRef: "
+        f"rules.yaml:{PLAN}: sources[0].tracking_plan.events.E.json_schema.$dynamicRef: "
         "cannot resolve '#nope' (a $ref must point into the same schema: nothing is fetched)"
     ]
     anchored = 'tracking_plan: {events: {E: {json_schema: {$dynamicAnchor: node, properties: {properties: {$dynamicRef: "#node"}}}}}}\n'

@@ -20,18 +20,11 @@ from proxy.delivery import Chunk
 from proxy.engine import Decision, EventContext, RulesError, RuleSet, compile_rules, decide, transformed_events
 from proxy.engine.transforms import Chain, HashProperty, hash_value
 from proxy.ingress.prepare import CallShape, prepare
+from tests.rules_texts import HEAD, lines
 
 SALT = "pepper"
 ENV = {"PII_SALT": SALT}
-# The default rule's transforms for rudderstack start on line 16 (`rules[1].transforms.rudderstack[0]`).
-RULE_HEAD = """\
-version: 1
-sources:
-  - name: web
-    write_keys: [web-key-000001]
-destinations:
-  segment: {kind: segment, url: "http://seg.test"}
-  rudderstack: {kind: rudderstack, url: "http://rs.test"}
+RULE_HEAD = HEAD + """\
 rules:
   - name: orders
     when: {event: "Checkout *"}
@@ -41,7 +34,9 @@ rules:
     transforms:
       rudderstack:
 """
-# Destination-level transforms start on line 8 (`destinations.rudderstack.transforms[0]`).
+OP = lines(RULE_HEAD) + 1  # the line of the default rule's first transform for rudderstack (`rules[1].transforms.rudderstack[0]`)
+# A whole file around destination-level transforms, written out because the destination is what these tests
+# are about (their expected lines count in it): the transforms start on line 8 (`destinations.rudderstack.transforms[0]`).
 DEST_HEAD = """\
 version: 1
 destinations:
@@ -273,7 +268,7 @@ def test_compiled_transforms_are_frozen() -> None:
 
 # --- refusals ----------------------------------------------------------------------------------------
 
-AT = "rules.yaml:16: rules[1].transforms.rudderstack[0]"
+AT = f"rules.yaml:{OP}: rules[1].transforms.rudderstack[0]"
 PATH_ROOTS = "is not under properties, traits, context: transforms change event data, not the envelope"
 JSON_DATA = "must be JSON data (string, number, true/false, null, list or mapping with string keys)"
 
@@ -343,12 +338,12 @@ def test_paths_outside_event_data_are_refused(path: str, message: str) -> None:
     "block, expected",
     [
         ("- drop_property: properties.a\n  when: {source: web}",
-         ["rules.yaml:17: rules[1].transforms.rudderstack[0].when.source: unknown key 'source' (expected one of: type, event)"]),
+         [f"rules.yaml:{OP + 1}: rules[1].transforms.rudderstack[0].when.source: unknown key 'source' (expected one of: type, event)"]),
         ("- drop_property: properties.a\n  when: {type: click}",
-         ["rules.yaml:17: rules[1].transforms.rudderstack[0].when.type: unknown event type 'click' "
+         [f"rules.yaml:{OP + 1}: rules[1].transforms.rudderstack[0].when.type: unknown event type 'click' "
           "(expected one of: track, identify, page, screen, group, alias)"]),
-        ("- drop_property: properties.a\n  when: {}", ["rules.yaml:17: rules[1].transforms.rudderstack[0].when: must hold at least one condition (type, event)"]),
-        ("- drop_property: properties.a\n  when: [a]", ["rules.yaml:17: rules[1].transforms.rudderstack[0].when: must be a mapping, not a list"]),
+        ("- drop_property: properties.a\n  when: {}", [f"rules.yaml:{OP + 1}: rules[1].transforms.rudderstack[0].when: must hold at least one condition (type, event)"]),
+        ("- drop_property: properties.a\n  when: [a]", [f"rules.yaml:{OP + 1}: rules[1].transforms.rudderstack[0].when: must be a mapping, not a list"]),
     ],
 )
 def test_when_problems(block: str, expected: list[str]) -> None:
@@ -364,7 +359,7 @@ def test_a_salt_written_in_the_file_is_refused() -> None:
 
 def test_a_missing_salt_variable_is_named_once() -> None:
     assert errors(rule_ops('- hash_property: {path: properties.email, salt: "${PII_SALT}"}'), env={}) == [
-        "rules.yaml:16: environment variable PII_SALT is not set and has no default (write ${PII_SALT:-default} to give one)"
+        f"rules.yaml:{OP}: environment variable PII_SALT is not set and has no default (write ${{PII_SALT:-default}} to give one)"
     ]
 
 
@@ -382,14 +377,15 @@ def test_a_salt_from_the_environment_with_a_default_is_accepted() -> None:
 
 def test_transform_lists_and_destination_names_are_checked() -> None:
     head = RULE_HEAD.replace("    transforms:\n      rudderstack:\n", "")
+    line = lines(head) + 1  # of the `transforms:` appended to it
     assert errors(head + "    transforms: {rudderstack: []}\n") == [
-        "rules.yaml:14: rules[1].transforms.rudderstack: must be a non-empty list of transforms, e.g. [{drop_property: properties.card_number}]"
+        f"rules.yaml:{line}: rules[1].transforms.rudderstack: must be a non-empty list of transforms, e.g. [{{drop_property: properties.card_number}}]"
     ]
     assert errors(head + "    transforms: [{drop_property: properties.a}]\n") == [
-        "rules.yaml:14: rules[1].transforms: must map destination names to their transforms, e.g. {rudderstack: [...]}"
+        f"rules.yaml:{line}: rules[1].transforms: must map destination names to their transforms, e.g. {{rudderstack: [...]}}"
     ]
     assert errors(head + "    transforms:\n      rudder: [{drop_property: properties.a}]\n") == [
-        "rules.yaml:15: rules[1].transforms.rudder: unknown destination 'rudder' (destinations: segment, rudderstack)"
+        f"rules.yaml:{line + 1}: rules[1].transforms.rudder: unknown destination 'rudder' (destinations: segment, rudderstack)"
     ]
 
 
@@ -416,8 +412,8 @@ def test_destination_transform_problems_name_the_destination() -> None:
 def test_every_problem_in_one_file_is_reported_together() -> None:
     assert errors(rule_ops("- drop_property: type\n- hash: x\n- rename_event: {from: A, to: A}")) == [
         f"{AT}.drop_property: type is never transformed: it is part of the wire contract (destinations read the event by it)",
-        "rules.yaml:17: rules[1].transforms.rudderstack[1].hash: " + OPS.format("hash"),
-        "rules.yaml:18: rules[1].transforms.rudderstack[2].rename_event.to: is the same as from ('A'): the rename does nothing",
+        f"rules.yaml:{OP + 1}: rules[1].transforms.rudderstack[1].hash: " + OPS.format("hash"),
+        f"rules.yaml:{OP + 2}: rules[1].transforms.rudderstack[2].rename_event.to: is the same as from ('A'): the rename does nothing",
     ]
 
 
