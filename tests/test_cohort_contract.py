@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from proxy.engine import NO_KEY_BUCKET, bucket, compile_rules, decide
 from tests.conftest import SHARED_GOLDEN, VENDORED_GOLDEN
+from tests.rules_texts import HEAD
 
 
 def _golden_cases() -> list[dict[str, object]]:
@@ -46,12 +47,8 @@ def test_no_key_bucket_is_the_last_one() -> None:
     assert NO_KEY_BUCKET == 9999
 
 
-SPLIT_RULES = """
-version: 1
-destinations:
-  rudderstack: {{kind: rudderstack, url: "http://127.0.0.1:1"}}
-  segment: {{kind: segment, url: "http://127.0.0.1:2"}}
-sources: [{{name: web, write_keys: [k]}}]
+def _split_text(first: str, second: str) -> str:
+    return HEAD + f"""\
 cohort: {{key: [anonymousId, userId], salt: s}}
 rules:
   - name: split
@@ -61,7 +58,7 @@ rules:
 
 
 def _split_rules(first: str, second: str):  # type: ignore[no-untyped-def]
-    return compile_rules(SPLIT_RULES.format(first=first, second=second))
+    return compile_rules(_split_text(first, second))
 
 
 _DECIDE_IN_CHILD = """
@@ -78,7 +75,7 @@ def test_same_decisions_in_processes_with_different_hash_seeds(tmp_path) -> None
     keys = [f"user-{i}" for i in range(300)] + ["", " ", "é", "日本", "42"]
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(json.dumps(keys))
-    text = SPLIT_RULES.format(first="33.33", second="66.67")
+    text = _split_text("33.33", "66.67")
     outputs = set()
     for seed in ("0", "1", "12345", "random"):
         result = subprocess.run(

@@ -8,15 +8,9 @@ import orjson
 from proxy.delivery import Rejection, Submission
 from proxy.engine import EventContext, compile_rules
 from proxy.ingress.prepare import CallShape, prepare
+from tests.rules_texts import HEAD, WEB_KEY
 
-RULES = """\
-version: 1
-sources:
-  - name: web
-    write_keys: [web-key-000001]
-destinations:
-  segment: {kind: segment, url: "http://seg.test"}
-  rudderstack: {kind: rudderstack, url: "http://rs.test"}
+RULES = HEAD + """\
 rules:
   - name: orders
     when: {event: "Order *"}
@@ -33,7 +27,7 @@ def submitted(batch: list[object]) -> Submission:
     rules = compile_rules(RULES, filename="rules.yaml", env={})
     source = rules.sources["web"]
     prepared = prepare(rules, {"batch": batch}, CallShape(True), source, EventContext("web"), None,
-                       presented_key="web-key-000001", forwarded_for="198.51.100.7")
+                       presented_key=WEB_KEY, forwarded_for="198.51.100.7")
     return prepared.submission
 
 
@@ -54,8 +48,8 @@ def test_each_event_is_filed_with_its_id_type_and_name() -> None:
     assert (rudder.message_ids, rudder.types, rudder.names) == (["m-order"], ["track"], ["Order Completed"])
     assert orjson.loads(rudder.events[0])["event"] == "Order Completed"
     assert list(submission.primary) == ["segment"] and list(submission.mirror) == ["rudderstack"]
-    assert (submission.source.name, submission.presented_key, submission.forwarded_for) == ("web", "web-key-000001", "198.51.100.7")
-    assert "web-key-000001" not in repr(submission)
+    assert (submission.source.name, submission.presented_key, submission.forwarded_for) == ("web", WEB_KEY, "198.51.100.7")
+    assert WEB_KEY not in repr(submission)
 
 
 def test_rejections_are_typed_and_answered_as_before() -> None:

@@ -18,6 +18,7 @@ from proxy.admin import describe
 from proxy.engine import DedupSettings, RulesError, compile_rules
 from proxy.log import mask_write_keys
 from tests.proxy_harness import FAST_DELIVERY, WEB_KEY, Stack, proxy_stack
+from tests.rules_texts import DESTINATIONS, SOURCES, lines
 
 SECRET = "whsec-0123456789abcdef"
 LEGACY_RS_KEY = "rs-server-key-0123456789"  # one of the keys the RudderStack receiver accepts
@@ -207,14 +208,8 @@ async def test_with_dedup_off_duplicates_pass_through() -> None:
 
 
 # --------------------------------------------------------------------------- configuration
-HEAD = """\
-version: 1
-destinations:
-  segment: {kind: segment, url: "http://seg.test"}
-  rudderstack: {kind: rudderstack, url: "http://rs.test"}
-sources:
-  - name: legacy
-"""  # lines 1-6
+HEAD = DESTINATIONS + "sources:\n  - name: legacy\n"
+LEGACY = lines(HEAD)  # the line of the source legacy: config() writes its webhook on the next line, its rule `all` 4 lines below
 
 
 def errors(text: str, env: dict[str, str] | None = None) -> list[str]:
@@ -228,12 +223,12 @@ def config(webhook: str, credentials: str = "{rudderstack: rs-key-0123456789}", 
 
 
 @pytest.mark.parametrize(("webhook", "expected"), [
-    ('{secret: ""}', "rules.yaml:7: sources[0].webhook.secret: must not be empty"),
-    ("{secret: short-secret}", "rules.yaml:7: sources[0].webhook.secret: is 12 characters; use at least 16 (a random string)"),
-    ("{}", "rules.yaml:7: sources[0].webhook.secret: is required (the Shared Secret set in Segment's Webhooks destination)"),
+    ('{secret: ""}', f"rules.yaml:{LEGACY + 1}: sources[0].webhook.secret: must not be empty"),
+    ("{secret: short-secret}", f"rules.yaml:{LEGACY + 1}: sources[0].webhook.secret: is 12 characters; use at least 16 (a random string)"),
+    ("{}", f"rules.yaml:{LEGACY + 1}: sources[0].webhook.secret: is required (the Shared Secret set in Segment's Webhooks destination)"),
     ("{secret: 0123456789abcdef0, algo: sha256}",
-     "rules.yaml:7: sources[0].webhook.algo: unknown key 'algo' (expected one of: secret)"),
-    ("yes", "rules.yaml:7: sources[0].webhook: must be a mapping, not a value"),
+     f"rules.yaml:{LEGACY + 1}: sources[0].webhook.algo: unknown key 'algo' (expected one of: secret)"),
+    ("yes", f"rules.yaml:{LEGACY + 1}: sources[0].webhook: must be a mapping, not a value"),
 ])
 def test_webhook_secret_problems(webhook: str, expected: str) -> None:
     assert errors(config(webhook)) == [expected]
@@ -241,7 +236,7 @@ def test_webhook_secret_problems(webhook: str, expected: str) -> None:
 
 def test_a_missing_secret_variable_is_named() -> None:
     assert errors(config('{secret: "${SEGMENT_WEBHOOK_SECRET}"}')) == [
-        "rules.yaml:7: environment variable SEGMENT_WEBHOOK_SECRET is not set and has no default "
+        f"rules.yaml:{LEGACY + 1}: environment variable SEGMENT_WEBHOOK_SECRET is not set and has no default "
         "(write ${SEGMENT_WEBHOOK_SECRET:-default} to give one)"
     ]
     rules = compile_rules(config('{secret: "${SEGMENT_WEBHOOK_SECRET}"}'), env={"SEGMENT_WEBHOOK_SECRET": SECRET})
@@ -251,7 +246,7 @@ def test_a_missing_secret_variable_is_named() -> None:
 
 def test_a_source_needs_write_keys_or_a_webhook() -> None:
     assert errors(HEAD + "rules:\n  - name: all\n    route: rudderstack\n") == [
-        "rules.yaml:6: sources[0].write_keys: is required (the write keys clients of this source present)"
+        f"rules.yaml:{LEGACY}: sources[0].write_keys: is required (the write keys clients of this source present)"
     ]
 
 
@@ -260,9 +255,9 @@ def test_a_webhook_source_needs_a_credential_for_every_reachable_destination() -
                   "when: {source: legacy, type: track}\n    route: {split: {rudderstack: 50, segment: 50}}\n"
                   "  - name: rest\n    route: rudderstack")
     assert errors(text) == [
-        "rules.yaml:6: sources[0].credentials: webhook source 'legacy' needs a credential for every destination "
+        f"rules.yaml:{LEGACY}: sources[0].credentials: webhook source 'legacy' needs a credential for every destination "
         "its events can reach; missing: rudderstack (rule 'all')",
-        "rules.yaml:10: rules[0].route: events of webhook source 'legacy' can reach segment destination 'segment': "
+        f"rules.yaml:{LEGACY + 4}: rules[0].route: events of webhook source 'legacy' can reach segment destination 'segment': "
         "Segment forwarded them, so it would receive them twice; give this source a rule (before this one) that routes to other destinations only",
     ]
 
@@ -287,23 +282,24 @@ def test_dedup_settings(dedup: str, expected: DedupSettings | None) -> None:
 
 
 def test_dedup_is_off_without_a_webhook_unless_asked_for() -> None:
-    plain = HEAD.replace("  - name: legacy\n", "  - name: web\n    write_keys: [web-key-0123456789]\n") + "rules:\n  - name: all\n    route: rudderstack\n"
+    plain = DESTINATIONS + SOURCES + "rules:\n  - name: all\n    route: rudderstack\n"
     assert compile_rules(plain, env={}).dedup is None
     assert compile_rules(plain + "dedup: {window: 5m}\n", env={}).dedup == DedupSettings(300.0)
 
 
 @pytest.mark.parametrize(("dedup", "expected"), [
-    ("{window: soon}", "rules.yaml:12: dedup.window: must be a duration such as 90s, 10m or 1h (a bare number is seconds), not 'soon'"),
-    ("{window: 2d}", "rules.yaml:12: dedup.window: must be a duration such as 90s, 10m or 1h (a bare number is seconds), not '2d'"),
-    ("{window: 25h}", "rules.yaml:12: dedup.window: must be more than 0 and at most 24h, not '25h'"),
-    ("{window: 0}", "rules.yaml:12: dedup.window: must be more than 0 and at most 24h, not 0"),
-    ("{max_ids: 0}", "rules.yaml:12: dedup.max_ids: must be a whole number between 1 and 10000000, not 0"),
-    ("{max_ids: 2.5}", "rules.yaml:12: dedup.max_ids: must be a whole number between 1 and 10000000, not 2.5"),
-    ("{size: 3}", "rules.yaml:12: dedup.size: unknown key 'size' (expected one of: window, max_ids)"),
-    ("sometimes", "rules.yaml:12: dedup: must be true or false, not 'sometimes'"),
+    ("{window: soon}", "dedup.window: must be a duration such as 90s, 10m or 1h (a bare number is seconds), not 'soon'"),
+    ("{window: 2d}", "dedup.window: must be a duration such as 90s, 10m or 1h (a bare number is seconds), not '2d'"),
+    ("{window: 25h}", "dedup.window: must be more than 0 and at most 24h, not '25h'"),
+    ("{window: 0}", "dedup.window: must be more than 0 and at most 24h, not 0"),
+    ("{max_ids: 0}", "dedup.max_ids: must be a whole number between 1 and 10000000, not 0"),
+    ("{max_ids: 2.5}", "dedup.max_ids: must be a whole number between 1 and 10000000, not 2.5"),
+    ("{size: 3}", "dedup.size: unknown key 'size' (expected one of: window, max_ids)"),
+    ("sometimes", "dedup: must be true or false, not 'sometimes'"),
 ])
 def test_dedup_problems(dedup: str, expected: str) -> None:
-    assert errors(config(f"{{secret: {SECRET}}}", extra=f"dedup: {dedup}\n")) == [expected]
+    line = lines(config(f"{{secret: {SECRET}}}")) + 1  # of the `dedup:` appended to it
+    assert errors(config(f"{{secret: {SECRET}}}", extra=f"dedup: {dedup}\n")) == [f"rules.yaml:{line}: {expected}"]
 
 
 # --------------------------------------------------------------------------- secrets stay secret
