@@ -244,14 +244,7 @@ def test_destination_transforms_apply_to_every_rule_that_sends_there() -> None:
     assert transformed_events(rules.transforms, decide(rules, event), event) == {"rudderstack": {"type": "page", "userId": "u", "properties": {}}}
 
 
-def test_mirrors_get_their_transforms_too() -> None:
-    text = RULE_HEAD.replace("    route: {to: [segment], mirror: [rudderstack]}\n", "    route: {to: [segment], mirror: [rudderstack]}\n"
-                             "    transforms: {rudderstack: [{drop_property: properties.card}]}\n") + "        - drop_property: properties.x\n"
-    rules = compiled(text)
-    event = track(event="Checkout Started", properties={"card": "4111"})
-    decision = decide(rules, event)
-    assert (decision.primary, decision.mirror) == (("segment",), ("rudderstack",))
-    assert transformed_events(rules.transforms, decision, event) == {"rudderstack": track(event="Checkout Started", properties={})}
+# A mirror gets its rule's transforms too (and the destination's): tests/golden/decisions/transforms, the legacy iOS order.
 
 
 def test_without_transforms_the_table_is_empty() -> None:
