@@ -22,6 +22,7 @@ disable_created_metrics()  # *_created series double the exposition and no dashb
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 KNOWN_TYPES = frozenset(EVENT_TYPES)
 RELOAD_RESULTS = ("success", "error", "refused", "unchanged")  # proxy.reload.Status, in the order a dashboard lists them
+ROLLBACK_KINDS = ("split", "primary", "copy_lost")  # what an accepted reload moved back (proxy.engine.RolloutReport)
 DROP_REASONS = ("spool_full", "spool_error")
 
 
@@ -125,6 +126,11 @@ class Metrics:
             ["source"], registry=r,
         )
         self.config_reloads = Counter("splitter_config_reloads", "Rules reloads by result (success, error, refused, unchanged).", ["result"], registry=r)
+        self.config_rollbacks = Counter(
+            "splitter_config_rollbacks",
+            "Rollbacks in accepted reloads: splits lowered, events whose primary moved back toward Segment, copies RudderStack stopped receiving.",
+            ["kind"], registry=r,
+        )
         self.config_info = Gauge("splitter_config_info", "The active rules file: always 1, labelled with its sha256.", ["sha256"], registry=r)
         self.rollout_percent = Gauge(
             "splitter_rollout_percent", "The live split: percent of cohort buckets each rule sends to each primary destination.",
@@ -133,6 +139,8 @@ class Metrics:
         self._children: dict[tuple[Any, ...], Any] = {}
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
+        for kind in ROLLBACK_KINDS:
+            self.config_rollbacks.labels(kind)
 
     def preset(self, rules: RuleSet) -> None:
         """Create every labelled counter whose label values the rules make known, at 0.

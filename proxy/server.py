@@ -42,6 +42,7 @@ from proxy.control.install import RulesInstaller
 from proxy.control.ramps import Clock
 from proxy.control.reload import FILE_CHANGE, Reloader
 from proxy.control.state import ActiveRules
+from proxy.control.traffic import RecentTraffic
 from proxy.control.watch import RulesWatcher
 from proxy.delivery import Delivery, SpoolLocked
 from proxy.delivery.spool import SpoolFormatError
@@ -154,6 +155,7 @@ class Server:
         self.active: ActiveRules | None = None
         self.installer: RulesInstaller | None = None
         self.reloader: Reloader | None = None
+        self.traffic: RecentTraffic | None = None
         self.watcher: RulesWatcher | None = None
         self.delivery: Delivery | None = None
         self.listener: IngressListener | None = None
@@ -220,8 +222,9 @@ class Server:
         self.installer = installer = RulesInstaller(active, self.metrics, self.delivery, clock=self._clock)
         installer.install(rules)
         installer.ramps.apply_due()  # a ramp step already due is in effect before the first request
+        self.traffic = RecentTraffic() if fleet is None else None  # kept where requests are served
         self.reloader = reloader = Reloader(settings.config, active, self.metrics, self.env, installer,
-                                            forward=fleet.forward_reload if fleet is not None else None)
+                                            forward=fleet.forward_reload if fleet is not None else None, traffic=self.traffic)
         self.watcher = RulesWatcher(settings.config, lambda: reloader.reload(FILE_CHANGE), interval=settings.reload_poll_interval,
                                     baseline=rules.sha256)
         if self.link is None:  # a worker's admin port is its supervisor's, served once for all workers
@@ -253,7 +256,7 @@ class Server:
         try:
             if self.fleet is None:
                 assert self.active is not None and self.delivery is not None
-                deps = IngressDeps(self.active, self.delivery, self.metrics, settings.region, settings.trusted_proxies)
+                deps = IngressDeps(self.active, self.delivery, self.metrics, settings.region, settings.trusted_proxies, traffic=self.traffic)
                 app = build_ingress_app(deps, cors_origins=settings.cors_origins, max_in_flight=settings.max_in_flight, cdn_url=settings.cdn_url,
                                         public_url=settings.public_url, cdn_cache_seconds=settings.cdn_cache_seconds)
                 ingress = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout, handle_signals=False)

@@ -70,8 +70,6 @@ def test_full_rollback_from_100_to_0() -> None:
     [
         # 1000-1999 move from warehouse to rudderstack (earlier arm): forward.
         ("{rudderstack: 10, warehouse: 20, segment: 70}", "{rudderstack: 20, warehouse: 10, segment: 70}", 1000, 0),
-        # 500-999 rudderstack -> warehouse (back); 3000-3499 segment -> warehouse (forward).
-        ("{rudderstack: 10, warehouse: 20, segment: 70}", "{rudderstack: 5, warehouse: 30, segment: 65}", 500, 500),
         # Only the boundary between the last two arms moves: 9000-9499 segment -> warehouse.
         ("{rudderstack: 10, warehouse: 80, segment: 10}", "{rudderstack: 10, warehouse: 85, segment: 5}", 500, 0),
     ],
@@ -81,6 +79,18 @@ def test_three_arm_moves_are_counted_per_bucket(before: str, after: str, forward
     assert report.refused == ()
     assert report.changes == (SplitChange("r", forward, back),)
     assert report.rollbacks == ((SplitChange("r", forward, back),) if back else ())
+
+
+def test_a_split_moving_users_both_ways_at_once_is_a_reshuffle() -> None:
+    # 500-999 rudderstack -> warehouse (back); 3000-3499 segment -> warehouse (forward).
+    before, after = "{rudderstack: 10, warehouse: 20, segment: 70}", "{rudderstack: 5, warehouse: 30, segment: 65}"
+    report = compare(ruleset(before), ruleset(after))
+    assert report.refused == (
+        "rule 'r': the split moves 500 buckets toward earlier arms and 500 back at once; this reshuffles users between "
+        "destinations. Set `reshuffle: true` on the rule (or on the cohort) to do it anyway",
+    )
+    consented = compare(ruleset(before), ruleset(after, rule_extra="    reshuffle: true\n"))
+    assert consented.refused == () and consented.changes == (SplitChange("r", 500, 500),)
 
 
 def test_salt_change_is_refused_and_names_the_rule() -> None:
@@ -160,21 +170,33 @@ def test_reshuffle_false_is_not_an_acknowledgement() -> None:
     assert len(compare(ruleset("{rudderstack: 5, segment: 95}"), new).refused) == 1
 
 
-def test_new_or_renamed_rules_are_not_compared() -> None:
+def test_a_renamed_rule_is_judged_by_where_its_users_go() -> None:
+    # Renaming escapes the by-name split comparison, not the per-class one: a new salt and a new
+    # percentage move users both ways, as a salt change would.
     old = ruleset("{rudderstack: 5, segment: 95}", name="old-name")
-    new = ruleset("{segment: 50, rudderstack: 50}", cohort="{salt: other}", name="new-name")
-    assert compare(old, new) == RolloutReport((), ())
+    renamed = compare(old, ruleset("{rudderstack: 50, segment: 50}", cohort="{salt: other}", name="new-name"))
+    assert renamed.refused and "rule 'new-name' (events that rule 'old-name' decided before)" in renamed.refused[0]
+    # Same cohort, same split, another name: nobody moves.
+    assert compare(old, ruleset("{rudderstack: 5, segment: 95}", name="new-name")) == RolloutReport((), ())
 
 
-def test_non_split_rules_are_ignored() -> None:
+def test_a_rule_that_stops_splitting_is_judged_per_class() -> None:
     split = ruleset("{rudderstack: 5, segment: 95}")
     plain = compile_rules(
         HEAD + "cohort: {salt: zzz}\nrules:\n  - name: r\n    when: {source: web}\n    route: rudderstack\n"
         "  - name: default\n    route: {to: [segment], mirror: [rudderstack]}\n",
         env={},
     )
-    assert compare(split, plain) == RolloutReport((), ())
-    assert compare(plain, split) == RolloutReport((), ())
+    widened = compare(split, plain)  # the 95 % on Segment move to RudderStack: forward only
+    assert widened.refused == () and widened.changes == () and widened.move_rollbacks == ()
+    assert {(m.what, m.direction, round(m.share)) for m in widened.moves} == {
+        ("primary", "forward", 95), ("copy_gained", "forward", 95), ("copy_lost", "forward", 95),
+        ("copy_gained", "forward", 100)}  # the default rule gains a RudderStack mirror
+    narrowed = compare(plain, split)  # back to 5 %: 95 % of the users move back
+    assert narrowed.refused == ()
+    assert [(m.what, m.before, m.after, round(m.share)) for m in narrowed.move_rollbacks] == [
+        ("copy_lost", "primary", "", 95), ("primary", "rudderstack", "segment", 95),
+        ("copy_lost", "mirror", "", 100)]  # and RudderStack loses the default rule's mirror
     assert compare(plain, plain) == RolloutReport((), ())
 
 

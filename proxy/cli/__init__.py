@@ -19,7 +19,21 @@ from multidict import CIMultiDict
 from proxy import __version__
 from proxy.cli.ramps import at_option, position_lines, schedule_lines
 from proxy.cli.samples import InputError, SampleEvent, read_events
-from proxy.engine import EventContext, RulesError, RuleSet, Sample, against, decide, effective_rules, load_rules, plan_report_lines, tally, transformed_events
+from proxy.engine import (
+    EventContext,
+    RulesError,
+    RuleSet,
+    Sample,
+    against,
+    compare,
+    decide,
+    effective_rules,
+    load_rules,
+    plan_report_lines,
+    tally,
+    transformed_events,
+    verdict_lines,
+)
 from proxy.exits import BAD_INPUT, STARTUP_FAILURE
 from proxy.settings import LOG_LEVELS, ServeSettings, SettingsError, flag_default
 
@@ -218,3 +232,9 @@ def simulate(rules_path: str, events_path: str, old_path: str | None, write_key:
                f"{moved.events_changed} events")
     for (before, after), count in moved.transitions.most_common():
         click.echo(f"  {before} -> {after}: {count} keys")
+    if moved.copies:
+        click.echo("copies per destination (primary or mirror; none: the destination no longer gets the event):")
+        for (destination, before, after), copy in sorted(moved.copies.items()):
+            click.echo(f"  {destination}: {before} -> {after}: {copy.events} events, {len(copy.keys)} keys")
+    for line in verdict_lines(compare(old, rules, samples)):
+        click.echo(line)

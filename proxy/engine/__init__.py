@@ -9,9 +9,10 @@ from proxy.engine.evaluate import decide, shared_decision
 from proxy.engine.events import events_of_body, has_envelope, merge_envelope
 from proxy.engine.masking import MASK, mask
 from proxy.engine.model import EVENT_TYPES, Cohort, Decision, Destination, EventContext, Rule, RuleSet, Source
+from proxy.engine.moves import Move, replay_view
 from proxy.engine.plan_report import plan_report_lines
 from proxy.engine.ramp import RampView, effective_rules, iso, next_step_at, ramp_views
-from proxy.engine.rollout import compare
+from proxy.engine.rollout import RolloutReport, compare, rollback_line, verdict_lines
 from proxy.engine.schema import SCHEMA_VERSION, compile_rules, load_rules
 from proxy.engine.simulate import Sample, against, tally
 from proxy.engine.tracking import KINDS as VIOLATION_KINDS
@@ -31,8 +32,10 @@ __all__ = [
     "DedupSettings",
     "Destination",
     "EventContext",
+    "Move",
     "Problem",
     "RampView",
+    "RolloutReport",
     "Rule",
     "RuleSet",
     "RulesError",
@@ -57,7 +60,10 @@ __all__ = [
     "plan_files",
     "plan_report_lines",
     "ramp_views",
+    "replay_view",
+    "rollback_line",
     "shared_decision",
     "tally",
     "transformed_events",
+    "verdict_lines",
 ]

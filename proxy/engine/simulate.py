@@ -89,10 +89,24 @@ class Movement:
     keys_changed: int = 0
     events_changed: int = 0
     transitions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (old primary, new primary) -> keys
+    copies: dict[tuple[str, str, str], CopyChange] = field(default_factory=dict)  # (destination, old role, new role) -> counts
+
+
+@dataclass
+class CopyChange:
+    """Events one destination receives in another role (or not at all) under the new rules."""
+
+    events: int = 0
+    keys: set[str] = field(default_factory=set)
+
+
+def _roles(primary: tuple[str, ...], mirror: tuple[str, ...]) -> dict[str, str]:
+    return {**{d: "mirror" for d in mirror}, **{d: "primary" for d in primary}}
 
 
 def against(old: RuleSet, new: RuleSet, samples: Iterable[Sample]) -> Movement:
-    """How many cohort keys change primary destination(s) between `old` and `new`, and which way."""
+    """How many cohort keys change primary destination(s) between `old` and `new`, and which way;
+    and per destination, the events it gets in another role or no longer gets (mirror copies too)."""
     movement = Movement()
     seen: set[str] = set()
     moved: dict[str, set[tuple[str, str]]] = defaultdict(set)
@@ -101,6 +115,14 @@ def against(old: RuleSet, new: RuleSet, samples: Iterable[Sample]) -> Movement:
         key = _user_key(new, event, after.rule) or _user_key(old, event, before.rule)
         if key is not None:
             seen.add(key)
+        old_roles, new_roles = _roles(before.primary, before.mirror), _roles(after.primary, after.mirror)
+        for destination in dict.fromkeys([*old_roles, *new_roles]):
+            change = (destination, old_roles.get(destination, "none"), new_roles.get(destination, "none"))
+            if change[1] != change[2]:
+                copy = movement.copies.setdefault(change, CopyChange())
+                copy.events += 1
+                if key is not None:
+                    copy.keys.add(key)
         if set(before.primary) == set(after.primary):
             continue
         movement.events_changed += 1

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.control.state import ActiveRules
+from proxy.control.traffic import RecentTraffic
 from proxy.delivery import Delivery
 from proxy.engine import EventContext, RuleSet
 from proxy.ingress import responses
@@ -40,14 +41,18 @@ class IngressDeps:
     region: str | None
     trusted_proxies: tuple[IPNetwork, ...]
     plan_checks: PlanChecks = field(default_factory=PlanChecks)  # used only for sources with a tracking plan
+    traffic: RecentTraffic | None = None  # recent events' routing inputs, replayed at a reload (proxy/control/traffic.py)
 
 
 def _prepare_request(rules: RuleSet, data: bytes, header_key: str | None, shape: CallShape, region: str | None, country: str | None,
-                     client_ip: str | None, forwarded_for: str | None = None) -> Prepared:
+                     client_ip: str | None, forwarded_for: str | None = None, traffic: RecentTraffic | None = None) -> Prepared:
     body: Any = parse_json(data)
     source, key = authenticate(rules, header_key, body)
     ctx = EventContext(source.name, region, country)
-    return prepare(rules, body, shape, source, ctx, client_ip, presented_key=key, forwarded_for=forwarded_for)
+    prepared = prepare(rules, body, shape, source, ctx, client_ip, presented_key=key, forwarded_for=forwarded_for)
+    if traffic is not None and traffic.due():  # the events as routed: envelope merged, type implied
+        traffic.record(rules, body.get("batch", ()) if shape.is_batch else (body,), ctx)
+    return prepared
 
 
 def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-untyped-def]
@@ -58,7 +63,8 @@ def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-unty
             raise IngressError(401, "invalid_write_key", "unknown write key")  # before reading the body
         data = await read_body(request)
         client_ip, forwarded_for = client_address(request.remote, request.headers.get("X-Forwarded-For"), deps.trusted_proxies)
-        prepared = _prepare_request(rules, data, header_key, shape, deps.region, rules.country_from_headers(request.headers), client_ip, forwarded_for)
+        prepared = _prepare_request(rules, data, header_key, shape, deps.region, rules.country_from_headers(request.headers), client_ip,
+                                    forwarded_for, deps.traffic)
         request[SOURCE_KEY] = prepared.submission.source.name
         return await deliver(deps, rules, prepared, shape)
 
