@@ -18,9 +18,8 @@ from multidict import CIMultiDict
 
 from proxy import __version__
 from proxy.cli.ramps import at_option, position_lines, schedule_lines
-from proxy.cli.samples import InputError, SampleEvent, read_events
+from proxy.cli.samples import InputError, SampleDefaults, SampleEvent, SampleFields, contexts, field_path, read_events
 from proxy.engine import (
-    EventContext,
     RulesError,
     RuleSet,
     Sample,
@@ -57,34 +56,24 @@ def _fail(message: str) -> NoReturn:
     sys.exit(BAD_INPUT)
 
 
-def _read_input(path: str) -> list[SampleEvent]:
+def _read_input(path: str, fields: SampleFields) -> list[SampleEvent]:
     try:
         if path == "-":
-            return read_events(sys.stdin.read(), "<stdin>")
+            return read_events(sys.stdin.read(), "<stdin>", fields)
         with open(path, encoding="utf-8") as handle:
-            return read_events(handle.read(), path)
+            return read_events(handle.read(), path, fields)
     except InputError as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"{path}: cannot read: {exc.strerror or exc}")
 
 
-def _contexts(rules: RuleSet, samples: Iterable[SampleEvent], write_key: str | None, headers: CIMultiDict[str], region: str | None,
-              source_name: str | None = None) -> list[Sample]:
-    """Pair each event with the context the proxy would give it; unknown keys and sources are an error."""
-    if write_key and source_name:
-        _fail("give --write-key or --source, not both")
-    if source_name is not None and source_name not in rules.sources:
-        _fail(f"--source {source_name!r}: no such source in {rules.filename} (sources: {', '.join(rules.sources)})")
-    country = rules.country_from_headers(headers)
-    out: list[Sample] = []
-    for sample in samples:
-        key = write_key or (None if source_name else sample.write_key)
-        source = rules.sources[source_name] if source_name else rules.source_for_key(key)
-        if key and source is None:
-            _fail(f"{sample.where}: unknown write key (no source in {rules.filename} has it)")
-        out.append((sample.event, EventContext(source.name if source else None, region, country)))
-    return out
+def _contexts(rules: RuleSet, samples: Iterable[SampleEvent], defaults: SampleDefaults) -> list[Sample]:
+    """Pair each event with the context the proxy would give it (proxy/cli/samples.py); unknown keys and sources are an error."""
+    try:
+        return contexts(rules, samples, defaults)
+    except InputError as exc:
+        _fail(str(exc))
 
 
 def _headers(values: tuple[str, ...]) -> CIMultiDict[str]:
@@ -170,6 +159,19 @@ _key_option = click.option("--write-key", default=None, help="The write key clie
 _source_option = click.option("--source", "source_name", default=None, help="The source by name, e.g. a webhook source that has no write keys.")
 
 
+def _field_path(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    try:
+        return None if value is None else field_path(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_source_field_option = click.option("--source-field", metavar="PATH", default=None, callback=_field_path,
+                                    help="Each event's source name is in this field (e.g. source_name of a warehouse export); removed before the rules see it.")
+_country_field_option = click.option("--country-field", metavar="PATH", default=None, callback=_field_path,
+                                     help="Each event's country code is in this field; removed before the rules see it.")
+
+
 @main.command()
 @click.argument("rules_path", metavar="RULES.yaml")
 @click.argument("input_path", metavar="[INPUT]", default="-")
@@ -177,15 +179,19 @@ _source_option = click.option("--source", "source_name", default=None, help="The
 @_source_option
 @_header_option
 @_region_option
+@_source_field_option
+@_country_field_option
 @at_option
 def explain(rules_path: str, input_path: str, write_key: str | None, source_name: str | None, header_values: tuple[str, ...], region: str | None,
-            at: datetime) -> None:
+            source_field: tuple[str, ...] | None, country_field: tuple[str, ...] | None, at: datetime) -> None:
     """Print the decision for each event of INPUT (a file or -): one JSON line per event.
 
     When the rules declare transforms, each line also has `transformed`: the event each destination
-    with transforms would receive (the others receive it unchanged)."""
+    with transforms would receive (the others receive it unchanged). An event's own `_splitter`
+    object ({"source": NAME, "country": CC, "region": R}) wins over the options for that event."""
     rules = effective_rules(_load(rules_path), at)
-    samples = _contexts(rules, _read_input(input_path), write_key, _headers(header_values), region, source_name)
+    events = _read_input(input_path, SampleFields(source_field, country_field))
+    samples = _contexts(rules, events, SampleDefaults(write_key, source_name, _headers(header_values), region))
     out = sys.stdout.buffer
     for event, ctx in samples:
         decision = decide(rules, event, ctx)
@@ -204,14 +210,18 @@ def explain(rules_path: str, input_path: str, write_key: str | None, source_name
 @_source_option
 @_header_option
 @_region_option
+@_source_field_option
+@_country_field_option
 @at_option
 def simulate(rules_path: str, events_path: str, old_path: str | None, write_key: str | None, source_name: str | None, header_values: tuple[str, ...],
-             region: str | None, at: datetime) -> None:
-    """Tally where a sample of events goes, per rule and destination; rehearse a change with --against or a ramp step with --at."""
+             region: str | None, source_field: tuple[str, ...] | None, country_field: tuple[str, ...] | None, at: datetime) -> None:
+    """Tally where a sample of events goes, per rule and destination; rehearse a change with --against or a ramp step with --at.
+
+    Each event's source, country and region (its `_splitter` object, the options) are settled once,
+    with RULES.yaml, and --against replays the events with the same ones through OLD.yaml."""
     rules = effective_rules(_load(rules_path), at)
-    events = _read_input(events_path)
-    headers = _headers(header_values)
-    samples = _contexts(rules, events, write_key, headers, region, source_name)
+    events = _read_input(events_path, SampleFields(source_field, country_field))
+    samples = _contexts(rules, events, SampleDefaults(write_key, source_name, _headers(header_values), region))
     result = tally(rules, samples)
     click.echo(f"{result.events} events, {result.keys} distinct cohort keys ({rules_path})")
     for line in position_lines(rules, at):
@@ -226,7 +236,7 @@ def simulate(rules_path: str, events_path: str, old_path: str | None, write_key:
     if old_path is None:
         return
     old = effective_rules(_load(old_path), at)
-    moved = against(old, rules, _contexts(old, events, write_key, headers, region, source_name))
+    moved = against(old, rules, samples)
     share = 100.0 * moved.keys_changed / moved.keys if moved.keys else 0.0
     click.echo(f"\nagainst {old_path}: {moved.keys_changed} of {moved.keys} cohort keys ({share:.2f}%) change primary destination; "
                f"{moved.events_changed} events")
