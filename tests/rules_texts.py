@@ -1,9 +1,11 @@
-"""The head of a rules file that engine tests build on, in one place.
+"""The heads of the rules files tests build on, in one place.
 
-`HEAD` is the schema version, two destinations (segment and rudderstack, at addresses nothing is
-asked to answer) and one source, web. A test appends what it is about (`cohort:`, `rules:`, more
-sources, a tracking plan under web) where it asserts on it, so the rule that matters stays in the
-test. Tests that expect `FILE:LINE` in a message count from `lines(HEAD)`, never from a number.
+`HEAD` (engine tests) is the schema version, two destinations (segment and rudderstack, at addresses
+nothing is asked to answer) and one source, web. `served_head()` (tests that launch `splitter serve`)
+is the same for a process whose destinations are the test's receivers. A test appends what it is
+about (`cohort:`, `rules:`, more sources, a tracking plan under web) where it asserts on it, so the
+rule that matters stays in the test. Tests that expect `FILE:LINE` in a message count from
+`lines(HEAD)`, never from a number.
 
 Whole decisions (an event, its context and the decision `splitter explain` prints) are pinned in
 `tests/golden/decisions/<case>/`, not restated here.
@@ -34,3 +36,21 @@ HEAD_WITH_WAREHOUSE = DESTINATIONS + WAREHOUSE + SOURCES
 def lines(text: str) -> int:
     """How many lines `text` holds: what is appended to it starts on line `lines(text) + 1`."""
     return text.count("\n")
+
+
+def served_head(write_key: str, rudder_key: str, *, timeout: float | None = None, delivery: str = "") -> str:
+    """The head for a launched `splitter serve`: segment at ${SEGMENT_URL} and rudderstack at
+    ${RUDDERSTACK_DATA_PLANE_URL} (the test's receivers, given in the process's environment), both with
+    this `timeout` and these `delivery` options when given, and the source web presenting `write_key`,
+    with `rudder_key` as its RudderStack credential."""
+    options = (f", timeout: {timeout}" if timeout is not None else "") + (f", delivery: {{{delivery}}}" if delivery else "")
+    return f"""\
+version: 1
+destinations:
+  segment:     {{kind: segment,     url: "${{SEGMENT_URL}}"{options}}}
+  rudderstack: {{kind: rudderstack, url: "${{RUDDERSTACK_DATA_PLANE_URL}}"{options}}}
+sources:
+  - name: web
+    write_keys: ["{write_key}"]
+    credentials: {{rudderstack: "{rudder_key}"}}
+"""

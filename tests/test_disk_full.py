@@ -32,6 +32,7 @@ from proxy.delivery import Chunk, Delivery, Submission
 from proxy.delivery.spool import HEADER, MAGIC, Record, Spool, encode
 from proxy.engine import Source, compile_rules
 from proxy.metrics import Metrics
+from tests.rules_texts import served_head
 from tests.spooling import synced, write_request
 from tests.test_spool import RULES
 
@@ -326,21 +327,11 @@ async def test_a_request_refused_for_one_destination_leaves_nothing_in_the_other
 
 WRITE_KEY = "diskfull-web-key-0123"
 RUDDER_KEY = "diskfull-rs-key-0123"
-SERVE_RULES = f"""\
-version: 1
-destinations:
-  segment:     {{kind: segment,     url: "${{SEGMENT_URL}}", timeout: 2,
-                 delivery: {{retry_base: 0.05, retry_max: 0.3, breaker_cooldown: 0.1, flush_interval: 0.005}}}}
-  rudderstack: {{kind: rudderstack, url: "${{RUDDERSTACK_DATA_PLANE_URL}}", timeout: 2,
-                 delivery: {{retry_base: 0.05, retry_max: 0.3, breaker_cooldown: 0.1, flush_interval: 0.005}}}}
-sources:
-  - name: web
-    write_keys: ["{WRITE_KEY}"]
-    credentials: {{rudderstack: "{RUDDER_KEY}"}}
-cohort: {{key: [anonymousId], salt: diskfull}}
+SERVE_RULES = served_head(WRITE_KEY, RUDDER_KEY, timeout=2, delivery="retry_base: 0.05, retry_max: 0.3, breaker_cooldown: 0.1, flush_interval: 0.005") + """\
+cohort: {key: [anonymousId], salt: diskfull}
 rules:
   - name: both
-    route: {{to: [segment, rudderstack]}}
+    route: {to: [segment, rudderstack]}
 """
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode(), "Content-Type": "application/json"}
 PHASE_SECONDS = 15.0  # an upper bound for each phase, never a measurement

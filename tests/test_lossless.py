@@ -23,26 +23,17 @@ import pytest
 from loadtest.process import SplitterProcess, launch_splitter
 from loadtest.receivers import RunningReceiver, start_receiver
 from proxy.engine import EventContext, RuleSet, compile_rules, decide
+from tests.rules_texts import served_head
 
 WRITE_KEY = "lossless-web-key-0123"
 RUDDER_KEY = "lossless-rs-key-0123"
 OUTAGE_SECONDS = float(os.environ.get("SPLITTER_TEST_OUTAGE_SECONDS", "20"))
-RULES = f"""\
-version: 1
-destinations:
-  segment:     {{kind: segment,     url: "${{SEGMENT_URL}}", timeout: 2,
-                 delivery: {{retry_base: 0.05, retry_max: 0.5, breaker_cooldown: 0.2, flush_interval: 0.005}}}}
-  rudderstack: {{kind: rudderstack, url: "${{RUDDERSTACK_DATA_PLANE_URL}}", timeout: 2,
-                 delivery: {{retry_base: 0.05, retry_max: 0.5, breaker_cooldown: 0.2, flush_interval: 0.005}}}}
-sources:
-  - name: web
-    write_keys: ["{WRITE_KEY}"]
-    credentials: {{rudderstack: "{RUDDER_KEY}"}}
-cohort: {{key: [anonymousId, userId], salt: lossless}}
+RULES = served_head(WRITE_KEY, RUDDER_KEY, timeout=2, delivery="retry_base: 0.05, retry_max: 0.5, breaker_cooldown: 0.2, flush_interval: 0.005") + """\
+cohort: {key: [anonymousId, userId], salt: lossless}
 rules:
   - name: rollout
     route:
-      split: {{rudderstack: 50, segment: 50}}
+      split: {rudderstack: 50, segment: 50}
       mirror: [segment]
 """
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode(), "Content-Type": "application/json"}

@@ -27,33 +27,22 @@ import pytest
 from loadtest.process import SplitterProcess, launch_splitter
 from loadtest.receivers import RunningReceiver, start_receiver
 from proxy.delivery.worker_dirs import leftovers, worker_dir
+from tests.rules_texts import served_head
 
 WRITE_KEY = "workers-web-key-0123"
 RUDDER_KEY = "workers-rs-key-0123"
-RULES = """\
-version: 1
-destinations:
-  segment: {{kind: segment, url: "${{SEGMENT_URL}}", delivery: {{retry_base: 0.05, retry_max: 0.5, breaker_cooldown: 0.1}}}}
-  rudderstack:
-    kind: rudderstack
-    url: "${{RUDDERSTACK_DATA_PLANE_URL}}"
-    delivery: {{retry_base: 0.05, retry_max: 0.5, breaker_cooldown: 0.1}}
-sources:
-  - name: web
-    write_keys: ["{key}"]
-    credentials: {{rudderstack: "{rudder}"}}
-cohort: {{key: [anonymousId], salt: workers}}
-rules:
-  - name: rollout
-    route:
-      split: {{rudderstack: {percent}, segment: {rest}}}
-"""
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode(), "Content-Type": "application/json"}
 TIMEOUT = 30.0  # generous: these wait for processes and retries, never measure them
 
 
 def rules_text(percent: int) -> str:
-    return RULES.format(key=WRITE_KEY, rudder=RUDDER_KEY, percent=percent, rest=100 - percent)
+    return served_head(WRITE_KEY, RUDDER_KEY, delivery="retry_base: 0.05, retry_max: 0.5, breaker_cooldown: 0.1") + f"""\
+cohort: {{key: [anonymousId], salt: workers}}
+rules:
+  - name: rollout
+    route:
+      split: {{rudderstack: {percent}, segment: {100 - percent}}}
+"""
 
 
 @pytest.fixture
