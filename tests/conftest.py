@@ -23,6 +23,8 @@ RULES_ENV = {
     "SEGMENT_WRITE_KEY_WEB": "seg-web-key",
     "RUDDERSTACK_WRITE_KEY_WEB": "rs-web-key",
     "SEGMENT_WRITE_KEY_IOS": "seg-ios-key",
+    "SEGMENT_WRITE_KEY_IOS_VIA_SPLITTER": "seg-ios-via-splitter-key",
+    "SEGMENT_WRITE_KEY_ANDROID_VIA_SPLITTER": "seg-android-via-splitter-key",
     "RUDDERSTACK_WRITE_KEY_IOS": "rs-ios-key",
     "SEGMENT_WRITE_KEY_ANDROID": "seg-android-key",
     "RUDDERSTACK_WRITE_KEY_ANDROID": "rs-android-key",
