@@ -305,3 +305,34 @@ async def test_watcher_follows_a_configmap_symlink_swap(tmp_path: Path) -> None:
     assert changes.results[0].status == "success"
     assert active.current.sha256 != rules.sha256
     assert metrics.registry.get_sample_value("splitter_rollout_percent", {"rule": "rollout", "destination": "rudderstack"}) == 30
+
+
+async def test_a_failing_file_is_counted_once_whichever_triggers_see_it(setup: Setup) -> None:
+    """An operator's POST and the file watcher both see one edit: one refusal on the dashboard."""
+    from proxy.control.reload import FILE_CHANGE
+
+    setup.path.write_text(rules_yaml(salt="changed"))
+    with capture_logs() as logs:
+        first = await setup.reloader.reload("admin")
+        again = await setup.reloader.reload(FILE_CHANGE)
+    assert (first.status, again.status) == ("refused", "refused") and first.errors == again.errors
+    assert (first.repeated, again.repeated) == (False, True)
+    assert setup.reloads("refused") == 1
+    assert [entry["event"] for entry in logs] == ["config_reload_refused"]  # the watcher's repeat is not logged again
+    await setup.reloader.reload("admin")  # an operator asking again is answered and logged, still not counted
+    assert setup.reloads("refused") == 1
+
+    setup.path.write_text(rules_yaml(salt="another"))  # another refused file is another refusal
+    assert (await setup.reloader.reload(FILE_CHANGE)).status == "refused"
+    assert setup.reloads("refused") == 2
+
+    setup.path.write_text(rules_yaml(percent=5, total=95))  # a file that does not compile: the same, once
+    assert (await setup.reloader.reload(FILE_CHANGE)).status == "error"
+    assert (await setup.reloader.reload("admin")).status == "error"
+    assert setup.reloads("error") == 1
+
+    setup.path.write_text(rules_yaml())  # back to the active file; the next failure counts again
+    assert (await setup.reloader.reload("admin")).status == "unchanged"
+    setup.path.write_text(rules_yaml(salt="changed"))
+    assert (await setup.reloader.reload("admin")).status == "refused"
+    assert setup.reloads("refused") == 3
