@@ -1,4 +1,4 @@
-"""The ingress application: Segment's routes, CORS for browsers, JSON errors, request metrics."""
+"""The ingress application: Segment's routes (and RudderStack's beacon and telemetry), CORS for browsers, JSON errors, request metrics."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy.ingress import responses
-from proxy.ingress.auth import key_from_header
+from proxy.ingress.auth import request_key
 from proxy.ingress.cdn import DEFAULT_CDN_URL, CdnProxy
 from proxy.ingress.handlers import (
     SOURCE_KEY,
     IngressDeps,
+    discard_handler,
     ingest_handler,
     telemetry_handler,
 )
@@ -30,6 +31,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SINGLE_PATHS = {"track": "track", "identify": "identify", "page": "page", "screen": "screen", "group": "group", "alias": "alias"}
 SHORT_PATHS = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g": "group", "a": "alias"}
 BATCH_PATHS = {"batch": False, "import": True, "b": True}  # path -> events come from a client app
+BEACON_PATH = "/beacon/v1/batch"  # RudderStack's analytics-js with useBeacon: text/plain, the key as ?writeKey=
+RUDDERSTACK_TELEMETRY_PATH = "/rsaMetrics"  # RudderStack's analytics-js error reports: answered, dropped
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Retry-Count"
 
 
@@ -37,10 +40,11 @@ def routes() -> dict[str, CallShape]:
     table = {f"/v1/{path}": CallShape(False, kind) for path, kind in SINGLE_PATHS.items()}
     table.update({f"/v1/{path}": CallShape(False, kind, from_client=True) for path, kind in SHORT_PATHS.items()})
     table.update({f"/v1/{path}": CallShape(True, from_client=client) for path, client in BATCH_PATHS.items()})
+    table[BEACON_PATH] = CallShape(True, from_client=True)
     return table
 
 
-_INGEST_PATHS = frozenset([*routes(), "/v1/m"])
+_INGEST_PATHS = frozenset([*routes(), "/v1/m", RUDDERSTACK_TELEMETRY_PATH])
 
 
 def _route_label(request: web.Request) -> str:
@@ -146,6 +150,7 @@ def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*"
         app.router.add_post(path, handler)
     app[FAST_INGRESS] = FastIngress(ingest, observer)
     app.router.add_post("/v1/m", telemetry_handler(deps))
+    app.router.add_post(RUDDERSTACK_TELEMETRY_PATH, discard_handler())
     app.router.add_post(WEBHOOK_ROUTE, webhook_handler(deps))  # Segment's Webhooks destination; labelled by the template
     CdnProxy(cdn_url, public_url=public_url, cache_seconds=cdn_cache_seconds).register(app)  # GET: settings, analytics.js
     deps.plan_checks.register(app, metrics=deps.metrics)  # the background tracking-plan checker runs as long as the app
@@ -171,8 +176,9 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _presented_key(request: web.Request) -> str | None:
+    """For the log (masked there, under `write_key`)."""
     try:
-        return key_from_header(request.headers)
+        return request_key(request)
     except IngressError:
         return None
 

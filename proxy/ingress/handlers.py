@@ -8,6 +8,7 @@ one door into delivery is `Delivery.accept(submission)` (de-duplication included
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from proxy.control.traffic import RecentTraffic
 from proxy.delivery import Delivery
 from proxy.engine import EventContext, RuleSet
 from proxy.ingress import responses
-from proxy.ingress.auth import authenticate, key_from_header
+from proxy.ingress.auth import authenticate, request_key
 from proxy.ingress.body import parse_json, read_body
 from proxy.ingress.client_ip import client_address
 from proxy.ingress.plan_checks import PlanChecks
@@ -44,10 +45,10 @@ class IngressDeps:
     traffic: RecentTraffic | None = None  # recent events' routing inputs, replayed at a reload (proxy/control/traffic.py)
 
 
-def _prepare_request(rules: RuleSet, data: bytes, header_key: str | None, shape: CallShape, region: str | None, country: str | None,
+def _prepare_request(rules: RuleSet, data: bytes, presented: str | None, shape: CallShape, region: str | None, country: str | None,
                      client_ip: str | None, forwarded_for: str | None = None, traffic: RecentTraffic | None = None) -> Prepared:
     body: Any = parse_json(data)
-    source, key = authenticate(rules, header_key, body)
+    source, key = authenticate(rules, presented, body)
     ctx = EventContext(source.name, region, country)
     prepared = prepare(rules, body, shape, source, ctx, client_ip, presented_key=key, forwarded_for=forwarded_for)
     if traffic is not None and traffic.due():  # the events as routed: envelope merged, type implied
@@ -58,12 +59,12 @@ def _prepare_request(rules: RuleSet, data: bytes, header_key: str | None, shape:
 def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-untyped-def]
     async def handle(request: web.Request) -> web.Response:
         rules = deps.active.current
-        header_key = key_from_header(request.headers)
-        if header_key is not None and rules.source_for_key(header_key) is None:
+        presented = request_key(request)  # Authorization header, else ?writeKey= (the body's is read later)
+        if presented is not None and rules.source_for_key(presented) is None:
             raise IngressError(401, "invalid_write_key", "unknown write key")  # before reading the body
         data = await read_body(request)
         client_ip, forwarded_for = client_address(request.remote, request.headers.get("X-Forwarded-For"), deps.trusted_proxies)
-        prepared = _prepare_request(rules, data, header_key, shape, deps.region, rules.country_from_headers(request.headers), client_ip,
+        prepared = _prepare_request(rules, data, presented, shape, deps.region, rules.country_from_headers(request.headers), client_ip,
                                     forwarded_for, deps.traffic)
         request[SOURCE_KEY] = prepared.submission.source.name
         return await deliver(deps, rules, prepared, shape)
@@ -100,6 +101,17 @@ def telemetry_handler(deps: IngressDeps):  # type: ignore[no-untyped-def]
     async def handle(request: web.Request) -> web.Response:
         data = await read_body(request)
         deps.delivery.forward_telemetry(deps.active.current, data, request.headers.get("Content-Type", "text/plain"))
+        return responses.success()
+
+    return handle
+
+
+def discard_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
+    """RudderStack's browser SDK's `/rsaMetrics` (its error reports, when the source config turns them
+    on): read within the limits, answered 200, and dropped. It names the client's write key in its
+    body, and RudderStack's data plane has no such route to forward it to."""
+    async def handle(request: web.Request) -> web.Response:
+        await read_body(request)
         return responses.success()
 
     return handle

@@ -37,10 +37,12 @@ from typing import Any
 
 import orjson
 from aiohttp import StreamReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.background import BackgroundTask
 from proxy.ingress import responses
 from proxy.ingress.app import FAST_INGRESS
+from proxy.ingress.auth import mask_keys_in
 from proxy.ingress.body import BODY_DEADLINE
 from proxy.log import get_logger
 
@@ -132,7 +134,12 @@ class IngestProtocol(web.RequestHandler):
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         """aiohttp's answer to a request its parser refused (or to a crash outside the application), as JSON
-        like every other error; aiohttp still logs it, and the connection still closes after it."""
+        like every other error; aiohttp still logs it, and the connection still closes after it. A parse
+        error quotes the request line: a write key in its URL is masked, in the answer and the log."""
+        if isinstance(exc, HttpProcessingError):
+            exc.message = mask_keys_in(exc.message)
+            exc.args = tuple(mask_keys_in(arg) if isinstance(arg, str) else arg for arg in exc.args)
+        message = mask_keys_in(message) if message else message
         super().handle_error(request, status, exc, message)  # logs; raises if an answer was already under way
         if status >= 500:
             response = responses.error(status, "internal_error", "splitter failed to handle the request; it is safe to retry")

@@ -47,6 +47,7 @@ from proxy.ingress.responses import IngressError
 from proxy.metrics import bounded_type
 
 CLIENT_CHANNELS = ("browser", "mobile", "client")  # context.channel of events from a browser or an app
+EVENT_CLIENT_CHANNELS = ("web", "mobile")  # RudderStack's top-level `channel` of events from its browser and mobile SDKs
 _NO_COPIES: dict[str, tuple[bytes, str]] = {}  # no destination has transforms: every one files the same bytes
 
 
@@ -201,7 +202,7 @@ def _prepare_event(filing: _Filing, scope: RequestScope, index: int, event: Any)
             message_id = event["messageId"] = message_id_for(scope.source.name, event, index)  # before context.ip: a retry from elsewhere gets the same id
         if scope.ip_for_all is not None:
             _set_ip(event, scope.ip_for_all)
-        elif scope.ip_for_client_channels is not None and _is_client_channel(event.get("context")):
+        elif scope.ip_for_client_channels is not None and (event.get("channel") in EVENT_CLIENT_CHANNELS or _is_client_channel(event.get("context"))):
             _set_ip(event, scope.ip_for_client_channels)
         encoded = orjson.dumps(event)
     except orjson.JSONEncodeError as exc:  # parsed, but not encodable: nesting deeper than orjson writes (255 levels)
