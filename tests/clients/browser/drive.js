@@ -1,7 +1,9 @@
-// Opens a page in headless Debian Chromium (playwright-core, no downloaded browser) for tests/test_clients_browser.py.
+// Opens a page in headless Debian Chromium (playwright-core, no downloaded browser) for tests/test_clients_browser.py
+// and tests/test_clients_rudderstack_browser.py.
 // Usage: node drive.js PAGE_URL [API_ORIGIN]
 // Waits for the page's window.__result, then until every request to API_ORIGIN has been answered
-// (quiet for 500 ms), and prints one JSON line: {result, requests: [{method, url, status, auth}], console}.
+// (quiet for 500 ms), and prints one JSON line: {result, requests: [{method, url, status, auth, type, contentType}],
+// offsite: [URLs of requests to neither the page's origin nor API_ORIGIN], console}.
 'use strict'
 const { chromium } = require('playwright-core')
 
@@ -24,13 +26,18 @@ async function main() {
     page.on('pageerror', (e) => log.push(`pageerror: ${e}`))
     page.on('response', (r) => { if (r.status() >= 400) log.push(`http ${r.status()}: ${r.request().method()} ${r.url()}`) })
     const ours = (r) => apiOrigin && r.url().startsWith(apiOrigin)
-    page.on('request', (r) => { if (ours(r)) { pending += 1; lastActivity = Date.now() } })
+    const pageOrigin = new URL(pageUrl).origin
+    const offsite = []
+    page.on('request', (r) => {
+      if (ours(r)) { pending += 1; lastActivity = Date.now() } else if (!r.url().startsWith(pageOrigin) && !r.url().startsWith('data:')) offsite.push(r.url())
+    })
     const finished = async (r, failure) => {
       if (!ours(r)) return
       const response = failure ? null : await r.response().catch(() => null)
+      const headers = await r.allHeaders().catch(() => ({}))
       requests.push({
         method: r.method(), url: r.url(), status: response ? response.status() : null, failure: failure || null,
-        auth: (await r.allHeaders().catch(() => ({})))['authorization'] || null,
+        auth: headers['authorization'] || null, type: r.resourceType(), contentType: headers['content-type'] || null,
       })
       pending -= 1
       lastActivity = Date.now()
@@ -42,7 +49,7 @@ async function main() {
     const result = await page.evaluate(() => window.__result)
     const deadline = Date.now() + 15000
     while (Date.now() < deadline && (pending > 0 || Date.now() - lastActivity < 500)) await sleep(50)
-    process.stdout.write(JSON.stringify({ result, requests, pending, console: log }) + '\n')
+    process.stdout.write(JSON.stringify({ result, requests, pending, offsite, console: log }) + '\n')
   } finally {
     await browser.close()
   }
