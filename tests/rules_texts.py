@@ -38,19 +38,19 @@ def lines(text: str) -> int:
     return text.count("\n")
 
 
-def served_head(write_key: str, rudder_key: str, *, timeout: float | None = None, delivery: str = "") -> str:
+def served_head(write_key: str, rudder_key: str | None = None, *, timeout: float | None = None, delivery: str = "") -> str:
     """The head for a launched `splitter serve`: segment at ${SEGMENT_URL} and rudderstack at
     ${RUDDERSTACK_DATA_PLANE_URL} (the test's receivers, given in the process's environment), both with
     this `timeout` and these `delivery` options when given, and the source web presenting `write_key`,
-    with `rudder_key` as its RudderStack credential."""
+    with `rudder_key` as its RudderStack credential. Without a `rudder_key`, segment is the only destination."""
     options = (f", timeout: {timeout}" if timeout is not None else "") + (f", delivery: {{{delivery}}}" if delivery else "")
+    rudderstack = f'  rudderstack: {{kind: rudderstack, url: "${{RUDDERSTACK_DATA_PLANE_URL}}"{options}}}\n' if rudder_key else ""
+    credentials = f'    credentials: {{rudderstack: "{rudder_key}"}}\n' if rudder_key else ""
     return f"""\
 version: 1
 destinations:
   segment:     {{kind: segment,     url: "${{SEGMENT_URL}}"{options}}}
-  rudderstack: {{kind: rudderstack, url: "${{RUDDERSTACK_DATA_PLANE_URL}}"{options}}}
-sources:
+{rudderstack}sources:
   - name: web
     write_keys: ["{write_key}"]
-    credentials: {{rudderstack: "{rudder_key}"}}
-"""
+{credentials}"""

@@ -24,6 +24,7 @@ from raw_http import AUTH, Client, head, request, track
 
 from loadtest.process import launch_splitter
 from loadtest.receivers import start_receiver
+from tests.rules_texts import served_head
 
 
 @pytest.fixture
@@ -215,16 +216,10 @@ async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer
     assert stack.segment.message_ids() == ["half-closed"]
 
 
-SERVE_RULES = f"""\
-version: 1
-destinations:
-  segment: {{kind: segment, url: "${{SEGMENT_URL}}"}}
-sources:
-  - name: web
-    write_keys: ["{WEB_KEY}"]
+SERVE_RULES = served_head(WEB_KEY) + """\
 rules:
   - name: all
-    route: {{to: [segment]}}
+    route: {to: [segment]}
 """
 
 

@@ -27,6 +27,7 @@ from aiohttp import web
 from loadtest.process import SplitterProcess, launch_splitter
 from loadtest.receivers import RunningReceiver, start_receiver
 from proxy.engine.masking import mask
+from tests.rules_texts import served_head
 
 WRITE_KEY = "edges-web-key-0123456789"
 SECRET = "s3cret-in-location"
@@ -39,17 +40,10 @@ AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).d
 
 
 def rules_text(timeout: float) -> str:
-    return f"""\
-version: 1
-destinations:
-  segment: {{kind: segment, url: "${{SEGMENT_URL}}", timeout: {timeout},
-             delivery: {{retry_base: 0.01, retry_max: 0.05, breaker_cooldown: 0.05, flush_interval: 0.005}}}}
-sources:
-  - name: web
-    write_keys: ["{WRITE_KEY}"]
+    return served_head(WRITE_KEY, timeout=timeout, delivery="retry_base: 0.01, retry_max: 0.05, breaker_cooldown: 0.05, flush_interval: 0.005") + """\
 rules:
   - name: all
-    route: {{to: [segment]}}
+    route: {to: [segment]}
 """
 
 
