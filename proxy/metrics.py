@@ -57,7 +57,10 @@ class Gauge(prometheus_client.Gauge):
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, counts_reloads: bool = True) -> None:
+        """`counts_reloads=False` in a worker of `serve --workers N`: its supervisor reloads the same
+        file and counts reloads and rollbacks once for all (SupervisorMetrics exports its counters),
+        so a worker leaves those series out of its multiprocess files entirely."""
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("splitter_requests", "Client requests answered, by route and status code.", ["path", "code"], registry=r)
@@ -137,10 +140,11 @@ class Metrics:
             ["rule", "destination"], registry=r,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
-        for result in RELOAD_RESULTS:
-            self.config_reloads.labels(result)
-        for kind in ROLLBACK_KINDS:
-            self.config_rollbacks.labels(kind)
+        if counts_reloads:
+            for result in RELOAD_RESULTS:
+                self.config_reloads.labels(result)
+            for kind in ROLLBACK_KINDS:
+                self.config_rollbacks.labels(kind)
 
     def preset(self, rules: RuleSet) -> None:
         """Create every labelled counter whose label values the rules make known, at 0.
@@ -198,8 +202,9 @@ class Metrics:
 class SupervisorMetrics:
     """`serve --workers N`'s `/metrics`: the workers' files merged, the rules gauges, the supervisor's own.
 
-    `rules` is the supervisor's `Metrics`, which `show_rules` keeps current on each reload; its
-    other metrics stay unexported (the workers count the traffic, not the supervisor).
+    `rules` is the supervisor's `Metrics`, which `show_rules` keeps current on each reload; of its
+    other metrics only the reload and rollback counters are exported (the workers count the traffic,
+    and leave reloads to the supervisor).
     """
 
     def __init__(self, path: str, rules: Metrics) -> None:
@@ -207,6 +212,8 @@ class SupervisorMetrics:
         MultiProcessCollector(self.registry, path=path)
         self.registry.register(rules.config_info)  # a metric is a collector, and may be in two registries
         self.registry.register(rules.rollout_percent)
+        self.registry.register(rules.config_reloads)  # counted here once, not by each worker
+        self.registry.register(rules.config_rollbacks)
         self.worker_restarts = Counter(
             "splitter_worker_restarts", "Worker processes restarted after exiting unexpectedly, by role.", ["role"], registry=self.registry
         )

@@ -139,7 +139,7 @@ class Server:
         self.settings = settings
         self.env = env
         self.rules = rules
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(counts_reloads=link is None)  # a worker's reloads are counted by its supervisor
         self.link = link
         self.fleet = fleet
         self._clock = clock
@@ -224,7 +224,8 @@ class Server:
         installer.ramps.apply_due()  # a ramp step already due is in effect before the first request
         self.traffic = RecentTraffic() if fleet is None else None  # kept where requests are served
         self.reloader = reloader = Reloader(settings.config, active, self.metrics, self.env, installer,
-                                            forward=fleet.forward_reload if fleet is not None else None, traffic=self.traffic)
+                                            forward=fleet.forward_reload if fleet is not None else None, traffic=self.traffic,
+                                            counts=self.link is None)  # a worker's reloads are its supervisor's, counted there
         self.watcher = RulesWatcher(settings.config, lambda: reloader.reload(FILE_CHANGE), interval=settings.reload_poll_interval,
                                     baseline=rules.sha256)
         if self.link is None:  # a worker's admin port is its supervisor's, served once for all workers

@@ -165,7 +165,21 @@ async def test_sighup_and_admin_reload_reach_every_worker(tmp_path: Path, rules_
         await eventually(both_rolled_back, "config_rollback from both workers", splitter)
         text = await scrape(splitter)
         assert total(text, "splitter_rollout_percent", rule="rollout", destination="rudderstack") == 60
-        assert total(text, "splitter_config_reloads_total", result="success") == 4  # counted by each worker
+        # Counted once, by the supervisor, however many workers reloaded the same file.
+        assert total(text, "splitter_config_reloads_total", result="success") == 2
+        assert total(text, "splitter_config_rollbacks_total", kind="split") == 1
+
+        rules_path.write_text(rules_text(60).replace("salt: workers", "salt: changed"))  # refused: a reshuffle
+        assert rules_text(60) != rules_path.read_text()
+        async with aiohttp.ClientSession() as client, client.post(splitter.admin + "/admin/reload") as response:
+            assert response.status == 400 and (await response.json())["status"] == "refused"
+        splitter.signal(signal.SIGHUP)  # the same file again: answered and logged, not counted again
+
+        async def refused_twice_everywhere() -> bool:  # the POST's and the SIGHUP's, by the supervisor and both workers
+            return len(splitter.events("config_reload_refused")) >= 6
+
+        await eventually(refused_twice_everywhere, "the refusals of the POST and the SIGHUP", splitter)
+        assert total(await scrape(splitter), "splitter_config_reloads_total", result="refused") == 1
     finally:
         assert await splitter.stop() == 0
 

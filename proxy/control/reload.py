@@ -56,10 +56,11 @@ class ReloadResult:
 
 class Reloader:
     def __init__(self, path: str, active: ActiveRules, metrics: Metrics, env: Mapping[str, str], installer: RulesInstaller | None = None, *,
-                 forward: Callable[[], None] | None = None, traffic: RecentTraffic | None = None) -> None:
+                 forward: Callable[[], None] | None = None, traffic: RecentTraffic | None = None, counts: bool = True) -> None:
         """`active` is read and `metrics` counts reloads; `installer` puts new rules into effect (the
         process's own, with its ramps and delivery; by default one over `active` and `metrics` alone);
-        `traffic` is the recent traffic a change is replayed on."""
+        `traffic` is the recent traffic a change is replayed on. `counts=False` in a worker of
+        `serve --workers N`: its supervisor reloads the same file and counts it once for all."""
         self._installer = installer or RulesInstaller(active, metrics)
         assert self._installer.active is active, "the installer must install into the rules this reloader reads"
         self._path = path
@@ -71,6 +72,7 @@ class Reloader:
         self._wake = asyncio.Event()
         self._triggers: list[str] = []
         self._traffic = traffic
+        self._counts = counts
         self._last_failure: tuple[str, ...] | None = None  # what the last failed attempt said, to count a file once
         self._background = BackgroundTask(self.run, "rules-reloader")
 
@@ -78,7 +80,7 @@ class Reloader:
         """Compile the file and install it if it is valid, new, and reshuffles no one unasked."""
         async with self._lock:
             result = await self._attempt(trigger)
-            if not result.repeated:
+            if self._counts and not result.repeated:
                 self._metrics.config_reloads.labels(result=result.status).inc()
         if self._forward is not None and trigger != FILE_CHANGE:  # the workers compile the same file with the same checks
             self._forward()
@@ -111,7 +113,8 @@ class Reloader:
         rollbacks = report.rollback_entries()
         for entry in rollbacks:
             log.warning("config_rollback", trigger=trigger, **entry)
-            self._metrics.config_rollbacks.labels(kind=entry.get("kind", "split")).inc()
+            if self._counts:
+                self._metrics.config_rollbacks.labels(kind=entry.get("kind", "split")).inc()
         return ReloadResult("success", trigger, new.sha256, (), rollbacks)
 
     async def _compared(self, old: RuleSet, new: RuleSet) -> tuple[RuleSet, RuleSet, RolloutReport]:
