@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import os
 import random
 import subprocess
@@ -33,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "rules"
 AS_FILED = Path(__file__).resolve().parent / "data" / "migration-as-filed"
 PHASES = ["migration-1-server-side", "migration-2-client-apps", "migration-3-parallel", "migration-5-widening", "migration-6-cutover"]
+STEPS = list(itertools.pairwise(PHASES))
+STEP_IDS = [f"{old[10]}->{new[10]}" for old, new in STEPS]
 SOURCES = ("backend", "web", "ios", "android")
 RUDDER_KEY = "phases-rs-key-0123456789"
 ENV = {
@@ -82,7 +85,7 @@ def routed(rules: RuleSet) -> Iterator[tuple[str, dict[str, Any], tuple[str, ...
         yield source, event, decision.primary, decision.mirror
 
 
-@pytest.mark.parametrize("old,new", list(zip(PHASES, PHASES[1:])), ids=[f"{a[10]}->{b[10]}" for a, b in zip(PHASES, PHASES[1:])])
+@pytest.mark.parametrize("old,new", STEPS, ids=STEP_IDS)
 def test_each_step_forward_moves_no_one_back_and_stops_no_rudderstack_copy(tmp_path: Path, old: str, new: str) -> None:
     report = simulate(RULES / f"{new}.yaml", RULES / f"{old}.yaml", write_sample(tmp_path / "sample.ndjson"))
     assert "a reload would be accepted: no user moves back, no RudderStack copy stops" in report, report
@@ -140,7 +143,7 @@ def test_phases_3_and_5_keep_every_client_event_on_segment_and_the_backend_on_ru
             assert "segment" in primary + mirror
 
 
-@pytest.mark.parametrize("old,new", list(zip(PHASES, PHASES[1:])), ids=[f"{a[10]}->{b[10]}" for a, b in zip(PHASES, PHASES[1:])])
+@pytest.mark.parametrize("old,new", STEPS, ids=STEP_IDS)
 def test_rudderstack_keeps_every_event_it_received_in_the_phase_before(old: str, new: str) -> None:
     before, after = list(routed(phase(old))), list(routed(phase(new)))
     for (_, event, old_primary, old_mirror), (_, _, new_primary, new_mirror) in zip(before, after):
