@@ -27,7 +27,7 @@ class SplitterProcess:
     log: list[dict[str, object]] = field(default_factory=list)  # every JSON log line, as it arrives
     _reader: asyncio.Task[None] | None = None
     _terminated: bool = False
-    scratch: Path | None = None  # the spool and dead letters launch_splitter made up; removed once stopped
+    scratch: Path | None = None  # the spool, dead letters and state launch_splitter made up; removed once stopped
 
     def events(self, name: str) -> list[dict[str, object]]:
         return [record for record in self.log if record.get("event") == name]
@@ -74,12 +74,17 @@ async def launch_splitter(rules: str, env: Mapping[str, str], extra: Sequence[st
                           prefix: Sequence[str] = ()) -> SplitterProcess:
     """Start `splitter serve` on loopback with kernel-chosen ports; `prefix` e.g. ("taskset", "-c", "1").
 
-    Without `--spool-dir` in `extra`, the spool and dead letters go to a fresh temporary directory.
+    Without `--spool-dir` in `extra`, the spool, dead letters and state go to a fresh temporary
+    directory. Without `--state-dir`, the state (the last good rules) goes beside the spool, in
+    `<spool-dir>-state`: one per spool, kept across a restart on the same spool, as on a volume.
     """
     scratch: Path | None = None
     if "--spool-dir" not in extra:
         scratch = Path(tempfile.mkdtemp(prefix="splitter-"))
         extra = [*extra, "--spool-dir", str(scratch / "spool"), "--dead-letter-dir", str(scratch / "dead-letter")]
+    if "--state-dir" not in extra:
+        spool = list(extra)[list(extra).index("--spool-dir") + 1]
+        extra = [*extra, "--state-dir", f"{spool}-state"]
     process = await asyncio.create_subprocess_exec(
         *prefix, sys.executable, "-m", "proxy", "serve", "--config", rules, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", *extra,
         env=dict(env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

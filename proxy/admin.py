@@ -11,7 +11,7 @@ through `mask()` and destination URLs lose their userinfo and query, where crede
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,16 +31,20 @@ METRICS = web.AppKey("metrics", Metrics)
 TOKEN = web.AppKey("token", bytes)  # empty: /admin/* is open (settings allow that on loopback only)
 IS_READY = web.AppKey[Callable[[], bool]]("is_ready")
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+Detail = Callable[[], Mapping[str, Any] | None]
+DETAIL = web.AppKey[Detail]("detail")
 ERROR_CODES = {"error": "invalid_rules", "refused": "reshuffle_refused"}
 
 
 def build_admin_app(
     *, active: ActiveRules, reloader: Reloader, metrics: Metrics, token: str | None, is_ready: Callable[[], bool],
-    registry: CollectorRegistry | None = None,
+    registry: CollectorRegistry | None = None, detail: Detail | None = None,
 ) -> web.Application:
-    """`registry`: what `/metrics` exposes when not `metrics.registry` (a supervisor's, merging its workers')."""
+    """`registry`: what `/metrics` exposes when not `metrics.registry` (a supervisor's, merging its workers').
+    `detail`: more fields for a ready `/readyz`, or None (the last good rules serving instead of a refused file)."""
     app = web.Application()
     app[ACTIVE], app[RELOADER], app[METRICS], app[IS_READY] = active, reloader, metrics, is_ready
+    app[DETAIL] = detail or (lambda: None)
     app[REGISTRY] = registry or metrics.registry
     app[TOKEN] = _bytes(token) if token else b""
     app.router.add_get("/metrics", metrics_handler)
@@ -61,9 +65,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 when ready, 503 when not: the kubelet reads only the status. Serving the last good rules
+    because the file was refused is ready (the safe state) and says so in the body."""
     if not request.app[IS_READY]():
         return web.json_response({"status": "not ready"}, status=503)
-    return web.json_response({"status": "ready", "sha256": request.app[ACTIVE].current.sha256})
+    return web.json_response({"status": "ready", "sha256": request.app[ACTIVE].current.sha256, **(request.app[DETAIL]() or {})})
 
 
 async def reload_handler(request: web.Request) -> web.Response:

@@ -139,6 +139,11 @@ class Metrics:
             "splitter_rollout_percent", "The live split: percent of cohort buckets each rule sends to each primary destination.",
             ["rule", "destination"], registry=r,
         )
+        self.config_file_refused = Gauge(  # `--workers N`: each worker's own, the worst one shown (livemax)
+            "splitter_config_file_refused",
+            "1 while the last good rules serve because a reload from them would refuse the rules file (since start-up), else 0.",
+            registry=r, multiprocess_mode="livemax",
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
         if counts_reloads:
             for result in RELOAD_RESULTS:

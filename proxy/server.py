@@ -12,7 +12,8 @@ written once:
 - tests/proxy_harness.py: `serve`'s kind in the test's own event loop (`handle_signals=False`).
 
 `startup()` starts the parts in order: load the rules (a bad file: exit 2 with its FILE:LINE
-errors), set up the admin app, lock and recover the spool, install the rules, bind the ingress and
+errors; a file a reload would refuse against the last good rules: those instead, see
+proxy/control/start_rules.py), set up the admin app, lock and recover the spool, install the rules, bind the ingress and
 admin ports, install the signal handlers, start the fleet, start the background tasks. Each part
 enters one `AsyncExitStack` as it starts, so a start that fails half way unwinds exactly what
 started, the same way `shutdown()` unwinds a running process: background tasks, the fleet, the
@@ -31,6 +32,7 @@ import asyncio
 import os
 from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,8 +41,11 @@ from prometheus_client import CollectorRegistry
 
 from proxy.admin import build_admin_app
 from proxy.control.install import RulesInstaller
+from proxy.control.last_good import LastGoodStore
 from proxy.control.ramps import Clock
 from proxy.control.reload import FILE_CHANGE, Reloader
+from proxy.control.standing import FileStanding
+from proxy.control.start_rules import FileRefused, StartRules, start_rules
 from proxy.control.state import ActiveRules
 from proxy.control.traffic import RecentTraffic
 from proxy.control.watch import RulesWatcher
@@ -101,15 +106,18 @@ class Fleet(Protocol):
         """Stop every worker within `drain_timeout`; False if one had to be killed."""
 
 
-async def load_initial_rules(settings: ServeSettings, env: Mapping[str, str]) -> RuleSet | None:
-    """The rules to start with, or None after logging why the file cannot be used."""
+async def load_initial_rules(settings: ServeSettings, env: Mapping[str, str]) -> StartRules | None:
+    """The rules to start with (the file's, or the last good ones in `--state-dir` when a reload would
+    refuse the file), or None after logging why the file cannot be used."""
     try:
-        return await asyncio.to_thread(load_rules, settings.config, env)
+        rules = await asyncio.to_thread(load_rules, settings.config, env)
     except RulesError as exc:
         log.error("config_invalid", file=settings.config, errors=exc.lines)
+        return None
     except OSError as exc:
         log.error("config_unreadable", file=settings.config, error=str(exc))
-    return None
+        return None
+    return await asyncio.to_thread(start_rules, rules, LastGoodStore(settings.state_dir), env, datetime.now(UTC))
 
 
 def start_delivery(settings: ServeSettings, rules: RuleSet, metrics: Metrics) -> Delivery | None:
@@ -131,14 +139,16 @@ def addresses(runner: web.AppRunner) -> list[str]:
 class Server:
     """One splitter process: `startup()`, then `stopping` is awaited, then `shutdown()`; `serve()` does all three."""
 
-    def __init__(self, settings: ServeSettings, env: Mapping[str, str], *, rules: RuleSet | None = None, metrics: Metrics | None = None,
-                 link: Link | None = None, fleet: Fleet | None = None, clock: Clock | None = None, handle_signals: bool = True,
-                 keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
-        """`rules`: already compiled (a supervisor checks the file before reserving the port; a test
-        compiles text), else loaded from `settings.config` by `startup()`. `clock`: the ramp clock."""
+    def __init__(self, settings: ServeSettings, env: Mapping[str, str], *, rules: RuleSet | None = None, refused: FileRefused | None = None,
+                 metrics: Metrics | None = None, link: Link | None = None, fleet: Fleet | None = None, clock: Clock | None = None,
+                 handle_signals: bool = True, keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
+        """`rules`: already chosen (a supervisor loads them before reserving the port, with `refused`
+        when they are the last good rules; a test compiles text), else loaded from `settings.config`
+        by `startup()`. `clock`: the ramp clock."""
         self.settings = settings
         self.env = env
         self.rules = rules
+        self.refused = refused
         self.metrics = metrics or Metrics(counts_reloads=link is None)  # a worker's reloads are counted by its supervisor
         self.link = link
         self.fleet = fleet
@@ -153,6 +163,7 @@ class Server:
         self.stopping = asyncio.Event()  # replaced by the signal handlers' event once they are installed
         # The parts, set by startup():
         self.active: ActiveRules | None = None
+        self.standing: FileStanding | None = None
         self.installer: RulesInstaller | None = None
         self.reloader: Reloader | None = None
         self.traffic: RecentTraffic | None = None
@@ -206,11 +217,14 @@ class Server:
 
     async def _start(self, exits: AsyncExitStack) -> None:
         settings, fleet = self.settings, self.fleet
-        rules = self.rules if self.rules is not None else await load_initial_rules(settings, self.env)
-        if rules is None:
-            raise StartupFailed(BAD_RULES)
-        self.rules = rules
+        if self.rules is None:
+            start = await load_initial_rules(settings, self.env)
+            if start is None:
+                raise StartupFailed(BAD_RULES)
+            self.rules, self.refused = start.rules, start.refused
+        rules = self.rules
         self.active = active = ActiveRules(rules)
+        self.standing = standing = FileStanding(active, self.metrics, self.refused)
         if fleet is None:
             self.delivery = start_delivery(settings, rules, self.metrics)  # a supervisor's workers deliver, not the supervisor
             if self.delivery is None:
@@ -219,19 +233,26 @@ class Server:
             if self.link is None:  # a single process does not read the per-worker spools a `--workers N` run left
                 for leftover in worker_spools(Path(settings.spool_dir)):
                     log.error("spool_orphaned", directory=str(leftover), hint="left by `serve --workers N`; start with --workers 2 or more to deliver it")
-        self.installer = installer = RulesInstaller(active, self.metrics, self.delivery, clock=self._clock)
+        last_good = LastGoodStore(settings.state_dir) if self.link is None else None  # one writer: not a supervisor's workers
+        self.installer = installer = RulesInstaller(active, self.metrics, self.delivery, clock=self._clock, last_good=last_good)
         installer.install(rules)
         installer.ramps.apply_due()  # a ramp step already due is in effect before the first request
         self.traffic = RecentTraffic() if fleet is None else None  # kept where requests are served
         self.reloader = reloader = Reloader(settings.config, active, self.metrics, self.env, installer,
                                             forward=fleet.forward_reload if fleet is not None else None, traffic=self.traffic,
                                             counts=self.link is None)  # a worker's reloads are its supervisor's, counted there
-        self.watcher = RulesWatcher(settings.config, lambda: reloader.reload(FILE_CHANGE), interval=settings.reload_poll_interval,
-                                    baseline=rules.sha256)
+
+        async def file_changed() -> None:
+            await standing.file_changed(await reloader.reload(FILE_CHANGE))
+
+        # The baseline is the file's own sha256, also when the last good rules serve: the file
+        # refused at start is not reloaded (and refused) again until it changes.
+        self.watcher = RulesWatcher(settings.config, file_changed, interval=settings.reload_poll_interval,
+                                    baseline=self.refused.file_sha256 if self.refused is not None else rules.sha256)
         if self.link is None:  # a worker's admin port is its supervisor's, served once for all workers
             self.admin = web.AppRunner(
                 build_admin_app(active=active, reloader=reloader, metrics=self.metrics, token=settings.admin_token, is_ready=self.is_ready,
-                                registry=fleet.registry if fleet is not None else None),
+                                registry=fleet.registry if fleet is not None else None, detail=standing.detail),
                 access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT, handle_signals=False,
             )
             await self.admin.setup()
@@ -284,6 +305,8 @@ class Server:
             where = {"listen": self.listener.addresses if self.listener is not None else []}
         fields: dict[str, Any] = {**where, "admin": addresses(self.admin) if self.admin is not None else [],
                                   "rules": self.settings.config, "sha256": rules.sha256[:12]}
+        if self.standing is not None and self.standing.refused is not None:
+            fields["rules_source"] = "last_good"
         if self.fleet is None:
             fields["region"] = self.settings.region
         return {**fields, "pid": os.getpid()}

@@ -55,6 +55,7 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ("*",)
     spool_dir: str = "var/spool"  # one subdirectory per destination; must survive restarts (a volume)
     dead_letter_dir: str = "var/dead-letter"
+    state_dir: str = "var/state"  # the last good rules (proxy/control/last_good.py); must survive restarts, like the spool
     max_in_flight: int = 2000  # client requests handled at once; past it, 429 with Retry-After
     header_timeout: float = 10.0  # seconds from a request's first byte to the end of its headers; past it, 408 and close
     body_timeout: float = 30.0  # seconds from a request's headers to the end of its body; past it, 408 and the slot is free
@@ -87,6 +88,7 @@ class ServeSettings:
             body_timeout=flags["body_timeout"],
             spool_dir=flags["spool_dir"],
             dead_letter_dir=flags["dead_letter_dir"],
+            state_dir=flags["state_dir"],
             cdn_url=flags["cdn_url"].rstrip("/"),
             public_url=public_url.rstrip("/") if public_url else None,
             cdn_cache_seconds=flags["cdn_cache_seconds"],

@@ -207,7 +207,7 @@ async def proxy_stack(
         settings = ServeSettings(
             config=str(scratch / "rules.yaml"), listen=("127.0.0.1", 0), admin=("127.0.0.1", 0), region=region, drain_timeout=drain_timeout,
             trusted_proxies=trusted_proxies, cors_origins=cors_origins, max_in_flight=max_in_flight, spool_dir=str(scratch / "spool"),
-            dead_letter_dir=str(scratch / "dead-letter"), cdn_url=cdn_url, public_url=public_url, cdn_cache_seconds=cdn_cache_seconds,
+            dead_letter_dir=str(scratch / "dead-letter"), state_dir=str(scratch / "state"), cdn_url=cdn_url, public_url=public_url, cdn_cache_seconds=cdn_cache_seconds,
         )
         proxy = Server(settings, env, rules=rules, clock=clock, handle_signals=False, keepalive_timeout=keepalive_timeout)
         await proxy.startup()

@@ -50,7 +50,8 @@ def settings(tmp_path: Path, **overrides: object) -> ServeSettings:
     if not rules.exists():
         rules.write_text(DEFAULT_RULES)
     values: dict[str, object] = {"config": str(rules), "listen": ("127.0.0.1", 0), "admin": ("127.0.0.1", 0), "drain_timeout": 0.5,
-                                 "spool_dir": str(tmp_path / "spool"), "dead_letter_dir": str(tmp_path / "dead-letter"), **overrides}
+                                 "spool_dir": str(tmp_path / "spool"), "dead_letter_dir": str(tmp_path / "dead-letter"),
+                                 "state_dir": str(tmp_path / "state"), **overrides}
     return ServeSettings(**values)  # type: ignore[arg-type]
 
 

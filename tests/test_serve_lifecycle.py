@@ -285,7 +285,7 @@ async def test_sighup_from_the_first_moments_of_start_never_kills(tmp_path: Path
     started_at = time.monotonic()
     process = await asyncio.create_subprocess_exec(
         *splitter_command("serve", "--config", str(rules), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--workers", workers,
-                          "--spool-dir", str(tmp_path / "spool"), "--dead-letter-dir", str(tmp_path / "dead")),
+                          "--spool-dir", str(tmp_path / "spool"), "--dead-letter-dir", str(tmp_path / "dead"), "--state-dir", str(tmp_path / "state")),
         env=splitter_env(*upstreams), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
@@ -326,7 +326,7 @@ SERVE_VARIABLES = {  # every `serve` flag's variable before auto_envvar_prefix: 
     "SPLITTER_CONFIG", "SPLITTER_LISTEN", "SPLITTER_ADMIN", "SPLITTER_REGION", "SPLITTER_DRAIN_TIMEOUT", "SPLITTER_RELOAD_INTERVAL",
     "SPLITTER_TRUSTED_PROXIES", "SPLITTER_CORS_ORIGINS", "SPLITTER_MAX_IN_FLIGHT", "SPLITTER_HEADER_TIMEOUT", "SPLITTER_BODY_TIMEOUT",
     "SPLITTER_SPOOL_DIR", "SPLITTER_DEAD_LETTER_DIR", "SPLITTER_CDN_URL", "SPLITTER_PUBLIC_URL", "SPLITTER_CDN_CACHE_SECONDS",
-    "SPLITTER_LOG_LEVEL", "SPLITTER_WORKERS",
+    "SPLITTER_LOG_LEVEL", "SPLITTER_WORKERS", "SPLITTER_STATE_DIR",
 }
 
 
@@ -347,7 +347,8 @@ async def test_serve_runs_from_splitter_variables_alone(tmp_path: Path, upstream
     path.write_text(rules_text(10))
     env = {**splitter_env(*upstreams), "SPLITTER_CONFIG": str(path), "SPLITTER_LISTEN": "127.0.0.1:0", "SPLITTER_ADMIN": "127.0.0.1:0",
            "SPLITTER_REGION": "eu-test-1", "SPLITTER_DRAIN_TIMEOUT": "3", "SPLITTER_RELOAD_INTERVAL": "60",
-           "SPLITTER_SPOOL_DIR": str(tmp_path / "spool"), "SPLITTER_DEAD_LETTER_DIR": str(tmp_path / "dead")}
+           "SPLITTER_SPOOL_DIR": str(tmp_path / "spool"), "SPLITTER_DEAD_LETTER_DIR": str(tmp_path / "dead"),
+           "SPLITTER_STATE_DIR": str(tmp_path / "state")}
     process = await asyncio.create_subprocess_exec(*splitter_command("serve"), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     assert process.stdout is not None
     lines: list[dict[str, Any]] = []
@@ -360,6 +361,7 @@ async def test_serve_runs_from_splitter_variables_alone(tmp_path: Path, upstream
         assert (started["region"], started["rules"]) == ("eu-test-1", str(path))
         assert started["listen"][0].startswith("127.0.0.1:") and started["admin"][0].startswith("127.0.0.1:")
         assert (tmp_path / "spool" / "segment").is_dir()
+        assert (tmp_path / "state" / "last-good.json").is_file()
     finally:
         process.send_signal(signal.SIGTERM)
         rest, _ = await asyncio.wait_for(process.communicate(), 30)

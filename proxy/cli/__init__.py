@@ -113,6 +113,7 @@ def _flag(*decls: str, field: str, **kwargs: Any) -> Callable[[FC], FC]:
 @_flag("--body-timeout", field="body_timeout", type=float, help="Seconds for a request's body to arrive after its headers (then 408).")
 @_flag("--spool-dir", field="spool_dir", help="Where undelivered events wait (keep it on a volume).")
 @_flag("--dead-letter-dir", field="dead_letter_dir", help="Where events refused for good are written.")
+@_flag("--state-dir", field="state_dir", help="Where the last good rules are kept, to start on them if the file would be refused (keep it on a volume).")
 @_flag("--cdn-url", field="cdn_url", help="CDN that GET /v1/projects/*/settings and /analytics.js/* are forwarded to.")
 @_flag("--public-url", field="public_url",
        help="splitter's address as browsers see it (e.g. https://analytics.example.com); written into the settings' apiHost. Default: the request's host.")

@@ -8,9 +8,12 @@ A new rule set is applied whole, in one place, outside the request path:
    changed, and the reload fails with the last good rules still serving;
 2. `ActiveRules.swap` rebinds the active rules (a request keeps the snapshot it started with);
 3. `Metrics.show_rules` republishes the rules gauges (`splitter_config_info`, `splitter_rollout_percent`);
-4. the ramp schedule is replanned from the rules now in effect.
+4. the ramp schedule is replanned from the rules now in effect;
+5. the rules file's text is kept as the last good rules (proxy/control/last_good.py), in the process
+   that writes them (a single process, or a supervisor; `last_good` is None in a worker). A copy
+   that cannot be written is logged and changes nothing else: the rules are in effect.
 
-All four run in one synchronous call, so no request can see the new rules while delivery still has
+All of it runs in one synchronous call, so no request can see the new rules while delivery still has
 the old ones. Before this module the step was spread over reload.py, ramp_clock.py and server.py,
 and a reload that changed a destination's delivery options reached only part of its pipeline.
 
@@ -20,20 +23,26 @@ installs the same rules in its own process.
 
 from __future__ import annotations
 
+from proxy.control.last_good import LastGoodStore
 from proxy.control.ramps import Clock, RampScheduler
 from proxy.control.state import ActiveRules
 from proxy.delivery import Delivery
 from proxy.engine import RuleSet
+from proxy.log import get_logger
 from proxy.metrics import Metrics
+
+log = get_logger(__name__)
 
 
 class RulesInstaller:
     """Owns the step that puts rules into effect, and the ramp scheduler whose steps go through it."""
 
-    def __init__(self, active: ActiveRules, metrics: Metrics, delivery: Delivery | None = None, *, clock: Clock | None = None) -> None:
+    def __init__(self, active: ActiveRules, metrics: Metrics, delivery: Delivery | None = None, *, clock: Clock | None = None,
+                 last_good: LastGoodStore | None = None) -> None:
         self.active = active
         self.metrics = metrics
         self.delivery = delivery
+        self.last_good = last_good
         self.ramps = RampScheduler(self, clock)  # the installer replans it; its steps are installed here
 
     @property
@@ -41,12 +50,18 @@ class RulesInstaller:
         return self.active.current
 
     def install(self, rules: RuleSet) -> RuleSet:
-        """Apply `rules` to delivery, swap them in, publish them and replan the ramps; returns the rules replaced."""
+        """Apply `rules` to delivery, swap them in, publish them, replan the ramps and keep them as the last good; returns the rules replaced."""
         if self.delivery is not None:
             self.delivery.apply(rules)
         previous = self.active.swap(rules)
         self.metrics.show_rules(rules)
         self.ramps.replan()
+        if self.last_good is not None:
+            try:
+                self.last_good.save(rules)  # one small file and two fsyncs, at start-up and at an accepted reload (a ramp step's text is unchanged)
+            except OSError as exc:
+                log.error("last_good_save_failed", record=str(self.last_good.path), error=str(exc),
+                          hint="a restart cannot fall back to these rules if the file is later refused; check --state-dir")
         return previous
 
     def live(self, rules: RuleSet) -> RuleSet:

@@ -15,6 +15,8 @@ core. The supervisor serves nothing on the ingress port. It:
   removed by `mark_process_dead`), `/readyz` is ready when every worker is, `/admin/*` as usual;
 - keeps its own copy of the rules for `/admin/config` and the rules gauges, and forwards SIGHUP and
   `POST /admin/reload` to every worker (workers notice file changes themselves);
+- is the one process that writes the last good rules (`--state-dir`); each worker reads them at
+  start, as the supervisor did, so all start on the same rules (proxy/control/start_rules.py);
 - restarts a worker that exits unexpectedly, with backoff; the new worker recovers and replays its
   spool. SIGTERM/SIGINT: every worker drains its own spool within the drain timeout; exit 0.
 
@@ -43,8 +45,8 @@ import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import mark_process_dead
 
+from proxy.control.start_rules import StartRules
 from proxy.delivery.worker_dirs import leftovers, worker_dir
-from proxy.engine import RuleSet
 from proxy.exits import BAD_RULES, STARTUP_FAILURE
 from proxy.log import configure, get_logger
 from proxy.metrics import Metrics, SupervisorMetrics
@@ -265,8 +267,8 @@ class Supervisor:
 
 async def supervise_async(settings: ServeSettings, env: Mapping[str, str]) -> int:
     configure(settings.log_level)
-    rules = await load_initial_rules(settings, env)  # a bad file stops start-up before any worker runs
-    if rules is None:
+    start = await load_initial_rules(settings, env)  # a bad file stops start-up before any worker runs
+    if start is None:
         return BAD_RULES
     try:
         reserved = reserve_port(settings.listen)
@@ -276,17 +278,17 @@ async def supervise_async(settings: ServeSettings, env: Mapping[str, str]) -> in
     metrics_dir = fresh_metrics_dir()
     try:
         with reserved:
-            return await _supervise(settings, env, rules, reserved.getsockname()[:2], metrics_dir)
+            return await _supervise(settings, env, start, reserved.getsockname()[:2], metrics_dir)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-async def _supervise(settings: ServeSettings, env: Mapping[str, str], rules: RuleSet, listen: tuple[str, int], metrics_dir: str) -> int:
+async def _supervise(settings: ServeSettings, env: Mapping[str, str], start: StartRules, listen: tuple[str, int], metrics_dir: str) -> int:
     """The supervisor's control plane and admin port, with the workers as the server's fleet."""
     metrics = Metrics()  # the supervisor's own: only its rules gauges are exported, kept at the workers' ramp step
     exported = SupervisorMetrics(metrics_dir, metrics)
     fleet = Supervisor(plan(settings, listen[1]), exported, dict(env, PROMETHEUS_MULTIPROC_DIR=metrics_dir), listen)
-    return await Server(settings, env, rules=rules, metrics=metrics, fleet=fleet).serve()
+    return await Server(settings, env, rules=start.rules, refused=start.refused, metrics=metrics, fleet=fleet).serve()
 
 
 def supervise(settings: ServeSettings) -> int:

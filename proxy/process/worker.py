@@ -97,11 +97,11 @@ async def drain(settings: ServeSettings, link: WorkerLink, env: Mapping[str, str
     It needs no control plane: it serves nothing, and only delivers what the spool holds.
     """
     configure(settings.log_level)
-    rules = await load_initial_rules(settings, env)
-    if rules is None:
+    start = await load_initial_rules(settings, env)  # the rules its supervisor and workers start on
+    if start is None:
         return BAD_RULES
     metrics = Metrics()
-    delivery = start_delivery(settings, rules, metrics)
+    delivery = start_delivery(settings, start.rules, metrics)
     if delivery is None:
         return STARTUP_FAILURE
     stop = stop_on_signals()
