@@ -17,6 +17,7 @@ import orjson
 from multidict import CIMultiDict
 
 from proxy import __version__
+from proxy.cli.against import Outcome, against_rules, against_state
 from proxy.cli.ramps import at_option, position_lines, schedule_lines
 from proxy.cli.samples import InputError, SampleDefaults, SampleEvent, SampleFields, contexts, field_path, read_events
 from proxy.engine import (
@@ -141,9 +142,29 @@ def serve(**flags: Any) -> None:
 
 @main.command()
 @click.argument("rules_path", metavar="RULES.yaml")
-def check(rules_path: str) -> None:
-    """Validate a rules file: exit 0 with a summary, or 2 with every problem as FILE:LINE: path: message."""
+@click.option("--against", "old_path", metavar="LAST_GOOD.yaml", default=None,
+              help="Judge RULES.yaml as a reload from these rules would: exit 2 with the reasons if it would be refused, else list the rollbacks.")
+@click.option("--against-state", "state_dir", metavar="DIR", default=None,
+              help="The same against the last good rules `serve --state-dir DIR` kept: what a restart compares the file with.")
+def check(rules_path: str, old_path: str | None, state_dir: str | None) -> None:
+    """Validate a rules file: exit 0 with a summary, or 2 with every problem as FILE:LINE: path: message.
+
+    With --against or --against-state, also the verdict a reload would give (proxy/cli/against.py):
+    exit 2 with the reasons when it would be refused (a reshuffle without `reshuffle: true`)."""
+    if old_path is not None and state_dir is not None:
+        _fail("give --against or --against-state, not both")
     rules = _load(rules_path)
+    outcome: Outcome | None = None
+    if old_path is not None:
+        outcome = against_rules(rules, rules_path, _load(old_path), old_path, datetime.now(UTC))
+    elif state_dir is not None:
+        outcome = against_state(rules, rules_path, state_dir, os.environ, datetime.now(UTC))
+    for line in outcome.warnings if outcome is not None else ():
+        click.echo(line, err=True)
+    if outcome is not None and outcome.refused:
+        for line in outcome.lines:
+            click.echo(line, err=True)
+        sys.exit(BAD_INPUT)
     splits = sum(1 for rule in rules.rules if rule.route.split)
     click.echo(
         f"{rules_path}: ok: {len(rules.rules)} rules ({splits} with a split), "
@@ -151,6 +172,8 @@ def check(rules_path: str) -> None:
         f"{len(rules.sources)} sources, sha256 {rules.sha256[:12]}"
     )
     for line in schedule_lines(rules, datetime.now(UTC)):
+        click.echo(line)
+    for line in outcome.lines if outcome is not None else ():
         click.echo(line)
 
 
