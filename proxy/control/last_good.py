@@ -8,8 +8,8 @@ the active rules. This module only keeps the copy: one record, `<state-dir>/last
     {"format": 1, "sha256": "...", "file": "/etc/splitter/rules.yaml", "saved_at": "...", "text": "..."}
 
 - `save(rules)` stores the file as read (`RuleSet.text`; a ramp step's effective rules have the
-  same text, so a step writes nothing, nor does a start on the rules already recorded), atomically: a temporary file in the same directory, fsync,
-  rename over the record, fsync of the directory. A crash leaves the old record or the new one.
+  same text, so a step writes nothing, nor does a start on the rules already recorded), atomically
+  (proxy/observe/files.py): a crash leaves the old record or the new one.
 - `load()` returns the record, None when there is none, or raises `LastGoodUnreadable` when it
   cannot be trusted (not a record, or its sha256 is not its text's).
 
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,10 +28,10 @@ from pathlib import Path
 import orjson
 
 from proxy.engine import RuleSet
+from proxy.observe.files import write_atomically
 
 RECORD = "last-good.json"
 FORMAT = 1
-_TEMP_PREFIX = ".last-good."
 
 
 class LastGoodUnreadable(Exception):
@@ -90,25 +88,6 @@ class LastGoodStore:
         payload = orjson.dumps({"format": FORMAT, "sha256": digest, "file": rules.filename,
                                 "saved_at": datetime.now(UTC).isoformat(timespec="seconds"), "text": rules.text},
                                option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for leftover in self.directory.glob(f"{_TEMP_PREFIX}*.tmp"):  # a crash mid-write left it; one writer, so none is in use
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-        fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tmp", dir=self.directory)  # created 0600
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)  # the rename itself survives a power loss
-        finally:
-            os.close(directory)
+        write_atomically(self.path, payload)
         self._saved = digest
         return True
