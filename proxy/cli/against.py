@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from proxy.control.last_good import LastGoodStore, LastGoodUnreadable
 from proxy.control.start_rules import compile_last_good, verdict
-from proxy.engine import BUCKETS, RulesError, RuleSet
+from proxy.engine import RulesError, RuleSet, rollback_line
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,15 +34,8 @@ def against_rules(new: RuleSet, new_path: str, old: RuleSet, old_name: str, at: 
     if not judged.rollbacks:
         return Outcome(False, [f"against {old_name}: accepted, no rollback"])
     lines = [f"against {old_name}: accepted with {len(judged.rollbacks)} rollback(s), as a reload would log them (config_rollback):"]
-    lines += [_rollback_line(entry) for entry in judged.rollbacks]
+    lines += [f"  rollback: {rollback_line(entry)}" for entry in judged.rollbacks]
     return Outcome(False, lines)
-
-
-def _rollback_line(entry: Mapping[str, Any]) -> str:
-    if "kind" not in entry:  # a split rule kept by name: bucket-exact
-        return f"  rollback: rule {entry['rule']!r}: {entry['buckets_back']} of {BUCKETS} cohort buckets"
-    details = ", ".join(f"{key} {value}" for key, value in entry.items() if key not in ("kind", "rule", "example") and value not in ("", None))
-    return f"  rollback: {entry['kind']} in rule {entry['rule']!r}: {details}"
 
 
 def against_state(new: RuleSet, new_path: str, state_dir: str, env: Mapping[str, str], at: datetime) -> Outcome:
