@@ -23,9 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.engine import NAME_FIELDS as NAME_FIELDS  # an event's name: the engine's rule, shared with the event catalog
 from proxy.engine import Source
-
-NAME_FIELDS = {"track": "event", "page": "name", "screen": "name"}  # an event's name: this field if a string, else its type
 
 
 class Chunk(list[bytes]):

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from proxy.engine.catalog_schema import CatalogSettings
+
 if TYPE_CHECKING:
     from proxy.engine.ramp import Ramp
     from proxy.engine.tracking import TrackingPlan
@@ -164,6 +166,7 @@ class RuleSet:
     dedup: DedupSettings | None = None  # messageId de-duplication per destination; None: off
     transforms: TransformTable = field(default_factory=dict)  # (rule, destination) -> Chain; empty: none configured
     tracking_plans: Mapping[str, TrackingPlan] = field(default_factory=dict)  # source name -> plan; empty: no checks
+    catalog: CatalogSettings = field(default_factory=CatalogSettings)  # the event catalog's caps and sampling
     _candidates: dict[tuple[str | None, str | None], Candidates] = field(default_factory=dict, compare=False, repr=False)
 
     def candidates(self, ctx: EventContext) -> Candidates:
@@ -179,6 +182,12 @@ class RuleSet:
             if len(self._candidates) < 1024:  # sources x regions is small; the bound only guards odd callers
                 self._candidates[key] = found
         return found
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        """Every write key, credential and webhook secret: what nothing splitter shows may contain."""
+        return frozenset(secret for source in self.sources.values()
+                         for secret in (*source.write_keys, *source.credentials.values(), *filter(None, (source.webhook_secret,))))
 
     def rule_named(self, name: str) -> Rule:
         for rule in self.rules:

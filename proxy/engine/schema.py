@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from proxy.engine import conditions, webhook_schema
+from proxy.engine.catalog_schema import catalog_settings
 from proxy.engine.errors import Problem, RulesError
 from proxy.engine.masking import mask
 from proxy.engine.model import Cohort, Decision, Destination, Predicate, Route, Rule, RuleSet, Source, Split
@@ -26,7 +27,7 @@ from proxy.engine.yaml_reader import plain as _plain
 from proxy.engine.yaml_source import compose, line_of
 
 SCHEMA_VERSION = 1
-TOP_KEYS = ("version", "destinations", "sources", "cohort", "rules", "country_headers", "dedup")
+TOP_KEYS = ("version", "destinations", "sources", "cohort", "rules", "country_headers", "dedup", "catalog")
 DESTINATION_KEYS = ("kind", "url", "timeout", "delivery", "transforms")
 SOURCE_KEYS = ("name", "write_keys", "credentials", "webhook", "tracking_plan")
 COHORT_KEYS = ("key", "salt", "reshuffle")
@@ -122,10 +123,11 @@ class _Compiler:
         dedup = webhook_schema.dedup_settings(self.r, top.get("dedup"), self.sources)
         webhook_schema.check_webhook_routes(self.r, self.sources, self.webhook_places, self.destinations, rules)
         transforms = compile_transforms(self.r, top, text, rules, self._unknown_destination)
+        catalog = catalog_settings(self.r, top.get("catalog"))
         if cohort is None or not rules:
             return None
         return RuleSet(SCHEMA_VERSION, filename, sha256, self.destinations, self.sources, sources_by_key, cohort, rules, headers, text,
-                       dedup=dedup, transforms=transforms, tracking_plans=self.plans.plans)
+                       dedup=dedup, transforms=transforms, tracking_plans=self.plans.plans, catalog=catalog)
 
     def _destinations(self, node: yaml.Node) -> None:
         entries = self.r.mapping(node, "destinations")

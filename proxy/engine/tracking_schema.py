@@ -22,6 +22,7 @@ from referencing import Registry
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import specification_with
 
+from proxy.engine.errors import Problem, RulesError
 from proxy.engine.tracking import TYPE_NAMES, EventCheck, FieldsCheck, FieldSpec, Mode, SchemaCheck, TrackingPlan, enum_key, shown, type_allowed, type_of
 from proxy.engine.yaml_reader import NodeReader
 from proxy.engine.yaml_source import compose
@@ -84,6 +85,23 @@ class PlanCompiler:
             return None
         reader = NodeReader(resolved, self.r.problems, document.unresolved)
         return _compile(reader, document.root, "", resolved, hashlib.sha256(data).hexdigest())
+
+
+def compile_plan(data: bytes, filename: str, env: Mapping[str, str]) -> TrackingPlan:
+    """A plan file on its own (as `tracking_plan: FILE` would read it), or RulesError with every problem."""
+    problems: list[Problem] = []
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RulesError([Problem(filename, 1, "", f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})")]) from None
+    document = compose(text, filename=filename, env=env)
+    problems.extend(document.problems)
+    if document.root is None:
+        raise RulesError(problems or [Problem(filename, 1, "", "the file is empty")])
+    plan = _compile(NodeReader(filename, problems, document.unresolved), document.root, "", filename, hashlib.sha256(data).hexdigest())
+    if plan is None or problems:
+        raise RulesError(problems)
+    return plan
 
 
 def _compile(r: NodeReader, node: yaml.Node, path: str, origin: str, digest: str) -> TrackingPlan | None:

@@ -11,7 +11,6 @@ event can arrive twice (directly from an app, and again through Segment's webhoo
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -29,8 +28,6 @@ DEFAULT_WINDOW = 600.0  # seconds: Segment forwards within seconds; this leaves 
 MAX_WINDOW = 86400.0
 DEFAULT_MAX_IDS = 200_000
 MAX_MAX_IDS = 10_000_000
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600), None: Decimal(1)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,15 +75,11 @@ def dedup_settings(reader: NodeReader, node: yaml.Node | None, sources: Mapping[
 
 
 def _window(reader: NodeReader, node: yaml.Node) -> float | None:
-    value = reader.scalar(node, "dedup.window")
-    match = _DURATION.match(str(value)) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
-    if match is None:
-        if isinstance(node, yaml.ScalarNode):
-            reader.problem(node, "dedup.window", f"must be a duration such as 90s, 10m or 1h (a bare number is seconds), not {value!r}")
+    seconds = reader.duration(node, "dedup.window")
+    if seconds is None:
         return None
-    seconds = Decimal(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if not 0 < seconds <= Decimal(int(MAX_WINDOW)):
-        reader.problem(node, "dedup.window", f"must be more than 0 and at most 24h, not {value!r}")
+        reader.problem(node, "dedup.window", f"must be more than 0 and at most 24h, not {reader.scalar(node, 'dedup.window')!r}")
         return None
     return float(seconds)
 

@@ -6,6 +6,7 @@ when the node is wrong and appends a problem naming the YAML path, so one pass r
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -16,6 +17,8 @@ from proxy.engine.yaml_source import line_of
 
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()
 _KIND_NAMES = {yaml.ScalarNode: "a value", yaml.SequenceNode: "a list", yaml.MappingNode: "a mapping"}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600), None: Decimal(1)}
 
 
 class NodeReader:
@@ -121,6 +124,16 @@ class NodeReader:
             self.problem(node, path, f"percent {plain(percent)} has more than two decimals (the finest step is 0.01)")
             fine = False
         return percent, fine
+
+    def duration(self, node: yaml.Node, path: str) -> Decimal | None:
+        """Seconds from `90s`, `10m`, `1h`, `250ms` or a bare number (seconds); callers check the range."""
+        value = self.scalar(node, path)
+        match = _DURATION.match(str(value)) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+        if match is None:
+            if isinstance(node, yaml.ScalarNode):
+                self.problem(node, path, f"must be a duration such as 90s, 10m or 1h (a bare number is seconds), not {value!r}")
+            return None
+        return Decimal(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
     def strings(self, node: yaml.Node, path: str) -> list[tuple[str, yaml.Node]]:
         """A string or a list of strings (a list means any of); each with its node for locating."""
