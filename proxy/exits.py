@@ -11,4 +11,5 @@ OK = 0  # a clean stop: SIGTERM/SIGINT, drained
 WORKER_KILLED = 1  # `serve --workers N`: a worker did not stop within the drain timeout and was killed
 BAD_RULES = 2  # the rules file does not compile (every problem is logged as FILE:LINE: path: message)
 BAD_INPUT = BAD_RULES  # check / explain / simulate: bad rules or bad input, the message names the file and line
+BAD_GEOIP_DB = BAD_RULES  # serve --geoip-db: the file is missing or not a country database (the log names the path)
 STARTUP_FAILURE = 3  # a bad flag, a port in use, a locked or unreadable spool, a worker that could not start

@@ -24,6 +24,7 @@ KNOWN_TYPES = frozenset(EVENT_TYPES)
 RELOAD_RESULTS = ("success", "error", "refused", "unchanged")  # proxy.reload.Status, in the order a dashboard lists them
 ROLLBACK_KINDS = ("split", "primary", "copy_lost")  # what an accepted reload moved back (proxy.engine.RolloutReport)
 DROP_REASONS = ("spool_full", "spool_error")
+GEOIP_RELOAD_RESULTS = ("success", "error")  # proxy/control/geoip_watch.py
 
 
 def bounded_type(value: object) -> str:
@@ -142,6 +143,14 @@ class Metrics:
         self.config_file_refused = Gauge(  # `--workers N`: each worker's own, the worst one shown (livemax)
             "splitter_config_file_refused",
             "1 while the last good rules serve because a reload from them would refuse the rules file (since start-up), else 0.",
+            registry=r, multiprocess_mode="livemax",
+        )
+        self.geoip_reloads = Counter(  # preset by the watcher, so without --geoip-db there is no series
+            "splitter_geoip_reloads", "GeoIP database reloads after its file changed, by result (success, error: the old database keeps serving).",
+            ["result"], registry=r,
+        )
+        self.geoip_build_timestamp = Gauge(  # `--workers N`: the newest any worker serves (a drainer's 0 must not hide it)
+            "splitter_geoip_database_build_timestamp_seconds", "When the GeoIP database in use was built (its build_epoch); 0 without --geoip-db.",
             registry=r, multiprocess_mode="livemax",
         )
         self._children: dict[tuple[Any, ...], Any] = {}

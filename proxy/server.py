@@ -13,8 +13,9 @@ written once:
 
 `startup()` starts the parts in order: load the rules (a bad file: exit 2 with its FILE:LINE
 errors; a file a reload would refuse against the last good rules: those instead, see
-proxy/control/start_rules.py), set up the admin app, lock and recover the spool, install the rules, bind the ingress and
-admin ports, install the signal handlers, start the fleet, start the background tasks. Each part
+proxy/control/start_rules.py), open the GeoIP database (`--geoip-db`; missing or bad: exit 2), set
+up the admin app, lock and recover the spool, install the rules, bind the ingress and admin ports,
+install the signal handlers, start the fleet, start the background tasks. Each part
 enters one `AsyncExitStack` as it starts, so a start that fails half way unwinds exactly what
 started, the same way `shutdown()` unwinds a running process: background tasks, the fleet, the
 ingress listener (in-flight requests finish within the drain timeout), delivery (sends what it can
@@ -40,6 +41,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.admin import build_admin_app
+from proxy.control.geoip_watch import GeoIPWatcher, described
 from proxy.control.install import RulesInstaller
 from proxy.control.last_good import LastGoodStore
 from proxy.control.ramps import Clock
@@ -53,7 +55,8 @@ from proxy.delivery import Delivery, SpoolLocked
 from proxy.delivery.spool import SpoolFormatError
 from proxy.delivery.worker_dirs import worker_spools
 from proxy.engine import RulesError, RuleSet, load_rules
-from proxy.exits import BAD_RULES, OK, STARTUP_FAILURE, WORKER_KILLED
+from proxy.exits import BAD_GEOIP_DB, BAD_RULES, OK, STARTUP_FAILURE, WORKER_KILLED
+from proxy.geoip import GeoIP, GeoIPError, open_country_db
 from proxy.ingress.app import build_ingress_app
 from proxy.ingress.handlers import IngressDeps
 from proxy.ingress.listener import KEEPALIVE_TIMEOUT, IngressListener, listen
@@ -120,6 +123,17 @@ async def load_initial_rules(settings: ServeSettings, env: Mapping[str, str]) ->
     return await asyncio.to_thread(start_rules, rules, LastGoodStore(settings.state_dir), env, datetime.now(UTC))
 
 
+async def open_geoip(path: str) -> GeoIP | None:
+    """The database `--geoip-db` names, or None after logging why it cannot be used."""
+    try:
+        db = await asyncio.to_thread(open_country_db, path)
+    except GeoIPError as exc:
+        log.error("geoip_db_invalid", path=path, error=str(exc))
+        return None
+    log.info("geoip_db_opened", **described(db))
+    return GeoIP(db)
+
+
 def start_delivery(settings: ServeSettings, rules: RuleSet, metrics: Metrics) -> Delivery | None:
     """Lock and recover the spool (what a crash left is sent first), or None after logging why not."""
     delivery = Delivery(metrics, spool_dir=Path(settings.spool_dir), dead_letter_dir=Path(settings.dead_letter_dir))
@@ -168,6 +182,8 @@ class Server:
         self.reloader: Reloader | None = None
         self.traffic: RecentTraffic | None = None
         self.watcher: RulesWatcher | None = None
+        self.geoip: GeoIP | None = None  # `--geoip-db`, in a process that serves requests
+        self.geoip_watcher: GeoIPWatcher | None = None
         self.delivery: Delivery | None = None
         self.listener: IngressListener | None = None
         self.admin: web.AppRunner | None = None
@@ -223,6 +239,16 @@ class Server:
                 raise StartupFailed(BAD_RULES)
             self.rules, self.refused = start.rules, start.refused
         rules = self.rules
+        if settings.geoip_db is not None:
+            geoip = await open_geoip(settings.geoip_db)
+            if geoip is None:
+                raise StartupFailed(BAD_GEOIP_DB)
+            if fleet is None:
+                self.geoip = geoip
+                self.geoip_watcher = GeoIPWatcher(geoip, self.metrics, interval=settings.reload_poll_interval)
+                exits.callback(geoip.close)  # entered before the listener: closed once no request can look up
+            else:
+                geoip.close()  # a supervisor only checks the file: each of its workers opens and watches its own
         self.active = active = ActiveRules(rules)
         self.standing = standing = FileStanding(active, self.metrics, self.refused)
         if fleet is None:
@@ -269,6 +295,8 @@ class Server:
         reloader.start()
         installer.ramps.start()
         self.watcher.start()
+        if self.geoip_watcher is not None:
+            self.geoip_watcher.start()
         exits.push_async_callback(self._stop_control_plane)
         self.ready = True
 
@@ -278,7 +306,8 @@ class Server:
         try:
             if self.fleet is None:
                 assert self.active is not None and self.delivery is not None
-                deps = IngressDeps(self.active, self.delivery, self.metrics, settings.region, settings.trusted_proxies, traffic=self.traffic)
+                deps = IngressDeps(self.active, self.delivery, self.metrics, settings.region, settings.trusted_proxies, traffic=self.traffic,
+                                   geoip=self.geoip)
                 app = build_ingress_app(deps, cors_origins=settings.cors_origins, max_in_flight=settings.max_in_flight, cdn_url=settings.cdn_url,
                                         public_url=settings.public_url, cdn_cache_seconds=settings.cdn_cache_seconds)
                 ingress = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout, handle_signals=False)
@@ -315,6 +344,8 @@ class Server:
     async def _stop_control_plane(self) -> None:
         assert self.watcher is not None and self.reloader is not None and self.installer is not None
         await self.watcher.stop()
+        if self.geoip_watcher is not None:
+            await self.geoip_watcher.stop()
         await self.reloader.stop()
         await self.installer.ramps.stop()
 

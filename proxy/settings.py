@@ -65,6 +65,7 @@ class ServeSettings:
     cdn_url: str = "https://cdn.segment.com"  # analytics.js settings and bundles are fetched from here
     public_url: str | None = None  # splitter's address as browsers see it; written into the settings' apiHost
     cdn_cache_seconds: float = 300.0  # 0 disables the CDN cache
+    geoip_db: str | None = None  # a MaxMind DB file for `country` conditions (proxy/geoip.py); None: CDN headers and the event's location only
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any], *, admin_token: str | None) -> ServeSettings:
@@ -94,6 +95,7 @@ class ServeSettings:
             cdn_cache_seconds=flags["cdn_cache_seconds"],
             log_level=flags["log_level"],
             workers=flags["workers"],
+            geoip_db=flags["geoip_db"] or None,
         )
 
     def __post_init__(self) -> None:

@@ -121,6 +121,8 @@ def _flag(*decls: str, field: str, **kwargs: Any) -> Callable[[FC], FC]:
 @_flag("--cdn-cache-seconds", field="cdn_cache_seconds", type=float, help="Seconds to cache CDN answers (0 disables).")
 @_flag("--log-level", field="log_level", type=click.Choice(LOG_LEVELS))
 @_flag("--workers", field="workers", type=int, help="Worker processes sharing the ingress port (SO_REUSEPORT); each owns <spool-dir>/worker-<i>.")
+@_flag("--geoip-db", field="geoip_db", metavar="PATH",
+       help="A MaxMind DB file (GeoLite2-Country or -City): `country` from the client's address when no CDN header gives it. Reloaded when replaced.")
 def serve(**flags: Any) -> None:
     """Run the proxy. The admin token, when the admin port is not loopback, comes from SPLITTER_ADMIN_TOKEN."""
     # Before prometheus_client is imported: it picks multiprocess mode from the environment once. An

@@ -18,6 +18,7 @@ from proxy.control.state import ActiveRules
 from proxy.control.traffic import RecentTraffic
 from proxy.delivery import Delivery
 from proxy.engine import EventContext, RuleSet
+from proxy.geoip import GeoIP
 from proxy.ingress import responses
 from proxy.ingress.auth import authenticate, request_key
 from proxy.ingress.body import parse_json, read_body
@@ -43,6 +44,7 @@ class IngressDeps:
     trusted_proxies: tuple[IPNetwork, ...]
     plan_checks: PlanChecks = field(default_factory=PlanChecks)  # used only for sources with a tracking plan
     traffic: RecentTraffic | None = None  # recent events' routing inputs, replayed at a reload (proxy/control/traffic.py)
+    geoip: GeoIP | None = None  # `serve --geoip-db`: the country of the client's address when no CDN header names one
 
 
 def _prepare_request(rules: RuleSet, data: bytes, presented: str | None, shape: CallShape, region: str | None, country: str | None,
@@ -64,8 +66,10 @@ def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-unty
             raise IngressError(401, "invalid_write_key", "unknown write key")  # before reading the body
         data = await read_body(request)
         client_ip, forwarded_for = client_address(request.remote, request.headers.get("X-Forwarded-For"), deps.trusted_proxies)
-        prepared = _prepare_request(rules, data, presented, shape, deps.region, rules.country_from_headers(request.headers), client_ip,
-                                    forwarded_for, deps.traffic)
+        country = rules.country_from_headers(request.headers)  # a CDN's header, then GeoIP; the event's own location is the engine's fallback
+        if country is None and deps.geoip is not None:
+            country = deps.geoip.country(client_ip)
+        prepared = _prepare_request(rules, data, presented, shape, deps.region, country, client_ip, forwarded_for, deps.traffic)
         request[SOURCE_KEY] = prepared.submission.source.name
         return await deliver(deps, rules, prepared, shape)
 

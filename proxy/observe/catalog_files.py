@@ -1,0 +1,131 @@
+"""The event catalog on disk and on the admin port.
+
+Each serving process (a single `serve`, or each worker of `serve --workers N`) keeps its catalog in
+memory and owns one file in the state directory: `catalog.json`, or `catalog.worker-<i>.json`
+(proxy/observe/files.py names them). `CatalogKeeper` loads that file at start, so a restart goes on
+counting where the process stopped, and writes it atomically every `catalog.snapshot_interval`
+(when anything changed) and once more at shutdown, after the last request. A crash loses at most
+one interval of counts; a file that cannot be read is moved aside (`.damaged`) and logged, and the
+process starts an empty catalog rather than not starting.
+
+`catalog_document()` is what `/admin/catalog` answers: the process's live catalog, if it serves,
+merged with every other process file in the state directory. For a supervisor, which serves no
+events, that is its workers' files, each as fresh as its last write (at most one snapshot
+interval old; each process's `written_at` is in the answer). For a single process, files other
+than its own are what an earlier `--workers N` run left: history, still counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from proxy.background import BackgroundTask
+from proxy.log import get_logger
+from proxy.observe.catalog import Catalog
+from proxy.observe.catalog_view import View, merge_views, only_source, view_of, when
+from proxy.observe.files import process_file, process_files, write_atomically
+
+log = get_logger("splitter.catalog")
+KIND = "catalog"
+
+
+class CatalogKeeper:
+    """A serving process's catalog and its file: loaded at start, written periodically and at stop."""
+
+    def __init__(self, catalog: Catalog, state_dir: str | Path, process: str | None, interval: Callable[[], float]) -> None:
+        self.catalog = catalog
+        self.state_dir = Path(state_dir)
+        self.process = process
+        self.path = process_file(self.state_dir, KIND, process)
+        self._interval = interval  # read before each wait: a reload may change it
+        self._task = BackgroundTask(self._run, "catalog-snapshots")
+        self._written = False  # once by this process: a start writes the file it loaded (or an empty one) at the first interval
+
+    def load(self) -> None:
+        """At start-up, before the first request: this process's catalog as it last wrote it."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("catalog_unreadable", file=str(self.path), error=exc.strerror or str(exc), hint="starting an empty catalog")
+            return
+        try:
+            self.catalog.load(orjson.loads(data))
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            aside = self.path.with_name(self.path.name + ".damaged")
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
+            log.error("catalog_unreadable", file=str(self.path), moved_to=str(aside), error=str(exc), hint="starting an empty catalog")
+
+    def start(self) -> None:
+        self._task.start()
+
+    async def stop(self) -> None:
+        """Stop the periodic writes and write once more: called once no request is left to count."""
+        await self._task.stop()
+        await self.write()
+
+    async def write(self) -> None:
+        if not self.catalog.changed and self._written:
+            return
+        self.catalog.changed, self._written = False, True
+        payload = orjson.dumps(self.catalog.snapshot(self.process))
+        try:
+            await asyncio.to_thread(write_atomically, self.path, payload)
+        except OSError as exc:
+            self.catalog.changed = True  # try again at the next interval
+            log.warning("catalog_snapshot_failed", file=str(self.path), error=exc.strerror or str(exc))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval())
+            await self.write()
+
+
+async def catalog_document(state_dir: str | Path, keeper: CatalogKeeper | None = None, source: str | None = None) -> View:
+    """What `/admin/catalog` answers: the live catalog (if this process serves) and every other process file, merged."""
+    now = time.time()
+    read = await asyncio.to_thread(_read_all, Path(state_dir), keeper.path if keeper is not None else None)
+    views = [view_of(keeper.catalog.snapshot(keeper.process, now), now, live=True)] if keeper is not None else []
+    unreadable: list[dict[str, str]] = []
+    for path, found in read:
+        try:
+            if isinstance(found, str):
+                raise ValueError(found)
+            views.append(view_of(found, now))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            unreadable.append({"file": path.name, "error": str(exc)})
+    document = merge_views(views)
+    document["generated_at"] = when(now)
+    if unreadable:
+        document["unreadable"] = unreadable
+    return only_source(document, source) if source is not None else document
+
+
+def _read_all(state_dir: Path, own: Path | None) -> list[tuple[Path, dict[str, Any] | str]]:
+    """Each other process file's snapshot, or why it cannot be used (files are replaced whole, never half written)."""
+    found: list[tuple[Path, dict[str, Any] | str]] = []
+    for path in process_files(state_dir, KIND) if state_dir.is_dir() else ():
+        if path == own:
+            continue
+        try:
+            snapshot = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            continue
+        except (OSError, orjson.JSONDecodeError) as exc:
+            found.append((path, str(exc)))
+            continue
+        if not isinstance(snapshot, dict) or snapshot.get("kind") != "splitter-catalog":
+            found.append((path, "not a catalog snapshot"))
+            continue
+        found.append((path, snapshot))
+    return found
