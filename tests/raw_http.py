@@ -60,8 +60,13 @@ class Client:
         return int(status_line.split()[1]), headers, body
 
     async def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """True when the server closed the connection: an end of stream, or a reset, which a kernel
+        sends instead when bytes the client was still writing arrive after the close (a trickle)."""
         async with asyncio.timeout(timeout):
-            return await self.reader.read(1) == b""
+            try:
+                return await self.reader.read(1) == b""
+            except ConnectionResetError:
+                return True
 
     async def nothing_more(self, wait: float = 0.5) -> bool:
         """True when no further byte comes within `wait` seconds (or the server closed): no extra answer."""
