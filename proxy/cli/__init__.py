@@ -35,6 +35,7 @@ from proxy.engine import (
     verdict_lines,
 )
 from proxy.exits import BAD_INPUT, STARTUP_FAILURE
+from proxy.geoip import GeoIP, GeoIPError, open_country_db
 from proxy.settings import LOG_LEVELS, ServeSettings, SettingsError, flag_default
 
 FC = TypeVar("FC", bound=Callable[..., Any])
@@ -74,6 +75,16 @@ def _contexts(rules: RuleSet, samples: Iterable[SampleEvent], defaults: SampleDe
     try:
         return contexts(rules, samples, defaults)
     except InputError as exc:
+        _fail(str(exc))
+
+
+def _geoip(path: str | None) -> Callable[[str | None], str | None] | None:
+    """`--geoip-db`: the country of an address, or exit 2 naming the file."""
+    if path is None:
+        return None
+    try:
+        return GeoIP(open_country_db(path)).country
+    except GeoIPError as exc:
         _fail(str(exc))
 
 
@@ -181,6 +192,8 @@ def check(rules_path: str, old_path: str | None, state_dir: str | None) -> None:
 
 _header_option = click.option("--header", "header_values", multiple=True, metavar="'Name: value'", help="A request header, e.g. a geo header for `country`.")
 _region_option = click.option("--region", envvar="SPLITTER_REGION", default=None, help="The proxy's region, for `region` conditions.")
+_geoip_option = click.option("--geoip-db", "geoip_path", metavar="PATH", envvar="SPLITTER_GEOIP_DB", default=None,
+                             help="A MaxMind DB file, as serve's: an event's country from its context.ip when nothing else names one.")
 _key_option = click.option("--write-key", default=None, help="The write key clients present (selects the source).")
 _source_option = click.option("--source", "source_name", default=None, help="The source by name, e.g. a webhook source that has no write keys.")
 
@@ -207,9 +220,10 @@ _country_field_option = click.option("--country-field", metavar="PATH", default=
 @_region_option
 @_source_field_option
 @_country_field_option
+@_geoip_option
 @at_option
 def explain(rules_path: str, input_path: str, write_key: str | None, source_name: str | None, header_values: tuple[str, ...], region: str | None,
-            source_field: tuple[str, ...] | None, country_field: tuple[str, ...] | None, at: datetime) -> None:
+            source_field: tuple[str, ...] | None, country_field: tuple[str, ...] | None, geoip_path: str | None, at: datetime) -> None:
     """Print the decision for each event of INPUT (a file or -): one JSON line per event.
 
     When the rules declare transforms, each line also has `transformed`: the event each destination
@@ -217,7 +231,7 @@ def explain(rules_path: str, input_path: str, write_key: str | None, source_name
     object ({"source": NAME, "country": CC, "region": R}) wins over the options for that event."""
     rules = effective_rules(_load(rules_path), at)
     events = _read_input(input_path, SampleFields(source_field, country_field))
-    samples = _contexts(rules, events, SampleDefaults(write_key, source_name, _headers(header_values), region))
+    samples = _contexts(rules, events, SampleDefaults(write_key, source_name, _headers(header_values), region, _geoip(geoip_path)))
     out = sys.stdout.buffer
     for event, ctx in samples:
         decision = decide(rules, event, ctx)
@@ -238,16 +252,18 @@ def explain(rules_path: str, input_path: str, write_key: str | None, source_name
 @_region_option
 @_source_field_option
 @_country_field_option
+@_geoip_option
 @at_option
 def simulate(rules_path: str, events_path: str, old_path: str | None, write_key: str | None, source_name: str | None, header_values: tuple[str, ...],
-             region: str | None, source_field: tuple[str, ...] | None, country_field: tuple[str, ...] | None, at: datetime) -> None:
+             region: str | None, source_field: tuple[str, ...] | None, country_field: tuple[str, ...] | None, geoip_path: str | None,
+             at: datetime) -> None:
     """Tally where a sample of events goes, per rule and destination; rehearse a change with --against or a ramp step with --at.
 
     Each event's source, country and region (its `_splitter` object, the options) are settled once,
     with RULES.yaml, and --against replays the events with the same ones through OLD.yaml."""
     rules = effective_rules(_load(rules_path), at)
     events = _read_input(events_path, SampleFields(source_field, country_field))
-    samples = _contexts(rules, events, SampleDefaults(write_key, source_name, _headers(header_values), region))
+    samples = _contexts(rules, events, SampleDefaults(write_key, source_name, _headers(header_values), region, _geoip(geoip_path)))
     result = tally(rules, samples)
     click.echo(f"{result.events} events, {result.keys} distinct cohort keys ({rules_path})")
     for line in position_lines(rules, at):

@@ -14,6 +14,9 @@ and countries (a warehouse export has a source name column, no write key):
 
 For that event these win over the command line's `--source` / `--write-key` / `--header` / `--region`,
 and a source name wins over the event's own `writeKey`. A null or empty value counts as not given.
+With `--geoip-db`, an event whose country none of these names gets the country of its own
+`context.ip`, as the proxy looks up the client's address: after a header, before the event's
+`context.location.country` (which the engine reads when the context has no country).
 The rules never see them: `_splitter` and the named fields are removed from the event, and so is
 `writeKey`, as the proxy removes it (so `explain` never prints a write key).
 """
@@ -21,7 +24,7 @@ The rules never see them: `_splitter` and the named fields are removed from the 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +68,7 @@ class SampleDefaults:
     source: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     region: str | None = None
+    geoip: Callable[[str | None], str | None] | None = None  # `--geoip-db`: the country of an address (proxy/geoip.py)
 
 
 def field_path(text: str) -> tuple[str, ...]:
@@ -129,9 +133,18 @@ def contexts(rules: RuleSet, samples: Iterable[SampleEvent], defaults: SampleDef
             source = _source_keyed(rules, sample.write_key, f"{sample.where}: writeKey")
         else:
             source = None
-        ctx = EventContext(source.name if source else None, sample.region or defaults.region, sample.country or country)
+        given = sample.country or country
+        if given is None and defaults.geoip is not None:
+            given = defaults.geoip(_context_ip(sample.event))
+        ctx = EventContext(source.name if source else None, sample.region or defaults.region, given)
         out.append((sample.event, ctx))
     return out
+
+
+def _context_ip(event: Mapping[str, Any]) -> str | None:
+    context = event.get("context")
+    ip = context.get("ip") if isinstance(context, dict) else None
+    return ip.strip() if isinstance(ip, str) else None
 
 
 def _source_named(rules: RuleSet, name: str, label: str) -> Source:
