@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from proxy.control.reload import Reloader, ReloadResult
 from proxy.control.state import ActiveRules
 from proxy.delivery.upstream import public_url  # the one place a URL is made fit to show
-from proxy.engine import MASK, Cohort, Rule, RuleSet, mask, ramp_views
+from proxy.engine import MASK, Cohort, DedupSettings, Rule, RuleSet, mask, ramp_views
 from proxy.metrics import Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -121,11 +121,16 @@ def describe(rules: RuleSet) -> dict[str, Any]:
             }
             for source in rules.sources.values()
         ],
-        **({"dedup": {"window": rules.dedup.window, "max_ids": rules.dedup.max_ids}} if rules.dedup else {}),
+        **({"dedup": _dedup(rules.dedup)} if rules.dedup else {}),
         "cohort": _cohort(rules.cohort),
         "country_headers": list(rules.country_headers),
         "rules": [_rule(rule) for rule in rules.rules],
     }
+
+
+def _dedup(dedup: DedupSettings) -> dict[str, Any]:
+    shared = {"store": dedup.shown_store, "store_timeout": dedup.store_timeout} if dedup.store else {}  # the store's password masked
+    return {"window": dedup.window, "max_ids": dedup.max_ids, **shared}
 
 
 def _rule(rule: Rule) -> dict[str, Any]:

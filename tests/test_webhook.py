@@ -294,7 +294,7 @@ def test_dedup_is_off_without_a_webhook_unless_asked_for() -> None:
     ("{window: 0}", "dedup.window: must be more than 0 and at most 24h, not 0"),
     ("{max_ids: 0}", "dedup.max_ids: must be a whole number between 1 and 10000000, not 0"),
     ("{max_ids: 2.5}", "dedup.max_ids: must be a whole number between 1 and 10000000, not 2.5"),
-    ("{size: 3}", "dedup.size: unknown key 'size' (expected one of: window, max_ids)"),
+    ("{size: 3}", "dedup.size: unknown key 'size' (expected one of: window, max_ids, store, store_timeout)"),
     ("sometimes", "dedup: must be true or false, not 'sometimes'"),
 ])
 def test_dedup_problems(dedup: str, expected: str) -> None:

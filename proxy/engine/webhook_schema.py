@@ -6,23 +6,26 @@ events can reach has a credential of the source (there is no client write key to
 and none of those destinations is a Segment one (that would send Segment its own events again).
 
 De-duplication is on by default as soon as one source has a webhook, because that is when the same
-event can arrive twice (directly from an app, and again through Segment's webhook).
+event can arrive twice (directly from an app, and again through Segment's webhook). `dedup.store`
+names a Redis server that the processes and replicas of a tier share; it is only parsed here (no
+connection: the engine does no I/O), and its password never appears in a repr or a message.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 import yaml
 
+from proxy.engine import store_schema
 from proxy.engine.errors import Problem
 from proxy.engine.model import Destination, Rule, Source
 from proxy.engine.yaml_reader import NodeReader
 
 WEBHOOK_KEYS = ("secret",)
-DEDUP_KEYS = ("window", "max_ids")
+DEDUP_KEYS = ("window", "max_ids", "store", "store_timeout")
 MIN_SECRET_LENGTH = 16
 DEFAULT_WINDOW = 600.0  # seconds: Segment forwards within seconds; this leaves room for its retries and our restarts
 MAX_WINDOW = 86400.0
@@ -32,10 +35,21 @@ MAX_MAX_IDS = 10_000_000
 
 @dataclass(frozen=True, slots=True)
 class DedupSettings:
-    """messageId de-duplication per destination: ids are remembered `window` seconds, at most `max_ids` each."""
+    """messageId de-duplication per destination: ids are remembered `window` seconds, at most `max_ids` each
+    in the process; with a `store` (a redis:// or rediss:// URL) also there, shared by every process using it."""
 
     window: float = DEFAULT_WINDOW
     max_ids: int = DEFAULT_MAX_IDS
+    store: str | None = field(default=None, repr=False)  # may carry a password: see shown_store
+    store_timeout: float = store_schema.DEFAULT_STORE_TIMEOUT
+
+    @property
+    def shown_store(self) -> str | None:
+        """The store's URL fit for logs, errors and /admin/config: a password in it is masked."""
+        return store_schema.shown_store_url(self.store) if self.store is not None else None
+
+    def __repr__(self) -> str:
+        return f"DedupSettings(window={self.window!r}, max_ids={self.max_ids!r}, store={self.shown_store!r}, store_timeout={self.store_timeout!r})"
 
 
 def webhook_secret(reader: NodeReader, node: yaml.Node, path: str) -> str | None:
@@ -64,6 +78,12 @@ def dedup_settings(reader: NodeReader, node: yaml.Node | None, sources: Mapping[
     if spec is None:
         return None
     window = _window(reader, spec["window"]) if "window" in spec else DEFAULT_WINDOW
+    store = store_schema.store_url(reader, spec["store"]) if "store" in spec else None
+    timeout = store_schema.DEFAULT_STORE_TIMEOUT
+    if "store_timeout" in spec:
+        timeout = store_schema.store_timeout(reader, spec["store_timeout"]) or timeout
+        if "store" not in spec:
+            reader.problem(spec["store_timeout"], "dedup.store_timeout", "has no effect without dedup.store")
     max_ids = DEFAULT_MAX_IDS
     if "max_ids" in spec:
         number = reader.number(spec["max_ids"], "dedup.max_ids")
@@ -71,7 +91,7 @@ def dedup_settings(reader: NodeReader, node: yaml.Node | None, sources: Mapping[
             reader.problem(spec["max_ids"], "dedup.max_ids", f"must be a whole number between 1 and {MAX_MAX_IDS}, not {number.normalize():f}")
         elif number is not None:
             max_ids = int(number)
-    return DedupSettings(window, max_ids) if window is not None else None
+    return DedupSettings(window, max_ids, store, timeout) if window is not None else None
 
 
 def _window(reader: NodeReader, node: yaml.Node) -> float | None:
