@@ -76,7 +76,6 @@ class CountryDB:
         self._reader = reader
         self.description = description
         self.identity = identity  # of the file as it was read
-        self.lookup_errors = 0  # lookups the reader failed (a damaged record): answered None
         self.country: Callable[[str], str | None] = functools.lru_cache(maxsize=CACHE_SIZE)(self._country)
 
     def _country(self, address: str) -> str | None:
@@ -92,8 +91,7 @@ class CountryDB:
             return None  # an IPv4-only database has nothing for an IPv6 client
         try:
             record = self._reader.get(ip)
-        except (ValueError, maxminddb.InvalidDatabaseError):  # a damaged record, or a reader already closed by a swap
-            self.lookup_errors += 1
+        except (ValueError, maxminddb.InvalidDatabaseError):  # a damaged record, or a reader already closed by a swap: no country
             return None
         return iso_code(record)
 
