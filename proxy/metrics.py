@@ -24,6 +24,7 @@ KNOWN_TYPES = frozenset(EVENT_TYPES)
 RELOAD_RESULTS = ("success", "error", "refused", "unchanged")  # proxy.reload.Status, in the order a dashboard lists them
 ROLLBACK_KINDS = ("split", "primary", "copy_lost")  # what an accepted reload moved back (proxy.engine.RolloutReport)
 DROP_REASONS = ("spool_full", "spool_error")
+DEDUP_STORE_ERRORS = ("timeout", "connection", "error", "unavailable")  # why a request de-duplicated without the shared store
 GEOIP_RELOAD_RESULTS = ("success", "error")  # proxy/control/geoip_watch.py
 
 
@@ -121,6 +122,12 @@ class Metrics:
         self.dedup_tracked_ids = Gauge(
             "splitter_dedup_tracked_ids", "messageIds remembered for de-duplication.", per_destination, registry=r, multiprocess_mode="livesum"
         )
+        self.dedup_store_errors = Counter(
+            "splitter_dedup_store_errors",
+            "Requests de-duplicated in this process alone because the shared store (dedup.store) did not answer in time (timeout), "
+            "could not be reached (connection), answered an error (error), or was backing off after one of those (unavailable).",
+            ["reason"], registry=r,
+        )
         self.tracking_plan_violations = Counter(
             "splitter_tracking_plan_violations", "Tracking-plan violations found, by source and kind (unplanned_event, missing_property, ...).",
             ["source", "kind"], registry=r,
@@ -174,6 +181,9 @@ class Metrics:
             for reason in DROP_REASONS:
                 self.child(self.events_dropped, destination, reason)
                 self.child(self.mirror_dropped, destination, reason)
+        if rules.dedup is not None and rules.dedup.store is not None:
+            for reason in DEDUP_STORE_ERRORS:
+                self.child(self.dedup_store_errors, reason)
         for source in rules.tracking_plans:
             self.child(self.tracking_plan_unchecked, source)
             for kind in VIOLATION_KINDS:

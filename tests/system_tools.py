@@ -41,6 +41,7 @@ TOOLS = (
     Tool("chromium", "chromium", "the analytics.js browser tests"),
     Tool("promtool", "prometheus", "validating the shipped alert rules"),
     Tool("systemd-analyze", "systemd", "validating the shipped systemd unit"),
+    Tool("redis-server", "redis-server", "the shared de-duplication store's tests (started on a loopback port by the tests)"),
 )
 BY_PROGRAM = {tool.program: tool for tool in TOOLS}
 

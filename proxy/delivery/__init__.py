@@ -91,7 +91,7 @@ class Delivery:
             found = self._pipelines[destination.name]
             if found.upstream.destination != destination:
                 self._reconfigure(found, destination)
-        self._dedup.settings = rules.dedup
+        self._dedup.apply(rules.dedup, self.metrics)
         self._applied = rules
 
     def _new_pipeline(self, destination: Destination) -> Pipeline:
@@ -131,6 +131,7 @@ class Delivery:
                 log.warning("spooled_for_next_start", destination=pipeline.name, events=pipeline.spool.pending)
         if self._telemetry:
             await asyncio.wait(self._telemetry, timeout=max(0.1, deadline - loop.time()))
+        await self._dedup.close()
         for upstream in [*(p.upstream for p in self._pipelines.values()), *self._retired]:
             await upstream.close()
         if self._lock_fd is not None:
