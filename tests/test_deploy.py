@@ -359,7 +359,8 @@ def test_alerts_cover_every_signal_with_for_severity_and_annotations() -> None:
     everything = " ".join(rule["expr"] for rule in rules)
     for needle in ("splitter_upstream_requests_total", "splitter_spool_oldest_event_age_seconds", "deriv(splitter_spool_bytes",
                    "splitter_events_dropped_total", "splitter_mirror_dropped_total", "splitter_events_dead_lettered_total",
-                   'splitter_config_reloads_total{result=~"error|refused"}', "splitter_breaker_state) == 2", "up{", 'role="mirror"'):
+                   'splitter_config_reloads_total{result=~"error|refused"}', "splitter_breaker_state) == 2", "up{", 'role="mirror"',
+                   "rate(splitter_dedup_store_errors_total"):
         assert needle in everything, needle
 
 
