@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -33,12 +34,14 @@ IS_READY = web.AppKey[Callable[[], bool]]("is_ready")
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 Detail = Callable[[], Mapping[str, Any] | None]
 DETAIL = web.AppKey[Detail]("detail")
+CatalogSource = Callable[[str | None], Awaitable[Mapping[str, Any]]]  # ?source= or None -> the catalog document
+CATALOG = web.AppKey[CatalogSource]("catalog")
 ERROR_CODES = {"error": "invalid_rules", "refused": "reshuffle_refused"}
 
 
 def build_admin_app(
     *, active: ActiveRules, reloader: Reloader, metrics: Metrics, token: str | None, is_ready: Callable[[], bool],
-    registry: CollectorRegistry | None = None, detail: Detail | None = None,
+    registry: CollectorRegistry | None = None, detail: Detail | None = None, catalog: CatalogSource | None = None,
 ) -> web.Application:
     """`registry`: what `/metrics` exposes when not `metrics.registry` (a supervisor's, merging its workers').
     `detail`: more fields for a ready `/readyz`, or None (the last good rules serving instead of a refused file)."""
@@ -52,6 +55,9 @@ def build_admin_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/admin/reload", _guarded(reload_handler))
     app.router.add_get("/admin/config", _guarded(config_handler))
+    if catalog is not None:
+        app[CATALOG] = catalog
+        app.router.add_get("/admin/catalog", _guarded(catalog_handler))
     return app
 
 
@@ -101,6 +107,15 @@ async def config_handler(request: web.Request) -> web.Response:
     if ramps := ramp_views(snapshot.rules, datetime.now(UTC)):  # the step in effect and when the next one lands
         body["ramps"] = [view.as_dict() for view in ramps]
     return web.json_response(body)
+
+
+async def catalog_handler(request: web.Request) -> web.Response:
+    """The event catalog (proxy/observe/catalog_files.py): every source's events, or `?source=NAME`'s."""
+    return web.json_response(await request.app[CATALOG](request.query.get("source")), dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 def describe(rules: RuleSet) -> dict[str, Any]:

@@ -62,6 +62,8 @@ from proxy.ingress.handlers import IngressDeps
 from proxy.ingress.listener import KEEPALIVE_TIMEOUT, IngressListener, listen
 from proxy.log import configure, get_logger
 from proxy.metrics import Metrics
+from proxy.observe.catalog import Catalog
+from proxy.observe.catalog_files import CatalogKeeper, catalog_document
 from proxy.settings import ServeSettings
 from proxy.signals import stop_on_signals
 
@@ -185,6 +187,7 @@ class Server:
         self.geoip: GeoIP | None = None  # `--geoip-db`, in a process that serves requests
         self.geoip_watcher: GeoIPWatcher | None = None
         self.delivery: Delivery | None = None
+        self.catalog: CatalogKeeper | None = None  # the event catalog, where events are served
         self.listener: IngressListener | None = None
         self.admin: web.AppRunner | None = None
 
@@ -259,6 +262,9 @@ class Server:
             if self.link is None:  # a single process does not read the per-worker spools a `--workers N` run left
                 for leftover in worker_spools(Path(settings.spool_dir)):
                     log.error("spool_orphaned", directory=str(leftover), hint="left by `serve --workers N`; start with --workers 2 or more to deliver it")
+            self.catalog = CatalogKeeper(Catalog(), settings.state_dir, settings.process_name, lambda: active.current.catalog.snapshot_interval)
+            await asyncio.to_thread(self.catalog.load)
+            exits.push_async_callback(self.catalog.stop)  # after the ingress closes: the last requests are in the last write
         last_good = LastGoodStore(settings.state_dir) if self.link is None else None  # one writer: not a supervisor's workers
         self.installer = installer = RulesInstaller(active, self.metrics, self.delivery, clock=self._clock, last_good=last_good)
         installer.install(rules)
@@ -278,7 +284,8 @@ class Server:
         if self.link is None:  # a worker's admin port is its supervisor's, served once for all workers
             self.admin = web.AppRunner(
                 build_admin_app(active=active, reloader=reloader, metrics=self.metrics, token=settings.admin_token, is_ready=self.is_ready,
-                                registry=fleet.registry if fleet is not None else None, detail=standing.detail),
+                                registry=fleet.registry if fleet is not None else None, detail=standing.detail,
+                                catalog=lambda source: catalog_document(settings.state_dir, self.catalog, source)),
                 access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT, handle_signals=False,
             )
             await self.admin.setup()
@@ -292,6 +299,8 @@ class Server:
                 self._log.error("workers_failed_to_start", code=code)
                 raise StartupFailed(code)
             exits.push_async_callback(self._drain_fleet)
+        if self.catalog is not None:
+            self.catalog.start()
         reloader.start()
         installer.ramps.start()
         self.watcher.start()
@@ -307,7 +316,7 @@ class Server:
             if self.fleet is None:
                 assert self.active is not None and self.delivery is not None
                 deps = IngressDeps(self.active, self.delivery, self.metrics, settings.region, settings.trusted_proxies, traffic=self.traffic,
-                                   geoip=self.geoip)
+                                   geoip=self.geoip, catalog=self.catalog.catalog if self.catalog is not None else None)
                 app = build_ingress_app(deps, cors_origins=settings.cors_origins, max_in_flight=settings.max_in_flight, cdn_url=settings.cdn_url,
                                         public_url=settings.public_url, cdn_cache_seconds=settings.cdn_cache_seconds)
                 ingress = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout, handle_signals=False)

@@ -61,6 +61,7 @@ class ServeSettings:
     body_timeout: float = 30.0  # seconds from a request's headers to the end of its body; past it, 408 and the slot is free
     reuse_port: bool = False
     workers: int = 1  # above 1, a supervisor runs this many worker processes sharing the ingress port (proxy/process/supervisor.py)
+    process_name: str | None = None  # `worker-<i>` for a worker of --workers N (set by its supervisor): names its files in --state-dir
     log_level: str = "info"
     cdn_url: str = "https://cdn.segment.com"  # analytics.js settings and bundles are fetched from here
     public_url: str | None = None  # splitter's address as browsers see it; written into the settings' apiHost

@@ -64,10 +64,10 @@ def test_the_last_hour_and_day_move_on_with_time() -> None:
 def test_event_names_past_the_cap_are_counted_under_other() -> None:
     catalog = Catalog()
     settings = CatalogSettings(max_events=3)
-    catalog.record(settings, "web", {route(f"E{i}"): i + 1 for i in range(5)}, [shaped("E4", {"p": 1})], now=T0)
-    catalog.record(settings, "web", {route("E0"): 1, route("E9"): 4}, now=T0 + 1)
+    catalog.record(settings, "web", {route(f"E{i}"): i + 1 for i in range(5)}, now=T0)
+    catalog.record(settings, "web", {route("E0"): 1, route("E9"): 4}, [shaped("E9", {"p": 1})], now=T0 + 1)
     web = view(catalog, T0 + 2)
-    assert sorted(web) == [OTHER, "E0", "E1", "E2"]
+    assert sorted(web) == [OTHER, "E0", "E1", "E2"]  # the first names seen (in the order their requests came) take the places
     assert web["E0"]["total"] == 2
     assert web[OTHER]["total"] == 4 + 5 + 4 and web[OTHER]["type"] == OTHER  # nothing is dropped
     assert web[OTHER]["paths"] == {} and web[OTHER]["sampled"] == 0  # counted, not described

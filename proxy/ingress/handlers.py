@@ -28,6 +28,7 @@ from proxy.ingress.prepare import CallShape, Prepared, prepare, single_call_erro
 from proxy.ingress.responses import IngressError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
+from proxy.observe.catalog import Catalog
 from proxy.settings import IPNetwork
 
 log = get_logger("splitter.ingress")
@@ -42,17 +43,19 @@ class IngressDeps:
     metrics: Metrics
     region: str | None
     trusted_proxies: tuple[IPNetwork, ...]
+    catalog: Catalog | None = None  # the event catalog: samples chosen in prepare(), counts recorded once delivery accepted them
     plan_checks: PlanChecks = field(default_factory=PlanChecks)  # used only for sources with a tracking plan
     traffic: RecentTraffic | None = None  # recent events' routing inputs, replayed at a reload (proxy/control/traffic.py)
     geoip: GeoIP | None = None  # `serve --geoip-db`: the country of the client's address when no CDN header names one
 
 
 def _prepare_request(rules: RuleSet, data: bytes, presented: str | None, shape: CallShape, region: str | None, country: str | None,
-                     client_ip: str | None, forwarded_for: str | None = None, traffic: RecentTraffic | None = None) -> Prepared:
+                     client_ip: str | None, forwarded_for: str | None = None, traffic: RecentTraffic | None = None,
+                     catalog: Catalog | None = None) -> Prepared:
     body: Any = parse_json(data)
     source, key = authenticate(rules, presented, body)
     ctx = EventContext(source.name, region, country)
-    prepared = prepare(rules, body, shape, source, ctx, client_ip, presented_key=key, forwarded_for=forwarded_for)
+    prepared = prepare(rules, body, shape, source, ctx, client_ip, presented_key=key, forwarded_for=forwarded_for, catalog=catalog)
     if traffic is not None and traffic.due():  # the events as routed: envelope merged, type implied
         traffic.record(rules, body.get("batch", ()) if shape.is_batch else (body,), ctx)
     return prepared
@@ -69,7 +72,8 @@ def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-unty
         country = rules.country_from_headers(request.headers)  # a CDN's header, then GeoIP; the event's own location is the engine's fallback
         if country is None and deps.geoip is not None:
             country = deps.geoip.country(client_ip)
-        prepared = _prepare_request(rules, data, presented, shape, deps.region, country, client_ip, forwarded_for, deps.traffic)
+        prepared = _prepare_request(rules, data, presented, shape, deps.region, country, client_ip, forwarded_for, deps.traffic,
+                                    deps.catalog)
         request[SOURCE_KEY] = prepared.submission.source.name
         return await deliver(deps, rules, prepared, shape)
 
@@ -95,6 +99,8 @@ async def deliver(deps: IngressDeps, rules: RuleSet, prepared: Prepared, shape: 
         deps.plan_checks.submit(rules, source.name, prepared.observed)
     for labels, count in prepared.routed_labels(source.name):
         metrics.child(metrics.events, *labels).inc(count)
+    if deps.catalog is not None:
+        deps.catalog.record(rules.catalog, source.name, prepared.routed, prepared.sampled)
     if rejected:
         log.info("events_rejected", source=source.name, write_key=key, count=len(rejected), codes=sorted({r.code for r in rejected}))
         return responses.success({"rejected": [r.as_json() for r in rejected]})

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from proxy.delivery import Chunk, Rejection, Submission
-from proxy.delivery.submission import NAME_FIELDS
 from proxy.engine import (
+    NAME_FIELDS,
     Decision,
     EventContext,
     RuleSet,
@@ -36,7 +36,10 @@ from proxy.engine import (
     TrackingPlan,
     TransformTable,
     Violation,
+    event_name,
+    event_shape,
     has_envelope,
+    masked_sample,
     merge_envelope,
     shared_decision,
     transformed_events,
@@ -45,6 +48,7 @@ from proxy.ingress.body import MAX_BATCH_EVENTS, MAX_EVENT_BYTES
 from proxy.ingress.plan_checks import screen
 from proxy.ingress.responses import IngressError
 from proxy.metrics import bounded_type
+from proxy.observe.catalog import Catalog, Sampled
 
 CLIENT_CHANNELS = ("browser", "mobile", "client")  # context.channel of events from a browser or an app
 EVENT_CLIENT_CHANNELS = ("web", "mobile")  # RudderStack's top-level `channel` of events from its browser and mobile SDKs
@@ -60,14 +64,15 @@ class CallShape:
     from_client: bool = False  # analytics.js / mobile routes: events from a browser or an app
 
 
-# (rule, primary, mirror, type) -> events. A plain dict: `d[k] = d.get(k, 0) + 1` costs half of a Counter's `+= 1`.
-Routed = dict[tuple[str, tuple[str, ...], tuple[str, ...], str], int]
+# (rule, primary, mirror, type, name) -> events. A plain dict: `d[k] = d.get(k, 0) + 1` costs half of a Counter's `+= 1`.
+# The metrics add it up without the name; the event catalog keeps it per name (proxy/observe/catalog.py).
+Routed = dict[tuple[str, tuple[str, ...], tuple[str, ...], str, str], int]
 
 
 class _Filing:
     """What `prepare()` collects while it walks the events; the `Submission` is built from it at the end."""
 
-    __slots__ = ("mirror", "observed", "primary", "rejected", "routed", "violations")
+    __slots__ = ("mirror", "observed", "primary", "rejected", "routed", "sampled", "violations")
 
     def __init__(self) -> None:
         self.primary: dict[str, Chunk] = {}
@@ -76,6 +81,7 @@ class _Filing:
         self.routed: Routed = {}
         self.observed: list[bytes] = []
         self.violations: list[Violation] = []
+        self.sampled: list[Sampled] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +92,7 @@ class Prepared:
     routed: Routed
     observed: list[bytes]  # events for the background tracking-plan check
     violations: list[Violation]  # of events a blocking tracking plan rejected
+    sampled: list[Sampled]  # the event catalog's samples: names and property paths (and masked payloads) of a few events
 
     @property
     def rejected(self) -> tuple[Rejection, ...]:
@@ -94,9 +101,14 @@ class Prepared:
     def routed_labels(self, source: str) -> Iterator[tuple[tuple[str, str, str, str, str], int]]:
         """`splitter_events_total` labels (source, type, rule, destination, role) and counts.
 
-        Counted per decision and raw type while preparing (one increment per event); the type is
-        bounded and the count expanded per destination once per request here."""
-        for (rule, primary, mirror, raw_type), count in self.routed.items():
+        Counted per decision, raw type and name while preparing (one increment per event); here,
+        once per request, the names are added up, the type is bounded and the count expanded per
+        destination."""
+        by_route: dict[tuple[str, tuple[str, ...], tuple[str, ...], str], int] = {}
+        for key, count in self.routed.items():
+            route = key[:4]  # a slice is built in C: cheaper than unpacking and packing again
+            by_route[route] = by_route.get(route, 0) + count
+        for (rule, primary, mirror, raw_type), count in by_route.items():
             event_type = bounded_type(raw_type)
             for destination in primary:
                 yield (source, event_type, rule, destination, "primary"), count
@@ -145,21 +157,24 @@ class RequestScope:
     ip_for_client_channels: str | None  # other routes: only for events whose context.channel is a client's
     transforms: TransformTable
     plan: TrackingPlan | None
+    wants_sample: Callable[[str, str], bool] | None  # the catalog's, for this request's source: sample this (type, name)? None: no samples
 
     @classmethod
     def of(cls, rules: RuleSet, shape: CallShape, source: Source, ctx: EventContext, client_ip: str | None,
-           envelope: dict[str, Any] | None) -> RequestScope:
+           envelope: dict[str, Any] | None, catalog: Catalog | None) -> RequestScope:
+        sampling = catalog.sampler(rules.catalog, source.name) if catalog is not None and rules.catalog.enabled and rules.catalog.schema_samples else None
         return cls(rules, source, ctx, envelope, None if shape.is_batch else shape.implied_type,
                    client_ip if shape.from_client else None, client_ip if not shape.from_client else None,
-                   rules.transforms, rules.tracking_plans.get(source.name))
+                   rules.transforms, rules.tracking_plans.get(source.name), sampling)
 
 
 def prepare(
     rules: RuleSet, body: Any, shape: CallShape, source: Source, ctx: EventContext, client_ip: str | None, *,
-    presented_key: str = "", forwarded_for: str | None = None,
+    presented_key: str = "", forwarded_for: str | None = None, catalog: Catalog | None = None,
 ) -> Prepared:
     """`body` as parsed JSON, from `source` (which the client proved with `presented_key`; "" for a
-    signed webhook). `forwarded_for` goes upstream with the events."""
+    signed webhook). `forwarded_for` goes upstream with the events. `catalog`: the event catalog
+    that decides which events to sample (the counts go to it after delivery accepted them)."""
     if not isinstance(body, dict):
         raise IngressError(400, "invalid_request", f"body must be a JSON object, not {type(body).__name__}")
     if shape.is_batch:
@@ -171,11 +186,11 @@ def prepare(
     else:
         events = [body]
     filing = _Filing()
-    scope = RequestScope.of(rules, shape, source, ctx, client_ip, body if shape.is_batch and has_envelope(body) else None)
+    scope = RequestScope.of(rules, shape, source, ctx, client_ip, body if shape.is_batch and has_envelope(body) else None, catalog)
     for index, event in enumerate(events):
         _prepare_event(filing, scope, index, event)
     submission = Submission(source, presented_key, forwarded_for, filing.primary, filing.mirror, tuple(filing.rejected))
-    return Prepared(submission, filing.routed, filing.observed, filing.violations)
+    return Prepared(submission, filing.routed, filing.observed, filing.violations, filing.sampled)
 
 
 def _prepare_event(filing: _Filing, scope: RequestScope, index: int, event: Any) -> None:
@@ -230,13 +245,16 @@ def _file_event(filing: _Filing, scope: RequestScope, index: int, event: dict[st
         except orjson.JSONEncodeError as exc:  # a transform nested it past what orjson writes: never send the untransformed copy
             _reject(filing, index, "invalid_event", f"event cannot be forwarded once transformed: {exc}")
             return
-    routed = filing.routed
-    key = (decision.rule, decision.primary, decision.mirror, event_type)
-    routed[key] = routed.get(key, 0) + 1
-    name_field = NAME_FIELDS.get(event_type)  # _name() written out: a call per event costs more than these lines
+    name_field = NAME_FIELDS.get(event_type)  # event_name() written out: a call per event costs more than these lines
     name = event.get(name_field, event_type) if name_field is not None else event_type
     if type(name) is not str:
         name = event_type
+    routed = filing.routed
+    key = (decision.rule, decision.primary, decision.mirror, event_type, name)
+    seen = routed.get(key, 0)
+    routed[key] = seen + 1
+    if not seen and scope.wants_sample is not None and scope.wants_sample(event_type, name):
+        _sample(filing, scope, event, event_type, name)  # the catalog asks for this request's first event of the name (and route)
     if copies:
         _file_copies(filing, decision, copies, encoded, message_id, event_type, name)
         return
@@ -271,13 +289,17 @@ def _file_copies(filing: _Filing, decision: Decision, copies: dict[str, tuple[by
             chunk.add(data, message_id, event_type, filed_name)
 
 
-def _name(event: dict[str, Any], event_type: str) -> str:
-    """Track `event`, page and screen `name`; else, or when that is not a string, the type."""
-    name_field = NAME_FIELDS.get(event_type)
-    if name_field is None:
-        return event_type
-    name = event.get(name_field)
-    return name if type(name) is str else event_type
+def _sample(filing: _Filing, scope: RequestScope, event: dict[str, Any], event_type: str, name: str) -> None:
+    """The event's property paths (and masked payload) for the catalog, which asked for this name.
+
+    The event as the client sent it, with splitter's stamping (messageId, context.ip) and before any
+    destination's transforms, as the tracking plan checks it."""
+    settings = scope.rules.catalog
+    for taken_type, taken_name, _, _ in filing.sampled:  # a name split over two routes: one sample per request
+        if taken_name == name and taken_type == event_type:
+            return
+    payload = masked_sample(event, settings.unmasked_paths, scope.rules.secrets) if settings.payload_samples else None
+    filing.sampled.append((event_type, name, event_shape(event, settings.max_depth, settings.max_paths), payload))
 
 
 def _is_client_channel(context: Any) -> bool:
@@ -303,4 +325,4 @@ def _set_ip(event: dict[str, Any], client_ip: str) -> None:
 def _encode_transformed(transforms: TransformTable, decision: Decision, event: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
     """Each transformed destination's own bytes and name; the event itself (shared by the others) is left as it is."""
     event_type = event["type"]
-    return {destination: (orjson.dumps(copy), _name(copy, event_type)) for destination, copy in transformed_events(transforms, decision, event).items()}
+    return {destination: (orjson.dumps(copy), event_name(copy, event_type)) for destination, copy in transformed_events(transforms, decision, event).items()}

@@ -25,6 +25,7 @@ from proxy.ingress.handlers import SOURCE_KEY, IngressDeps, deliver
 from proxy.ingress.prepare import CallShape, Prepared, prepare
 from proxy.ingress.responses import IngressError
 from proxy.log import get_logger
+from proxy.observe.catalog import Catalog
 
 log = get_logger("splitter.webhook")
 WEBHOOK_ROUTE = "/v1/webhook/segment/{source}"
@@ -57,14 +58,15 @@ def _event_type(body: object) -> str | None:
     return event_type
 
 
-def _prepare_event(rules: RuleSet, data: bytes, source: Source, region: str | None) -> tuple[Prepared, CallShape] | None:
+def _prepare_event(rules: RuleSet, data: bytes, source: Source, region: str | None, catalog: Catalog | None) -> tuple[Prepared, CallShape] | None:
     """Synchronous, so the parsed body is gone before the first await (see prepare.py)."""
     body = parse_json(data)
     event_type = _event_type(body)
     if event_type is None:
         return None
     shape = _SHAPES[event_type]
-    return prepare(rules, body, shape, source, EventContext(source.name, region), None, presented_key="", forwarded_for=None), shape
+    return prepare(rules, body, shape, source, EventContext(source.name, region), None, presented_key="", forwarded_for=None,
+                   catalog=catalog), shape
 
 
 def webhook_handler(deps: IngressDeps):  # type: ignore[no-untyped-def]
@@ -76,7 +78,7 @@ def webhook_handler(deps: IngressDeps):  # type: ignore[no-untyped-def]
         data = await read_body(request)
         verify_signature(source.webhook_secret, data, request.headers.get(SIGNATURE_HEADER))
         request[SOURCE_KEY] = source.name
-        found = _prepare_event(rules, data, source, deps.region)
+        found = _prepare_event(rules, data, source, deps.region, deps.catalog)
         if found is None:
             log.info("webhook_notice_ignored", source=source.name, type=IGNORED_TYPE)
             return responses.success({"ignored": IGNORED_TYPE})

@@ -24,7 +24,7 @@ payload per name when the rules ask for payload samples (proxy/engine/event_shap
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from proxy.engine import OTHER, CatalogSettings, Shape
@@ -142,24 +142,30 @@ class Catalog:
         self.changed = False  # since the last snapshot
 
     def wants_sample(self, settings: CatalogSettings, source: str, event_type: str, name: str) -> bool:
-        """Whether to read the paths of a request's first event of this name (see the module's docstring).
+        """Whether to read the paths of a request's first event of this name (see the module's docstring)."""
+        return self.sampler(settings, source)(event_type, name)
 
-        Asked for nearly every event of a batch of many names, so written for the common answer: a
-        known name past its first samples, one counter step."""
-        events = self._events.get(source)
-        if events is not None:
+    def sampler(self, settings: CatalogSettings, source: str) -> Callable[[str, str], bool]:
+        """`wants_sample` for one request: `prepare()` asks it for nearly every event of a batch of many
+        names, so the source's entries and the settings are looked up once, and the common answer (a
+        known name past its first samples) is one counter step."""
+        events = self._source(source)
+        samples, every, room = settings.schema_samples, settings.sample_every, settings.max_events
+
+        def wants(event_type: str, name: str) -> bool:
             entry = events.get((event_type, name))
-            if entry is not None:
-                if entry.sampled < settings.schema_samples:
-                    return True
-                skipped = entry.skipped + 1
-                if skipped < settings.sample_every:
-                    entry.skipped = skipped
-                    return False
-                entry.skipped = 0
+            if entry is None:
+                return samples > 0 and len(events) < room
+            if entry.sampled < samples:
                 return True
-            return len(events) < settings.max_events
-        return settings.schema_samples > 0
+            skipped = entry.skipped + 1
+            if skipped < every:
+                entry.skipped = skipped
+                return False
+            entry.skipped = 0
+            return True
+
+        return wants
 
     def record(self, settings: CatalogSettings, source: str, routed: Mapping[RouteKey, int], sampled: Iterable[Sampled] = (),
                now: float | None = None) -> None:
@@ -176,17 +182,18 @@ class Catalog:
         pending = self._pending.get(source)
         if pending is None:
             pending = self._pending[source] = {}
+        events = self._source(source)
         for key, count in routed.items():
             cell = pending.get(key)
-            if cell is None:
+            if cell is None:  # the key's first request since the last fold: a new name takes its place under the cap now, in arrival order
                 pending[key] = [count, now, now]
+                if (key[3], key[4]) not in events:
+                    self._entry(events, key[3], key[4], settings.max_events)
             else:
                 cell[0] += count
                 cell[2] = now
         self.changed = True
-        if sampled:  # a request in (about) one in sample_every: counts first, so that a sample never takes a name's place under the cap
-            self.fold()
-            events = self._source(source)
+        if sampled:
             for event_type, name, shape, payload in sampled:
                 entry = self._entry(events, event_type, name, settings.max_events)
                 if (entry.event_type, entry.name) == _OTHER_KEY:  # past the cap: counted, not described
@@ -232,7 +239,7 @@ class Catalog:
         self.fold()
         return {
             "kind": "splitter-catalog", "format": FORMAT, "process": process, "written_at": time.time() if now is None else now,
-            "sources": {source: [entry.as_json() for entry in events.values()] for source, events in self._events.items()},
+            "sources": {source: [entry.as_json() for entry in events.values()] for source, events in self._events.items() if events},
         }
 
     def load(self, snapshot: Mapping[str, Any]) -> None:

@@ -115,7 +115,7 @@ def _alive(pid: int) -> bool:
 def plan(settings: ServeSettings, port: int) -> list[Child]:
     """The workers, each with its own spool and dead letters, then a drainer per leftover spool."""
     workers = [
-        Child(f"worker-{i}", replace(settings, listen=(settings.listen[0], port), reuse_port=True, workers=1,
+        Child(f"worker-{i}", replace(settings, listen=(settings.listen[0], port), reuse_port=True, workers=1, process_name=f"worker-{i}",
                                      spool_dir=str(worker_dir(settings.spool_dir, i)), dead_letter_dir=str(worker_dir(settings.dead_letter_dir, i))),
               serves=True)
         for i in range(settings.workers)
