@@ -15,6 +15,7 @@ from proxy.engine.moves import Move, replay_view
 from proxy.engine.plan_report import plan_report_lines
 from proxy.engine.ramp import RampView, effective_rules, iso, next_step_at, ramp_views
 from proxy.engine.rollout import RolloutReport, compare, rollback_line, verdict_lines
+from proxy.engine.rules_diff import RulesDiff, diff_rules
 from proxy.engine.schema import SCHEMA_VERSION, compile_rules, load_rules
 from proxy.engine.shapes import NAME_FIELDS, OTHER, Shape, event_name, event_shape, masked_sample
 from proxy.engine.simulate import Sample, against, tally
@@ -47,6 +48,7 @@ __all__ = [
     "RolloutReport",
     "Rule",
     "RuleSet",
+    "RulesDiff",
     "RulesError",
     "Sample",
     "SeenEvent",
@@ -64,6 +66,7 @@ __all__ = [
     "compile_plan",
     "compile_rules",
     "decide",
+    "diff_rules",
     "effective_rules",
     "event_name",
     "event_shape",

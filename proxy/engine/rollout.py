@@ -86,7 +86,7 @@ def _compare_splits(old: RuleSet, new: RuleSet) -> tuple[list[str], tuple[SplitC
         if rule.route.split is None or before is None or before.route.split is None:
             continue
         acknowledged = rule.reshuffle or rule.cohort.reshuffle or new.cohort.reshuffle
-        reason = _reshuffle_reason(before, rule)
+        reason = reshuffle_reason(before, rule)
         if reason:
             if not acknowledged:
                 refused.append(
@@ -105,7 +105,8 @@ def _compare_splits(old: RuleSet, new: RuleSet) -> tuple[list[str], tuple[SplitC
     return refused, tuple(changes)
 
 
-def _reshuffle_reason(before: Rule, after: Rule) -> str | None:
+def reshuffle_reason(before: Rule, after: Rule) -> str | None:
+    """Why a split rule kept by name reshuffles its users (salt, key or arm order changed), or None."""
     if before.cohort.salt != after.cohort.salt:
         return f"cohort salt changed from {before.cohort.salt!r} to {after.cohort.salt!r}"
     if before.cohort.fields != after.cohort.fields:
