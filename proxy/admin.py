@@ -11,7 +11,7 @@ through `mask()` and destination URLs lose their userinfo and query, where crede
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +34,9 @@ IS_READY = web.AppKey[Callable[[], bool]]("is_ready")
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 Detail = Callable[[], Mapping[str, Any] | None]
 DETAIL = web.AppKey[Detail]("detail")
+HistorySource = Callable[[int], Awaitable[Sequence[Mapping[str, Any]]]]  # limit -> the newest change history entries, newest first
+HISTORY = web.AppKey[HistorySource]("history")
+HISTORY_LIMIT = (100, 10_000)  # the default and the largest `?limit=` of /admin/history
 CatalogSource = Callable[[str | None], Awaitable[Mapping[str, Any]]]  # ?source= or None -> the catalog document
 CATALOG = web.AppKey[CatalogSource]("catalog")
 ERROR_CODES = {"error": "invalid_rules", "refused": "reshuffle_refused"}
@@ -41,10 +44,11 @@ ERROR_CODES = {"error": "invalid_rules", "refused": "reshuffle_refused"}
 
 def build_admin_app(
     *, active: ActiveRules, reloader: Reloader, metrics: Metrics, token: str | None, is_ready: Callable[[], bool],
-    registry: CollectorRegistry | None = None, detail: Detail | None = None, catalog: CatalogSource | None = None,
+    registry: CollectorRegistry | None = None, detail: Detail | None = None, history: HistorySource | None = None, catalog: CatalogSource | None = None,
 ) -> web.Application:
     """`registry`: what `/metrics` exposes when not `metrics.registry` (a supervisor's, merging its workers').
-    `detail`: more fields for a ready `/readyz`, or None (the last good rules serving instead of a refused file)."""
+    `detail`: more fields for a ready `/readyz`, or None (the last good rules serving instead of a refused file).
+    `history`: the change history (proxy/control/history.py) for `/admin/history`, where this process keeps it."""
     app = web.Application()
     app[ACTIVE], app[RELOADER], app[METRICS], app[IS_READY] = active, reloader, metrics, is_ready
     app[DETAIL] = detail or (lambda: None)
@@ -55,6 +59,9 @@ def build_admin_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/admin/reload", _guarded(reload_handler))
     app.router.add_get("/admin/config", _guarded(config_handler))
+    if history is not None:
+        app[HISTORY] = history
+        app.router.add_get("/admin/history", _guarded(history_handler))
     if catalog is not None:
         app[CATALOG] = catalog
         app.router.add_get("/admin/catalog", _guarded(catalog_handler))
@@ -116,6 +123,22 @@ async def catalog_handler(request: web.Request) -> web.Response:
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+async def history_handler(request: web.Request) -> web.Response:
+    """The change history, newest first: `?limit=N` entries (100 by default). Entries hold sha256s,
+    names, percents and the engine's masked messages, never the rules text."""
+    default, largest = HISTORY_LIMIT
+    raw = request.query.get("limit", "")
+    limit = int(raw) if raw.isascii() and raw.isdigit() else -1 if raw else default
+    if not 1 <= limit <= largest:
+        return web.json_response({"success": False, "code": "bad_limit", "message": f"limit must be a whole number from 1 to {largest}"}, status=400)
+    try:
+        entries = list(await request.app[HISTORY](limit))
+    except OSError as exc:  # a state directory gone or unreadable: say so, the proxy itself is fine
+        return web.json_response({"success": False, "code": "history_unreadable", "message": f"cannot read the change history: {exc.strerror or exc}"},
+                                 status=503)
+    return web.json_response({"count": len(entries), "entries": entries})
 
 
 def describe(rules: RuleSet) -> dict[str, Any]:

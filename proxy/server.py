@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.admin import build_admin_app
 from proxy.control.geoip_watch import GeoIPWatcher, described
+from proxy.control.history import ChangeHistory
 from proxy.control.install import RulesInstaller
 from proxy.control.last_good import LastGoodStore
 from proxy.control.ramps import Clock
@@ -156,15 +157,17 @@ class Server:
     """One splitter process: `startup()`, then `stopping` is awaited, then `shutdown()`; `serve()` does all three."""
 
     def __init__(self, settings: ServeSettings, env: Mapping[str, str], *, rules: RuleSet | None = None, refused: FileRefused | None = None,
-                 metrics: Metrics | None = None, link: Link | None = None, fleet: Fleet | None = None, clock: Clock | None = None,
-                 handle_signals: bool = True, keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
+                 previous: RuleSet | None = None, metrics: Metrics | None = None, link: Link | None = None, fleet: Fleet | None = None,
+                 clock: Clock | None = None, handle_signals: bool = True, keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
         """`rules`: already chosen (a supervisor loads them before reserving the port, with `refused`
         when they are the last good rules; a test compiles text), else loaded from `settings.config`
-        by `startup()`. `clock`: the ramp clock."""
+        by `startup()`. `previous`: the last good rules they were chosen against, for the change history.
+        `clock`: the ramp clock."""
         self.settings = settings
         self.env = env
         self.rules = rules
         self.refused = refused
+        self.previous = previous
         self.metrics = metrics or Metrics(counts_reloads=link is None)  # a worker's reloads are counted by its supervisor
         self.link = link
         self.fleet = fleet
@@ -181,6 +184,7 @@ class Server:
         self.active: ActiveRules | None = None
         self.standing: FileStanding | None = None
         self.installer: RulesInstaller | None = None
+        self.history: ChangeHistory | None = None
         self.reloader: Reloader | None = None
         self.traffic: RecentTraffic | None = None
         self.watcher: RulesWatcher | None = None
@@ -240,7 +244,7 @@ class Server:
             start = await load_initial_rules(settings, self.env)
             if start is None:
                 raise StartupFailed(BAD_RULES)
-            self.rules, self.refused = start.rules, start.refused
+            self.rules, self.refused, self.previous = start.rules, start.refused, start.last_good
         rules = self.rules
         if settings.geoip_db is not None:
             geoip = await open_geoip(settings.geoip_db)
@@ -266,9 +270,9 @@ class Server:
             await asyncio.to_thread(self.catalog.load)
             exits.push_async_callback(self.catalog.stop)  # after the ingress closes: the last requests are in the last write
         last_good = LastGoodStore(settings.state_dir) if self.link is None else None  # one writer: not a supervisor's workers
-        self.installer = installer = RulesInstaller(active, self.metrics, self.delivery, clock=self._clock, last_good=last_good)
-        installer.install(rules)
-        installer.ramps.apply_due()  # a ramp step already due is in effect before the first request
+        self.history = history = ChangeHistory(settings.state_dir, settings.config) if self.link is None else None  # the same one writer
+        self.installer = installer = RulesInstaller(active, self.metrics, self.delivery, clock=self._clock, last_good=last_good, history=history)
+        installer.start(rules, previous=self.previous, refused=self.refused)  # with a ramp step already due: in effect before the first request
         self.traffic = RecentTraffic() if fleet is None else None  # kept where requests are served
         self.reloader = reloader = Reloader(settings.config, active, self.metrics, self.env, installer,
                                             forward=fleet.forward_reload if fleet is not None else None, traffic=self.traffic,
@@ -285,7 +289,8 @@ class Server:
             self.admin = web.AppRunner(
                 build_admin_app(active=active, reloader=reloader, metrics=self.metrics, token=settings.admin_token, is_ready=self.is_ready,
                                 registry=fleet.registry if fleet is not None else None, detail=standing.detail,
-                                catalog=lambda source: catalog_document(settings.state_dir, self.catalog, source)),
+                                catalog=lambda source: catalog_document(settings.state_dir, self.catalog, source),
+                                history=history.entries if history is not None else None),
                 access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT, handle_signals=False,
             )
             await self.admin.setup()

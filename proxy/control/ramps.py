@@ -5,7 +5,9 @@ The engine says which split a ramp gives at a time (`effective_rules`) and when 
 the rules with that step applied through the process's `RulesInstaller` (proxy/control/install.py: the same
 step as a reload, so the swap, `splitter_rollout_percent` and delivery move together), then logs
 `ramp_step_applied`. A reload installs rules already set to "now" (`live()`), and every install
-calls `replan()`, so the next wake-up is computed from the rules now in effect.
+calls `replan()`, so the next wake-up is computed from the rules now in effect. A step is installed
+with the trigger `ramp`, which the change history records it under; the steps start-up catches up
+on are part of the start's own entry.
 
 The clock is injectable (`Clock`) so tests can move time by hand; `SystemClock` naps at most a
 minute at a time and re-reads the wall clock, so a clock stepped by NTP cannot make it oversleep.
@@ -22,6 +24,7 @@ from proxy.engine import RuleSet, effective_rules, iso, next_step_at
 from proxy.log import get_logger
 
 log = get_logger(__name__)
+RAMP = "ramp"  # the trigger a step is installed (and written to the change history) with
 
 
 class Clock(Protocol):
@@ -39,8 +42,8 @@ class Installer(Protocol):
     def current(self) -> RuleSet:
         """The rules in effect."""
 
-    def install(self, rules: RuleSet) -> RuleSet:
-        """Put `rules` into effect; returns the rules they replaced."""
+    def install(self, rules: RuleSet, *, trigger: str | None = None) -> RuleSet:
+        """Put `rules` into effect (recorded under `trigger`, when given); returns the rules they replaced."""
 
 
 class SystemClock:
@@ -81,14 +84,14 @@ class RampScheduler:
         """The active rules were replaced: work out the next step time again (the installer calls this)."""
         self._wake.set()
 
-    def apply_due(self) -> None:
-        """Install the steps due now, if any changed a split; at start-up this catches up at once."""
+    def apply_due(self, trigger: str | None = RAMP) -> None:
+        """Install the steps due now, if any changed a split; at start-up this catches up at once (`trigger=None`)."""
         now = self.now()
         current = self._installer.current
         live = effective_rules(current, now)
         if live is current:
             return
-        self._installer.install(live)
+        self._installer.install(live, trigger=trigger)
         for before, after in zip(current.rules, live.rules, strict=True):
             if after.route.ramp is not None and after.route.split != before.route.split:
                 step = after.route.ramp.index_at(now)

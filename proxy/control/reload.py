@@ -12,7 +12,8 @@ What a change does to users is judged by `proxy.engine.compare`, from both rule 
 traffic this process kept (`traffic`, proxy/control/traffic.py): every rollback it finds is in the
 answer, logged as `config_rollback` and counted in `splitter_config_rollbacks_total`. A file that
 fails (does not compile, or is refused) is counted and logged once however many triggers try it:
-an operator's `POST /admin/reload` and the file watcher both see the same edit.
+an operator's `POST /admin/reload` and the file watcher both see the same edit. Every attempt that
+is not `unchanged` goes into the change history (through the installer), a repeated failure once.
 
 Signal handlers must not do work, so `request()` only records a trigger and sets an event; the
 `run()` task wakes, takes every trigger recorded so far, and reloads once for the whole burst.
@@ -108,7 +109,7 @@ class Reloader:
         if report.refused:
             return self._failed(trigger, "refused", list(report.refused), sha256=new.sha256)
         self._last_failure = None
-        self._installer.install(new)
+        self._installer.install(new, trigger=trigger, report=report)
         log.info("config_reloaded", trigger=trigger, old_sha256=old.sha256[:12], new_sha256=new.sha256[:12])
         rollbacks = report.rollback_entries()
         for entry in rollbacks:
@@ -136,6 +137,8 @@ class Reloader:
         failure = (status, sha256 or "", *errors)
         repeated = failure == self._last_failure
         self._last_failure = failure
+        if not repeated:
+            self._installer.failed(trigger, status, errors, sha256)
         if not (repeated and trigger == FILE_CHANGE):
             if status == "refused":
                 log.error("config_reload_refused", trigger=trigger, path=self._path, sha256=(sha256 or "")[:12], errors=errors)

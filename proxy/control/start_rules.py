@@ -65,6 +65,7 @@ class FileRefused:
 class StartRules:
     rules: RuleSet
     refused: FileRefused | None = None
+    last_good: RuleSet | None = None  # the last good rules, compiled, when there were any: the change history's start is against them
 
 
 def _read_bytes(path: str) -> bytes:
@@ -98,7 +99,7 @@ def start_rules(file_rules: RuleSet, store: LastGoodStore, env: Mapping[str, str
     try:
         last_good = last_good_rules(file_rules, store, env)
         if last_good is None or last_good.sha256 == file_rules.sha256:
-            return StartRules(file_rules)
+            return StartRules(file_rules, last_good=last_good)
         judged = verdict(last_good, file_rules, at)
     except Exception:  # an engine bug must not stop a start on a file that compiles, as it does not stop a reload
         log.exception("last_good_check_crashed", record=str(store.path), hint="starting on the rules file")
@@ -107,9 +108,9 @@ def start_rules(file_rules: RuleSet, store: LastGoodStore, env: Mapping[str, str
         log.info("config_changed_since_last_good", path=file_rules.filename, last_good_sha256=last_good.sha256[:12], sha256=file_rules.sha256[:12])
         for rollback in judged.rollbacks:
             log.warning("config_rollback", trigger="start", **rollback)
-        return StartRules(file_rules)
+        return StartRules(file_rules, last_good=last_good)
     refused = FileRefused(file_rules.filename, file_rules.sha256, last_good.sha256, judged.refused)
     log.error("config_refused_at_start", path=file_rules.filename, sha256=file_rules.sha256[:12], serving="last_good",
               last_good_sha256=last_good.sha256[:12], record=str(store.path), errors=list(judged.refused),
               hint="serving the last good rules until the file is fixed or says `reshuffle: true`")
-    return StartRules(last_good, refused)
+    return StartRules(last_good, refused, last_good)

@@ -288,7 +288,7 @@ async def _supervise(settings: ServeSettings, env: Mapping[str, str], start: Sta
     metrics = Metrics()  # the supervisor's own: only its rules gauges are exported, kept at the workers' ramp step
     exported = SupervisorMetrics(metrics_dir, metrics)
     fleet = Supervisor(plan(settings, listen[1]), exported, dict(env, PROMETHEUS_MULTIPROC_DIR=metrics_dir), listen)
-    return await Server(settings, env, rules=start.rules, refused=start.refused, metrics=metrics, fleet=fleet).serve()
+    return await Server(settings, env, rules=start.rules, refused=start.refused, previous=start.last_good, metrics=metrics, fleet=fleet).serve()
 
 
 def supervise(settings: ServeSettings) -> int:
