@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 
 from proxy import __version__
 from proxy.cli.against import Outcome, against_rules, against_state
+from proxy.cli.history import history
 from proxy.cli.ramps import at_option, position_lines, schedule_lines
 from proxy.cli.samples import InputError, SampleDefaults, SampleEvent, SampleFields, contexts, field_path, read_events
 from proxy.engine import (
@@ -102,6 +103,9 @@ def _headers(values: tuple[str, ...]) -> CIMultiDict[str]:
 @click.version_option(__version__, prog_name="splitter")
 def main() -> None:
     """Route or mirror Segment tracking events to Segment, RudderStack or both."""
+
+
+main.add_command(history)  # proxy/cli/history.py
 
 
 def _flag(*decls: str, field: str, **kwargs: Any) -> Callable[[FC], FC]:
