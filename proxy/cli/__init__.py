@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 
 from proxy import __version__
 from proxy.cli.against import Outcome, against_rules, against_state
+from proxy.cli.catalog import catalog
 from proxy.cli.history import history
 from proxy.cli.ramps import at_option, position_lines, schedule_lines
 from proxy.cli.samples import InputError, SampleDefaults, SampleEvent, SampleFields, contexts, field_path, read_events
@@ -294,3 +295,6 @@ def simulate(rules_path: str, events_path: str, old_path: str | None, write_key:
             click.echo(f"  {destination}: {before} -> {after}: {copy.events} events, {len(copy.keys)} keys")
     for line in verdict_lines(compare(old, rules, samples)):
         click.echo(line)
+
+
+main.add_command(catalog)  # proxy/cli/catalog.py
