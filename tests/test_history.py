@@ -262,6 +262,18 @@ async def test_rules_destinations_rollbacks_and_failures_in_process() -> None:
     assert all({k: v for k, v in m.items() if k != "direction"} in changes["rollbacks"] for m in back)
 
 
+async def test_a_refused_url_is_recorded_without_its_query() -> None:
+    """The engine's message about a bad destination URL shows it as /admin/config would: no query."""
+    async with proxy_stack(BEFORE) as stack:
+        assert stack.proxy.history is not None
+        Path(stack.proxy.settings.config).write_text(BEFORE.replace('url: "${RUDDERSTACK_URL}"', 'url: "http://127.0.0.1:9/v1?token=query-secret-0123"'))
+        result = await stack.reloader.reload("admin")
+        (failed, _) = await stack.proxy.history.entries(10)
+    assert result.status == "error" and failed["errors"] == list(result.errors)
+    assert failed["errors"][0].endswith("destinations.rudderstack.url: must not end in /v1 (splitter appends /v1/batch): 'http://127.0.0.1:9/v1?****'")
+    no_secret_in(orjson.dumps(failed))
+
+
 async def test_a_ramp_step_in_process_is_one_entry_and_a_step_due_at_start_is_part_of_the_start(tmp_path: Path) -> None:
     step = datetime(2026, 12, 1, tzinfo=UTC)
     ramped = DEFAULT_RULES.replace("route: {split: {rudderstack: 50, segment: 50}}",

@@ -376,7 +376,11 @@ class _Compiler:
 
 
 def _without_userinfo(url: str) -> str:
-    """A URL fit for an error message: credentials in `user:pass@` are not repeated."""
+    """A URL fit for an error message: credentials in `user:pass@`, or in the query or fragment (where
+    a token can ride along too; /admin/config drops them as well), are not repeated."""
+    cut = min((at for at in (url.find("?"), url.find("#")) if at >= 0), default=-1)
+    if cut >= 0:
+        url = f"{url[:cut]}{url[cut]}****"
     scheme, sep, rest = url.partition("://")
     authority, slash, tail = rest.partition("/")
     if sep and "@" in authority:
