@@ -112,10 +112,13 @@ class RedisServer:
             self.process.send_signal(signal.SIGKILL)
             await self.process.wait()
 
-    async def stats(self, client: aioredis.Redis) -> tuple[int, int]:
-        """Commands run and socket reads done by the server so far, asked on `client`'s connection (opened before)."""
-        info = await client.info("stats")
-        return int(info["total_commands_processed"]), int(info["total_reads_processed"])
+    async def stats(self, client: aioredis.Redis) -> tuple[int, int, int]:
+        """Commands sent (not counting those a script ran), SETs run, and socket reads done by the server so far."""
+        commands = await client.info("commandstats")
+        stats = await client.info("stats")
+        calls = {name: int(entry["calls"]) for name, entry in commands.items()}
+        sets = calls.get("cmdstat_set", 0)
+        return sum(calls.values()) - sets, sets, int(stats["total_reads_processed"])
 
 
 @pytest.fixture
@@ -128,7 +131,8 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
         await server.close()
 
 
-def settings(server: RedisServer, window: float = 30.0, timeout: float = 0.05) -> DedupSettings:
+def settings(server: RedisServer, window: float = 30.0, timeout: float = 1.0) -> DedupSettings:
+    """A timeout far above loopback's: what a test expects from the store must not depend on how busy the machine is."""
     return DedupSettings(window=window, store=server.url, store_timeout=timeout)
 
 
@@ -137,7 +141,7 @@ def errors(metrics: Metrics, reason: str) -> float:
 
 
 # --------------------------------------------------------------------------- the store on its own
-async def test_a_claim_sets_absent_keys_for_the_window_in_one_round_trip(redis_server: RedisServer) -> None:
+async def test_a_claim_sets_absent_keys_for_the_window_in_one_command(redis_server: RedisServer) -> None:
     store = RedisStore(settings(redis_server, window=30), Metrics())
     try:
         keys = [store.key("rudderstack", f"m-{n}") for n in range(100)]
@@ -149,9 +153,9 @@ async def test_a_claim_sets_absent_keys_for_the_window_in_one_round_trip(redis_s
             second = await store.claim(keys, 30)
             after = await redis_server.stats(client)
             assert second.taken == [True] * 50 + [False] * 50
-            # One pipeline: the 100 SETs arrive in one read. The other read and command are the first INFO's.
-            assert after[0] - before[0] == 100 + 1
-            assert after[1] - before[1] <= 1 + 1
+            # One command (the claim script, which runs the 100 SETs), in one read. The others are the INFOs'.
+            assert (after[0] - before[0], after[1] - before[1]) == (1 + 2, 100)
+            assert after[2] - before[2] == 1 + 2
             ttl = await client.pttl(keys[99])
             assert 29_000 < ttl <= 30_000  # the window is the expiry
             assert await client.get(keys[0]) == first.token.encode() and await client.get(keys[99]) == second.token.encode()
@@ -193,12 +197,12 @@ async def test_a_hung_server_costs_one_timeout_then_requests_skip_it_until_it_an
         started = time.monotonic()
         claim = await store.claim([store.key("rs", "during")], 30)
         assert claim.taken is None and claim.sent  # no answer: the request falls back to memory
-        assert time.monotonic() - started < 0.05 + 0.05
+        assert time.monotonic() - started < 0.05 + 0.2
         assert errors(metrics, "timeout") == 1
         started = time.monotonic()
         for n in range(20):  # backing off: not even a connection attempt
             assert (await store.claim([store.key("rs", f"skip-{n}")], 30)).taken is None
-        assert time.monotonic() - started < 0.02
+        assert time.monotonic() - started < 0.1
         assert errors(metrics, "unavailable") == 20
         redis_server.resume()
         deadline = time.monotonic() + 5
@@ -284,7 +288,7 @@ def rules_text() -> str:
   - name: legacy
     webhook: {{secret: "{SECRET}"}}
     credentials: {{rudderstack: "{LEGACY_RUDDER_KEY}"}}
-dedup: {{store: "${{DEDUP_STORE}}", window: 10m}}
+dedup: {{store: "${{DEDUP_STORE}}", store_timeout: 500ms, window: 10m}}
 rules:
   - name: legacy
     when: {{source: legacy}}
@@ -390,7 +394,7 @@ async def test_two_processes_sharing_redis_send_each_duplicate_once(tmp_path: Pa
         assert sum(hits) == 1 + 1 + 2 + 3 * 2 + 10 * 3 * 2 and all(hits)  # per destination: the webhook copies, the repeats
         config = orjson.loads(await scrape(a, "/admin/config"))
         assert config["dedup"]["store"] == f"redis://****@127.0.0.1:{redis_server.port}/0"
-        assert config["dedup"]["store_timeout"] == 0.05
+        assert config["dedup"]["store_timeout"] == 0.5
 
 
 async def test_a_dropped_mirror_copy_is_released_so_the_webhook_copy_reaches_the_mirror(
@@ -423,8 +427,8 @@ async def test_one_round_trip_to_redis_per_request(tmp_path: Path, redis_server:
             before = await redis_server.stats(redis_client)
             assert await direct(client, a, *(f"batch-{n}" for n in range(50))) == 200  # 50 events x 2 destinations
             after = await redis_server.stats(redis_client)
-        assert after[0] - before[0] == 100 + 1  # 100 SETs, and the first INFO
-        assert after[1] - before[1] <= 1 + 1  # one read for all of them, and the INFO's
+        assert (after[0] - before[0], after[1] - before[1]) == (1 + 2, 100)  # one command running 100 SETs, and the INFOs
+        assert after[2] - before[2] == 1 + 2  # one read for it, and the INFOs'
 
 
 async def test_redis_killed_mid_traffic_then_restarted(tmp_path: Path, redis_server: RedisServer, upstreams) -> None:  # type: ignore[no-untyped-def]
@@ -454,7 +458,7 @@ async def test_redis_killed_mid_traffic_then_restarted(tmp_path: Path, redis_ser
         outage_started = time.monotonic()
         await rounds("during", 150)  # about 2 s of traffic against a dead store
         outage = time.monotonic() - outage_started
-        assert slowest < 1.0, slowest  # bounded by store_timeout (50 ms) plus the spool write, never a hang
+        assert slowest < 1.5, slowest  # bounded by store_timeout (500 ms here) plus the spool write, never a hang
         for process in (a, b):
             text = await scrape(process)
             failed = sum(total(text, "splitter_dedup_store_errors_total", reason=reason) for reason in ("connection", "timeout"))

@@ -34,8 +34,9 @@ import dataclasses
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxy.delivery.dedup_store import RedisStore, StoreClaim
 from proxy.delivery.submission import Chunk, Outcome, Submission
@@ -82,6 +83,7 @@ class Deduplicator:
         if settings is not None and settings.store is not None and self.store is None:
             self.store = RedisStore(settings, metrics)
             log.info("dedup_store", store=settings.shown_store, timeout=settings.store_timeout)
+            self._spawn(self.store.warm())
         self.settings = settings
 
     async def close(self) -> None:
@@ -92,7 +94,14 @@ class Deduplicator:
             await asyncio.wait(self._closing)
 
     def _spawn_close(self, store: RedisStore) -> None:
-        task = asyncio.get_running_loop().create_task(store.close())
+        self._spawn(store.close())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(work)
+        except RuntimeError:  # applied outside a running loop: nothing was connected yet
+            work.close()
+            return
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
