@@ -14,6 +14,7 @@ from proxy.engine.model import EVENT_TYPES, Cohort, Decision, Destination, Event
 from proxy.engine.moves import Move, replay_view
 from proxy.engine.plan_report import plan_report_lines
 from proxy.engine.ramp import RampView, effective_rules, iso, next_step_at, ramp_views
+from proxy.engine.recording import RecordSettings, is_recorded, picked, recorded_line
 from proxy.engine.rollout import RolloutReport, compare, rollback_line, verdict_lines
 from proxy.engine.rules_diff import RulesDiff, diff_rules
 from proxy.engine.schema import SCHEMA_VERSION, compile_rules, load_rules
@@ -45,6 +46,7 @@ __all__ = [
     "PlanComparison",
     "Problem",
     "RampView",
+    "RecordSettings",
     "RolloutReport",
     "Rule",
     "RuleSet",
@@ -72,15 +74,18 @@ __all__ = [
     "event_shape",
     "events_of_body",
     "has_envelope",
+    "is_recorded",
     "iso",
     "load_rules",
     "mask",
     "masked_sample",
     "merge_envelope",
     "next_step_at",
+    "picked",
     "plan_files",
     "plan_report_lines",
     "ramp_views",
+    "recorded_line",
     "replay_view",
     "rollback_line",
     "shared_decision",

@@ -15,6 +15,7 @@ from proxy.engine.catalog_schema import CatalogSettings
 
 if TYPE_CHECKING:
     from proxy.engine.ramp import Ramp
+    from proxy.engine.recording import RecordSettings
     from proxy.engine.tracking import TrackingPlan
     from proxy.engine.transforms import TransformTable
     from proxy.engine.webhook_schema import DedupSettings
@@ -167,6 +168,7 @@ class RuleSet:
     transforms: TransformTable = field(default_factory=dict)  # (rule, destination) -> Chain; empty: none configured
     tracking_plans: Mapping[str, TrackingPlan] = field(default_factory=dict)  # source name -> plan; empty: no checks
     catalog: CatalogSettings = field(default_factory=CatalogSettings)  # the event catalog's caps and sampling
+    recording: RecordSettings | None = None  # `record:`: which users' events serve records for simulate; None: none
     _candidates: dict[tuple[str | None, str | None], Candidates] = field(default_factory=dict, compare=False, repr=False)
 
     def candidates(self, ctx: EventContext) -> Candidates:

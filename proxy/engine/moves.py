@@ -194,7 +194,8 @@ def traffic_moves(tally: MoveTally, samples: Iterable[tuple[Mapping[str, Any], E
         tally.add(before.rule, after.rule, (before.primary, before.mirror), (after.primary, after.mirror), user=user)
 
 
-_CONTEXT_FIELDS = (("app", "version"), ("os", "name"), ("library", "name"), ("location", "country"))
+# The context fields conditions read (conditions.py): kept by `replay_view`, never hashed by a recording (recording.py).
+ROUTING_CONTEXT_FIELDS = (("app", "version"), ("os", "name"), ("library", "name"), ("location", "country"))
 
 
 def replay_view(event: Mapping[str, Any], cohort_paths: Iterable[tuple[str, ...]]) -> dict[str, Any]:
@@ -206,7 +207,7 @@ def replay_view(event: Mapping[str, Any], cohort_paths: Iterable[tuple[str, ...]
     context = event.get("context")
     if type(context) is dict:
         kept: dict[str, Any] = {}
-        for section, name in _CONTEXT_FIELDS:
+        for section, name in ROUTING_CONTEXT_FIELDS:
             inner = context.get(section)
             if type(inner) is dict and name in inner:
                 kept[section] = {name: inner[name]}

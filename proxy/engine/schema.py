@@ -20,6 +20,7 @@ from proxy.engine.errors import Problem, RulesError
 from proxy.engine.masking import mask
 from proxy.engine.model import Cohort, Decision, Destination, Predicate, Route, Rule, RuleSet, Source, Split
 from proxy.engine.ramp import compile_ramp
+from proxy.engine.recording import record_settings
 from proxy.engine.tracking_schema import PlanCompiler, ReadFile
 from proxy.engine.transform_schema import compile_transforms
 from proxy.engine.yaml_reader import NodeReader
@@ -27,7 +28,7 @@ from proxy.engine.yaml_reader import plain as _plain
 from proxy.engine.yaml_source import compose, line_of
 
 SCHEMA_VERSION = 1
-TOP_KEYS = ("version", "destinations", "sources", "cohort", "rules", "country_headers", "dedup", "catalog")
+TOP_KEYS = ("version", "destinations", "sources", "cohort", "rules", "country_headers", "dedup", "catalog", "record")
 DESTINATION_KEYS = ("kind", "url", "timeout", "delivery", "transforms")
 SOURCE_KEYS = ("name", "write_keys", "credentials", "webhook", "tracking_plan")
 COHORT_KEYS = ("key", "salt", "reshuffle")
@@ -122,11 +123,12 @@ class _Compiler:
         rules = self._rules(top["rules"], cohort or _default_cohort()) if "rules" in top else ()
         dedup = webhook_schema.dedup_settings(self.r, top.get("dedup"), self.sources)
         webhook_schema.check_webhook_routes(self.r, self.sources, self.webhook_places, self.destinations, rules)
+        recording = record_settings(self.r, top.get("record"), text, cohort or _default_cohort(), rules)
         transforms = compile_transforms(self.r, top, text, rules, self._unknown_destination)
         catalog = catalog_settings(self.r, top.get("catalog"))
         if cohort is None or not rules:
             return None
-        return RuleSet(SCHEMA_VERSION, filename, sha256, self.destinations, self.sources, sources_by_key, cohort, rules, headers, text,
+        return RuleSet(SCHEMA_VERSION, filename, sha256, self.destinations, self.sources, sources_by_key, cohort, rules, headers, text, recording=recording,
                        dedup=dedup, transforms=transforms, tracking_plans=self.plans.plans, catalog=catalog)
 
     def _destinations(self, node: yaml.Node) -> None:

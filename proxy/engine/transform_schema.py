@@ -76,6 +76,17 @@ def compile_transforms(reader: NodeReader, top: dict[str, yaml.Node], text: str,
     return table
 
 
+def checked_path(reader: NodeReader, text: str, node: yaml.Node, path: str) -> Path | None:
+    """A field path checked as transforms check theirs (under properties, traits or context, never a
+    protected field), for other sections that name event fields: the recording's hashed paths."""
+    return _TransformCompiler(reader, text)._path(node, path)
+
+
+def env_salt(reader: NodeReader, text: str, node: yaml.Node, path: str) -> str | None:
+    """A salt checked as hash_property's: from the environment, never written in the file, not empty."""
+    return _TransformCompiler(reader, text)._salt(node, path)
+
+
 def _entries(node: yaml.Node | None) -> Iterator[tuple[str, yaml.Node]]:
     """(name, value) of a mapping node's entries as written; the schema reports anything malformed."""
     if isinstance(node, yaml.MappingNode):
