@@ -89,7 +89,7 @@ def test_missing_required_top_level_keys_are_each_reported_at_the_mapping() -> N
 
 def test_unknown_top_level_key() -> None:
     assert errors(HEAD + "defaults: {}\n" + DEFAULT_RULE) == [
-        "rules.yaml:8: defaults: unknown key 'defaults' (expected one of: version, destinations, sources, cohort, rules, country_headers, dedup)"
+        "rules.yaml:8: defaults: unknown key 'defaults' (expected one of: version, destinations, sources, cohort, rules, country_headers, dedup, catalog, record)"
     ]
 
 
