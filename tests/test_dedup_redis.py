@@ -272,7 +272,9 @@ def test_the_store_settings_and_their_problems_never_show_the_password() -> None
         (f'{{store: "http://:{PASSWORD}@redis.internal"}}', "must be a redis:// or rediss:// URL with a host (redis://host:6379/0), not 'http://****@redis.internal'"),
         (f'{{store: "redis://:{PASSWORD}@redis.internal:99999"}}', "must be a redis:// or rediss:// URL with a host"),
         (f'{{store: "redis://:{PASSWORD}@redis.internal/cache"}}', "must name the database as a number after the host"),
-        (f'{{store: "redis://:{PASSWORD}@redis.internal?timeout=1"}}', "must not carry a query or fragment ('redis://****@redis.internal?timeout=1')"),
+        (f'{{store: "redis://:{PASSWORD}@redis.internal?timeout=1"}}', "must not carry a query or fragment ('redis://****@redis.internal?****')"),
+        (f'{{store: "redis://redis.internal/0?password={PASSWORD}"}}', "must not carry a query or fragment ('redis://redis.internal/0?****')"),
+        (f'{{store: "redis://redis.internal:6379/0#{PASSWORD}"}}', "must not carry a query or fragment ('redis://redis.internal:6379/0#****')"),
         ('{store: "redis://h", store_timeout: 6s}', "dedup.store_timeout: must be more than 0 and at most 5s, not '6s'"),
         ("{store_timeout: 20ms}", "dedup.store_timeout: has no effect without dedup.store"),
     ]:

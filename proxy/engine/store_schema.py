@@ -57,7 +57,11 @@ def store_timeout(reader: NodeReader, node: yaml.Node) -> float | None:
 
 
 def shown_store_url(url: str) -> str:
-    """The URL with its userinfo (`user:password@`, or `:password@`: all before the last `@`) shown as `****@`."""
+    """The URL with its userinfo (`user:password@`, or `:password@`: all before the last `@`) shown as
+    `****@`, and a query or fragment (redis-py reads `?password=` too; refused here) as `?****`."""
+    cut = min((at for at in (url.find("?"), url.find("#")) if at >= 0), default=-1)
+    if cut >= 0:
+        url = f"{url[:cut]}{url[cut]}****"
     scheme, sep, rest = url.partition("://")
     if not sep:  # not a URL at all (refused): still nothing before an @ is shown
         scheme, rest = "", url
