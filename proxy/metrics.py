@@ -160,6 +160,22 @@ class Metrics:
             "splitter_geoip_database_build_timestamp_seconds", "When the GeoIP database in use was built (its build_epoch); 0 without --geoip-db.",
             registry=r, multiprocess_mode="livemax",
         )
+        # Recorded traffic (`record:`, proxy/observe/recording.py). `--workers N`: events are summed; every worker
+        # sees the same directory, so its bytes and files are the largest any worker last saw.
+        self.recorded_events = Counter("splitter_recording_events", "Events written to recording files (the rules' `record:`).", registry=r)
+        self.recording_dropped = Counter(
+            "splitter_recording_dropped_events",
+            "Events chosen for recording but not recorded: queue_full (the request never waits for the writer), write_error.",
+            ["reason"], registry=r,
+        )
+        self.recording_queued = Gauge(
+            "splitter_recording_queued_events", "Events waiting for the recording writer.", registry=r, multiprocess_mode="livesum"
+        )
+        self.recording_bytes = Gauge(
+            "splitter_recording_bytes", "Bytes of recording files in the recording directory (capped by record.max_mb).", registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.recording_files = Gauge("splitter_recording_files", "Recording files in the recording directory.", registry=r, multiprocess_mode="livemax")
         self._children: dict[tuple[Any, ...], Any] = {}
         if counts_reloads:
             for result in RELOAD_RESULTS:

@@ -65,6 +65,7 @@ from proxy.log import configure, get_logger
 from proxy.metrics import Metrics
 from proxy.observe.catalog import Catalog
 from proxy.observe.catalog_files import CatalogKeeper, catalog_document
+from proxy.observe.recording import Recorder
 from proxy.settings import ServeSettings
 from proxy.signals import stop_on_signals
 
@@ -187,6 +188,7 @@ class Server:
         self.history: ChangeHistory | None = None
         self.reloader: Reloader | None = None
         self.traffic: RecentTraffic | None = None
+        self.recorder: Recorder | None = None
         self.watcher: RulesWatcher | None = None
         self.geoip: GeoIP | None = None  # `--geoip-db`, in a process that serves requests
         self.geoip_watcher: GeoIPWatcher | None = None
@@ -274,6 +276,7 @@ class Server:
         self.installer = installer = RulesInstaller(active, self.metrics, self.delivery, clock=self._clock, last_good=last_good, history=history)
         installer.start(rules, previous=self.previous, refused=self.refused)  # with a ramp step already due: in effect before the first request
         self.traffic = RecentTraffic() if fleet is None else None  # kept where requests are served
+        self.recorder = Recorder(settings.state_dir) if fleet is None else None  # writes while the rules' `record:` says so
         self.reloader = reloader = Reloader(settings.config, active, self.metrics, self.env, installer,
                                             forward=fleet.forward_reload if fleet is not None else None, traffic=self.traffic,
                                             counts=self.link is None)  # a worker's reloads are its supervisor's, counted there
@@ -321,6 +324,7 @@ class Server:
             if self.fleet is None:
                 assert self.active is not None and self.delivery is not None
                 deps = IngressDeps(self.active, self.delivery, self.metrics, settings.region, settings.trusted_proxies, traffic=self.traffic,
+                                   recorder=self.recorder,
                                    geoip=self.geoip, catalog=self.catalog.catalog if self.catalog is not None else None)
                 app = build_ingress_app(deps, cors_origins=settings.cors_origins, max_in_flight=settings.max_in_flight, cdn_url=settings.cdn_url,
                                         public_url=settings.public_url, cdn_cache_seconds=settings.cdn_cache_seconds)

@@ -154,6 +154,8 @@ def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*"
     app.router.add_post(WEBHOOK_ROUTE, webhook_handler(deps))  # Segment's Webhooks destination; labelled by the template
     CdnProxy(cdn_url, public_url=public_url, cache_seconds=cdn_cache_seconds).register(app)  # GET: settings, analytics.js
     deps.plan_checks.register(app, metrics=deps.metrics)  # the background tracking-plan checker runs as long as the app
+    if deps.recorder is not None:  # so does the recording writer, which reads `record:` from the active rules
+        deps.recorder.register(app, deps.metrics, lambda: deps.active.current.recording)
     return app
 
 

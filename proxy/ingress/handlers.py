@@ -29,6 +29,7 @@ from proxy.ingress.responses import IngressError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 from proxy.observe.catalog import Catalog
+from proxy.observe.recording import Pick, Recorder
 from proxy.settings import IPNetwork
 
 log = get_logger("splitter.ingress")
@@ -47,17 +48,20 @@ class IngressDeps:
     plan_checks: PlanChecks = field(default_factory=PlanChecks)  # used only for sources with a tracking plan
     traffic: RecentTraffic | None = None  # recent events' routing inputs, replayed at a reload (proxy/control/traffic.py)
     geoip: GeoIP | None = None  # `serve --geoip-db`: the country of the client's address when no CDN header names one
+    recorder: Recorder | None = None  # recorded traffic, while the rules' `record:` says so (proxy/observe/recording.py)
 
 
 def _prepare_request(rules: RuleSet, data: bytes, presented: str | None, shape: CallShape, region: str | None, country: str | None,
                      client_ip: str | None, forwarded_for: str | None = None, traffic: RecentTraffic | None = None,
-                     catalog: Catalog | None = None) -> Prepared:
+                     catalog: Catalog | None = None, pick: Pick | None = None) -> Prepared:
     body: Any = parse_json(data)
     source, key = authenticate(rules, presented, body)
     ctx = EventContext(source.name, region, country)
     prepared = prepare(rules, body, shape, source, ctx, client_ip, presented_key=key, forwarded_for=forwarded_for, catalog=catalog)
     if traffic is not None and traffic.due():  # the events as routed: envelope merged, type implied
         traffic.record(rules, body.get("batch", ()) if shape.is_batch else (body,), ctx)
+    if pick is not None:  # the events as routed, and their context, kept for the recorder until delivery accepts them
+        pick.choose(body.get("batch", ()) if shape.is_batch else (body,), ctx, {r.index for r in prepared.rejected})
     return prepared
 
 
@@ -72,10 +76,14 @@ def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-unty
         country = rules.country_from_headers(request.headers)  # a CDN's header, then GeoIP; the event's own location is the engine's fallback
         if country is None and deps.geoip is not None:
             country = deps.geoip.country(client_ip)
+        pick = Pick(rules.recording) if rules.recording is not None and deps.recorder is not None else None
         prepared = _prepare_request(rules, data, presented, shape, deps.region, country, client_ip, forwarded_for, deps.traffic,
-                                    deps.catalog)
+                                    deps.catalog, pick)
         request[SOURCE_KEY] = prepared.submission.source.name
-        return await deliver(deps, rules, prepared, shape)
+        response = await deliver(deps, rules, prepared, shape)
+        if pick is not None and deps.recorder is not None:  # accepted (a 4xx or 503 raised above: the client's retry is recorded)
+            deps.recorder.offer(pick)
+        return response
 
     return handle
 
