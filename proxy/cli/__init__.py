@@ -21,7 +21,7 @@ from proxy.cli.against import Outcome, against_rules, against_state
 from proxy.cli.catalog import catalog
 from proxy.cli.history import history
 from proxy.cli.ramps import at_option, position_lines, schedule_lines
-from proxy.cli.samples import InputError, SampleDefaults, SampleEvent, SampleFields, contexts, field_path, read_events
+from proxy.cli.samples import InputError, SampleDefaults, SampleEvent, SampleFields, contexts, field_path, read_inputs
 from proxy.engine import (
     RulesError,
     RuleSet,
@@ -60,16 +60,12 @@ def _fail(message: str) -> NoReturn:
     sys.exit(BAD_INPUT)
 
 
-def _read_input(path: str, fields: SampleFields) -> list[SampleEvent]:
+def _read_inputs(paths: tuple[str, ...], fields: SampleFields) -> list[SampleEvent]:
+    """Every input's events (files, directories of event files such as recorded traffic, gzip or not, `-`; none: `-`)."""
     try:
-        if path == "-":
-            return read_events(sys.stdin.read(), "<stdin>", fields)
-        with open(path, encoding="utf-8") as handle:
-            return read_events(handle.read(), path, fields)
+        return read_inputs(paths or ("-",), fields, sys.stdin.read, lambda line: click.echo(f"splitter: {line}", err=True))
     except InputError as exc:
         _fail(str(exc))
-    except OSError as exc:
-        _fail(f"{path}: cannot read: {exc.strerror or exc}")
 
 
 def _contexts(rules: RuleSet, samples: Iterable[SampleEvent], defaults: SampleDefaults) -> list[Sample]:
@@ -218,7 +214,7 @@ _country_field_option = click.option("--country-field", metavar="PATH", default=
 
 @main.command()
 @click.argument("rules_path", metavar="RULES.yaml")
-@click.argument("input_path", metavar="[INPUT]", default="-")
+@click.argument("input_paths", metavar="[INPUT]...", nargs=-1)
 @_key_option
 @_source_option
 @_header_option
@@ -227,15 +223,15 @@ _country_field_option = click.option("--country-field", metavar="PATH", default=
 @_country_field_option
 @_geoip_option
 @at_option
-def explain(rules_path: str, input_path: str, write_key: str | None, source_name: str | None, header_values: tuple[str, ...], region: str | None,
+def explain(rules_path: str, input_paths: tuple[str, ...], write_key: str | None, source_name: str | None, header_values: tuple[str, ...], region: str | None,
             source_field: tuple[str, ...] | None, country_field: tuple[str, ...] | None, geoip_path: str | None, at: datetime) -> None:
-    """Print the decision for each event of INPUT (a file or -): one JSON line per event.
+    """Print the decision for each event of INPUT (files, directories such as recorded traffic, gzip or not, or -): one JSON line per event.
 
     When the rules declare transforms, each line also has `transformed`: the event each destination
     with transforms would receive (the others receive it unchanged). An event's own `_splitter`
     object ({"source": NAME, "country": CC, "region": R}) wins over the options for that event."""
     rules = effective_rules(_load(rules_path), at)
-    events = _read_input(input_path, SampleFields(source_field, country_field))
+    events = _read_inputs(input_paths, SampleFields(source_field, country_field))
     samples = _contexts(rules, events, SampleDefaults(write_key, source_name, _headers(header_values), region, _geoip(geoip_path)))
     out = sys.stdout.buffer
     for event, ctx in samples:
@@ -249,7 +245,7 @@ def explain(rules_path: str, input_path: str, write_key: str | None, source_name
 
 @main.command()
 @click.argument("rules_path", metavar="RULES.yaml")
-@click.argument("events_path", metavar="EVENTS.ndjson")
+@click.argument("events_paths", metavar="EVENTS...", nargs=-1, required=True)
 @click.option("--against", "old_path", metavar="OLD.yaml", default=None, help="Compare with these rules: which users would change destination.")
 @_key_option
 @_source_option
@@ -259,15 +255,17 @@ def explain(rules_path: str, input_path: str, write_key: str | None, source_name
 @_country_field_option
 @_geoip_option
 @at_option
-def simulate(rules_path: str, events_path: str, old_path: str | None, write_key: str | None, source_name: str | None, header_values: tuple[str, ...],
-             region: str | None, source_field: tuple[str, ...] | None, country_field: tuple[str, ...] | None, geoip_path: str | None,
-             at: datetime) -> None:
+def simulate(rules_path: str, events_paths: tuple[str, ...], old_path: str | None, write_key: str | None, source_name: str | None,
+             header_values: tuple[str, ...], region: str | None, source_field: tuple[str, ...] | None, country_field: tuple[str, ...] | None,
+             geoip_path: str | None, at: datetime) -> None:
     """Tally where a sample of events goes, per rule and destination; rehearse a change with --against or a ramp step with --at.
+
+    EVENTS: files or directories of event files (the directory a proxy records traffic into), gzip or not, or -.
 
     Each event's source, country and region (its `_splitter` object, the options) are settled once,
     with RULES.yaml, and --against replays the events with the same ones through OLD.yaml."""
     rules = effective_rules(_load(rules_path), at)
-    events = _read_input(events_path, SampleFields(source_field, country_field))
+    events = _read_inputs(events_paths, SampleFields(source_field, country_field))
     samples = _contexts(rules, events, SampleDefaults(write_key, source_name, _headers(header_values), region, _geoip(geoip_path)))
     result = tally(rules, samples)
     click.echo(f"{result.events} events, {result.keys} distinct cohort keys ({rules_path})")

@@ -19,13 +19,21 @@ With `--geoip-db`, an event whose country none of these names gets the country o
 `context.location.country` (which the engine reads when the context has no country).
 The rules never see them: `_splitter` and the named fields are removed from the event, and so is
 `writeKey`, as the proxy removes it (so `explain` never prints a write key).
+
+Several inputs may be given, and each may be a directory: its event files are read in the order of
+their paths (recursively), which for the files a running proxy records (proxy/observe/recording.py:
+`events-<start time>-...ndjson.gz`) is the order they were written in. Compressed files (gzip, by
+their first bytes, whatever their name) are read as they are; one cut short (a crash of its writer,
+or the file still being written: `.part`) is read up to its last whole line, with a warning.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -111,6 +119,84 @@ def read_events(text: str, name: str, fields: SampleFields | None = None) -> lis
             event.pop("writeKey", None)
             samples.append(SampleEvent(event, write_key, where, given.get("source"), given.get("country"), given.get("region")))
     return samples
+
+
+EVENT_FILES = (".ndjson", ".jsonl", ".json")  # in a directory, files with these names are read, each also as .gz
+RECORDING_PART = ".ndjson.gz.part"  # a recording file still being written (proxy/observe/recording.py)
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def read_inputs(paths: Sequence[str], fields: SampleFields | None, read_stdin: Callable[[], str], warn: Callable[[str], None]) -> list[SampleEvent]:
+    """The events of every input in order: `-` (read with `read_stdin`), files, and directories of event files.
+
+    InputError names the file (and line) of a problem; `warn` gets a line for each file cut short."""
+    samples: list[SampleEvent] = []
+    for path in paths:
+        if path == "-":
+            samples.extend(read_events(read_stdin(), "<stdin>", fields))
+            continue
+        if not Path(path).is_dir():
+            samples.extend(read_events(_file_text(Path(path), warn), path, fields))
+            continue
+        files = event_files(Path(path))
+        if not files:
+            raise InputError(f"{path}: no event files in this directory (names ending {', '.join(EVENT_FILES)}, each also .gz)")
+        before = len(samples)
+        for file in files:
+            text = _file_text(file, warn)
+            if text.strip():  # an empty one: a recording whose writer stopped before its first line
+                samples.extend(read_events(text, str(file), fields))
+        if len(samples) == before:
+            raise InputError(f"{path}: no events in its {len(files)} event files")
+    return samples
+
+
+def event_files(directory: Path) -> list[Path]:
+    """The event files under `directory`, sorted by path; hidden files and directories are skipped."""
+    suffixes = (*EVENT_FILES, *(suffix + ".gz" for suffix in EVENT_FILES), RECORDING_PART)
+    try:
+        found = [p for p in directory.rglob("*") if p.name.endswith(suffixes) and p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(directory).parts)]
+    except OSError as exc:
+        raise InputError(f"{directory}: cannot read: {exc.strerror or exc}") from None
+    return sorted(found)
+
+
+def _file_text(path: Path, warn: Callable[[str], None]) -> str:
+    """A file's text, gunzipped when it is gzip; a cut-short one up to its last whole line (and `warn` says so)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if data.startswith(_GZIP_MAGIC):
+        data, whole = _gunzip(data)
+        if not whole:
+            data = data[:data.rfind(b"\n") + 1]
+            why = "still being written, or its writer stopped" if path.name.endswith(".part") else "cut short"
+            lines = data.count(b"\n")
+            warn(f"{path}: {why}: read up to its last whole line ({lines} lines)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
+
+
+def _gunzip(data: bytes) -> tuple[bytes, bool]:
+    """The content of one or more gzip members, and whether the last one was whole (False: cut short or damaged)."""
+    out: list[bytes] = []
+    while data:
+        stream = zlib.decompressobj(wbits=31)
+        try:
+            out.append(stream.decompress(data))
+        except zlib.error:
+            return b"".join(out), False
+        if not stream.eof:
+            return b"".join(out), False
+        data = stream.unused_data.lstrip(b"\0")  # some writers pad; another member may follow
+        if data and not data.startswith(_GZIP_MAGIC):
+            return b"".join(out), False
+    return b"".join(out), True
 
 
 def contexts(rules: RuleSet, samples: Iterable[SampleEvent], defaults: SampleDefaults) -> list[Sample]:
