@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from proxy.control.reload import Reloader, ReloadResult
 from proxy.control.state import ActiveRules
 from proxy.delivery.upstream import public_url  # the one place a URL is made fit to show
-from proxy.engine import MASK, Cohort, DedupSettings, Rule, RuleSet, mask, ramp_views
+from proxy.engine import MASK, Cohort, DedupSettings, RecordSettings, Rule, RuleSet, mask, ramp_views
 from proxy.metrics import Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -163,7 +163,14 @@ def describe(rules: RuleSet) -> dict[str, Any]:
         "cohort": _cohort(rules.cohort),
         "country_headers": list(rules.country_headers),
         "rules": [_rule(rule) for rule in rules.rules],
+        **({"record": _record(rules.recording)} if rules.recording else {}),
     }
+
+
+def _record(settings: RecordSettings) -> dict[str, Any]:
+    """What this replica records (recorded traffic): the hashed paths, never their salt."""
+    return {"percent": settings.percent, "salt": settings.salt, "dir": settings.directory, "hash": list(settings.hashed),
+            "file_bytes": settings.file_bytes, "file_seconds": settings.file_seconds, "max_bytes": settings.max_bytes, "queue": settings.queue}
 
 
 def _dedup(dedup: DedupSettings) -> dict[str, Any]:

@@ -408,6 +408,12 @@ async def test_a_reload_turns_recording_on_and_off_and_a_relative_dir_is_under_t
                        for _, body, _ in sent.requests[10:])
         await wait_metric(splitter, "splitter_recording_events_total", expected)
         assert [p.name.endswith(".part") for p in files(directory)] == [True]  # being written
+        async with aiohttp.ClientSession() as client, client.get(splitter.admin + "/admin/config") as answer:
+            shown = await answer.text()
+        assert json.loads(shown)["record"] == {
+            "percent": 100.0, "salt": RECORD_SALT, "dir": "recordings", "hash": ["traits.email", "context.traits.email", "properties.phone"],
+            "file_bytes": 16 << 20, "file_seconds": 3600.0, "max_bytes": 256 << 20, "queue": 10_000}
+        assert PII_SALT not in shown
         rules.write_text(RULES)
         splitter.signal(signal.SIGHUP)
         deadline = time.monotonic() + 5
