@@ -17,6 +17,7 @@ properties of changing types, so sampling and the merge see many names per reque
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import random
 import time
@@ -38,9 +39,11 @@ from proxy.metrics import Metrics
 RULES = Path(__file__).resolve().parent / "rules" / "bench.yaml"
 WRITE_KEY = "bench-web-key"
 
-try:  # absent from a checkout before the catalog: the same work is then timed without it
+try:  # absent from a checkout before the catalog (or before its request path): the same work is then timed without it
     from proxy.observe.catalog import Catalog
 except ImportError:  # pragma: no cover - only when timing an older tree
+    Catalog = None  # type: ignore[assignment,misc]
+if "catalog" not in inspect.signature(_prepare_request).parameters:  # pragma: no cover - as above
     Catalog = None  # type: ignore[assignment,misc]
 
 

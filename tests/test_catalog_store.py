@@ -21,8 +21,16 @@ SETTINGS = CatalogSettings()
 SEG, RS = ("segment",), ("rudderstack",)
 
 
-def route(name: str, event_type: str = "track", primary: tuple[str, ...] = SEG, mirror: tuple[str, ...] = (), rule: str = "r") -> RouteKey:
-    return (rule, primary, mirror, event_type, name)
+def route(name: str, event_type: str = "track", primary: tuple[str, ...] = SEG, mirror: tuple[str, ...] = (), rule: str = "r") -> tuple[RouteKey, str]:
+    return (rule, primary, mirror, event_type), name
+
+
+def routed(counts: dict[tuple[RouteKey, str], int]) -> dict[RouteKey, dict[str, int]]:
+    """prepare()'s counts: per routing key, per name."""
+    nested: dict[RouteKey, dict[str, int]] = {}
+    for (key, name), count in counts.items():
+        nested.setdefault(key, {})[name] = count
+    return nested
 
 
 def shaped(name: str, properties: dict[str, Any], event_type: str = "track") -> Sampled:
@@ -37,10 +45,10 @@ def view(catalog: Catalog, now: float, source: str = "web") -> dict[str, dict[st
 
 def test_counts_routes_and_first_and_last_seen() -> None:
     catalog = Catalog()
-    catalog.record(SETTINGS, "web", {route("Order Completed"): 3, route("Order Completed", primary=RS, mirror=SEG, rule="split"): 2,
-                                     route("identify", "identify"): 1}, now=T0 + 10)
-    catalog.record(SETTINGS, "web", {route("Order Completed"): 1}, now=T0 + 20)
-    catalog.record(SETTINGS, "ios", {route("Order Completed"): 5}, now=T0 + 30)
+    catalog.record(SETTINGS, "web", routed({route("Order Completed"): 3, route("Order Completed", primary=RS, mirror=SEG, rule="split"): 2,
+                                            route("identify", "identify"): 1}), now=T0 + 10)
+    catalog.record(SETTINGS, "web", routed({route("Order Completed"): 1}), now=T0 + 20)
+    catalog.record(SETTINGS, "ios", routed({route("Order Completed"): 5}), now=T0 + 30)
     web = view(catalog, T0 + 40)
     order = web["Order Completed"]
     assert (order["type"], order["total"], order["last_hour"], order["last_24h"]) == ("track", 6, 6, 6)
@@ -52,9 +60,9 @@ def test_counts_routes_and_first_and_last_seen() -> None:
 
 def test_the_last_hour_and_day_move_on_with_time() -> None:
     catalog = Catalog()
-    catalog.record(SETTINGS, "web", {route("E"): 1}, now=T0)
-    catalog.record(SETTINGS, "web", {route("E"): 10}, now=T0 + 2 * 3600)  # a later bucket: what came before is folded first
-    catalog.record(SETTINGS, "web", {route("E"): 100}, now=T0 + 2 * 3600 + 600)
+    catalog.record(SETTINGS, "web", routed({route("E"): 1}), now=T0)
+    catalog.record(SETTINGS, "web", routed({route("E"): 10}), now=T0 + 2 * 3600)  # a later bucket: what came before is folded first
+    catalog.record(SETTINGS, "web", routed({route("E"): 100}), now=T0 + 2 * 3600 + 600)
     assert {k: view(catalog, T0 + 2 * 3600 + 700)["E"][k] for k in ("total", "last_hour", "last_24h")} == {"total": 111, "last_hour": 110, "last_24h": 111}
     assert {k: view(catalog, T0 + 3 * 3600 + 700)["E"][k] for k in ("total", "last_hour", "last_24h")} == {"total": 111, "last_hour": 0, "last_24h": 111}
     assert {k: view(catalog, T0 + 25 * 3600 + 700)["E"][k] for k in ("total", "last_hour", "last_24h")} == {"total": 111, "last_hour": 0, "last_24h": 110}
@@ -64,8 +72,8 @@ def test_the_last_hour_and_day_move_on_with_time() -> None:
 def test_event_names_past_the_cap_are_counted_under_other() -> None:
     catalog = Catalog()
     settings = CatalogSettings(max_events=3)
-    catalog.record(settings, "web", {route(f"E{i}"): i + 1 for i in range(5)}, now=T0)
-    catalog.record(settings, "web", {route("E0"): 1, route("E9"): 4}, [shaped("E9", {"p": 1})], now=T0 + 1)
+    catalog.record(settings, "web", routed({route(f"E{i}"): i + 1 for i in range(5)}), now=T0)
+    catalog.record(settings, "web", routed({route("E0"): 1, route("E9"): 4}), [shaped("E9", {"p": 1})], now=T0 + 1)
     web = view(catalog, T0 + 2)
     assert sorted(web) == [OTHER, "E0", "E1", "E2"]  # the first names seen (in the order their requests came) take the places
     assert web["E0"]["total"] == 2
@@ -77,7 +85,7 @@ def test_event_names_past_the_cap_are_counted_under_other() -> None:
 def test_paths_past_the_cap_are_counted_under_other_once_per_event() -> None:
     catalog = Catalog()
     settings = CatalogSettings(max_paths=2)
-    catalog.record(settings, "web", {route("E"): 2}, [shaped("E", {"a": 1, "b": "x", "c": True, "d": None})], now=T0)
+    catalog.record(settings, "web", routed({route("E"): 2}), [shaped("E", {"a": 1, "b": "x", "c": True, "d": None})], now=T0)
     catalog.record(settings, "web", {}, [shaped("E", {"a": 2, "e": 1.5})], now=T0 + 1)
     paths = view(catalog, T0 + 2)["E"]["paths"]
     assert list(paths) == [OTHER, "properties.a", "properties.b"]
@@ -88,7 +96,7 @@ def test_paths_past_the_cap_are_counted_under_other_once_per_event() -> None:
 def test_a_type_that_changes_is_visible_with_its_counts() -> None:
     catalog = Catalog()
     for i, price in enumerate([19.99, 5, "19.99", 7.5, None]):
-        catalog.record(SETTINGS, "web", {route("Product Viewed"): 1}, [shaped("Product Viewed", {"price": price, "qty": i})], now=T0 + i)
+        catalog.record(SETTINGS, "web", routed({route("Product Viewed"): 1}), [shaped("Product Viewed", {"price": price, "qty": i})], now=T0 + i)
     event = view(catalog, T0 + 10)["Product Viewed"]
     assert event["sampled"] == 5
     assert event["paths"]["properties.price"] == {"seen": 5, "types": {"number": 2, "integer": 1, "null": 1, "string": 1}, "mixed": True}
@@ -98,7 +106,7 @@ def test_a_type_that_changes_is_visible_with_its_counts() -> None:
 def test_integers_and_numbers_alone_are_not_a_type_change() -> None:
     catalog = Catalog()
     for price in (19.99, 5):
-        catalog.record(SETTINGS, "web", {route("E"): 1}, [shaped("E", {"price": price})], now=T0)
+        catalog.record(SETTINGS, "web", routed({route("E"): 1}), [shaped("E", {"price": price})], now=T0)
     assert view(catalog, T0)["E"]["paths"]["properties.price"]["mixed"] is False
 
 
@@ -111,7 +119,7 @@ def test_sampling_takes_every_request_until_n_then_one_in_k_and_depends_only_on_
         for i in range(20):
             wanted = catalog.wants_sample(settings, "web", "track", "E")
             answers.append(wanted)
-            catalog.record(settings, "web", {route("E"): 2}, [shaped("E", {"i": i})] if wanted else [], now=T0 + i)
+            catalog.record(settings, "web", routed({route("E"): 2}), [shaped("E", {"i": i})] if wanted else [], now=T0 + i)
         return answers
 
     first = run()
@@ -129,21 +137,21 @@ def test_sampling_stops_for_names_past_the_cap_and_when_samples_are_off() -> Non
 
 def test_a_turned_off_catalog_counts_nothing() -> None:
     catalog = Catalog()
-    catalog.record(CatalogSettings(enabled=False), "web", {route("E"): 1}, now=T0)
+    catalog.record(CatalogSettings(enabled=False), "web", routed({route("E"): 1}), now=T0)
     assert view(catalog, T0) == {}
 
 
 def test_a_snapshot_round_trip_keeps_everything_and_counting_goes_on() -> None:
     catalog = Catalog()
     payload = {"type": "track", "event": "E", "properties": {"plan": "team"}}
-    catalog.record(SETTINGS, "web", {route("E", primary=SEG, mirror=RS): 3}, [("track", "E", event_shape(payload, 3, 300), payload)], now=T0)
+    catalog.record(SETTINGS, "web", routed({route("E", primary=SEG, mirror=RS): 3}), [("track", "E", event_shape(payload, 3, 300), payload)], now=T0)
     snapshot = orjson.loads(orjson.dumps(catalog.snapshot("worker-1", T0 + 1)))
     assert snapshot["process"] == "worker-1" and snapshot["format"] == 1
     restored = Catalog()
     restored.load(snapshot)
     assert view(restored, T0 + 2) == view(catalog, T0 + 2)
     assert view(restored, T0 + 2)["E"]["sample"] == payload
-    restored.record(SETTINGS, "web", {route("E"): 1}, now=T0 + 3)
+    restored.record(SETTINGS, "web", routed({route("E"): 1}), now=T0 + 3)
     assert view(restored, T0 + 4)["E"]["total"] == 4 and view(restored, T0 + 4)["E"]["last_hour"] == 4
 
 
@@ -156,9 +164,9 @@ def test_a_snapshot_that_is_not_one_is_refused(snapshot: dict[str, Any]) -> None
 
 def test_views_merge_by_adding() -> None:
     one, two = Catalog(), Catalog()
-    one.record(SETTINGS, "web", {route("E"): 2}, [shaped("E", {"price": 1})], now=T0 + 5)
-    two.record(SETTINGS, "web", {route("E", primary=RS): 3, route("F"): 1}, [shaped("E", {"price": "1"})], now=T0 + 1)
-    two.record(SETTINGS, "ios", {route("E"): 1}, now=T0 + 9)
+    one.record(SETTINGS, "web", routed({route("E"): 2}), [shaped("E", {"price": 1})], now=T0 + 5)
+    two.record(SETTINGS, "web", routed({route("E", primary=RS): 3, route("F"): 1}), [shaped("E", {"price": "1"})], now=T0 + 1)
+    two.record(SETTINGS, "ios", routed({route("E"): 1}), now=T0 + 9)
     merged = merge_views([view_of(one.snapshot("worker-1", T0 + 10), T0 + 10), view_of(two.snapshot("worker-2", T0 + 10), T0 + 10)])
     assert [p["process"] for p in merged["processes"]] == ["worker-1", "worker-2"]
     assert list(merged["sources"]) == ["ios", "web"]
@@ -177,28 +185,28 @@ def keeper(state: Path, process: str | None) -> CatalogKeeper:
 async def test_the_keeper_writes_its_file_atomically_and_a_restart_loads_it(tmp_path: Path) -> None:
     first = keeper(tmp_path, None)
     first.load()  # no file yet: an empty catalog
-    first.catalog.record(SETTINGS, "web", {route("E"): 2}, now=T0)
+    first.catalog.record(SETTINGS, "web", routed({route("E"): 2}), now=T0)
     await first.write()
     path = tmp_path / "catalog.json"
     assert path.exists() and oct(path.stat().st_mode & 0o777) == "0o600"
     assert [p.name for p in tmp_path.iterdir()] == ["catalog.json"]  # no temporary file left
     second = keeper(tmp_path, None)
     second.load()
-    second.catalog.record(SETTINGS, "web", {route("E"): 1}, now=T0 + 1)
+    second.catalog.record(SETTINGS, "web", routed({route("E"): 1}), now=T0 + 1)
     assert view(second.catalog, T0 + 2)["E"]["total"] == 3
 
 
 async def test_the_keeper_writes_periodically_and_at_stop(tmp_path: Path) -> None:
     kept = keeper(tmp_path, "worker-1")
     kept.start()
-    kept.catalog.record(SETTINGS, "web", {route("E"): 1})
+    kept.catalog.record(SETTINGS, "web", routed({route("E"): 1}))
     path = tmp_path / "catalog.worker-1.json"
     for _ in range(100):
         if path.exists():
             break
         await asyncio.sleep(0.02)
     assert orjson.loads(path.read_bytes())["sources"]["web"][0]["total"] == 1
-    kept.catalog.record(SETTINGS, "web", {route("E"): 1})
+    kept.catalog.record(SETTINGS, "web", routed({route("E"): 1}))
     await kept.stop()
     assert orjson.loads(path.read_bytes())["sources"]["web"][0]["total"] == 2
 
@@ -215,7 +223,7 @@ async def test_a_damaged_file_is_moved_aside_and_the_process_starts_empty(tmp_pa
 async def test_the_document_merges_the_live_catalog_with_every_other_process_file(tmp_path: Path) -> None:
     for name, count in (("worker-1", 2), ("worker-2", 3)):
         other = keeper(tmp_path, name)
-        other.catalog.record(SETTINGS, "web", {route("E"): count})
+        other.catalog.record(SETTINGS, "web", routed({route("E"): count}))
         await other.write()
     (tmp_path / "catalog.worker-3.json").write_text("[]")  # not a snapshot: reported, not fatal
     supervisor = await catalog_document(tmp_path)  # no live catalog: the files only
@@ -224,7 +232,7 @@ async def test_the_document_merges_the_live_catalog_with_every_other_process_fil
     assert supervisor["unreadable"] == [{"file": "catalog.worker-3.json", "error": "not a catalog snapshot"}]
     live = keeper(tmp_path, "worker-1")  # worker-1 again: its own file is its memory's, not counted twice
     live.load()
-    live.catalog.record(SETTINGS, "web", {route("E"): 10, route("F", "page"): 1})
+    live.catalog.record(SETTINGS, "web", routed({route("E"): 10, route("F", "page"): 1}))
     document = await catalog_document(tmp_path, live)
     assert [(e["name"], e["total"]) for e in document["sources"]["web"]["events"]] == [("E", 15), ("F", 1)]
     assert next(p for p in document["processes"] if p["live"])["process"] == "worker-1"

@@ -2,20 +2,21 @@
 it was routed, and the shape of its properties.
 
 **What costs what.** Counting must be nearly free: it runs for every event. `prepare()` already
-counts each event under its routing key (rule, primary, mirror, type) for the metrics; the event's
-name is part of that key, so a request arrives here as one small dict of counts, and `record()`
-keeps those counts per routing key as they come (one dictionary update per key and request, no
-per-event work). They are folded into the per-event entries when a 5-minute bucket ends, and
-whenever the catalog is read or snapshotted. Reading property paths costs far more, so it is
-sampled: `wants_sample()` is asked for the first event of each name in a request, and says yes
-until the name has `schema_samples` samples, then for one request in `sample_every` that carries
-the name. The answer depends only on the order of the requests, so a replay samples the same
-events. Samples are read in `prepare()` (where the parsed event still exists) and merged here.
+counts each event under its routing key (rule, primary, mirror, type) for the metrics, and under
+that by name, so a request arrives here as a small dict of counts, and `record()` keeps them per
+routing key and name as they come (a dictionary update per name and request, no per-event work).
+They are folded into the per-event entries when a 5-minute bucket ends, and whenever the catalog is
+read or snapshotted; a name new to the catalog takes its place under the cap at once, so names are
+admitted in the order they arrive. Reading property paths costs far more, so it is sampled: the
+request's `sampler()` is asked for the first event of each name (and route) in a request, and says
+yes until the name has `schema_samples` samples, then for one request in `sample_every` that
+carries the name. The answer depends only on the order of the requests, so a replay samples the
+same events. Samples are read in `prepare()` (where the parsed event still exists) and merged here.
 
 **Bounds.** At most `max_events` names per source and `max_paths` paths per name; past them, counts
 go to a visible `(other)` entry or path, never dropped. Volume windows are kept as 5-minute buckets
 for the last hour and hourly buckets for the last day. No property value is kept, except one masked
-payload per name when the rules ask for payload samples (proxy/engine/event_shape.py masks it).
+payload per name when the rules ask for payload samples (proxy/engine/shapes.py masks it).
 
 `snapshot()` and `load()` turn the catalog into the JSON kept in the state directory and back
 (catalog_files.py); `catalog_view.py` turns that into what `/admin/catalog` shows.
@@ -34,7 +35,8 @@ FIVE_MINUTES = 300
 BUCKETS_PER_HOUR = 12
 HOURS_KEPT = 24
 
-RouteKey = tuple[str, tuple[str, ...], tuple[str, ...], str, str]  # rule, primary, mirror, type, name: prepare()'s counting key
+RouteKey = tuple[str, tuple[str, ...], tuple[str, ...], str]  # rule, primary, mirror, type: prepare()'s counting key (then by name)
+Routed = Mapping[RouteKey, Mapping[str, int]]
 Sampled = tuple[str, str, Shape, dict[str, Any] | None]  # type, name, its paths' types, a masked payload (if kept)
 _OTHER_KEY = (OTHER, OTHER)
 
@@ -136,8 +138,9 @@ class Catalog:
 
     def __init__(self) -> None:
         self._events: dict[str, dict[tuple[str, str], EventEntry]] = {}  # source -> (type, name) -> entry
-        self._pending: dict[str, dict[RouteKey, list[float]]] = {}  # source -> routing key -> [count, first, last], not yet folded
+        self._pending: dict[str, dict[RouteKey, dict[str, list[float]]]] = {}  # source -> routing key -> name -> [count, first, last], not folded yet
         self._five = 0  # the 5-minute bucket the pending counts belong to
+        self._waiting = 0  # (route, name) cells pending
         self._max_events = CatalogSettings().max_events
         self.changed = False  # since the last snapshot
 
@@ -167,7 +170,7 @@ class Catalog:
 
         return wants
 
-    def record(self, settings: CatalogSettings, source: str, routed: Mapping[RouteKey, int], sampled: Iterable[Sampled] = (),
+    def record(self, settings: CatalogSettings, source: str, routed: Routed, sampled: Iterable[Sampled] = (),
                now: float | None = None) -> None:
         """One accepted request's events: counts per routing key (prepare()'s), and the paths of those it sampled."""
         if not settings.enabled:
@@ -183,15 +186,20 @@ class Catalog:
         if pending is None:
             pending = self._pending[source] = {}
         events = self._source(source)
-        for key, count in routed.items():
-            cell = pending.get(key)
-            if cell is None:  # the key's first request since the last fold: a new name takes its place under the cap now, in arrival order
-                pending[key] = [count, now, now]
-                if (key[3], key[4]) not in events:
-                    self._entry(events, key[3], key[4], settings.max_events)
-            else:
-                cell[0] += count
-                cell[2] = now
+        for key, names in routed.items():
+            cells = pending.get(key)
+            if cells is None:
+                cells = pending[key] = {}
+            for name, count in names.items():
+                cell = cells.get(name)
+                if cell is None:  # the name's first request on this route since the last fold: a new name takes its place under the cap now
+                    cells[name] = [count, now, now]
+                    self._waiting += 1
+                    if (key[3], name) not in events:
+                        self._entry(events, key[3], name, settings.max_events)
+                else:
+                    cell[0] += count
+                    cell[2] = now
         self.changed = True
         if sampled:
             for event_type, name, shape, payload in sampled:
@@ -201,19 +209,21 @@ class Catalog:
                 entry.add_shape(shape, settings.max_paths)
                 if payload is not None:
                     entry.sample = payload
-        if len(pending) > 2 * settings.max_events:  # many new names between folds: bound what waits
+        if self._waiting > 2 * settings.max_events:  # many new names between folds: bound what waits
             self.fold()
 
     def fold(self) -> None:
         """Move the pending counts into the entries, in the current 5-minute bucket."""
         for source, pending in self._pending.items():
             events = self._source(source)
-            for (_, primary, mirror, event_type, name), (count, first, last) in pending.items():
-                entry = self._entry(events, event_type, name, self._max_events)
-                entry.count(int(count), first, last, self._five)
-                routes = entry.routes
-                routes[primary, mirror] = routes.get((primary, mirror), 0) + int(count)
+            for (_, primary, mirror, event_type), cells in pending.items():
+                for name, (count, first, last) in cells.items():
+                    entry = self._entry(events, event_type, name, self._max_events)
+                    entry.count(int(count), first, last, self._five)
+                    routes = entry.routes
+                    routes[primary, mirror] = routes.get((primary, mirror), 0) + int(count)
         self._pending = {}
+        self._waiting = 0
 
     def _source(self, source: str) -> dict[tuple[str, str], EventEntry]:
         events = self._events.get(source)
