@@ -243,6 +243,10 @@ def test_the_comparison_finds_unplanned_unseen_type_breaks_and_missing_required_
     ]
     assert found.missing_required == ()  # every required property was in every sample
     assert found.as_dict()["never_seen"] == ["Signed Up"]
+    assert [found.status(t, n) for t, n in (("track", "Refunded"), ("track", "Debug Ping"), ("page", "Home"), ("identify", "identify"))] == [
+        "planned", "not planned", "not covered", "planned"]
+    without_identify = compare_with_plan(events, compile_plan(b"events: {Refunded: {}}\n", "plan.yaml", {}))
+    assert without_identify.status("identify", "identify") == "not covered"  # a plan without identify does not check identify calls
 
 
 def test_a_required_property_missing_from_some_samples_is_reported() -> None:

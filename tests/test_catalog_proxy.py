@@ -208,6 +208,7 @@ async def test_splitter_catalog_against_a_plan(stack: Stack, tmp_path: Path) -> 
     assert (price["plan"], price["plan_detail"]) == ("planned", "type breaks the plan (plan: number)")
     assert next(r for r in sheet if r["event"] == "Split Signup")["plan"] == "not planned"
     assert next(r for r in sheet if r["event"] == "Home")["plan"] == "not covered"
+    assert next(r for r in sheet if r["event"] == "identify")["plan"] == "planned"  # the plan has identify
     assert next(r for r in sheet if r["event"] == "Signed Up")["plan"] == "never seen"
 
 

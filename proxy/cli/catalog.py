@@ -219,12 +219,10 @@ def csv_sheet(view: View, findings: Mapping[str, tuple[str, PlanComparison]] | N
     for name, body in view.get("sources", {}).items():
         found = findings.get(name) if findings is not None else None
         comparison = found[1] if found is not None else None
-        unplanned = {(e.type, e.name) for e in comparison.unplanned} if comparison is not None else set()
         breaks = {(b.event, b.path): b for b in comparison.type_breaks} if comparison is not None else {}
         missing = {(m.event, m.path): m for m in comparison.missing_required} if comparison is not None else {}
         for e in body.get("events", ()):
-            status = "" if comparison is None else "not planned" if (e["type"], e["name"]) in unplanned else (
-                "planned" if e["type"] in ("track", "identify") else "not covered")
+            status = comparison.status(e["type"], e["name"]) if comparison is not None else ""
             head = [name, e["type"], e["name"], e["total"], e["last_hour"], e["last_24h"], e["first_seen"] or "", e["last_seen"] or "",
                     routed_text(e["routed"]), e["sampled"]]
             if not e["paths"]:

@@ -66,6 +66,13 @@ class PlanComparison:
     unseen: tuple[str, ...]  # in the plan, never seen (event names; `identify` for a planned identify)
     type_breaks: tuple[TypeBreak, ...]
     missing_required: tuple[MissingRequired, ...]
+    planned: frozenset[tuple[str, str]] = frozenset()  # (type, name) of what the plan lists: its track events, and identify if it has one
+
+    def status(self, event_type: str, name: str) -> str:
+        """`planned`, `not planned` (a track event the plan does not list) or `not covered` (a type plans do not check)."""
+        if (event_type, name) in self.planned:
+            return "planned"
+        return "not planned" if event_type == "track" else "not covered"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -104,7 +111,7 @@ def compare_with_plan(events: list[SeenEvent], plan: TrackingPlan) -> PlanCompar
             count = had.seen - had.types.get("null", 0) if had is not None else 0  # null counts as missing, as in the plan's check
             if event.sampled and count < event.sampled:
                 missing.append(MissingRequired(event.name, path, count, event.sampled))
-    return PlanComparison(unplanned, unseen, tuple(breaks), tuple(missing))
+    return PlanComparison(unplanned, unseen, tuple(breaks), tuple(missing), frozenset(planned))
 
 
 def expectations(check: EventCheck) -> tuple[dict[str, frozenset[str]], tuple[str, ...]]:
