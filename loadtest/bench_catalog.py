@@ -33,7 +33,7 @@ from loadtest.harness import balanced_batches
 from loadtest.payloads import BATCH, RUDDER_SHARE
 from proxy.engine import RuleSet, load_rules
 from proxy.ingress.handlers import _prepare_request
-from proxy.ingress.prepare import CallShape
+from proxy.ingress.prepare import CallShape, prepare
 from proxy.metrics import Metrics
 
 RULES = Path(__file__).resolve().parent / "rules" / "bench.yaml"
@@ -43,7 +43,7 @@ try:  # absent from a checkout before the catalog (or before its request path): 
     from proxy.observe.catalog import Catalog
 except ImportError:  # pragma: no cover - only when timing an older tree
     Catalog = None  # type: ignore[assignment,misc]
-if "catalog" not in inspect.signature(_prepare_request).parameters:  # pragma: no cover - as above
+if "catalog" not in inspect.signature(prepare).parameters:  # pragma: no cover - as above
     Catalog = None  # type: ignore[assignment,misc]
 
 
