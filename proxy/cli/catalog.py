@@ -31,7 +31,6 @@ import click
 import orjson
 import yaml
 
-from proxy.delivery.upstream import public_url
 from proxy.engine import PlanComparison, RulesError, TrackingPlan, compare_with_plan, compile_plan, load_rules
 from proxy.exits import BAD_INPUT
 from proxy.observe.catalog_view import View, merge_views, only_source, seen_events, view_of
@@ -79,6 +78,10 @@ def catalog(urls: tuple[str, ...], snapshots: tuple[str, ...], source: str | Non
 
 
 def _fetch(url: str, source: str | None, timeout: float) -> View:
+    # Imported here, not at the top: proxy.delivery imports prometheus_client, which must not be
+    # imported before `serve` has dropped an inherited PROMETHEUS_MULTIPROC_DIR (every command shares this module).
+    from proxy.delivery.upstream import public_url
+
     base = url.rstrip("/")
     address = base + "/admin/catalog" + (f"?{urllib.parse.urlencode({'source': source})}" if source else "")
     request = urllib.request.Request(address, headers={"Accept": "application/json"})
