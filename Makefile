@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m loadtest.demo
+demo: $(STAMP)  # KEEP=1: stay up (with a trickle of traffic) to look at the console, until Ctrl-C
+	$(PY) -m loadtest.demo $(if $(KEEP),--keep)
 
 # The system programs some tests drive (nginx, wrk, node, chromium, promtool, ...): installed with
 # apt-get when run as root, quiet when all are there; elsewhere it prints the command to run and

@@ -4,6 +4,10 @@ Starts a Segment and a RudderStack stand-in on loopback, runs `splitter serve` a
 `rules/default.yaml` pointed at them, sends a few thousand events from many users (batches from a
 server SDK and single calls as analytics.js sends them), then prints what each destination received
 against what the rules promise, and stops everything with SIGTERM. Bounded: it ends on its own.
+
+While it runs it prints the address of the admin console (`GET /` on the admin port). With `--keep`
+(`make demo KEEP=1`) it stays up after the sample traffic, sending a trickle of events so the
+console's numbers move, until Ctrl-C; then it reports as usual.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import base64
 import os
 import random
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -34,7 +39,8 @@ BATCH_SIZE = 50
 SINGLES = 400
 
 
-def sample_events(rng: random.Random) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+def sample_events(rng: random.Random, count: int | None = None, first: int = 0) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """The sample traffic: BATCHES batches and SINGLES browser calls, or (`count`) one batch of that many events."""
     def event(i: int) -> dict[str, Any]:
         user = rng.randrange(USERS)
         kind = rng.choice(["track", "track", "track", "page", "identify"])
@@ -45,13 +51,15 @@ def sample_events(rng: random.Random) -> tuple[list[list[dict[str, Any]]], list[
             body["userId"] = f"user-{user:05d}"
         return body
 
-    counter = iter(range(10**9))
+    counter = iter(range(first, 10**9))
+    if count is not None:
+        return [[event(next(counter)) for _ in range(count)]], []
     batches = [[event(next(counter)) for _ in range(BATCH_SIZE)] for _ in range(BATCHES)]
     singles = [event(next(counter)) for _ in range(SINGLES)]
     return batches, singles
 
 
-async def main() -> int:
+async def main(keep: bool = False) -> int:
     rng = random.Random(2026)
     segment = await start_receiver("segment")
     rudder = await start_receiver("rudderstack", valid_keys=[RUDDER_KEY])
@@ -59,6 +67,7 @@ async def main() -> int:
                SPLITTER_WRITE_KEY=WRITE_KEY, RUDDERSTACK_WRITE_KEY=RUDDER_KEY)
     splitter = await launch_splitter(str(RULES), env)
     ingress, admin = splitter.ingress, splitter.admin
+    print(f"splitter demo: console at {admin}/ (the admin port; {'up until Ctrl-C' if keep else 'make demo KEEP=1 keeps it up'})", flush=True)
     batches, singles = sample_events(rng)
     auth = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
     statuses: Counter[int] = Counter()
@@ -71,6 +80,8 @@ async def main() -> int:
             await asyncio.gather(*(post("/v1/batch", {"batch": b}, {**auth, "Content-Type": "application/json"}) for b in batches))
             browser = {"Content-Type": "text/plain", "Origin": "https://shop.example"}
             await asyncio.gather(*(post(f"/v1/{e['type'][0]}", {**e, "writeKey": WRITE_KEY}, browser) for e in singles))
+            if keep:
+                await trickle(post, auth, batches, rng, first=sum(len(b) for b in batches) + len(singles))
             async with client.get(admin + "/metrics") as response:
                 metrics_text = await response.text()
         code = await splitter.stop()
@@ -80,6 +91,29 @@ async def main() -> int:
         await rudder.close()
     report(batches, singles, env, statuses, segment.receiver, rudder.receiver, metrics_text, code)
     return 0 if code == 0 and set(statuses) == {200} else 1
+
+
+async def trickle(post: Any, auth: dict[str, str], batches: list[list[dict[str, Any]]], rng: random.Random, first: int) -> None:
+    """`--keep`: a small batch every half second until Ctrl-C (or SIGTERM), kept in `batches` for the report."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print("splitter demo: sending a few events a second; Ctrl-C to stop and see the report", flush=True)
+    sent = first  # messageIds go on from the sample's
+    try:
+        while not stop.is_set():
+            more, _ = sample_events(rng, count=rng.randint(5, 25), first=sent)
+            sent += len(more[0])
+            batches.extend(more)
+            await post("/v1/batch", {"batch": more[0]}, {**auth, "Content-Type": "application/json"})
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except TimeoutError:
+                pass
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def report(batches: list[list[dict[str, Any]]], singles: list[dict[str, Any]], env: dict[str, str], statuses: Counter[int],
@@ -113,4 +147,4 @@ def report(batches: list[list[dict[str, Any]]], singles: list[dict[str, Any]], e
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(asyncio.run(main(keep="--keep" in sys.argv[1:])))

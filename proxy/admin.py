@@ -196,10 +196,15 @@ def _cohort(cohort: Cohort) -> dict[str, Any]:
     return {"key": list(cohort.fields), "salt": cohort.salt}
 
 
+def authorized(request: web.Request) -> bool:
+    """Whether `request` may see `/admin/*`: no token is set, or it carries the token as its bearer (constant-time)."""
+    expected = request.app[TOKEN]
+    return not expected or hmac.compare_digest(_bearer(request), expected)
+
+
 def _guarded(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
-        expected = request.app[TOKEN]
-        if expected and not hmac.compare_digest(_bearer(request), expected):
+        if not authorized(request):
             return web.json_response(
                 {"success": False, "code": "unauthorized", "message": "send Authorization: Bearer <admin token>"},
                 status=401,
@@ -208,6 +213,9 @@ def _guarded(handler: Handler) -> Handler:
         return await handler(request)
 
     return guarded
+
+
+guarded = _guarded  # the console's routes (proxy/console) take the same check
 
 
 def _bearer(request: web.Request) -> bytes:

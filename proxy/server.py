@@ -41,6 +41,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.admin import build_admin_app
+from proxy.console import add_console
 from proxy.control.geoip_watch import GeoIPWatcher, described
 from proxy.control.history import ChangeHistory
 from proxy.control.install import RulesInstaller
@@ -289,13 +290,12 @@ class Server:
         self.watcher = RulesWatcher(settings.config, file_changed, interval=settings.reload_poll_interval,
                                     baseline=self.refused.file_sha256 if self.refused is not None else rules.sha256)
         if self.link is None:  # a worker's admin port is its supervisor's, served once for all workers
-            self.admin = web.AppRunner(
-                build_admin_app(active=active, reloader=reloader, metrics=self.metrics, token=settings.admin_token, is_ready=self.is_ready,
-                                registry=fleet.registry if fleet is not None else None, detail=standing.detail,
-                                catalog=lambda source: catalog_document(settings.state_dir, self.catalog, source),
-                                history=history.entries if history is not None else None),
-                access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT, handle_signals=False,
-            )
+            admin = build_admin_app(active=active, reloader=reloader, metrics=self.metrics, token=settings.admin_token, is_ready=self.is_ready,
+                                    registry=fleet.registry if fleet is not None else None, detail=standing.detail,
+                                    catalog=lambda source: catalog_document(settings.state_dir, self.catalog, source),
+                                    history=history.entries if history is not None else None)
+            add_console(admin, region=settings.region)  # GET / on the admin port (proxy/console)
+            self.admin = web.AppRunner(admin, access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT, handle_signals=False)
             await self.admin.setup()
             exits.push_async_callback(self.admin.cleanup)  # entered before the listener: the admin port closes last
         await self._bind(exits)
