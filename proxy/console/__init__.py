@@ -18,7 +18,6 @@ posts is the explain box, which reads (`POST /admin/explain`, proxy/console/expl
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from importlib import resources
@@ -131,7 +130,7 @@ async def page_model(app: web.Application) -> dict[str, Any]:
     snapshot = app[ACTIVE].snapshot
     rules = snapshot.rules
     now = datetime.now(UTC)
-    samples = await asyncio.to_thread(read_samples, app[REGISTRY], metric_names())  # a supervisor's registry reads its workers' files
+    samples = read_samples(app[REGISTRY], metric_names())  # in the loop, as /metrics collects (a supervisor's: its workers' small files)
     model: dict[str, Any] = {
         "generated_at": iso(now.replace(microsecond=0)),
         "rules": rules_view(describe(rules), [view.as_dict() for view in ramp_views(rules, now)],

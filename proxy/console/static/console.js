@@ -174,7 +174,9 @@
 
   function fillExplainForm(explain) {
     const source = $('explain-source')
-    if (source.options.length === 1 + explain.sources.length) return
+    const offered = JSON.stringify([explain.sources, explain.id_fields, explain.region])
+    if (source.dataset.offered === offered) return
+    source.dataset.offered = offered
     source.replaceChildren(h('option', { value: '' }, '(from the event)'), ...explain.sources.map((s) => h('option', { value: s }, s)))
     $('explain-key').replaceChildren(...explain.id_fields.map((f) => h('option', { value: f }, f)))
     $('explain-region').placeholder = explain.region || ''
@@ -264,14 +266,15 @@
     for (const name of ['event', 'user', 'key', 'source', 'country', 'region']) question[name] = $(`explain-${name}`).value
     try {
       const answer = await request('/admin/explain', { method: 'POST', body: JSON.stringify(question), headers: { 'Content-Type': 'application/json' } })
-      out.replaceChildren(...answer.results.map((result) => {
+      if (!answer.results.length) out.replaceChildren(h('p', { class: 'meta' }, 'no events in the question'))
+      else out.replaceChildren(...answer.results.map((result) => {
         const d = result.decision
         const c = result.context
         return h('div', { class: 'explained' },
           h('table', null, h('tbody', null,
             [['rule', d.rule], ['bucket', d.bucket === null ? '— (no split)' : d.bucket], ['cohort_key', d.cohort_key === null ? '—' : d.cohort_key],
               ['primary', d.primary.join(', ')], ['mirror', d.mirror.join(', ') || 'none'],
-              ['context', `source ${c.source || '—'}, country ${c.country || '—'}, region ${c.region || '—'}`]]
+              ['context', `source ${c.source || '—'}, country ${c.country || '—'}, region ${c.region || '—'}`], ['event', JSON.stringify(result.event)]]
               .map(([label, value]) => h('tr', null, h('th', null, label), h('td', { 'data-field': label }, value))))),
           h('pre', null, JSON.stringify(d, null, 1)))
       }))
