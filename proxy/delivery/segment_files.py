@@ -29,7 +29,7 @@ import os
 from collections.abc import Collection
 from pathlib import Path
 
-from proxy.delivery.spool_format import HEADER, MAGIC, PREFIX, check_format, scan
+from proxy.delivery.spool_format import FORMAT, HEADER, MAGIC, PREFIX, check_format, scan
 from proxy.log import get_logger
 
 log = get_logger("splitter.spool")
@@ -58,20 +58,20 @@ def unlink(path: Path) -> None:
         log.error("spool_file_not_removed", path=str(path), error=str(exc))
 
 
-def recover_file(path: Path) -> tuple[int, list[bytes], int]:
-    """A segment file's record payloads, where they start, and how many torn or corrupt bytes were cut
-    off its end (fsynced). Raises SpoolFormatError for another format's file, changing nothing."""
+def recover_file(path: Path) -> tuple[int, list[bytes], int, int]:
+    """A segment file's record payloads, where they start, how many torn or corrupt bytes were cut
+    off its end (fsynced), and its format. Raises SpoolFormatError for another format's file, changing nothing."""
     data = path.read_bytes()
-    start = check_format(path, data)
-    payloads, valid = scan(data, start)
+    start, fmt = check_format(path, data)
+    payloads, valid = scan(data, start, fmt)
     if valid < len(data):
         with open(path, "r+b") as handle:
             handle.truncate(valid)
             os.fsync(handle.fileno())
-    return start, payloads, len(data) - valid
+    return start, payloads, len(data) - valid, fmt
 
 
-def read_records(segment: Path, offset: int, end: int, budget: int) -> list[bytes]:
+def read_records(segment: Path, offset: int, end: int, budget: int, fmt: int = FORMAT) -> list[bytes]:
     """Whole record payloads of `segment` from `offset`, about `budget` bytes of them (at least one if
     there is one), never past `end`, the last whole record the spool knows of: a tear beyond is not read."""
     with open(segment, "rb") as handle:
@@ -80,7 +80,7 @@ def read_records(segment: Path, offset: int, end: int, budget: int) -> list[byte
         wanted = HEADER.size + HEADER.unpack(header)[0] if len(header) == HEADER.size else 0
         handle.seek(offset)
         data = handle.read(min(end - offset, max(wanted, budget + READ_SLACK)))  # scan() checks every crc it reads: no more
-    return scan(data)[0]
+    return scan(data, 0, fmt)[0]
 
 
 def appended_at(segment: Path, offset: int) -> float | None:

@@ -28,6 +28,7 @@ import asyncio
 import errno
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from proxy.delivery.segment_files import (
     unlink,
     write_note,
 )
-from proxy.delivery.spool_format import HEADER, MAGIC, Record, SpoolFormatError, decode, encode, event_count
+from proxy.delivery.spool_format import FORMAT, HEADER, MAGIC, Record, SpoolFormatError, decode, encode, event_count
 from proxy.log import LogThrottle, get_logger
 
 __all__ = ["FRESH_LIMIT", "HEADER", "MAGIC", "Record", "Recovery", "Spool", "SpoolFormatError", "SpoolFull", "decode", "encode"]  # as before the split
@@ -69,10 +70,10 @@ class Recovery:
 
 
 class _Segment:
-    __slots__ = ("acked", "acked_offset", "events", "handed", "handed_events", "id", "noted", "noted_at", "path", "records", "size")
+    __slots__ = ("acked", "acked_offset", "events", "fmt", "handed", "handed_events", "id", "noted", "noted_at", "path", "records", "size")
 
-    def __init__(self, segment_id: int, path: Path, acked: int = 0, acked_events: int = 0, acked_offset: int = len(MAGIC)) -> None:
-        self.id, self.path, self.size = segment_id, path, 0
+    def __init__(self, segment_id: int, path: Path, acked: int = 0, acked_events: int = 0, acked_offset: int = len(MAGIC), fmt: int = FORMAT) -> None:
+        self.id, self.path, self.size, self.fmt = segment_id, path, 0, fmt  # fmt: 2 for a segment the previous release wrote
         self.records, self.events = acked, acked_events  # counted up from here by Spool._count
         self.acked, self.acked_offset = acked, acked_offset  # records delivered at its head, and where the first one not yet starts
         self.handed, self.handed_events = acked, acked_events  # records (events) read out so far, acked or not
@@ -110,15 +111,18 @@ class Spool:
         self.pending = 0  # events appended and not yet acked
 
     # -- start-up ---------------------------------------------------------------------------------
-    def open(self) -> Recovery:
-        """Recover what earlier runs left; repairs torn tails and half-created segments, never refuses them."""
+    def open(self, visit: Callable[[Record], None] | None = None) -> Recovery:
+        """Recover what earlier runs left; repairs torn tails and half-created segments, never refuses them.
+
+        `visit` sees every record still to be delivered, in order (the delivery ledger attributes
+        what a restart found pending, from the records' tags)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         truncated, truncated_names, skipped = 0, [], 0
         ids = sorted(int(p.stem) for p in self.directory.glob("*.seg") if p.stem.isdigit())
         forget_orphan_notes(self.directory, set(ids))  # a stale note would claim records of a new segment with its id
         for segment_id in ids:
             path = self._path(segment_id)
-            start, payloads, cut = recover_file(path)
+            start, payloads, cut, fmt = recover_file(path)
             if cut:
                 truncated += cut
                 truncated_names.append(path.name)
@@ -130,7 +134,10 @@ class Spool:
                 remove_segment(path)
                 continue
             acked_offset = start + sum(HEADER.size + len(p) for p in payloads[:acked])
-            segment = self._segments[segment_id] = _Segment(segment_id, path, acked, acked_events, acked_offset)
+            segment = self._segments[segment_id] = _Segment(segment_id, path, acked, acked_events, acked_offset, fmt)
+            if visit is not None:
+                for payload in payloads[acked:]:
+                    visit(decode(segment_id, payload, fmt))
             self._order.append(segment_id)
             self._count(segment, len(payloads) - acked, sum(counts[acked:]), start + sum(HEADER.size + len(p) for p in payloads))
         self._fresh_on = self.pending == 0
@@ -290,7 +297,7 @@ class Spool:
                 payloads.append(payload)
                 size += len(payload)
             return payloads
-        return read_records(segment.path, offset, segment.size, budget)
+        return read_records(segment.path, offset, segment.size, budget, segment.fmt)
 
     def _read_now(self, max_events: int, max_bytes: int) -> list[Record]:
         records: list[Record] = []
@@ -314,7 +321,7 @@ class Spool:
                 if records and (events + count > max_events or size + len(payload) > max_bytes):
                     full = True  # the limits are reached: stop here, the rest is for the next read
                     break
-                record = decode(segment_id, payload)
+                record = decode(segment_id, payload, segment.fmt)
                 records.append(record)
                 size += record.size
                 events += count

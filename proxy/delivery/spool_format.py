@@ -4,12 +4,21 @@ Segment files (`NNNNNNNNNNNN.seg`) start with an 8-byte format marker and hold r
 
     u32 length | u32 crc32(payload) | payload
     payload = f64 appended_at | u16 len(credential) | u16 len(forwarded_for) | u32 n
-              | credential | forwarded_for | n x u32 event length | events joined by ","
+              | credential | forwarded_for | n x u32 event length | u32 len(tags) | tags
+              | events joined by ","
 
 A record is one request's events for one destination (a chunk). The events are stored comma-joined,
 exactly as they go between `{"batch":[` and `]}`: the sender concatenates whole records into upstream
 bodies without looking at single events, and splits a record into its events only to cut an
 oversized batch or to isolate a poison event.
+
+`tags` say whose events these are, for the delivery ledger (`record_tags.py` writes and reads
+them; empty when nobody asked): the spool is the one place that still knows, when a record is
+delivered or dead-lettered after a crash and a restart, which source, role and event names it held.
+
+Format 3 added the tags. Format 2 segments (the same records without `u32 len(tags) | tags`) are
+still read, so that a spool left by the previous release is delivered after an upgrade; their
+records carry no tags. New segments are always written in format 3.
 
 No I/O here: `spool.py` owns the files; this module only says what their bytes mean, so that the
 format can be tested, and changed, apart from the writing and its failure handling.
@@ -22,7 +31,10 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-MAGIC = b"SPLSPL\x00\x02"  # format 2: chunk records. Format 1 (one event per record) had no marker.
+MAGIC = b"SPLSPL\x00\x03"  # format 3: chunk records with tags; every new segment
+MAGIC_2 = b"SPLSPL\x00\x02"  # format 2: chunk records without tags, still read. Format 1 (one event per record) had no marker.
+FORMATS = {MAGIC: 3, MAGIC_2: 2}
+FORMAT = 3
 HEADER = struct.Struct("<II")
 PREFIX = struct.Struct("<dHHI")
 LENGTH = struct.Struct("<I")
@@ -44,6 +56,7 @@ class Record:
     joined: bytes  # the events, comma-separated
     lengths: tuple[int, ...]  # of each event in `joined`
     encoded_size: int  # bytes the record takes in its segment file
+    tags: bytes = b""  # whose events these are (record_tags.py); empty in format 2 and when not tagged
 
     @property
     def count(self) -> int:
@@ -61,16 +74,18 @@ class Record:
         return events
 
 
-def encode(appended_at: float, credential: str, forwarded_for: str | None, events: list[bytes]) -> bytes:
-    """One record holding `events` (at least one), ready to be written."""
+def encode(appended_at: float, credential: str, forwarded_for: str | None, events: list[bytes], tags: bytes = b"") -> bytes:
+    """One format-3 record holding `events` (at least one), ready to be written."""
     cred = credential.encode()
     forwarded = (forwarded_for or "").encode()
-    head = PREFIX.pack(appended_at, len(cred), len(forwarded), len(events)) + cred + forwarded + struct.pack(f"<{len(events)}I", *map(len, events))
+    head = (PREFIX.pack(appended_at, len(cred), len(forwarded), len(events)) + cred + forwarded
+            + struct.pack(f"<{len(events) + 1}I", *map(len, events), len(tags)) + tags)
     joined = b",".join(events)
     return HEADER.pack(len(head) + len(joined), zlib.crc32(joined, zlib.crc32(head))) + head + joined
 
 
-def decode(segment: int, payload: bytes) -> Record:
+def decode(segment: int, payload: bytes, fmt: int = FORMAT) -> Record:
+    """The record in `payload`, from a segment of format `fmt`."""
     appended_at, cred_len, fwd_len, count = PREFIX.unpack_from(payload)
     start = PREFIX.size
     credential = payload[start:start + cred_len].decode()
@@ -78,15 +93,21 @@ def decode(segment: int, payload: bytes) -> Record:
     forwarded = payload[start:start + fwd_len].decode() or None
     start += fwd_len
     lengths = struct.unpack_from(f"<{count}I", payload, start)
-    return Record(segment, appended_at, credential, forwarded, payload[start + LENGTH.size * count:], lengths, HEADER.size + len(payload))
+    start += LENGTH.size * count
+    tags = b""
+    if fmt >= 3:
+        tags_len = LENGTH.unpack_from(payload, start)[0]
+        tags = payload[start + LENGTH.size:start + LENGTH.size + tags_len]
+        start += LENGTH.size + tags_len
+    return Record(segment, appended_at, credential, forwarded, payload[start:], lengths, HEADER.size + len(payload), tags)
 
 
 def event_count(payload: bytes) -> int:
     return int(PREFIX.unpack_from(payload)[3])
 
 
-def scan(data: bytes, start: int = 0) -> tuple[list[bytes], int]:
-    """Complete, valid record payloads in `data` from `start`, and the offset just past the last one."""
+def scan(data: bytes, start: int = 0, fmt: int = FORMAT) -> tuple[list[bytes], int]:
+    """Complete, valid record payloads (of format `fmt`) in `data` from `start`, and the offset just past the last one."""
     payloads, offset, end = [], start, len(data)
     while offset + HEADER.size <= end:
         length, crc = HEADER.unpack_from(data, offset)
@@ -94,21 +115,26 @@ def scan(data: bytes, start: int = 0) -> tuple[list[bytes], int]:
         if length < PREFIX.size or length > MAX_RECORD or body_start + length > end:
             break
         payload = data[body_start:body_start + length]
-        if zlib.crc32(payload) != crc or not _consistent(payload):
+        if zlib.crc32(payload) != crc or not _consistent(payload, fmt):
             break
         payloads.append(payload)
         offset = body_start + length
     return payloads, offset
 
 
-def _consistent(payload: bytes) -> bool:
+def _consistent(payload: bytes, fmt: int) -> bool:
     """The framing inside a payload adds up (the crc guards the bytes, this guards a writer's bug)."""
     _, cred_len, fwd_len, count = PREFIX.unpack_from(payload)
     start = PREFIX.size + cred_len + fwd_len
     if count == 0 or start + LENGTH.size * count > len(payload):
         return False
     lengths: tuple[int, ...] = struct.unpack_from(f"<{count}I", payload, start)
-    return bool(sum(lengths) + count - 1 == len(payload) - start - LENGTH.size * count)
+    start += LENGTH.size * count
+    if fmt >= 3:
+        if start + LENGTH.size > len(payload):
+            return False
+        start += LENGTH.size + LENGTH.unpack_from(payload, start)[0]
+    return bool(sum(lengths) + count - 1 == len(payload) - start)
 
 
 def _first_frame_is_whole(data: bytes) -> bool:
@@ -119,24 +145,26 @@ def _first_frame_is_whole(data: bytes) -> bool:
     return HEADER.size + length <= len(data)
 
 
-def check_format(path: Path, data: bytes) -> int:
-    """Where records start in a segment file's `data`; raises SpoolFormatError for another format's file.
+def check_format(path: Path, data: bytes) -> tuple[int, int]:
+    """Where records start in a segment file's `data`, and their format (3, or 2 for a segment the
+    previous release wrote); raises SpoolFormatError for another format's file.
 
-    Besides a whole marker, three shapes are a segment of this format whose creation was cut short,
-    and a start-up repairs them (the records found are kept, the rest is cut) instead of refusing:
+    Besides a whole marker, three shapes are a segment whose creation was cut short, and a start-up
+    repairs them (the records found are kept, the rest is cut) instead of refusing:
     - a prefix of the marker, or nothing: a crash between creating the file and writing its marker;
-    - no marker, then whole records of this format: splitter before the disk-full fix kept a new
+    - no marker, then whole records of format 2: splitter before the disk-full fix kept a new
       segment's descriptor when its marker write failed (ENOSPC) and appended records to the file.
       Those records were answered 200: they are kept and delivered;
     - no marker and no whole frame (a first record cut short): nothing in it was ever whole.
-    A file that starts with a whole frame that is not a record of this format is refused: that is
+    A file that starts with a whole frame that is not a record of format 2 is refused: that is
     another format's file (format 1 had no marker), and cutting it as if torn would drop its events.
     """
-    if data.startswith(MAGIC):
-        return len(MAGIC)
-    if len(data) < len(MAGIC) and MAGIC.startswith(data):
-        return len(data)  # torn while being created: no records, the open removes it
-    if scan(data, 0)[0] or not _first_frame_is_whole(data):
-        return 0
-    raise SpoolFormatError(f"{path} is not a spool segment of format 2 (written by an older splitter?); "
+    for magic, fmt in FORMATS.items():
+        if data.startswith(magic):
+            return len(magic), fmt
+    if len(data) < len(MAGIC) and any(magic.startswith(data) for magic in FORMATS):
+        return len(data), FORMAT  # torn while being created: no records, the open removes it
+    if scan(data, 0, 2)[0] or not _first_frame_is_whole(data):
+        return 0, 2
+    raise SpoolFormatError(f"{path} is not a spool segment of format 2 or 3 (written by an older splitter?); "
                            "deliver it with the version that wrote it, or move it away to start")
