@@ -152,19 +152,23 @@ def check_format(path: Path, data: bytes) -> tuple[int, int]:
     Besides a whole marker, three shapes are a segment whose creation was cut short, and a start-up
     repairs them (the records found are kept, the rest is cut) instead of refusing:
     - a prefix of the marker, or nothing: a crash between creating the file and writing its marker;
-    - no marker, then whole records of format 2: splitter before the disk-full fix kept a new
+    - no marker, then whole records of format 2 (or 3): splitter before the disk-full fix kept a new
       segment's descriptor when its marker write failed (ENOSPC) and appended records to the file.
       Those records were answered 200: they are kept and delivered;
     - no marker and no whole frame (a first record cut short): nothing in it was ever whole.
-    A file that starts with a whole frame that is not a record of format 2 is refused: that is
+    A file that starts with a whole frame that is a record of neither format is refused: that is
     another format's file (format 1 had no marker), and cutting it as if torn would drop its events.
+    (A record of one format never passes for the other's: the crc and the lengths inside must add up.)
     """
     for magic, fmt in FORMATS.items():
         if data.startswith(magic):
             return len(magic), fmt
     if len(data) < len(MAGIC) and any(magic.startswith(data) for magic in FORMATS):
         return len(data), FORMAT  # torn while being created: no records, the open removes it
-    if scan(data, 0, 2)[0] or not _first_frame_is_whole(data):
-        return 0, 2
+    for fmt in sorted(FORMATS.values(), reverse=True):
+        if scan(data, 0, fmt)[0]:
+            return 0, fmt
+    if not _first_frame_is_whole(data):
+        return 0, FORMAT
     raise SpoolFormatError(f"{path} is not a spool segment of format 2 or 3 (written by an older splitter?); "
                            "deliver it with the version that wrote it, or move it away to start")
