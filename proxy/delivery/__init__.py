@@ -9,6 +9,10 @@ Each destination's `Pipeline` then sends from its spool, coalescing events acros
 upstream batches, retrying through outages, splitting out poison events into dead letters. An
 upstream outage therefore costs clients neither errors nor latency, and a crash loses nothing that
 was acknowledged: the spool is replayed at the next start.
+
+With a `LedgerKeeper`, every record carries tags saying whose events it holds, and the delivery
+ledger counts what was accepted, delivered, dead-lettered or dropped (proxy/delivery/accounting.py);
+the keeper's first snapshot is written once the spools are recovered, its last one once they are closed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from proxy.delivery.accounting import MIRROR, PRIMARY, Accounting, Recovered, RequestAccount
 from proxy.delivery.commit import GroupCommit
 from proxy.delivery.deadletter import DeadLetters
 from proxy.delivery.dedup import Deduplicator
@@ -33,6 +38,7 @@ from proxy.delivery.upstream import Upstream, public_url
 from proxy.engine import Destination, RuleSet
 from proxy.log import LogThrottle, get_logger
 from proxy.metrics import Metrics
+from proxy.observe.ledger_files import LedgerKeeper
 
 __all__ = ["Chunk", "Delivery", "Outcome", "Rejection", "SpoolLocked", "Submission"]
 log = get_logger("splitter.delivery")
@@ -44,8 +50,10 @@ class SpoolLocked(RuntimeError):
 
 
 class Delivery:
-    def __init__(self, metrics: Metrics, *, spool_dir: Path, dead_letter_dir: Path) -> None:
+    def __init__(self, metrics: Metrics, *, spool_dir: Path, dead_letter_dir: Path, ledger: LedgerKeeper | None = None) -> None:
         self.metrics = metrics
+        self.ledger = ledger
+        self._accounting = Accounting(ledger.ledger) if ledger is not None else None
         self.spool_dir = spool_dir
         self.dead_letter_dir = dead_letter_dir
         self._pipelines: dict[str, Pipeline] = {}
@@ -72,6 +80,8 @@ class Delivery:
         except BlockingIOError:
             raise SpoolLocked(f"spool directory {self.spool_dir} is in use by another splitter process") from None
         self.apply(rules)
+        if self.ledger is not None:
+            self.ledger.start()
         for leftover in sorted(p for p in self.spool_dir.iterdir() if p.is_dir() and p.name not in rules.destinations):
             if any(leftover.glob("*.seg")):
                 log.error("spool_orphaned", destination=leftover.name, directory=str(leftover),
@@ -97,13 +107,17 @@ class Delivery:
     def _new_pipeline(self, destination: Destination) -> Pipeline:
         options = DeliveryOptions.from_mapping(destination.options)
         spool = Spool(self.spool_dir / destination.name, quota_bytes=options.spool_quota_bytes, group=self._group_commit)
-        recovery = spool.open()
+        found = Recovered(self._accounting.ledger) if self._accounting is not None else None
+        recovery = spool.open(found)
+        if self._accounting is not None and found is not None:
+            self._accounting.recovered(destination.name, found)
         if recovery.records or recovery.truncated_bytes:
             log.warning("spool_recovered", destination=destination.name, pending=recovery.records, already_delivered=recovery.skipped,
                         truncated_bytes=recovery.truncated_bytes, truncated_segments=list(recovery.truncated_segments))
             self.metrics.child(self.metrics.spool_replayed, destination.name).inc(recovery.records)
             self.metrics.child(self.metrics.spool_truncated_bytes, destination.name).inc(recovery.truncated_bytes)
-        pipeline = Pipeline(Upstream(destination, self.metrics), spool, DeadLetters(self.dead_letter_dir, destination.name), self.metrics, options)
+        pipeline = Pipeline(Upstream(destination, self.metrics), spool, DeadLetters(self.dead_letter_dir, destination.name), self.metrics, options,
+                            self._accounting)
         pipeline.start()
         return pipeline
 
@@ -134,6 +148,8 @@ class Delivery:
         await self._dedup.close()
         for upstream in [*(p.upstream for p in self._pipelines.values()), *self._retired]:
             await upstream.close()
+        if self.ledger is not None:  # after the senders stopped: nothing is counted after the last snapshot
+            await self.ledger.stop()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -148,9 +164,11 @@ class Delivery:
     async def _write(self, submission: Submission) -> Outcome:
         now = time.time()
         source, presented_key, forwarded_for = submission.source, submission.presented_key, submission.forwarded_for
+        account: RequestAccount | None = self._accounting.request(submission) if self._accounting is not None else None
 
-        def record(name: str, events: list[bytes]) -> bytes:  # one spool record per destination and request
-            return encode(now, source.credential_for(name, presented_key), forwarded_for, events)
+        def record(name: str, role: str, chunk: Chunk) -> bytes:  # one spool record per destination and request
+            tags = account.tags(name, role, chunk) if account is not None else b""
+            return encode(now, source.credential_for(name, presented_key), forwarded_for, chunk.events, tags)
 
         staged = []
         for name, chunk in submission.primary.items():
@@ -158,30 +176,35 @@ class Delivery:
             if not events:
                 continue
             pipeline = self._pipelines[name]
-            data = record(name, events)
+            data = record(name, PRIMARY, chunk)
             if not pipeline.spool.has_room(len(data)):  # checked for every primary before writing any
                 return _spool_full(name)
-            staged.append((pipeline, data, len(events)))
+            staged.append((pipeline, data, name, chunk))
         tickets: list[tuple[Spool, int]] = []
         try:
-            for pipeline, data, count in staged:
-                tickets.append((pipeline.spool, pipeline.spool.write(data, count)))
+            for pipeline, data, _, chunk in staged:
+                tickets.append((pipeline.spool, pipeline.spool.write(data, len(chunk))))
         except (SpoolFull, OSError) as exc:
             self._take_back(tickets)
             if isinstance(exc, SpoolFull):
                 return _spool_full(pipeline.name)
             return Outcome(False, 503, "spool_unavailable", f"{pipeline.name}: cannot write the spool: {exc.strerror or exc}", 5.0)
         dropped = set()
+        mirrored, lost = [], []
         for name, chunk in submission.mirror.items():
             events = chunk.events
             if not events:
                 continue
             pipeline = self._pipelines[name]
             try:
-                tickets.append((pipeline.spool, pipeline.spool.write(record(name, events), len(events))))
+                tickets.append((pipeline.spool, pipeline.spool.write(record(name, MIRROR, chunk), len(events))))
+                mirrored.append((name, MIRROR, chunk))
             except (SpoolFull, OSError) as exc:
                 self._drop_mirror(name, len(events), exc)
                 dropped.add(name)
+                lost.append((name, MIRROR, chunk))
+        if account is not None:  # written: delivered whatever the fsync below says (see there)
+            account.accepted([(name, PRIMARY, chunk) for _, _, name, chunk in staged] + mirrored, lost)
         try:
             await self._group_commit.wait(tickets)
         except OSError as exc:

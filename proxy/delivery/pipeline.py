@@ -28,6 +28,7 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
+from proxy.delivery.accounting import Accounting
 from proxy.delivery.batches import Batch, upstream_batches
 from proxy.delivery.breaker import STATE_VALUES, Breaker
 from proxy.delivery.deadletter import DeadLetters
@@ -55,6 +56,7 @@ class Pipeline:
     dead_letters: DeadLetters
     metrics: Metrics
     options: DeliveryOptions
+    accounting: Accounting | None = None  # the delivery ledger's, when there is one
     breaker: Breaker = field(init=False)
     _in_flight: deque[_InFlight] = field(default_factory=deque, init=False)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
@@ -147,12 +149,16 @@ class Pipeline:
         rejection = await self._send_with_retry(batch)
         if rejection is None:
             self._delivered.inc(batch.count)
+            if self.accounting is not None:
+                self.accounting.settled(self.name, batch, None)
             return
         reason = _dead_letter_reason(rejection, batch.count)
         if reason is not None:
             body = rejection.detail.encode() if isinstance(rejection, UpstreamRedirected) else rejection.body
             await self.dead_letters.add(batch.events(), rejection.status, body, reason)
             self._dead.inc(batch.count)
+            if self.accounting is not None:
+                self.accounting.settled(self.name, batch, reason)
             log.error("events_dead_lettered", destination=self.name, events=batch.count, status=rejection.status, reason=reason,
                       error=rejection.detail)
             return

@@ -3,8 +3,11 @@
 `prepare()` builds one `Submission` per request: who sent it (the source, the key it presented, the
 X-Forwarded-For to pass on) and, per destination and role, a `Chunk`: the encoded events bytes with
 each event's messageId, type and name beside them. Delivery reads the ids from there instead of
-parsing the bytes again (de-duplication does), and so can the event catalog and delivery ledger
-that are coming.
+parsing the bytes again (de-duplication does). The delivery ledger reads `routed` instead, prepare()'s
+per-request counts (kept for the metrics and the catalog anyway): a chunk filed only by prepare()'s
+own appends holds exactly what `routed` says of its destination and role, so a request's records
+are counted per name without touching its events. A chunk built with `add()` (transformed copies,
+which may be renamed; de-duplication's filtered copies) is `itemized`: the ledger counts its `meta`.
 
 A `Chunk` is the list of event bytes itself, with a flat `meta` list beside it (messageId, type,
 name: three entries per event). Not an object per event (a batch of 500 would build 500 objects
@@ -26,16 +29,20 @@ from typing import Any
 from proxy.engine import NAME_FIELDS as NAME_FIELDS  # an event's name: the engine's rule, shared with the event catalog
 from proxy.engine import Source
 
+# How prepare() counts the events it files: (rule, primary, mirror, type) -> name -> events.
+Routed = Mapping[tuple[str, tuple[str, ...], tuple[str, ...], str], Mapping[str, int]]
+
 
 class Chunk(list[bytes]):
     """One request's events for one destination and role: the bytes to send, in order, and in
     `meta` each one's messageId, type and name. Filled by `prepare()`, read-only once submitted."""
 
-    __slots__ = ("meta",)
+    __slots__ = ("itemized", "meta")
 
     def __init__(self) -> None:
         super().__init__()
         self.meta: list[str] = []  # event i: meta[3i] messageId, meta[3i + 1] type, meta[3i + 2] name
+        self.itemized = False  # built with add(): `Submission.routed` does not describe it
 
     @property
     def events(self) -> list[bytes]:
@@ -55,6 +62,7 @@ class Chunk(list[bytes]):
 
     def add(self, data: bytes, message_id: str, event_type: str, name: str) -> None:
         """Off the hot path (prepare() appends inline); for building chunks elsewhere."""
+        self.itemized = True
         self.append(data)
         self.meta += (message_id, event_type, name)
 
@@ -84,6 +92,7 @@ class Submission:
     primary: Mapping[str, Chunk]  # destination -> events; all must be spooled before the client hears 200
     mirror: Mapping[str, Chunk]  # destination -> events; copies, dropped (and counted) when their spool cannot take them
     rejected: tuple[Rejection, ...] = ()
+    routed: Routed | None = None  # prepare()'s counts of the events filed, for the delivery ledger (None: count the chunks)
 
     def __repr__(self) -> str:  # the source by name: its repr lists its write keys
         return (f"Submission(source={self.source.name!r}, forwarded_for={self.forwarded_for!r}, primary={dict(self.primary)!r}, "

@@ -188,7 +188,7 @@ def prepare(
     scope = RequestScope.of(rules, shape, source, ctx, client_ip, body if shape.is_batch and has_envelope(body) else None, catalog)
     for index, event in enumerate(events):
         _prepare_event(filing, scope, index, event)
-    submission = Submission(source, presented_key, forwarded_for, filing.primary, filing.mirror, tuple(filing.rejected))
+    submission = Submission(source, presented_key, forwarded_for, filing.primary, filing.mirror, tuple(filing.rejected), filing.routed)
     return Prepared(submission, filing.routed, filing.observed, filing.violations, filing.sampled)
 
 
