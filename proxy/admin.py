@@ -39,12 +39,15 @@ HISTORY = web.AppKey[HistorySource]("history")
 HISTORY_LIMIT = (100, 10_000)  # the default and the largest `?limit=` of /admin/history
 CatalogSource = Callable[[str | None], Awaitable[Mapping[str, Any]]]  # ?source= or None -> the catalog document
 CATALOG = web.AppKey[CatalogSource]("catalog")
+LedgerSource = Callable[[bool], Awaitable[Mapping[str, Any]]]  # hourly series or not -> the delivery ledger document
+LEDGER = web.AppKey[LedgerSource]("ledger")
 ERROR_CODES = {"error": "invalid_rules", "refused": "reshuffle_refused"}
 
 
 def build_admin_app(
     *, active: ActiveRules, reloader: Reloader, metrics: Metrics, token: str | None, is_ready: Callable[[], bool],
     registry: CollectorRegistry | None = None, detail: Detail | None = None, history: HistorySource | None = None, catalog: CatalogSource | None = None,
+    ledger: LedgerSource | None = None,
 ) -> web.Application:
     """`registry`: what `/metrics` exposes when not `metrics.registry` (a supervisor's, merging its workers').
     `detail`: more fields for a ready `/readyz`, or None (the last good rules serving instead of a refused file).
@@ -65,6 +68,9 @@ def build_admin_app(
     if catalog is not None:
         app[CATALOG] = catalog
         app.router.add_get("/admin/catalog", _guarded(catalog_handler))
+    if ledger is not None:
+        app[LEDGER] = ledger
+        app.router.add_get("/admin/ledger", _guarded(ledger_handler))
     return app
 
 
@@ -119,6 +125,11 @@ async def config_handler(request: web.Request) -> web.Response:
 async def catalog_handler(request: web.Request) -> web.Response:
     """The event catalog (proxy/observe/catalog_files.py): every source's events, or `?source=NAME`'s."""
     return web.json_response(await request.app[CATALOG](request.query.get("source")), dumps=_dumps)
+
+
+async def ledger_handler(request: web.Request) -> web.Response:
+    """The delivery ledger (proxy/observe/ledger_files.py); `?hourly=1` adds each row's hourly series."""
+    return web.json_response(await request.app[LEDGER](request.query.get("hourly", "") in ("1", "true")), dumps=_dumps)
 
 
 def _dumps(value: Any) -> str:

@@ -55,7 +55,7 @@ from proxy.control.traffic import RecentTraffic
 from proxy.control.watch import RulesWatcher
 from proxy.delivery import Delivery, SpoolLocked
 from proxy.delivery.spool import SpoolFormatError
-from proxy.delivery.worker_dirs import worker_spools
+from proxy.delivery.worker_dirs import spool_name, worker_spools
 from proxy.engine import RulesError, RuleSet, load_rules
 from proxy.exits import BAD_GEOIP_DB, BAD_RULES, OK, STARTUP_FAILURE, WORKER_KILLED
 from proxy.geoip import GeoIP, GeoIPError, open_country_db
@@ -66,6 +66,7 @@ from proxy.log import configure, get_logger
 from proxy.metrics import Metrics
 from proxy.observe.catalog import Catalog
 from proxy.observe.catalog_files import CatalogKeeper, catalog_document
+from proxy.observe.ledger_files import LedgerKeeper, ledger_document
 from proxy.observe.recording import Recorder
 from proxy.settings import ServeSettings
 from proxy.signals import stop_on_signals
@@ -141,7 +142,9 @@ async def open_geoip(path: str) -> GeoIP | None:
 
 def start_delivery(settings: ServeSettings, rules: RuleSet, metrics: Metrics) -> Delivery | None:
     """Lock and recover the spool (what a crash left is sent first), or None after logging why not."""
-    delivery = Delivery(metrics, spool_dir=Path(settings.spool_dir), dead_letter_dir=Path(settings.dead_letter_dir))
+    ledger = LedgerKeeper(settings.state_dir, spool_name(settings.spool_dir))  # the delivery ledger follows its spool (drainers too)
+    ledger.load()
+    delivery = Delivery(metrics, spool_dir=Path(settings.spool_dir), dead_letter_dir=Path(settings.dead_letter_dir), ledger=ledger)
     try:
         delivery.start(rules)
     except (SpoolLocked, SpoolFormatError, OSError) as exc:
@@ -293,7 +296,8 @@ class Server:
             admin = build_admin_app(active=active, reloader=reloader, metrics=self.metrics, token=settings.admin_token, is_ready=self.is_ready,
                                     registry=fleet.registry if fleet is not None else None, detail=standing.detail,
                                     catalog=lambda source: catalog_document(settings.state_dir, self.catalog, source),
-                                    history=history.entries if history is not None else None)
+                                    history=history.entries if history is not None else None,
+                                    ledger=lambda hourly: ledger_document(settings.state_dir, self.delivery.ledger if self.delivery else None, hourly=hourly))
             add_console(admin, region=settings.region)  # GET / on the admin port (proxy/console)
             self.admin = web.AppRunner(admin, access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT, handle_signals=False)
             await self.admin.setup()

@@ -22,6 +22,12 @@ def worker_dir(base: str | Path, index: int) -> Path:
     return Path(base) / f"{WORKER_PREFIX}{index}"
 
 
+def spool_name(spool_dir: str | Path) -> str | None:
+    """`worker-<i>` for a worker's spool (a drainer's of one too), None for a single process's: what
+    the files kept per spool in the state directory are named after (the delivery ledger's)."""
+    return Path(spool_dir).name if _worker_index(Path(spool_dir)) is not None else None
+
+
 def _worker_index(directory: Path) -> int | None:
     suffix = directory.name.removeprefix(WORKER_PREFIX)
     return int(suffix) if directory.name.startswith(WORKER_PREFIX) and suffix.isdigit() else None
