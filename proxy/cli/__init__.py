@@ -20,6 +20,7 @@ from proxy import __version__
 from proxy.cli.against import Outcome, against_rules, against_state
 from proxy.cli.catalog import catalog
 from proxy.cli.history import history
+from proxy.cli.parity import parity
 from proxy.cli.ramps import at_option, position_lines, schedule_lines
 from proxy.cli.samples import InputError, SampleDefaults, SampleEvent, SampleFields, contexts, field_path, read_inputs
 from proxy.engine import (
@@ -296,3 +297,4 @@ def simulate(rules_path: str, events_paths: tuple[str, ...], old_path: str | Non
 
 
 main.add_command(catalog)  # proxy/cli/catalog.py
+main.add_command(parity)  # proxy/cli/parity.py
