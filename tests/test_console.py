@@ -6,10 +6,11 @@ to RudderStack with a Segment mirror, a poison event RudderStack refuses) plus e
 and property paths are HTML (`<img src=x onerror=alert(1)>`, `"><script>...`, quotes), waits until
 everything is delivered or dead-lettered, then opens the page in Chromium (playwright-core, as the
 analytics.js test does: tests/clients/browser/console.js): it asks for the token, the page loads
-with no console error, no dialog, no CSP violation and no element made from a name; the catalog
-numbers on it are /admin/catalog's, the delivery numbers the receivers'; the search finds an event; the
+with no console error, no dialog, no CSP violation and no element made from a name; the parity and
+catalog numbers on it are /admin/ledger's and /admin/catalog's; the search finds an event; the
 explain box answers for a user as `splitter explain` does; a full-page screenshot is written to
-the test's tmp dir and to tests/artifacts/console.png (git-ignored).
+the test's tmp dir and to tests/artifacts/console.png (git-ignored; docs/images/console.png is a
+copy of one).
 """
 
 from __future__ import annotations
@@ -179,6 +180,21 @@ async def cli_explain(rules_path: Path, env: dict[str, str], event: dict[str, An
     return [json.loads(line) for line in out.decode().splitlines()]
 
 
+def parity_expected(ledger: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, str]]:
+    """What each parity row of the page must say: /admin/ledger's rows, roles added up per destination, and its fan-out rows."""
+    expected: dict[tuple[str, str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for row in ledger["rows"]:
+        cells = expected[row["source"], row["type"], row["event"]]
+        for column in ("accepted", "delivered", "pending", "dead_lettered"):
+            cells[f"{row['destination']}.{column}"] += row[column]
+    for row in ledger["fanout"]["rows"]:
+        cells = expected[row["source"], row["type"], row["event"]]
+        for column in ("reached_all", "reached_some", "reached_none"):
+            cells[f"fanout.{column}"] += row[column]
+        cells["fanout.in_flight"] += row["in_flight_some"] + row["in_flight_none"]
+    return {key: {col: str(n) for col, n in cells.items()} for key, cells in expected.items()}
+
+
 @needs("node", "npm", "chromium")
 async def test_console_in_chromium_after_hostile_traffic(tmp_path: Path, node_modules: Path) -> None:
     segment = await start_receiver("segment", record=True)
@@ -193,6 +209,7 @@ async def test_console_in_chromium_after_hostile_traffic(tmp_path: Path, node_mo
         web, server = traffic(random.Random(2026))
         await send(splitter.ingress, web, server)
         console = await settled(splitter.admin)
+        ledger = await admin_json(splitter.admin, "/admin/ledger")
         catalog = await admin_json(splitter.admin, "/admin/catalog")
         known = next(e for e in web if e.get("anonymousId", "").startswith("anon-") and "userId" not in e)
         screenshot = tmp_path / "console.png"
@@ -234,6 +251,25 @@ async def test_console_in_chromium_after_hostile_traffic(tmp_path: Path, node_mo
         assert health["segment"][1] == health["rudderstack"][1] == "closed"
         assert health["segment"][5] == str(segment.receiver.count) and health["rudderstack"][5] == str(rudder.receiver.count)  # delivered
         assert health["segment"][2] == health["rudderstack"][2] == "0" and health["rudderstack"][6] == "1"  # spooled, dead letters
+
+        # Parity: /admin/ledger's numbers, row for row (nothing moved while the browser looked); they add up to the above.
+        after_ledger = await admin_json(splitter.admin, "/admin/ledger")
+        assert after_ledger["rows"] == ledger["rows"] and after_ledger["fanout"]["rows"] == ledger["fanout"]["rows"]
+        expected = parity_expected(ledger)
+        shown = {(row["source"], row["type"], row["event"]): row for row in report["shown"]["parity"]}
+        assert set(shown) == set(expected)
+        for key, cells in expected.items():
+            assert {col: text for col, text in shown[key]["cells"].items() if text != ""} == cells, key
+            assert shown[key]["shown_name"] == key[2]
+        poison = shown["server", "track", "Invoice Paid"]["cells"]
+        assert poison["rudderstack.dead_lettered"] == "1" and poison["fanout.reached_some"] == "1"
+        assert shown["web", "track", HOSTILE_NAMES[0]]["cells"]["segment.delivered"] == "1"
+        accepted: dict[tuple[str, str], int] = defaultdict(int)
+        delivered: dict[str, int] = defaultdict(int)
+        for row in ledger["rows"]:
+            accepted[row["destination"], row["role"]] += row["accepted"]
+            delivered[row["destination"]] += row["delivered"]
+        assert accepted == routed and delivered == {"segment": segment.receiver.count, "rudderstack": rudder.receiver.count}
 
         # Rules and ramp, and the history's start.
         rules_text_shown = report["shown"]["rules"]
@@ -285,6 +321,8 @@ async def test_without_javascript_the_page_has_the_rules_and_the_catalog_as_text
                      "&lt;img src=x onerror=alert(1)&gt;", "&#34;&gt;&lt;script&gt;window.__pwned=&#39;script&#39;&lt;/script&gt;",
                      "it&#39;s &#34;quoted&#34; &amp; &lt;b&gt;bold&lt;/b&gt;", "properties.&#34;&gt;&lt;img src=x onerror=window.__pwned=1&gt;"):
             assert text in html, text
+        parity = html[html.index('id="parity-body"'):html.index('<section id="catalog">')]  # the ledger's rows, the names escaped there too
+        assert 'data-event="&lt;img src=x onerror=alert(1)&gt;"' in parity and 'data-col="segment.delivered"' in parity
         for raw in ("<img", "<script>window", "<b>bold", "<i>"):
             assert raw not in html, raw
         # Parsed as a browser would: only the page's own elements, one script (a file), no inline style or handler.
@@ -303,7 +341,8 @@ async def test_without_javascript_the_page_has_the_rules_and_the_catalog_as_text
         # The search and the sort work without JavaScript (a GET form).
         async with stack.session.get(stack.admin_url + "/", params={"q": "SPLIT", "sort": "name"}) as response:
             searched = await response.text()
-        assert "Split test" in searched and "&lt;img src=x" not in searched and '<option value="name" selected>' in searched
+        found = searched[searched.index('id="catalog-body"'):searched.index('<section id="history">')]
+        assert "Split test" in found and "&lt;img src=x" not in found and '<option value="name" selected>' in searched
         # The static files: the script and the stylesheet, with their types, and no data in them.
         for name, kind in (("console.js", "text/javascript"), ("console.css", "text/css")):
             async with stack.session.get(f"{stack.admin_url}/console/{name}") as response:

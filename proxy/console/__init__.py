@@ -27,7 +27,7 @@ import jinja2
 import orjson
 from aiohttp import web
 
-from proxy.admin import ACTIVE, CATALOG, HISTORY, REGISTRY, authorized, describe, guarded
+from proxy.admin import ACTIVE, CATALOG, HISTORY, LEDGER, REGISTRY, authorized, describe, guarded
 from proxy.console.explain import MAX_BODY, ExplainError, explain, id_fields
 from proxy.console.model import (
     HISTORY_SHOWN,
@@ -43,9 +43,7 @@ from proxy.console.model import (
 )
 from proxy.engine import iso, ramp_views
 
-LedgerSource = Callable[[], Awaitable[Mapping[str, Any]]]  # the document /admin/ledger answers
 RATES = web.AppKey("console_rates", RateWindow)
-LEDGER = web.AppKey[LedgerSource | None]("console_ledger")
 REGION = web.AppKey[str | None]("console_region")
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
 SECURITY_HEADERS = {
@@ -64,10 +62,10 @@ _ENV.filters["percents"] = percents_text
 _FILES = {name: (resources.files("proxy.console") / "static" / name).read_bytes() for name in STATIC}
 
 
-def add_console(app: web.Application, *, region: str | None = None, ledger: LedgerSource | None = None) -> None:
-    """Mount the console on an admin app: `/`, its two static files, `/admin/console` and `/admin/explain`."""
+def add_console(app: web.Application, *, region: str | None = None) -> None:
+    """Mount the console on an admin app: `/`, its two static files, `/admin/console` and `/admin/explain`.
+    It shows what the app's sources give (the catalog, the change history, the delivery ledger), where it has them."""
     app[RATES] = RateWindow()
-    app[LEDGER] = ledger
     app[REGION] = region
     app.router.add_get("/", page)
     for name in STATIC:
@@ -142,9 +140,8 @@ async def page_model(app: web.Application) -> dict[str, Any]:
         "history_error": None,
         "explain": {"sources": list(rules.sources), "id_fields": id_fields(rules), "region": app[REGION]},
     }
-    ledger = app[LEDGER]
-    if ledger is not None:
-        model["parity"] = parity(await ledger())
+    if LEDGER in app:
+        model["parity"] = parity(await app[LEDGER](False))  # what /admin/ledger answers, without the hourly series
     if HISTORY in app:
         try:
             model["history"] = history_rows(list(await app[HISTORY](HISTORY_SHOWN)))
