@@ -100,6 +100,10 @@ class Metrics:
         self.spool_truncated_bytes = Counter(
             "splitter_spool_truncated_bytes", "Bytes of torn or corrupt spool tails cut off at start-up.", per_destination, registry=r
         )
+        self.spool_syncs = Counter(
+            "splitter_spool_syncs", "Group-commit fsync rounds over the spools (per request group with --durability fsync, per interval with interval).",
+            registry=r,
+        )
         # multiprocess_mode: how `serve --workers N` merges the workers' values (sums; the worst age and breaker)
         self.spool_bytes = Gauge("splitter_spool_bytes", "Bytes of spool segment files on disk.", per_destination, registry=r, multiprocess_mode="livesum")
         self.spool_records = Gauge(

@@ -144,7 +144,8 @@ def start_delivery(settings: ServeSettings, rules: RuleSet, metrics: Metrics) ->
     """Lock and recover the spool (what a crash left is sent first), or None after logging why not."""
     ledger = LedgerKeeper(settings.state_dir, spool_name(settings.spool_dir))  # the delivery ledger follows its spool (drainers too)
     ledger.load()
-    delivery = Delivery(metrics, spool_dir=Path(settings.spool_dir), dead_letter_dir=Path(settings.dead_letter_dir), ledger=ledger)
+    delivery = Delivery(metrics, spool_dir=Path(settings.spool_dir), dead_letter_dir=Path(settings.dead_letter_dir), ledger=ledger,
+                        sync_interval=settings.sync_interval if settings.durability == "interval" else None)
     try:
         delivery.start(rules)
     except (SpoolLocked, SpoolFormatError, OSError) as exc:

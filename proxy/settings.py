@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DURABILITY_MODES = ("fsync", "interval")  # docs/configuration.md, Durability modes
 
 
 class SettingsError(ValueError):
@@ -66,6 +67,8 @@ class ServeSettings:
     cdn_url: str = "https://cdn.segment.com"  # analytics.js settings and bundles are fetched from here
     public_url: str | None = None  # splitter's address as browsers see it; written into the settings' apiHost
     cdn_cache_seconds: float = 300.0  # 0 disables the CDN cache
+    durability: str = "fsync"  # `fsync`: the 200 waits for the fsync; `interval`: for the write, fsynced every --sync-interval
+    sync_interval: float = 0.5  # seconds between fsyncs with --durability interval
     geoip_db: str | None = None  # a MaxMind DB file for `country` conditions (proxy/geoip.py); None: CDN headers and the event's location only
 
     @classmethod
@@ -97,6 +100,8 @@ class ServeSettings:
             log_level=flags["log_level"],
             workers=flags["workers"],
             geoip_db=flags["geoip_db"] or None,
+            durability=flags["durability"],
+            sync_interval=flags["sync_interval"],
         )
 
     def __post_init__(self) -> None:
@@ -117,6 +122,10 @@ class ServeSettings:
             raise SettingsError("--header-timeout (SPLITTER_HEADER_TIMEOUT) must be more than 0 seconds")
         if not self.body_timeout > 0:
             raise SettingsError("--body-timeout (SPLITTER_BODY_TIMEOUT) must be more than 0 seconds")
+        if self.durability not in DURABILITY_MODES:
+            raise SettingsError(f"--durability (SPLITTER_DURABILITY) {self.durability!r}: expected one of {', '.join(DURABILITY_MODES)}")
+        if not self.sync_interval > 0:
+            raise SettingsError("--sync-interval (SPLITTER_SYNC_INTERVAL) must be more than 0 seconds")
         if self.cdn_cache_seconds < 0:
             raise SettingsError("--cdn-cache-seconds (SPLITTER_CDN_CACHE_SECONDS) must be 0 or more seconds")
 

@@ -39,7 +39,7 @@ from proxy.engine import (
 )
 from proxy.exits import BAD_INPUT, STARTUP_FAILURE
 from proxy.geoip import GeoIP, GeoIPError, open_country_db
-from proxy.settings import LOG_LEVELS, ServeSettings, SettingsError, flag_default
+from proxy.settings import DURABILITY_MODES, LOG_LEVELS, ServeSettings, SettingsError, flag_default
 
 FC = TypeVar("FC", bound=Callable[..., Any])
 
@@ -126,6 +126,9 @@ def _flag(*decls: str, field: str, **kwargs: Any) -> Callable[[FC], FC]:
 @_flag("--header-timeout", field="header_timeout", type=float, help="Seconds for a request's headers to arrive (then 408 and close).")
 @_flag("--body-timeout", field="body_timeout", type=float, help="Seconds for a request's body to arrive after its headers (then 408).")
 @_flag("--spool-dir", field="spool_dir", help="Where undelivered events wait (keep it on a volume).")
+@_flag("--durability", field="durability", metavar="[" + "|".join(DURABILITY_MODES) + "]",
+       help="fsync: a 200 waits for the spool's fsync; interval: for the write (a crash of splitter loses nothing), fsync every --sync-interval.")
+@_flag("--sync-interval", field="sync_interval", type=float, help="Seconds between spool fsyncs with --durability interval.")
 @_flag("--dead-letter-dir", field="dead_letter_dir", help="Where events refused for good are written.")
 @_flag("--state-dir", field="state_dir", help="Where the last good rules are kept, to start on them if the file would be refused (keep it on a volume).")
 @_flag("--cdn-url", field="cdn_url", help="CDN that GET /v1/projects/*/settings and /analytics.js/* are forwarded to.")

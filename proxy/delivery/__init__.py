@@ -4,7 +4,8 @@ The ingress hands over, per request, one `Submission`: the encoded events for ea
 mirror destination, with their messageIds. `accept()`, the one door whatever the request came in
 by, drops what de-duplication has already seen, appends the rest to each destination's spool and
 returns once they are on stable storage (one group-committed fsync shared by concurrent requests):
-that is when the client may be told 200.
+that is when the client may be told 200. With `--durability interval`, once they are written (the
+kernel has them; fsynced within the interval).
 Each destination's `Pipeline` then sends from its spool, coalescing events across requests into
 upstream batches, retrying through outages, splitting out poison events into dead letters. An
 upstream outage therefore costs clients neither errors nor latency, and a crash loses nothing that
@@ -50,7 +51,8 @@ class SpoolLocked(RuntimeError):
 
 
 class Delivery:
-    def __init__(self, metrics: Metrics, *, spool_dir: Path, dead_letter_dir: Path, ledger: LedgerKeeper | None = None) -> None:
+    def __init__(self, metrics: Metrics, *, spool_dir: Path, dead_letter_dir: Path, ledger: LedgerKeeper | None = None,
+                 sync_interval: float | None = None) -> None:
         self.metrics = metrics
         self.ledger = ledger
         self._accounting = Accounting(ledger.ledger) if ledger is not None else None
@@ -62,7 +64,9 @@ class Delivery:
         self._telemetry: set[asyncio.Task[None]] = set()
         self._lock_fd: int | None = None
         self._drop_log = LogThrottle()  # per destination
-        self._group_commit = GroupCommit()  # one fsync round for all destinations' spools
+        # one fsync round for all destinations' spools; with `sync_interval` (--durability interval)
+        # the answer waits for the write only and the rounds run on that interval (proxy/delivery/commit.py)
+        self._group_commit = GroupCommit(sync_interval, metrics.spool_syncs.inc)
         self._dedup = Deduplicator()  # the filter in front of the spool writes; on while the applied rules say so
 
     # -- lifecycle --------------------------------------------------------------------------------------

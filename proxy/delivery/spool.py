@@ -2,6 +2,8 @@
 
 Every event a client is told `200` for is in a spool first: appended to the active segment file and
 covered by an fsync before the answer goes out. Concurrent requests share one fsync (group commit).
+With `--durability interval` the answer waits for the write only, and the group commit fsyncs on its
+interval, when a segment is sealed and at shutdown (proxy/delivery/commit.py).
 The record format is in `spool_format.py`, the files and descriptors in `segment_files.py`.
 
 Records are read back in order by the destination's sender, which acks what the upstream accepted.
@@ -234,6 +236,7 @@ class Spool:
         """No more appends to the active segment; deleted at once if everything in it was delivered."""
         segment, self._active = self._active, None
         self._files.seal()
+        self.group.soon(self)  # `interval`: a sealed segment is synced now, not at the next tick
         if segment is not None and segment.acked >= segment.records:
             self._remove(segment.id)
 
