@@ -4,7 +4,7 @@ One bounded run: the proxy (pinned to core 1) on `rules/bench.yaml`, count-only 
 (core 0), batches of 50 events (~30 KB). Phase 1 healthy; phase 2 with RudderStack down, so its
 share is spooled and retried while clients keep getting 200; then recovery, and the time to drain
 the backlog. Every phase checks that the receivers got exactly what the rules promise for the
-requests answered 200. Run: `python -m loadtest.bench_delivery [--seconds 10]`.
+requests answered 200. Run: `python -m loadtest.bench_delivery [--seconds 10] [--durability interval]`.
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--durability", choices=("fsync", "interval"), default="fsync", help="splitter serve's --durability")
     args = parser.parse_args()
     receivers, env, _, bodies, auth = prepare_load()
-    splitter = await launch_splitter(str(RULES), env, prefix=pin(PROXY_CORE))
-    results: dict[str, Any] = {"pinned": pinning_available(), "proxy_core": PROXY_CORE, "load_core": LOAD_CORE,
+    splitter = await launch_splitter(str(RULES), env, ["--durability", args.durability], prefix=pin(PROXY_CORE))
+    results: dict[str, Any] = {"pinned": pinning_available(), "proxy_core": PROXY_CORE, "load_core": LOAD_CORE, "durability": args.durability,
                                "body_bytes": sum(map(len, bodies)) // len(bodies), "events_per_request": BATCH}
     ok = True
     try:
@@ -105,7 +106,8 @@ async def main() -> int:
         await splitter.stop()
         receivers.stop()
     pinned = f"proxy on core {PROXY_CORE}, wrk and receivers on core {LOAD_CORE}" if results["pinned"] else "not pinned (no taskset or one core)"
-    print(f"splitter delivery benchmark: batches of {BATCH} events (~{results['body_bytes'] // 1024} KB), {args.seconds:g} s per phase, {pinned}")
+    print(f"splitter delivery benchmark: batches of {BATCH} events (~{results['body_bytes'] // 1024} KB), {args.seconds:g} s per phase, {pinned}, "
+          f"--durability {args.durability}")
     print(f"{'phase':<9}{'req/s':>8}{'events/s':>10}{'CPU µs/event':>14}{'p50 ms':>8}{'p99 ms':>8}{'non-200':>9}{'drain s':>9}  delivered")
     for phase in ("healthy", "outage"):
         r = results[phase]

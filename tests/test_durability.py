@@ -121,6 +121,7 @@ async def test_interval_answers_once_written_and_syncs_on_its_interval(tmp_path:
                 break
             await asyncio.sleep(0.1)
         assert await syncs(ticking) >= 1
+        await asyncio.sleep(0.5)
         settled = await syncs(ticking)
         await asyncio.sleep(0.6)
         assert await syncs(ticking) == settled  # nothing written since: no more rounds
