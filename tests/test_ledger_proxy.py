@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from proxy_harness import CREDENTIALS, SERVER_KEY, WEB_KEY, Stack, proxy_stack, with_delivery
+from proxy_harness import CREDENTIALS, DEFAULT_RULES, SERVER_KEY, WEB_KEY, Stack, proxy_stack, with_delivery
 
 SECRETS = (WEB_KEY, SERVER_KEY, *(key for keys in CREDENTIALS.values() for key in keys.values()))
 
@@ -173,3 +173,17 @@ async def test_mirror_copies_dropped_at_a_full_spool_are_counted_dropped_and_tho
         [fan] = document["fanout"]["rows"]
         assert (fan["fanned_out"], fan["reached_all"], fan["reached_some"]) == (4, 0, 4)
         assert len(stack.rudder.events) == 0
+
+
+async def test_with_de_duplication_only_what_was_spooled_is_accepted() -> None:
+    """A request whose events a destination already has: the filter's copies are counted from their events."""
+    async with proxy_stack(DEFAULT_RULES + "dedup: {window: 1h}\n") as stack:
+        first = traffic("d", 8)
+        assert (await stack.post("/v1/batch", {"batch": first}))[0] == 200
+        assert (await stack.post("/v1/batch", {"batch": first[:4] + traffic("e", 4)}))[0] == 200  # 4 repeats, 4 new
+        document = await ledger(stack)
+        accepted = {d: sum(r["accepted"] for r in document["rows"] if r["destination"] == d) for d in ("segment", "rudderstack")}
+        assert accepted == {"segment": len(stack.segment.message_ids()), "rudderstack": len(stack.rudder.message_ids())}
+        assert len(set(stack.segment.message_ids())) == len(stack.segment.message_ids())  # no duplicate reached it
+        assert all(r["pending"] == 0 and r["delivered"] == r["accepted"] for r in document["rows"])
+        assert sum(r["fanned_out"] for r in document["fanout"]["rows"]) == sum(r["reached_all"] for r in document["fanout"]["rows"]) > 0

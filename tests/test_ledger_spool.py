@@ -17,7 +17,7 @@ import pytest
 
 from loadtest.receivers import RunningReceiver, start_receiver
 from proxy.delivery import Delivery
-from proxy.delivery.accounting import Accounting, RequestAccount
+from proxy.delivery.accounting import Accounting, RequestAccount, RoutedAccount
 from proxy.delivery.batches import upstream_batches
 from proxy.delivery.record_tags import UNKNOWN, describe, read_tags
 from proxy.delivery.spool import Spool
@@ -183,11 +183,11 @@ def test_a_request_s_records_say_the_same_from_prepare_s_counts_and_from_their_e
     for ruleset in (rules, without_renames):
         for n in range(6):
             submission = submission_of(ruleset, mixed_batch(f"r{n}")[n:])
-            fast = summarise(RequestAccount(Accounting(Ledger()), submission), submission)
-            slow = summarise(RequestAccount(Accounting(Ledger()), dataclasses.replace(submission, routed=None)), submission)
+            fast = summarise(Accounting(Ledger()).request(submission), submission)
+            slow = summarise(Accounting(Ledger()).request(dataclasses.replace(submission, routed=None)), submission)
             assert fast == slow
             # Without transforms prepare()'s counts describe every chunk and are used; a renamed copy is counted from its events.
-            assert (RequestAccount(Accounting(Ledger()), submission)._routed is not None) == (ruleset is without_renames)
+            assert isinstance(Accounting(Ledger()).request(submission), RoutedAccount) == (ruleset is without_renames)
 
 
 def summarise(account: RequestAccount, submission: Any) -> tuple[dict[tuple[str, str], dict[tuple[str, str], int]], dict[tuple[str, str], list[tuple[int, int]]]]:

@@ -9,9 +9,10 @@ ledger can make its pending agree with what the spool holds.
 
 This runs for every request, so it keeps off the events: a request's counts per destination, role
 and name, and its fan-out groups (its events that went to more than one destination, by how many),
-come from prepare()'s per-request counts (`Submission.routed`): a few entries, whatever the batch
-size. Only when those do not describe the chunks (`Chunk.itemized`: transformed or de-duplicated
-copies) are the chunks' `meta` counted instead, and only a chunk that mixes fan-out events with
+come from prepare()'s per-request counts (`Submission.routed`, `RoutedAccount`): a few entries,
+whatever the batch size. Only when those do not describe the chunks (a chunk built with `add()`:
+transformed copies, which may be renamed; or de-duplication's filter, which drops `routed`) are the
+chunks' `meta` counted instead (`MetaAccount`), and only a chunk that mixes fan-out events with
 others, or events of several groups, has its groups' messageIds listed. A record delivered whole
 is counted from its tags; its events are read one by one only when it is cut into single events or
 a fan-out copy of it fails.
@@ -23,11 +24,13 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Protocol
 
 from proxy.delivery.batches import WHOLE, Batch
 from proxy.delivery.record_tags import UNKNOWN, Fan, Members, Summary, describe, read_tags, tags_for
 from proxy.delivery.spool_format import Record
-from proxy.delivery.submission import Chunk, Submission
+from proxy.delivery.submission import Chunk, Routed, Submission
+from proxy.observe.fanout import FanOut
 from proxy.observe.ledger import ACCEPTED, DEAD, DELIVERED, DROPPED, Ledger
 
 PRIMARY, MIRROR = "primary", "mirror"
@@ -43,7 +46,10 @@ class Accounting:
         self._serial = itertools.count()
 
     def request(self, submission: Submission) -> RequestAccount:
-        return RequestAccount(self, submission)
+        routed = submission.routed
+        if routed is not None and not any(chunk.itemized for chunks in (submission.primary, submission.mirror) for chunk in chunks.values()):
+            return RoutedAccount(self, submission, routed)
+        return MetaAccount(self, submission)
 
     def group_id(self) -> str:
         return f"{self._run}.{next(self._serial)}"
@@ -107,10 +113,93 @@ class Recovered:
             self._fanout.found(str(group), int(count))
 
 
-class RequestAccount:
-    """One request's records: what each holds, their tags, then what was written counted."""
+class RequestAccount(Protocol):
+    """One request's records: the tags of each, then what was written counted (`accepted`)."""
 
-    __slots__ = ("_accounting", "_fan", "_groups", "_places", "_routed", "_source")
+    def tags(self, destination: str, role: str, chunk: Chunk) -> bytes: ...
+
+    def accepted(self, written: Written, dropped: Written) -> None: ...
+
+
+class RoutedAccount:
+    """A request whose chunks prepare() filed itself: everything is read from its per-route counts,
+    record by record when asked, a few entries whatever the number of events."""
+
+    __slots__ = ("_accounting", "_groups", "_routed", "_source", "_submission")
+
+    def __init__(self, accounting: Accounting, submission: Submission, routed: Routed) -> None:
+        self._accounting = accounting
+        self._submission = submission
+        self._source = submission.source.name
+        self._routed = routed
+        self._groups: dict[int, str] | None = None  # copies -> fan-out group, once a record holds fan-out events
+
+    def _summary(self, destination: str, role: str) -> tuple[Summary, dict[int, int] | None]:
+        """What the record for `destination` in `role` holds, and its fan-out events by copies."""
+        summary: Summary = []
+        fan: dict[int, int] | None = None
+        primary_role = role == PRIMARY
+        for (_, primary, mirror, event_type), names in self._routed.items():
+            if destination not in (primary if primary_role else mirror):
+                continue
+            copies = len(primary) + len(mirror)  # a decision never mirrors to one of its primaries
+            summary.append((event_type, names, copies))
+            if copies > 1:
+                if fan is None:
+                    fan = {}
+                fan[copies] = fan.get(copies, 0) + sum(names.values())
+        return summary, fan
+
+    def _fan(self, chunk: Chunk, fan: dict[int, int]) -> tuple[Fan, Members]:
+        groups = self._groups
+        if groups is None:
+            groups = self._groups = {}
+        pairs = []
+        for copies, count in fan.items():
+            group = groups.get(copies)
+            if group is None:
+                group = groups[copies] = self._accounting.group_id()
+            pairs.append((group, count))
+        if len(pairs) == 1 and pairs[0][1] == len(chunk):  # every event of the record in one group
+            return pairs, None
+        return pairs, _members(self._submission, chunk, fan)
+
+    def tags(self, destination: str, role: str, chunk: Chunk) -> bytes:
+        summary, fan = self._summary(destination, role)
+        if fan is None:
+            return tags_for(self._source, role, summary, _NO_FAN[0])
+        return tags_for(self._source, role, summary, *self._fan(chunk, fan))
+
+    def accepted(self, written: Written, dropped: Written) -> None:
+        ledger, source = self._accounting.ledger, self._source
+        ledger.accept_routes(source, self._routed.items())
+        for destination, role, _ in dropped:  # the routes count them as accepted: they were not
+            counts = _counts(self._summary(destination, role)[0])
+            ledger.count(ACCEPTED, source, destination, role, {pair: -events for pair, events in counts.items()})
+            ledger.count(DROPPED, source, destination, role, counts)
+        groups = self._groups
+        if groups is None:
+            return
+        fanout = ledger.fanout
+        for copies, group in groups.items():
+            events: dict[tuple[str, str], int] = {}
+            for (_, primary, mirror, event_type), names in self._routed.items():
+                if len(primary) + len(mirror) == copies:
+                    for name, count in names.items():
+                        events[event_type, name] = events.get((event_type, name), 0) + count
+            fanout.open(group, source, copies, events)
+        for destination, role, chunk in dropped:
+            _, fan = self._summary(destination, role)
+            if fan is not None:
+                _dropped_copies(fanout, chunk, *self._fan(chunk, fan))
+
+
+class MetaAccount:
+    """A request prepare()'s counts do not describe (transformed or de-duplicated copies): each
+    chunk's events are counted from their `meta`; a fan-out event is one whose messageId is in
+    several records."""
+
+    __slots__ = ("_accounting", "_fan", "_groups", "_places", "_source")
 
     def __init__(self, accounting: Accounting, submission: Submission) -> None:
         self._accounting = accounting
@@ -118,129 +207,73 @@ class RequestAccount:
         self._places: dict[Place, Summary] = {}  # what each record holds, per type and name
         self._groups: dict[int, tuple[str, dict[tuple[str, str], int]]] = {}  # copies -> (fan-out group, its events by (type, name))
         self._fan: dict[Place, tuple[Fan, Members]] = {}
-        self._routed = submission.routed
-        per_copies: dict[Place, dict[int, int]] = {}  # each record's events by the destinations they went to
-        if self._routed is None or not self._from_routed(submission, per_copies):
-            self._routed = None
-            per_copies.clear()
-            self._from_meta(submission, per_copies)
-        if self._groups:
-            self._name_groups(submission, per_copies)
-
-    def _from_routed(self, submission: Submission, per_copies: dict[Place, dict[int, int]]) -> bool:
-        """What prepare() counted per route, per record; False when that does not describe the chunks."""
-        places = self._places
-        assert self._routed is not None
-        for (_, primary, mirror, event_type), names in self._routed.items():
-            copies = len(primary) + len(mirror)  # a decision never mirrors to one of its primaries
-            entry = (event_type, names, copies)
-            events = sum(names.values()) if copies > 1 else 0
-            for role, destinations in ((PRIMARY, primary), (MIRROR, mirror)):
-                for destination in destinations:
-                    place = (destination, role)
-                    summary = places.get(place)
-                    if summary is None:
-                        summary = places[place] = []
-                    summary.append(entry)
-                    if events:
-                        counts = per_copies.setdefault(place, {})
-                        counts[copies] = counts.get(copies, 0) + events
-            if events:
-                group = self._groups.get(copies)
-                if group is None:
-                    group = self._groups[copies] = (self._accounting.group_id(), {})
-                for name, count in names.items():
-                    group[1][event_type, name] = group[1].get((event_type, name), 0) + count
-        filed = 0
-        for role, chunks in ((PRIMARY, submission.primary), (MIRROR, submission.mirror)):
-            for destination, chunk in chunks.items():
-                if chunk:
-                    if chunk.itemized or (destination, role) not in places:
-                        places.clear()
-                        self._groups.clear()
-                        return False
-                    filed += 1
-        if filed != len(places):
-            places.clear()
-            self._groups.clear()
-            return False
-        return True
-
-    def _from_meta(self, submission: Submission, per_copies: dict[Place, dict[int, int]]) -> None:
-        """The same from the events' `meta`: a fan-out event is one whose messageId is in several records."""
         chunks = _chunks(submission)
         copies_of = Counter(m for chunk in chunks.values() for m in chunk.meta[0::3]) if len(chunks) > 1 else Counter[str]()
         seen: set[str] = set()
         for place, chunk in chunks.items():
             meta = chunk.meta
             by_route: dict[tuple[str, int], dict[str, int]] = {}
+            fan: dict[int, int] = {}
             for i in range(0, len(meta), 3):
                 message_id, event_type, name = meta[i], meta[i + 1], meta[i + 2]
                 copies = copies_of.get(message_id, 1)
                 names = by_route.setdefault((event_type, copies), {})
                 names[name] = names.get(name, 0) + 1
                 if copies > 1:
-                    counts = per_copies.setdefault(place, {})
-                    counts[copies] = counts.get(copies, 0) + 1
+                    fan[copies] = fan.get(copies, 0) + 1
                     if message_id not in seen:  # named as the first record holding it has it
                         seen.add(message_id)
                         group = self._groups.get(copies)
                         if group is None:
-                            group = self._groups[copies] = (self._accounting.group_id(), {})
+                            group = self._groups[copies] = (accounting.group_id(), {})
                         group[1][event_type, name] = group[1].get((event_type, name), 0) + 1
             self._places[place] = [(event_type, names, copies) for (event_type, copies), names in by_route.items()]
-
-    def _name_groups(self, submission: Submission, per_copies: dict[Place, dict[int, int]]) -> None:
-        """Each record's fan-out groups; the messageIds in each only for a record that mixes them."""
-        copies_of: Counter[str] | None = None
-        chunks = _chunks(submission)
-        for place, counts in per_copies.items():
-            fan = [(self._groups[copies][0], count) for copies, count in counts.items()]
-            if len(counts) == 1 and fan[0][1] == len(chunks[place]):
-                self._fan[place] = (fan, None)
-                continue
-            if copies_of is None:
-                copies_of = Counter(m for chunk in chunks.values() for m in chunk.meta[0::3])
-            message_ids = chunks[place].meta[0::3]
-            self._fan[place] = (fan, [[m for m in message_ids if copies_of[m] == copies] for copies in counts])
+            if fan:
+                pairs = [(self._groups[copies][0], count) for copies, count in fan.items()]
+                whole = len(pairs) == 1 and pairs[0][1] == len(chunk)
+                self._fan[place] = (pairs, None if whole else [[m for m in meta[0::3] if copies_of[m] == copies] for copies in fan])
 
     def tags(self, destination: str, role: str, chunk: Chunk) -> bytes:
-        """The tags of `chunk`'s record for `destination` in `role`."""
         fan, members = self._fan.get((destination, role), _NO_FAN)
         return tags_for(self._source, role, self._places[destination, role], fan, members)
 
     def accepted(self, written: Written, dropped: Written) -> None:
-        """`written` are on the spools (to be delivered whatever the fsync says); `dropped` mirror
-        copies were not kept. Called once, before anything is awaited after the writes."""
         ledger, source = self._accounting.ledger, self._source
-        if self._routed is not None:
-            ledger.accept_routes(source, self._routed.items())
-            for destination, role, _ in dropped:  # the routes count them as accepted: they were not
-                counts = self._counts((destination, role))
-                ledger.count(ACCEPTED, source, destination, role, {pair: -events for pair, events in counts.items()})
-        else:
-            for destination, role, _ in written:
-                ledger.count(ACCEPTED, source, destination, role, self._counts((destination, role)))
+        for destination, role, _ in written:
+            ledger.count(ACCEPTED, source, destination, role, _counts(self._places[destination, role]))
         for destination, role, _ in dropped:
-            ledger.count(DROPPED, source, destination, role, self._counts((destination, role)))
+            ledger.count(DROPPED, source, destination, role, _counts(self._places[destination, role]))
         if not self._groups:
             return
         fanout = ledger.fanout
         for copies, (group, events) in self._groups.items():
             fanout.open(group, source, copies, events)
-        for destination, role, chunk in dropped:  # each of their fan-out events has a copy that failed
+        for destination, role, chunk in dropped:
             fan, members = self._fan.get((destination, role), _NO_FAN)
-            for (group, count), listed in zip(fan, members or [None] * len(fan)):
-                meta = chunk.meta
-                failed = [(meta[i], meta[i + 1], meta[i + 2]) for i in range(0, len(meta), 3) if listed is None or meta[i] in listed]
-                fanout.settle(group, count, False, failed)
+            _dropped_copies(fanout, chunk, fan, members)
 
-    def _counts(self, place: Place) -> dict[tuple[str, str], int]:
-        counts: dict[tuple[str, str], int] = {}
-        for event_type, names, _ in self._places[place]:
-            for name, events in names.items():
-                counts[event_type, name] = counts.get((event_type, name), 0) + events
-        return counts
+
+def _counts(summary: Summary) -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = {}
+    for event_type, names, _ in summary:
+        for name, events in names.items():
+            counts[event_type, name] = counts.get((event_type, name), 0) + events
+    return counts
+
+
+def _members(submission: Submission, chunk: Chunk, fan: dict[int, int]) -> Members:
+    """Per fan-out group of `chunk` (by copies), the messageIds of its events in it: a chunk that mixes them."""
+    copies_of = Counter(m for c in _chunks(submission).values() for m in c.meta[0::3])
+    message_ids = chunk.meta[0::3]
+    return [[m for m in message_ids if copies_of[m] == copies] for copies in fan]
+
+
+def _dropped_copies(fanout: FanOut, chunk: Chunk, fan: Fan, members: Members) -> None:
+    """A mirror copy not kept: each of its fan-out events has a copy that failed."""
+    meta = chunk.meta
+    for (group, count), listed in zip(fan, members or [None] * len(fan)):
+        failed = [(meta[i], meta[i + 1], meta[i + 2]) for i in range(0, len(meta), 3) if listed is None or meta[i] in listed]
+        fanout.settle(group, count, False, failed)
 
 
 _NO_FAN: tuple[Fan, Members] = ([], None)

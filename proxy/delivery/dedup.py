@@ -137,7 +137,7 @@ class Deduplicator:
         try:
             if store is not None and claim.held:
                 shared = await self._claim_shared(store, settings, claim)
-            outcome = await write(dataclasses.replace(submission, primary=claim.primary, mirror=claim.mirror))
+            outcome = await write(dataclasses.replace(submission, primary=claim.primary, mirror=claim.mirror, routed=None))  # routed: before the filter
             ok, dropped = outcome.ok, outcome.dropped_mirrors
         finally:
             undelivered = self._settle(settings, metrics, claim, ok, dropped)

@@ -26,7 +26,6 @@ as `(unknown)` source, role, type and name, so every event is still counted once
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -48,13 +47,17 @@ def tags_for(source: str, role: str, summary: Summary, fan: Fan, members: Member
         return b""
 
 
-@dataclass(frozen=True, slots=True)
 class Tags:
-    source: str
-    role: str
-    summary: list[Any]  # as read: [[type, {name: count}, copies], ...]
-    fan: list[Any]  # as read: [[group, count], ...]
-    members_read: list[Any] | None = None
+    """A record's tags as read (a plain class: one is made per record delivered, and a frozen dataclass costs more to make)."""
+
+    __slots__ = ("fan", "members_read", "role", "source", "summary")
+
+    def __init__(self, source: str, role: str, summary: list[Any], fan: list[Any], members_read: list[Any] | None = None) -> None:
+        self.source = source
+        self.role = role
+        self.summary = summary  # [[type, {name: count}, copies], ...]
+        self.fan = fan  # [[group, count], ...]
+        self.members_read = members_read
 
     @property
     def known(self) -> bool:

@@ -7,7 +7,8 @@ parsing the bytes again (de-duplication does). The delivery ledger reads `routed
 per-request counts (kept for the metrics and the catalog anyway): a chunk filed only by prepare()'s
 own appends holds exactly what `routed` says of its destination and role, so a request's records
 are counted per name without touching its events. A chunk built with `add()` (transformed copies,
-which may be renamed; de-duplication's filtered copies) is `itemized`: the ledger counts its `meta`.
+which may be renamed) is `itemized`: the ledger counts its `meta` instead, as it does when `routed`
+is None (de-duplication drops it: its filter changes the chunks).
 
 A `Chunk` is the list of event bytes itself, with a flat `meta` list beside it (messageId, type,
 name: three entries per event). Not an object per event (a batch of 500 would build 500 objects

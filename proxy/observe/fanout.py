@@ -65,6 +65,9 @@ class FanOut:
         self._found: dict[str, int] | None = None  # while a start checks restored groups: copies seen in the spools
 
     def key(self, source: str, event_type: str, name: str) -> int:
+        index = self._index.get((source, event_type, name))  # a kept name: its own key
+        if index is not None:
+            return index
         key = (source, *self.names.key(source, event_type, name))
         index = self._index.get(key)
         if index is None:
