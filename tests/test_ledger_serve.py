@@ -209,18 +209,24 @@ async def test_a_sigkill_mid_outage_and_a_restart_keep_the_ledger_consistent_and
     finally:
         assert await again.stop() == 0
     assert sorted(m for m in segment.receiver.message_ids() if m.startswith("during")) == sorted(f"during-{i}" for i in range(21))
-    assert totals(after, "accepted") == totals(after, "delivered") == {"segment": 36, "rudderstack": 36}  # what was sent, once
+    # What each receiver got, replays included: records delivered before the kill whose ack had not
+    # reached the disk are sent again after it (at least once; warehouses drop them by messageId).
+    received = {"segment": segment.receiver.message_ids(), "rudderstack": rudder.receiver.message_ids()}
+    assert {name: len(set(ids)) for name, ids in received.items()} == {"segment": 36, "rudderstack": 36}  # every event
+    assert totals(after, "accepted") == totals(after, "delivered") == {name: len(ids) for name, ids in received.items()}
     assert totals(after, "unrecorded") == {"segment": 0, "rudderstack": 0}
     rows = by_row(after)
-    assert rows["web", "Order Placed", "rudderstack", "mirror"]["delivered"] == 5 + 7  # the replayed ones under their own names
-    assert rows["web", "identify", "segment", "primary"]["delivered"] == 5 + 7
+    replayed = {name: len(ids) - len(set(ids)) for name, ids in received.items()}
+    assert 5 + 7 <= rows["web", "Order Placed", "rudderstack", "mirror"]["delivered"] <= 5 + 7 + replayed["rudderstack"]  # under their own names
+    assert 5 + 7 <= rows["web", "identify", "segment", "primary"]["delivered"] <= 5 + 7 + replayed["segment"]
     assert not any(r["source"] == "(unknown)" for r in after["rows"])
     consistent(after)
     [process] = after["processes"]
     assert (process["restarts"], process["unclean_restarts"]) == (1, 1)
     for row in after["fanout"]["rows"]:  # tracked as far as the snapshot saw them, all reached both sides
         assert row["reached_all"] == row["fanned_out"] and row["unresolved"] == row["in_flight_some"] == row["in_flight_none"] == 0
-    assert [r["pending"] for r in again.events("spool_recovered")] == [21, 21]  # segment's and rudderstack's
+    recovered = sorted(r["pending"] for r in again.events("spool_recovered"))  # segment's and rudderstack's, replays included
+    assert recovered == sorted([21 + replayed["segment"], 21 + replayed["rudderstack"]])
 
 
 async def test_the_supervisor_of_two_workers_merges_their_ledger_files(tmp_path: Path, upstreams) -> None:  # type: ignore[no-untyped-def]
