@@ -31,6 +31,7 @@ import click
 import orjson
 import yaml
 
+from proxy.cli.admin_client import AdminReadError, fetch_admin_json, shown
 from proxy.engine import PlanComparison, RulesError, TrackingPlan, compare_with_plan, compile_plan, load_rules
 from proxy.exits import BAD_INPUT
 from proxy.observe.catalog_view import View, merge_views, only_source, seen_events, view_of
@@ -78,31 +79,12 @@ def catalog(urls: tuple[str, ...], snapshots: tuple[str, ...], source: str | Non
 
 
 def _fetch(url: str, source: str | None, timeout: float) -> View:
-    # Imported here, not at the top: proxy.delivery imports prometheus_client, which must not be
-    # imported before `serve` has dropped an inherited PROMETHEUS_MULTIPROC_DIR (every command shares this module).
-    from proxy.delivery.upstream import public_url
-
-    base = url.rstrip("/")
-    address = base + "/admin/catalog" + (f"?{urllib.parse.urlencode({'source': source})}" if source else "")
-    request = urllib.request.Request(address, headers={"Accept": "application/json"})
-    token = os.environ.get("SPLITTER_ADMIN_TOKEN")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # an operator's own admin URL
-            data = response.read()
-    except urllib.error.HTTPError as exc:
-        hint = " (set SPLITTER_ADMIN_TOKEN to the admin token)" if exc.code == 401 else ""
-        _fail(f"{public_url(base)}: the admin port answered {exc.code}{hint}")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        _fail(f"{public_url(base)}: cannot read /admin/catalog: {reason}")
-    try:
-        view = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        _fail(f"{public_url(base)}: /admin/catalog did not answer JSON")
+        view = fetch_admin_json(url, "/admin/catalog", timeout, urllib.parse.urlencode({"source": source}) if source else "")
+    except AdminReadError as exc:
+        _fail(str(exc))
     if not isinstance(view, dict) or "sources" not in view:
-        _fail(f"{public_url(base)}: /admin/catalog did not answer a catalog")
+        _fail(f"{shown(url)}: /admin/catalog did not answer a catalog")
     return view
 
 

@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -33,6 +30,7 @@ from typing import Any, NoReturn
 import click
 import orjson
 
+from proxy.cli.admin_client import AdminReadError, fetch_admin_json, shown
 from proxy.exits import BAD_INPUT
 from proxy.observe.ledger_files import read_files
 from proxy.observe.ledger_view import FANOUT_COLUMNS, ROW_KEY, WINDOW_COLUMNS, destinations, merge, view_of
@@ -71,7 +69,7 @@ def parity(urls: tuple[str, ...], snapshots: tuple[str, ...], source: str | None
     now = time.time()
     views = [_fetch(url, timeout) for url in urls] + [view for path in snapshots for view in _read(path, now)]
     ledger = merge(views)
-    ledger["from"] = [_shown(url) for url in urls] + list(snapshots)
+    ledger["from"] = [shown(url) for url in urls] + list(snapshots)
     if source is not None:
         ledger["rows"] = [row for row in ledger["rows"] if row["source"] == source]
         ledger["fanout"]["rows"] = [row for row in ledger["fanout"]["rows"] if row["source"] == source]
@@ -84,34 +82,13 @@ def parity(urls: tuple[str, ...], snapshots: tuple[str, ...], source: str | None
         out.write(table(ledger, window))
 
 
-def _shown(url: str) -> str:
-    # Imported here, not at the top: proxy.delivery imports prometheus_client, which must not be
-    # imported before `serve` has dropped an inherited PROMETHEUS_MULTIPROC_DIR (every command shares this module).
-    from proxy.delivery.upstream import public_url
-
-    return public_url(url.rstrip("/"))
-
-
 def _fetch(url: str, timeout: float) -> View:
-    base = url.rstrip("/")
-    request = urllib.request.Request(base + "/admin/ledger", headers={"Accept": "application/json"})
-    token = os.environ.get("SPLITTER_ADMIN_TOKEN")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # an operator's own admin URL
-            data = response.read()
-    except urllib.error.HTTPError as exc:
-        hint = " (set SPLITTER_ADMIN_TOKEN to the admin token)" if exc.code == 401 else ""
-        _fail(f"{_shown(base)}: the admin port answered {exc.code}{hint}")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        _fail(f"{_shown(base)}: cannot read /admin/ledger: {getattr(exc, 'reason', exc)}")
-    try:
-        view = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        _fail(f"{_shown(base)}: /admin/ledger did not answer JSON")
+        view = fetch_admin_json(url, "/admin/ledger", timeout)
+    except AdminReadError as exc:
+        _fail(str(exc))
     if not _is_view(view):
-        _fail(f"{_shown(base)}: /admin/ledger did not answer a ledger")
+        _fail(f"{shown(url)}: /admin/ledger did not answer a ledger")
     return view  # type: ignore[no-any-return]
 
 
