@@ -31,7 +31,7 @@ from proxy.background import BackgroundTask
 from proxy.log import get_logger
 from proxy.observe.catalog import Catalog
 from proxy.observe.catalog_view import View, merge_views, only_source, view_of, when
-from proxy.observe.files import process_file, process_files, write_atomically
+from proxy.observe.files import process_file, read_process_files, write_atomically
 
 log = get_logger("splitter.catalog")
 KIND = "catalog"
@@ -112,20 +112,5 @@ async def catalog_document(state_dir: str | Path, keeper: CatalogKeeper | None =
 
 
 def _read_all(state_dir: Path, own: Path | None) -> list[tuple[Path, dict[str, Any] | str]]:
-    """Each other process file's snapshot, or why it cannot be used (files are replaced whole, never half written)."""
-    found: list[tuple[Path, dict[str, Any] | str]] = []
-    for path in process_files(state_dir, KIND) if state_dir.is_dir() else ():
-        if path == own:
-            continue
-        try:
-            snapshot = orjson.loads(path.read_bytes())
-        except FileNotFoundError:
-            continue
-        except (OSError, orjson.JSONDecodeError) as exc:
-            found.append((path, str(exc)))
-            continue
-        if not isinstance(snapshot, dict) or snapshot.get("kind") != "splitter-catalog":
-            found.append((path, "not a catalog snapshot"))
-            continue
-        found.append((path, snapshot))
-    return found
+    """Each other process file's snapshot, or why it cannot be used."""
+    return read_process_files(state_dir, KIND, own, lambda snapshot: snapshot.get("kind") == "splitter-catalog", "not a catalog snapshot")

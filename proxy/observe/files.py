@@ -11,7 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 _TEMP_SUFFIX = ".tmp"
 
@@ -50,3 +54,22 @@ def process_file(state_dir: Path, kind: str, process: str | None) -> Path:
 def process_files(state_dir: Path, kind: str) -> list[Path]:
     """Every process's file of `kind` in the state directory (a supervisor merges them)."""
     return sorted(p for p in state_dir.glob(f"{kind}*.json") if p.name == f"{kind}.json" or p.name.startswith(f"{kind}."))
+
+
+def read_process_files(state_dir: Path, kind: str, own: Path | None, is_snapshot: Callable[[dict[str, Any]], bool],
+                       not_one: str) -> list[tuple[Path, dict[str, Any] | str]]:
+    """Every process file of `kind` but `own`, parsed, or why it cannot be used (`not_one` when it parses
+    but `is_snapshot` refuses it). Files are replaced whole, never half written; one removed meanwhile is skipped."""
+    found: list[tuple[Path, dict[str, Any] | str]] = []
+    for path in process_files(state_dir, kind) if state_dir.is_dir() else ():
+        if path == own:
+            continue
+        try:
+            snapshot = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            continue
+        except (OSError, orjson.JSONDecodeError) as exc:
+            found.append((path, str(exc)))
+            continue
+        found.append((path, snapshot if isinstance(snapshot, dict) and is_snapshot(snapshot) else not_one))
+    return found

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 
 from proxy.log import LogThrottle, get_logger
-from proxy.observe.files import process_file, process_files, write_atomically
+from proxy.observe.files import process_file, read_process_files, write_atomically
 from proxy.observe.ledger import FORMAT, Ledger
 from proxy.observe.ledger_view import merge, view_of
 
@@ -160,16 +160,4 @@ async def ledger_document(state_dir: str | Path, keeper: LedgerKeeper | None = N
 
 def read_files(state_dir: Path, own: Path | None = None) -> list[tuple[Path, dict[str, Any] | str]]:
     """Each ledger file's snapshot in `state_dir` (but `own`), or why it cannot be used."""
-    found: list[tuple[Path, dict[str, Any] | str]] = []
-    for path in process_files(state_dir, KIND) if state_dir.is_dir() else ():
-        if path == own:
-            continue
-        try:
-            snapshot = orjson.loads(path.read_bytes())
-        except FileNotFoundError:
-            continue
-        except (OSError, orjson.JSONDecodeError) as exc:
-            found.append((path, str(exc)))
-            continue
-        found.append((path, snapshot if isinstance(snapshot, dict) and snapshot.get("format") == FORMAT else f"not a ledger snapshot of format {FORMAT}"))
-    return found
+    return read_process_files(state_dir, KIND, own, lambda snapshot: snapshot.get("format") == FORMAT, f"not a ledger snapshot of format {FORMAT}")
