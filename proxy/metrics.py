@@ -64,6 +64,7 @@ class Metrics:
         file and counts reloads and rollbacks once for all (SupervisorMetrics exports its counters),
         so a worker leaves those series out of its multiprocess files entirely."""
         self.registry = registry or CollectorRegistry()
+        self.counts_reloads = counts_reloads
         r = self.registry
         self.requests = Counter("splitter_requests", "Client requests answered, by route and status code.", ["path", "code"], registry=r)
         self.request_duration = Histogram(

@@ -283,8 +283,7 @@ class Server:
         self.traffic = RecentTraffic() if fleet is None else None  # kept where requests are served
         self.recorder = Recorder(settings.state_dir) if fleet is None else None  # writes while the rules' `record:` says so
         self.reloader = reloader = Reloader(settings.config, active, self.metrics, self.env, installer,
-                                            forward=fleet.forward_reload if fleet is not None else None, traffic=self.traffic,
-                                            counts=self.link is None)  # a worker's reloads are its supervisor's, counted there
+                                            forward=fleet.forward_reload if fleet is not None else None, traffic=self.traffic)
 
         async def file_changed() -> None:
             await standing.file_changed(await reloader.reload(FILE_CHANGE))

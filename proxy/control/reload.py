@@ -57,11 +57,11 @@ class ReloadResult:
 
 class Reloader:
     def __init__(self, path: str, active: ActiveRules, metrics: Metrics, env: Mapping[str, str], installer: RulesInstaller | None = None, *,
-                 forward: Callable[[], None] | None = None, traffic: RecentTraffic | None = None, counts: bool = True) -> None:
+                 forward: Callable[[], None] | None = None, traffic: RecentTraffic | None = None) -> None:
         """`active` is read and `metrics` counts reloads; `installer` puts new rules into effect (the
         process's own, with its ramps and delivery; by default one over `active` and `metrics` alone);
-        `traffic` is the recent traffic a change is replayed on. `counts=False` in a worker of
-        `serve --workers N`: its supervisor reloads the same file and counts it once for all."""
+        `traffic` is the recent traffic a change is replayed on. A worker's `metrics` do not count
+        reloads (`Metrics.counts_reloads`): its supervisor reloads the same file and counts it once for all."""
         self._installer = installer or RulesInstaller(active, metrics)
         assert self._installer.active is active, "the installer must install into the rules this reloader reads"
         self._path = path
@@ -73,7 +73,6 @@ class Reloader:
         self._wake = asyncio.Event()
         self._triggers: list[str] = []
         self._traffic = traffic
-        self._counts = counts
         self._last_failure: tuple[str, ...] | None = None  # what the last failed attempt said, to count a file once
         self._background = BackgroundTask(self.run, "rules-reloader")
 
@@ -81,7 +80,7 @@ class Reloader:
         """Compile the file and install it if it is valid, new, and reshuffles no one unasked."""
         async with self._lock:
             result = await self._attempt(trigger)
-            if self._counts and not result.repeated:
+            if self._metrics.counts_reloads and not result.repeated:
                 self._metrics.config_reloads.labels(result=result.status).inc()
         if self._forward is not None and trigger != FILE_CHANGE:  # the workers compile the same file with the same checks
             self._forward()
@@ -114,7 +113,7 @@ class Reloader:
         rollbacks = report.rollback_entries()
         for entry in rollbacks:
             log.warning("config_rollback", trigger=trigger, **entry)
-            if self._counts:
+            if self._metrics.counts_reloads:
                 self._metrics.config_rollbacks.labels(kind=entry.get("kind", "split")).inc()
         return ReloadResult("success", trigger, new.sha256, (), rollbacks)
 
