@@ -24,7 +24,8 @@ KNOWN_TYPES = frozenset(EVENT_TYPES)
 RELOAD_RESULTS = ("success", "error", "refused", "unchanged")  # proxy.reload.Status, in the order a dashboard lists them
 ROLLBACK_KINDS = ("split", "primary", "copy_lost")  # what an accepted reload moved back (proxy.engine.RolloutReport)
 DROP_REASONS = ("spool_full", "spool_error")
-DEDUP_STORE_ERRORS = ("timeout", "connection", "error", "unavailable")  # why a request de-duplicated without the shared store
+# Why a request de-duplicated without the shared store; `tier`: the tier view's publish or read failed (proxy/observe/tier.py).
+DEDUP_STORE_ERRORS = ("timeout", "connection", "error", "unavailable", "tier")
 GEOIP_RELOAD_RESULTS = ("success", "error")  # proxy/control/geoip_watch.py
 
 
@@ -130,7 +131,8 @@ class Metrics:
         self.dedup_store_errors = Counter(
             "splitter_dedup_store_errors",
             "Requests de-duplicated in this process alone because the shared store (dedup.store) did not answer in time (timeout), "
-            "could not be reached (connection), answered an error (error), or was backing off after one of those (unavailable).",
+            "could not be reached (connection), answered an error (error), or was backing off after one of those (unavailable); "
+            "tier: a publish or read of the tier view's catalog and ledger snapshots on that store failed.",
             ["reason"], registry=r,
         )
         self.tracking_plan_violations = Counter(

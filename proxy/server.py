@@ -68,6 +68,7 @@ from proxy.observe.catalog import Catalog
 from proxy.observe.catalog_files import CatalogKeeper, catalog_document
 from proxy.observe.ledger_files import LedgerKeeper, ledger_document
 from proxy.observe.recording import Recorder
+from proxy.observe.tier import Tier
 from proxy.settings import ServeSettings
 from proxy.signals import stop_on_signals
 
@@ -140,9 +141,9 @@ async def open_geoip(path: str) -> GeoIP | None:
     return GeoIP(db)
 
 
-def start_delivery(settings: ServeSettings, rules: RuleSet, metrics: Metrics) -> Delivery | None:
+def start_delivery(settings: ServeSettings, rules: RuleSet, metrics: Metrics, tier: Tier | None = None) -> Delivery | None:
     """Lock and recover the spool (what a crash left is sent first), or None after logging why not."""
-    ledger = LedgerKeeper(settings.state_dir, spool_name(settings.spool_dir))  # the delivery ledger follows its spool (drainers too)
+    ledger = LedgerKeeper(settings.state_dir, spool_name(settings.spool_dir), tier=tier)  # the delivery ledger follows its spool (drainers too)
     ledger.load()
     delivery = Delivery(metrics, spool_dir=Path(settings.spool_dir), dead_letter_dir=Path(settings.dead_letter_dir), ledger=ledger,
                         sync_interval=settings.sync_interval if settings.durability == "interval" else None)
@@ -199,6 +200,7 @@ class Server:
         self.geoip_watcher: GeoIPWatcher | None = None
         self.delivery: Delivery | None = None
         self.catalog: CatalogKeeper | None = None  # the event catalog, where events are served
+        self.tier: Tier | None = None  # the catalog and ledger shared on the rules' dedup.store (proxy/observe/tier.py)
         self.listener: IngressListener | None = None
         self.admin: web.AppRunner | None = None
 
@@ -265,15 +267,20 @@ class Server:
                 geoip.close()  # a supervisor only checks the file: each of its workers opens and watches its own
         self.active = active = ActiveRules(rules)
         self.standing = standing = FileStanding(active, self.metrics, self.refused)
+        # The tier view follows the applied rules' dedup.store (a reload may add or drop it); closed
+        # last, after the catalog's and the ledger's final publishes.
+        self.tier = tier = Tier(settings.replica, lambda: active.current.dedup, self.metrics, ttl=settings.tier_ttl)
+        exits.push_async_callback(tier.close)
         if fleet is None:
-            self.delivery = start_delivery(settings, rules, self.metrics)  # a supervisor's workers deliver, not the supervisor
+            self.delivery = start_delivery(settings, rules, self.metrics, tier)  # a supervisor's workers deliver, not the supervisor
             if self.delivery is None:
                 raise StartupFailed(STARTUP_FAILURE)
             exits.push_async_callback(self._close_delivery)
             if self.link is None:  # a single process does not read the per-worker spools a `--workers N` run left
                 for leftover in worker_spools(Path(settings.spool_dir)):
                     log.error("spool_orphaned", directory=str(leftover), hint="left by `serve --workers N`; start with --workers 2 or more to deliver it")
-            self.catalog = CatalogKeeper(Catalog(), settings.state_dir, settings.process_name, lambda: active.current.catalog.snapshot_interval)
+            self.catalog = CatalogKeeper(Catalog(), settings.state_dir, settings.process_name, lambda: active.current.catalog.snapshot_interval,
+                                         tier=tier)
             await asyncio.to_thread(self.catalog.load)
             exits.push_async_callback(self.catalog.stop)  # after the ingress closes: the last requests are in the last write
         last_good = LastGoodStore(settings.state_dir) if self.link is None else None  # one writer: not a supervisor's workers
@@ -295,9 +302,10 @@ class Server:
         if self.link is None:  # a worker's admin port is its supervisor's, served once for all workers
             admin = build_admin_app(active=active, reloader=reloader, metrics=self.metrics, token=settings.admin_token, is_ready=self.is_ready,
                                     registry=fleet.registry if fleet is not None else None, detail=standing.detail,
-                                    catalog=lambda source: catalog_document(settings.state_dir, self.catalog, source),
+                                    catalog=lambda source: catalog_document(settings.state_dir, self.catalog, source, tier=tier),
                                     history=history.entries if history is not None else None,
-                                    ledger=lambda hourly: ledger_document(settings.state_dir, self.delivery.ledger if self.delivery else None, hourly=hourly))
+                                    ledger=lambda hourly: ledger_document(settings.state_dir, self.delivery.ledger if self.delivery else None,
+                                                                          hourly=hourly, tier=tier))
             add_console(admin, region=settings.region)  # GET / on the admin port (proxy/console)
             self.admin = web.AppRunner(admin, access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT, handle_signals=False)
             await self.admin.setup()

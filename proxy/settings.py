@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +21,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DURABILITY_MODES = ("fsync", "interval")  # docs/configuration.md, Durability modes
+REPLICA_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # it names this replica's keys in the tier view's store
 
 
 class SettingsError(ValueError):
@@ -70,6 +73,13 @@ class ServeSettings:
     durability: str = "fsync"  # `fsync`: the 200 waits for the fsync; `interval`: for the write, fsynced every --sync-interval
     sync_interval: float = 0.5  # seconds between fsyncs with --durability interval
     geoip_db: str | None = None  # a MaxMind DB file for `country` conditions (proxy/geoip.py); None: CDN headers and the event's location only
+    replica_id: str | None = None  # this replica in the tier view (proxy/observe/tier.py); None: the host's name
+    tier_ttl: float = 86400.0  # seconds a process's snapshots stay in the tier view's store after its last publish
+
+    @property
+    def replica(self) -> str:
+        """`replica_id`, or the host's name made fit for a key (a pod's name in Kubernetes)."""
+        return self.replica_id or host_replica_id()
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any], *, admin_token: str | None) -> ServeSettings:
@@ -102,6 +112,8 @@ class ServeSettings:
             geoip_db=flags["geoip_db"] or None,
             durability=flags["durability"],
             sync_interval=flags["sync_interval"],
+            replica_id=flags["replica_id"] or None,
+            tier_ttl=flags["tier_ttl"],
         )
 
     def __post_init__(self) -> None:
@@ -128,6 +140,18 @@ class ServeSettings:
             raise SettingsError("--sync-interval (SPLITTER_SYNC_INTERVAL) must be more than 0 seconds")
         if self.cdn_cache_seconds < 0:
             raise SettingsError("--cdn-cache-seconds (SPLITTER_CDN_CACHE_SECONDS) must be 0 or more seconds")
+        if self.replica_id is not None and not REPLICA_ID.fullmatch(self.replica_id):
+            raise SettingsError(f"--replica-id (SPLITTER_REPLICA_ID) {self.replica_id!r}: expected 1 to 64 letters, digits, '_', '.' or '-'")
+        if not self.tier_ttl >= 1:
+            raise SettingsError("--tier-ttl (SPLITTER_TIER_TTL) must be 1 second or more")
+
+
+def host_replica_id() -> str:
+    """The host's name when it fits a replica id (it does in Kubernetes and on most hosts), else made to fit."""
+    name = socket.gethostname() or "localhost"
+    if REPLICA_ID.fullmatch(name):
+        return name
+    return (re.sub(r"[^A-Za-z0-9_.\-]", "-", name)[:64]) or "localhost"
 
 
 def flag_default(name: str) -> str | int | float | None:

@@ -139,6 +139,9 @@ def _flag(*decls: str, field: str, **kwargs: Any) -> Callable[[FC], FC]:
 @_flag("--workers", field="workers", type=int, help="Worker processes sharing the ingress port (SO_REUSEPORT); each owns <spool-dir>/worker-<i>.")
 @_flag("--geoip-db", field="geoip_db", metavar="PATH",
        help="A MaxMind DB file (GeoLite2-Country or -City): `country` from the client's address when no CDN header gives it. Reloaded when replaced.")
+@_flag("--replica-id", field="replica_id", metavar="NAME",
+       help="This replica in the tier view shared on dedup.store (letters, digits, _ . -; unique per replica). Default: the host's name.")
+@_flag("--tier-ttl", field="tier_ttl", type=float, help="Seconds a process's catalog and ledger stay in the tier view after its last publish.")
 def serve(**flags: Any) -> None:
     """Run the proxy. The admin token, when the admin port is not loopback, comes from SPLITTER_ADMIN_TOKEN."""
     # Before prometheus_client is imported: it picks multiprocess mode from the environment once. An

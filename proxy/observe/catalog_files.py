@@ -32,6 +32,7 @@ from proxy.log import get_logger
 from proxy.observe.catalog import Catalog
 from proxy.observe.catalog_view import View, merge_views, only_source, view_of, when
 from proxy.observe.files import process_file, read_process_files, write_atomically
+from proxy.observe.tier import Tier, TierRead
 
 log = get_logger("splitter.catalog")
 KIND = "catalog"
@@ -40,8 +41,10 @@ KIND = "catalog"
 class CatalogKeeper:
     """A serving process's catalog and its file: loaded at start, written periodically and at stop."""
 
-    def __init__(self, catalog: Catalog, state_dir: str | Path, process: str | None, interval: Callable[[], float]) -> None:
+    def __init__(self, catalog: Catalog, state_dir: str | Path, process: str | None, interval: Callable[[], float],
+                 tier: Tier | None = None) -> None:
         self.catalog = catalog
+        self.tier = tier
         self.state_dir = Path(state_dir)
         self.process = process
         self.path = process_file(self.state_dir, KIND, process)
@@ -72,11 +75,12 @@ class CatalogKeeper:
     async def stop(self) -> None:
         """Stop the periodic writes and write once more: called once no request is left to count."""
         await self._task.stop()
-        await self.write()
+        await self.publish(await self.write())
 
-    async def write(self) -> None:
+    async def write(self) -> bytes | None:
+        """Write the file if the catalog changed (or was never written by this process); the snapshot written, else None."""
         if not self.catalog.changed and self._written:
-            return
+            return None
         self.catalog.changed, self._written = False, True
         payload = orjson.dumps(self.catalog.snapshot(self.process))
         try:
@@ -84,17 +88,34 @@ class CatalogKeeper:
         except OSError as exc:
             self.catalog.changed = True  # try again at the next interval
             log.warning("catalog_snapshot_failed", file=str(self.path), error=exc.strerror or str(exc))
+        return payload
+
+    async def publish(self, payload: bytes | None) -> bool:
+        """Publish the snapshot just written (`payload`), else refresh the one published, when the rules name a store;
+        False when they do not or it did not answer."""
+        if self.tier is None:
+            return False
+        return await self.tier.publish(KIND, self.process, payload if payload is not None else self._current, self.tier.period(self._interval()))
+
+    def _current(self) -> bytes:
+        return orjson.dumps(self.catalog.snapshot(self.process))
+
+    def _period(self) -> float:
+        return self.tier.period(self._interval()) if self.tier is not None and self.tier.active else self._interval()
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._interval())
-            await self.write()
+            await asyncio.sleep(self._period())
+            await self.publish(await self.write())
 
 
-async def catalog_document(state_dir: str | Path, keeper: CatalogKeeper | None = None, source: str | None = None) -> View:
-    """What `/admin/catalog` answers: the live catalog (if this process serves) and every other process file, merged."""
+async def catalog_document(state_dir: str | Path, keeper: CatalogKeeper | None = None, source: str | None = None,
+                           tier: Tier | None = None) -> View:
+    """What `/admin/catalog` answers: the live catalog (if this process serves) and every other process file, merged;
+    with a `tier` whose store answers, also every other replica's published snapshots."""
     now = time.time()
-    read = await asyncio.to_thread(_read_all, Path(state_dir), keeper.path if keeper is not None else None)
+    read, tier_read = await asyncio.gather(asyncio.to_thread(_read_all, Path(state_dir), keeper.path if keeper is not None else None),
+                                           tier.read(KIND) if tier is not None else _nothing())
     views = [view_of(keeper.catalog.snapshot(keeper.process, now), now, live=True)] if keeper is not None else []
     unreadable: list[dict[str, str]] = []
     for path, found in read:
@@ -104,11 +125,32 @@ async def catalog_document(state_dir: str | Path, keeper: CatalogKeeper | None =
             views.append(view_of(found, now))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             unreadable.append({"file": path.name, "error": str(exc)})
+    if tier_read is not None:
+        for view in views:  # this host's processes
+            view["processes"] = [{**p, "replica": tier_read.replica} for p in view["processes"]]
+        for snapshot in tier_read.snapshots:
+            try:
+                if snapshot.data is None:
+                    raise ValueError(snapshot.error)
+                if snapshot.data.get("kind") != "splitter-catalog":
+                    raise ValueError("not a catalog snapshot")
+                view = view_of(snapshot.data, now)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                unreadable.append({"replica": snapshot.replica, "process": snapshot.process, "error": str(exc)})
+                continue
+            view["processes"] = [{**p, **snapshot.described(now)} for p in view["processes"]]
+            views.append(view)
     document = merge_views(views)
     document["generated_at"] = when(now)
+    if tier_read is not None:
+        document["tier"] = tier_read.summary(document["processes"])
     if unreadable:
         document["unreadable"] = unreadable
     return only_source(document, source) if source is not None else document
+
+
+async def _nothing() -> TierRead | None:
+    return None
 
 
 def _read_all(state_dir: Path, own: Path | None) -> list[tuple[Path, dict[str, Any] | str]]:

@@ -21,6 +21,10 @@ Readers: `ledger_document()` answers `/admin/ledger`. A single process: its live
 with any other ledger file in the state directory (an earlier `--workers N` run's, say). The
 supervisor of `--workers N`: every worker's file, each as old as its last write, at most `interval`
 seconds while it is busy (each process's `age_seconds` says how old).
+
+With a `Tier` (the rules name a `dedup.store`, proxy/observe/tier.py), each snapshot is also
+published there every interval (only a refresh of the published one while nothing changed), and
+`ledger_document()` adds every other replica's published snapshots, saying in `tier` which answered.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from proxy.log import LogThrottle, get_logger
 from proxy.observe.files import process_file, read_process_files, write_atomically
 from proxy.observe.ledger import FORMAT, Ledger
 from proxy.observe.ledger_view import merge, view_of
+from proxy.observe.tier import Tier, TierRead
 
 log = get_logger("splitter.ledger")
 KIND = "ledger"
@@ -45,8 +50,10 @@ SNAPSHOT_INTERVAL = 5.0  # seconds between snapshots while counts change
 
 
 class LedgerKeeper:
-    def __init__(self, state_dir: str | Path, process: str | None, *, interval: float = SNAPSHOT_INTERVAL, ledger: Ledger | None = None) -> None:
+    def __init__(self, state_dir: str | Path, process: str | None, *, interval: float = SNAPSHOT_INTERVAL, ledger: Ledger | None = None,
+                 tier: Tier | None = None) -> None:
         """`process`: the spool's name among the state directory's ledgers (None: a single process's)."""
+        self.tier = tier
         self.state_dir = Path(state_dir)
         self.process = process
         self.path = process_file(self.state_dir, KIND, process)
@@ -98,14 +105,27 @@ class LedgerKeeper:
         self._stop.set()
         if self._task is not None:
             await self._task
-        await self._write(clean=True)
+        await self.publish(await self._write(clean=True))
 
     async def _run(self) -> None:
         while not self._stop.is_set():
+            period = self.tier.period(self.interval) if self.tier is not None and self.tier.active else self.interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.interval)
-            if not self._stop.is_set() and self.ledger.changes != self._written:
-                await self._write(clean=False)
+                await asyncio.wait_for(self._stop.wait(), period)
+            if self._stop.is_set():
+                break
+            payload = await self._write(clean=False) if self.ledger.changes != self._written else None
+            await self.publish(payload)
+
+    async def publish(self, payload: bytes | None) -> bool:
+        """Publish the snapshot just written (`payload`), else refresh the one published, when the rules name a store;
+        False when they do not or it did not answer."""
+        if self.tier is None:
+            return False
+        return await self.tier.publish(KIND, self.process, payload if payload is not None else self._current, self.tier.period(self.interval))
+
+    def _current(self) -> bytes:
+        return orjson.dumps(self.snapshot())
 
     def snapshot(self, *, clean: bool = False) -> dict[str, Any]:
         return {**self.ledger.to_json(), "process": self.process, "pid": os.getpid(), "written_at": time.time(), "clean": clean}
@@ -119,7 +139,8 @@ class LedgerKeeper:
             return
         self._written = changes
 
-    async def _write(self, clean: bool) -> None:
+    async def _write(self, clean: bool) -> bytes:
+        """Write the file; the snapshot (also when the disk refused it: the tier may still have it)."""
         async with self._lock:  # one write at a time: two would race to rename over the file
             changes = self.ledger.changes
             payload = orjson.dumps(self.snapshot(clean=clean))
@@ -127,8 +148,9 @@ class LedgerKeeper:
                 await asyncio.to_thread(write_atomically, self.path, payload)
             except OSError as exc:
                 self._failed(exc)
-                return
+                return payload
             self._written = changes
+            return payload
 
     def _failed(self, exc: OSError) -> None:
         if (suppressed := self._log.allow("write")) is not None:
@@ -137,12 +159,14 @@ class LedgerKeeper:
 
 
 
-async def ledger_document(state_dir: str | Path, keeper: LedgerKeeper | None = None, *, hourly: bool = False) -> dict[str, Any]:
+async def ledger_document(state_dir: str | Path, keeper: LedgerKeeper | None = None, *, hourly: bool = False,
+                          tier: Tier | None = None) -> dict[str, Any]:
     """What `/admin/ledger` answers: this process's live ledger (`keeper`, when it delivers), merged
-    with every other ledger file in the state directory (a supervisor: its workers' files)."""
+    with every other ledger file in the state directory (a supervisor: its workers' files); with a
+    `tier` whose store answers, also every other replica's published snapshots."""
     now = time.time()
     own = keeper.path if keeper is not None else None
-    read = await asyncio.to_thread(read_files, Path(state_dir), own)
+    read, tier_read = await asyncio.gather(asyncio.to_thread(read_files, Path(state_dir), own), tier.read(KIND) if tier is not None else _nothing())
     views = [view_of({**keeper.snapshot(), "live": True}, now, hourly=hourly, fanout_rows=keeper.ledger.fanout.rows())] if keeper is not None else []
     unreadable = []
     for path, found in read:
@@ -152,10 +176,31 @@ async def ledger_document(state_dir: str | Path, keeper: LedgerKeeper | None = N
             views.append(view_of(found, now, hourly=hourly))
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             unreadable.append({"file": path.name, "error": str(exc)})
+    if tier_read is not None:
+        for view in views:  # this host's processes
+            view["processes"] = [{**p, "replica": tier_read.replica} for p in view["processes"]]
+        for snapshot in tier_read.snapshots:
+            try:
+                if snapshot.data is None:
+                    raise ValueError(snapshot.error)
+                if snapshot.data.get("format") != FORMAT:
+                    raise ValueError(f"not a ledger snapshot of format {FORMAT}")
+                view = view_of(snapshot.data, now, hourly=hourly)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                unreadable.append({"replica": snapshot.replica, "process": snapshot.process, "error": str(exc)})
+                continue
+            view["processes"] = [{**p, **snapshot.described(now)} for p in view["processes"]]
+            views.append(view)
     document = merge(views)
+    if tier_read is not None:
+        document["tier"] = tier_read.summary(document["processes"])
     if unreadable:
         document["unreadable"] = unreadable
     return document
+
+
+async def _nothing() -> TierRead | None:
+    return None
 
 
 def read_files(state_dir: Path, own: Path | None = None) -> list[tuple[Path, dict[str, Any] | str]]:
