@@ -1,12 +1,15 @@
-"""Side by side, in one run: direct, nginx, nginx split+mirror, a plain aiohttp forwarder, splitter.
+"""Side by side, in one run: direct, nginx, nginx split+mirror, a plain aiohttp forwarder, splitter in both durability modes.
 
 Same bodies (batches of 50 events, ~30 KB; single calls, ~600 B, to /v1/t and /v1/track), same
 count-only receivers, same load; the proxy under test pinned to core 1, load generators and
 receivers on core 0 where `taskset` allows. For each scenario and payload: requests/s and events/s
-at saturation (wrk, closed loop), proxy CPU seconds per event and per request (from /proc), p50/p99
-at a fixed offered load of half the direct rate (loadtest.openloop, open loop), peak and steady RSS,
-and a delivery check. Then splitter with stalled upstreams (loadtest.stall). Targets are printed
-next to the figures. Bounded: every run lasts `--seconds` (latency runs half that).
+at saturation (wrk, closed loop), proxy CPU per event and per request (from /proc), peak and steady
+RSS, and a delivery check. Then latency, open loop (loadtest.openloop): each splitter at 50 % of its
+own saturated rate for that payload; nginx and the forwarder at splitter (interval)'s rate (the same
+load); direct at every rate used, so "p99 added" subtracts direct's p99 at the same offered rate.
+Then splitter with stalled upstreams (loadtest.stall), the floor (loadtest.floor) and decide()
+(loadtest.bench_decide), all in this run, and the issue's targets under the table with PASS/FAIL.
+Bounded: every run lasts `--seconds` (latency runs half that); the total is printed at the end.
 Run: `python -m loadtest.bench [--seconds 6] [--quick] [--only splitter] [--json PATH] [--strict]`.
 Exits 1 if any delivery was not exact (or, with --strict, if a target was missed).
 """
@@ -17,23 +20,30 @@ import argparse
 import asyncio
 import json
 import signal
+import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest import floor as floor_bench
 from loadtest import subjects
 from loadtest.bench_delivery import CONNECTIONS, prepare_load
-from loadtest.harness import PROXY_CORE, Receivers, cpu_seconds, memory_mb, pinning_available, run_wrk
+from loadtest.harness import PROXY_CORE, Receivers, cpu_seconds, memory_mb, pin, pinning_available, run_wrk
 from loadtest.openloop import launch
 from loadtest.payloads import SINGLE_PATHS, Payload, batch_payload, delivered, single_payload
-from loadtest.report import evaluate_targets, print_stall, print_table, print_targets
+from loadtest.report import evaluate_targets, print_floor, print_stall, print_table, print_targets
 from loadtest.stall import stalled_upstreams
 
-LATENCY_LOAD = 0.5  # open-loop offered load, as a share of direct's saturation rate for the same payload
-PROXIES = ("nginx", "nginx-split", "forwarder", "splitter")  # --only choices, besides "stall"; direct always runs
+LATENCY_LOAD = 0.5  # open-loop offered load: a share of splitter's own saturation rate for the same payload
+SPLITTERS: dict[str, subjects.Durability] = {"splitter-interval": "interval", "splitter-fsync": "fsync"}
+PEERS = ("nginx", "nginx-split", "forwarder")
+EXTRAS = ("stall", "floor", "decide")
+ONLY = (*SPLITTERS, *PEERS, *EXTRAS, "splitter")  # --only choices; "splitter" is both modes; direct always runs
 RUDDER_KEY = "rs-web-key"
 
 
@@ -42,6 +52,8 @@ class Plan:
     seconds: float  # each saturation run
     latency_seconds: float  # each open-loop run
     warmup_seconds: float
+    floor_seconds: float  # each of the floor's HTTP runs
+    in_process_seconds: float  # each of the floor's in-process pieces, and each decide() measurement
 
 
 def delivery(expect: subjects.Expect, payload: Payload, received: tuple[int, int], answered: int, in_flight: int) -> tuple[bool, str]:
@@ -59,9 +71,8 @@ def delivery(expect: subjects.Expect, payload: Payload, received: tuple[int, int
     return complete, f"{label if complete else 'MISSING'} ({segment} + {rudder})"
 
 
-async def measure(subject: subjects.Subject, payload: Payload, receivers: Receivers, auth: str, plan: Plan,
-                  offered: float | None) -> dict[str, Any]:
-    """Saturation (CPU, memory, delivery), then latency at `offered` requests/s (or half of this run's rate)."""
+async def saturate(subject: subjects.Subject, payload: Payload, receivers: Receivers, auth: str, plan: Plan) -> dict[str, Any]:
+    """wrk at saturation: rate, CPU per event and request, memory, and what the receivers got."""
     pids = subject.pids()
     before = cpu_seconds(pids)
     run = await asyncio.to_thread(run_wrk, subject.url, payload.path, payload.bodies, auth, seconds=plan.seconds, connections=CONNECTIONS)
@@ -72,15 +83,6 @@ async def measure(subject: subjects.Subject, payload: Payload, receivers: Receiv
     complete, note = delivery(subject.expect, payload, received, run.ok, CONNECTIONS)
     await receivers.reset()
     rate = run.ok / run.seconds
-    offered = offered or LATENCY_LOAD * rate
-    latency = await asyncio.to_thread(launch, subject.url, payload.path, payload.bodies, auth, rate=offered, seconds=plan.latency_seconds,
-                                      grace=plan.latency_seconds)
-    # The open-loop generator waits for every answer, so with none missing its requests are known
-    # exactly: splitter's single calls are then checked exactly too, not within wrk's in-flight window.
-    settled_again = await subject.settle()
-    open_loop_complete, open_loop_note = delivery(subject.expect, payload, await counts(receivers), latency.answered,
-                                                  latency.scheduled - latency.answered)
-    await receivers.reset()
     return {
         "scenario": subject.name, "payload": payload.name, "events": payload.events, "body_bytes": payload.body_bytes,
         "requests_per_s": round(rate), "events_per_s": round(rate * payload.events),
@@ -88,11 +90,35 @@ async def measure(subject: subjects.Subject, payload: Payload, receivers: Receiv
         "cpu_us_per_request": round(1e6 * cpu / run.ok, 1) if pids and run.ok else None,
         "wrk_p50_ms": run.p50_ms, "wrk_p99_ms": run.p99_ms, "non_2xx": run.non_2xx, "socket_errors": run.errors,
         "peak_rss_mb": round(peak, 1) if pids else None, "steady_rss_mb": round(steady, 1) if pids else None,
-        "delivered": complete and open_loop_complete and None not in (settled, settled_again) and run.ok == run.requests,
+        "delivered": complete and settled is not None and run.ok == run.requests,
         "delivery": note if run.ok == run.requests else f"{note}, {run.requests - run.ok} failed",
-        "delivery_open_loop": open_loop_note.split(" (")[0],
-        "received": dict(zip(("segment", "rudderstack"), received)), "answered_200": run.ok, "latency": asdict(latency),
+        "received": dict(zip(("segment", "rudderstack"), received)), "answered_200": run.ok,
     }
+
+
+async def open_loop(subject: subjects.Subject, payload: Payload, receivers: Receivers, auth: str, plan: Plan, rate: float) -> tuple[dict[str, Any], bool, str]:
+    """Latency at `rate` requests/s, open loop, then the delivery check of what it sent: (latency, complete, note)."""
+    latency = await asyncio.to_thread(launch, subject.url, payload.path, payload.bodies, auth, rate=rate, seconds=plan.latency_seconds,
+                                      grace=plan.latency_seconds)
+    # The open-loop generator waits for every answer, so with none missing its requests are known
+    # exactly: splitter's single calls are then checked exactly too, not within wrk's in-flight window.
+    settled = await subject.settle()
+    complete, note = delivery(subject.expect, payload, await counts(receivers), latency.answered, latency.scheduled - latency.answered)
+    await receivers.reset()
+    return asdict(latency), complete and settled is not None, note.split(" (")[0]
+
+
+async def measure(subject: subjects.Subject, payload: Payload, receivers: Receivers, auth: str, plan: Plan, rate: float | None,
+                  rate_from: str) -> dict[str, Any]:
+    """Saturation, then latency at `rate` (None: LATENCY_LOAD of this run's own saturated rate)."""
+    row = await saturate(subject, payload, receivers, auth, plan)
+    offered = LATENCY_LOAD * row["requests_per_s"] if rate is None else rate
+    if offered < 1:  # nothing was answered at saturation: there is no rate to offer
+        row.update(latency=None, latency_rate_from=rate_from, delivery_open_loop="not run", delivered=False)
+        return row
+    latency, complete, note = await open_loop(subject, payload, receivers, auth, plan, offered)
+    row.update(latency=latency, latency_rate_from=rate_from, delivery_open_loop=note, delivered=row["delivered"] and complete)
+    return row
 
 
 async def counts(receivers: Receivers) -> tuple[int, int]:
@@ -108,92 +134,158 @@ async def warm_up(subject: subjects.Subject, payload: Payload, receivers: Receiv
 async def keep_running(subject: subjects.Subject) -> None:
     """--keep-running: leave splitter and the receivers up for profiling with your own load, until Ctrl-C."""
     assert subject.splitter is not None
-    print(f"splitter keeps running: pid {subject.splitter.process.pid}, ingress {subject.url}, admin {subject.splitter.admin}; "
-          f"`py-spy top --pid {subject.splitter.process.pid}`; Ctrl-C to stop", file=sys.stderr)
+    print(f"{subject.name} keeps running: pid {subject.splitter.process.pid}, ingress {subject.url}, admin {subject.splitter.admin}; "
+          f"`py-spy top --pid {subject.splitter.process.pid}`; Ctrl-C to go on", file=sys.stderr)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().remove_signal_handler(sig)
 
 
-def contenders(receivers: Receivers, env: dict[str, str], only: set[str]) -> Iterator[tuple[str, AbstractAsyncContextManager[subjects.Subject]]]:
-    """Direct first (its rates set the open-loop load of the others), then the proxies asked for."""
-    factories: dict[str, Callable[[], AbstractAsyncContextManager[subjects.Subject]]] = {
-        "nginx": lambda: subjects.nginx(receivers, "pass", RUDDER_KEY), "nginx-split": lambda: subjects.nginx(receivers, "split", RUDDER_KEY),
-        "forwarder": lambda: subjects.forwarder(receivers), "splitter": lambda: subjects.splitter(env)}
-    yield "direct", subjects.direct(receivers)
-    for name in PROXIES:
-        if name in only:
-            yield name, factories[name]()
+def chosen(only: list[str] | None) -> set[str]:
+    """--only's names, "splitter" standing for both modes; everything when none is given."""
+    if not only:
+        return {*SPLITTERS, *PEERS, *EXTRAS}
+    return {name for given in only for name in (SPLITTERS if given == "splitter" else (given,))}
+
+
+async def direct_at_rates(rows: list[dict[str, Any]], payloads: dict[str, Payload], receivers: Receivers, auth: str, plan: Plan) -> None:
+    """Direct, open loop, at every rate a proxy row of the same payload was measured at; each proxy row gets direct's
+    p99 at its own offered rate subtracted (`p99_added_ms`)."""
+    async with subjects.direct(receivers) as direct:
+        for base in [row for row in rows if row["scenario"] == "direct"]:
+            users: dict[float, list[dict[str, Any]]] = {}
+            for row in rows:
+                if row["scenario"] != "direct" and row.get("payload") == base["payload"] and row.get("latency"):
+                    users.setdefault(row["latency"]["offered_per_s"], []).append(row)
+            base["open_loop"] = []
+            for rate, measured in sorted(users.items()):
+                latency, complete, note = await open_loop(direct, payloads[base["payload"]], receivers, auth, plan, rate)
+                base["open_loop"].append({**latency, "delivery": note, "for": [row["scenario"] for row in measured]})
+                base["delivered"] = base["delivered"] and complete
+                for row in measured:
+                    row["direct_latency"] = latency
+                    if not row["latency"]["saturated"] and not latency["saturated"]:
+                        row["p99_added_ms"] = round(row["latency"]["p99_ms"] - latency["p99_ms"], 3)
+
+
+def decide_rate(seconds: float) -> dict[str, Any]:
+    """loadtest.bench_decide in its own process, pinned to the proxy core: decisions per second, and a bare hash's."""
+    with tempfile.TemporaryDirectory(prefix="splitter-decide-") as scratch:
+        report = Path(scratch) / "decide.json"
+        subprocess.run([*pin(PROXY_CORE), sys.executable, "-m", "loadtest.bench_decide", "--seconds", f"{seconds:g}", "--json", str(report)],
+                       check=True, capture_output=True, timeout=120)
+        result: dict[str, Any] = json.loads(report.read_text())
+        return result
 
 
 async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
-    only = set(args.only or [*PROXIES, "stall"])
+    only = chosen(args.only)
     receivers, env, rules, batch_bodies, auth = prepare_load()
     batch = batch_payload(batch_bodies)
     singles = {path: single_payload(rules, path) for path in SINGLE_PATHS}
     everything, baseline_kinds = [batch, *singles.values()], [batch, singles["/v1/track"]]  # /v1/t is Segment-only
+    payloads = {payload.name: payload for payload in everything}
     rows: list[dict[str, Any]] = []
-    direct_rate: dict[str, float] = {}
-    stall = None
+    lead: dict[str, tuple[float, str]] = {}  # payload -> the rate the peers' latency is measured at, and whose it is
+    stall = floor = decide = None
     try:
-        for name, context in contenders(receivers, env, only):
+        async with subjects.direct(receivers) as direct:  # direct's saturation first; its open-loop runs come last, at the rates used
+            for payload in everything:
+                rows.append(await saturate(direct, payload, receivers, auth, plan))
+        for name, mode in SPLITTERS.items():
+            if name not in only:
+                continue
+            async with subjects.splitter(env, mode) as subject:
+                if not args.quick:
+                    await warm_up(subject, batch, receivers, auth, plan)
+                for payload in everything:
+                    row = await measure(subject, payload, receivers, auth, plan, None, "50 % of its own")
+                    lead.setdefault(payload.name, (row["latency"]["offered_per_s"], subject.name))
+                    rows.append(row)
+                if args.keep_running:
+                    await keep_running(subject)
+        for direct_row in rows[:len(everything)]:  # no splitter: the peers at 50 % of direct's rate
+            lead.setdefault(direct_row["payload"], (LATENCY_LOAD * direct_row["requests_per_s"], "direct"))
+        factories: dict[str, Callable[[], AbstractAsyncContextManager[subjects.Subject]]] = {
+            "nginx": lambda: subjects.nginx(receivers, "pass", RUDDER_KEY), "nginx-split": lambda: subjects.nginx(receivers, "split", RUDDER_KEY),
+            "forwarder": lambda: subjects.forwarder(receivers)}
+        for name in PEERS:
+            if name not in only:
+                continue
             try:
-                async with context as subject:
-                    if name != "direct" and not args.quick:
+                async with factories[name]() as subject:
+                    if not args.quick:
                         await warm_up(subject, batch, receivers, auth, plan)
-                    for payload in everything if name in ("direct", "splitter") else baseline_kinds:
-                        row = await measure(subject, payload, receivers, auth, plan, direct_rate.get(payload.name))
-                        if name == "direct":
-                            direct_rate[payload.name] = row["latency"]["offered_per_s"]
-                        rows.append(row)
-                    if name == "splitter" and args.keep_running:
-                        await keep_running(subject)
+                    for payload in baseline_kinds:
+                        rate, whose = lead[payload.name]
+                        rows.append(await measure(subject, payload, receivers, auth, plan, rate, f"{whose}'s"))
             except subjects.Unavailable as missing:
                 rows.append({"scenario": name, "skipped": str(missing), "delivered": True})
         if "stall" in only:
-            stall = await stalled_upstreams(receivers, env, batch, auth, plan.seconds, hang=not args.quick)
+            stall_env = dict(env, SPLITTER_DURABILITY=args.stall_durability)
+            stall = {**await stalled_upstreams(receivers, stall_env, batch, auth, plan.seconds, hang=not args.quick), "durability": args.stall_durability}
+        await direct_at_rates(rows, payloads, receivers, auth, plan)
+        if "floor" in only:
+            forwarder = next((row for row in rows if row["scenario"] == "aiohttp forwarder" and row.get("payload") == "batch"), None)
+            shared = floor_bench.Shared(receivers, rules, auth, batch, singles, forwarder)
+            floor = await floor_bench.measure(plan.floor_seconds, shared, plan.in_process_seconds)
     finally:
         receivers.stop()
-    direct = {row["payload"]: row for row in rows if row["scenario"] == "direct"}
-    for row in rows:
-        base = direct.get(row.get("payload", ""))
-        if base and row["scenario"] != "direct" and not row["latency"]["saturated"] and not base["latency"]["saturated"]:
-            row["p99_added_ms"] = round(row["latency"]["p99_ms"] - base["latency"]["p99_ms"], 3)
-    return {"rows": rows, "stall": stall}
+    if "decide" in only:
+        decide = await asyncio.to_thread(decide_rate, plan.in_process_seconds)
+    return {"rows": rows, "stall": stall, "floor": floor, "decide": decide}
+
+
+def _run(main: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def main() -> int:
+    started = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds per saturation run (latency runs take half)")
     parser.add_argument("--quick", action="store_true", help="about 1 s per run: a smoke test of the harness, not a measurement")
-    parser.add_argument("--only", action="append", choices=[*PROXIES, "stall"], help="run only these (repeatable); direct always runs")
+    parser.add_argument("--only", action="append", choices=ONLY, help="run only these (repeatable; splitter = both modes); direct always runs")
+    parser.add_argument("--stall-durability", choices=("interval", "fsync"), default="interval",
+                        help="splitter's --durability in the stalled-upstream run (default interval: it accepts fastest)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    parser.add_argument("--keep-running", action="store_true", help="after its runs, keep splitter up for profiling until Ctrl-C")
+    parser.add_argument("--keep-running", action="store_true", help="after its runs, keep each splitter up for profiling until Ctrl-C")
     args = parser.parse_args()
     seconds = 1 if args.quick else max(1, round(args.seconds))  # wrk takes whole seconds
-    plan = Plan(seconds, seconds / 2, min(2, max(1, seconds // 2)))
-    try:
-        from uvloop import run
-    except ImportError:  # pragma: no cover
-        from asyncio import run
-    results = run(run_all(args, plan))
-    rows, stall = results["rows"], results["stall"]
-    targets = evaluate_targets(rows, stall)
+    plan = Plan(seconds, seconds / 2, min(2, max(1, seconds // 2)), max(1, round(seconds * 2 / 3)), 0.3 if args.quick else min(2.0, seconds / 3))
+    results = _run(run_all(args, plan))
+    rows, stall, floor, decide = results["rows"], results["stall"], results["floor"], results["decide"]
+    targets = evaluate_targets(rows, stall, floor, decide)
     pinned = f"proxies on core {PROXY_CORE}, load and receivers on the other" if pinning_available() else "not pinned"
-    print(f"{plan.seconds:g} s per saturation run ({CONNECTIONS} connections, wrk), {plan.latency_seconds:g} s per open-loop run "
-          f"at {LATENCY_LOAD:.0%} of direct's rate; {pinned}")
+    print(f"{plan.seconds:g} s per saturation run ({CONNECTIONS} connections, wrk), {plan.latency_seconds:g} s per open-loop run: "
+          f"splitter at {LATENCY_LOAD * 100:.0f} % of its own rate, nginx and the forwarder at splitter (interval)'s, direct at each; {pinned}")
     print_table(rows)
     if stall:
         print_stall(stall)
+    if floor:
+        print_floor(floor)
+    if decide:
+        print(f"decide(): {decide['decisions_per_second']:,}/s over {decide['rules']} rules; a bare mmh3 bucket {decide['hash_only_per_second']:,}/s")
     print_targets(targets)
+    duration = time.monotonic() - started
+    print(f"total {duration:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"plan": asdict(plan), "pinned": pinning_available(), "rows": rows, "stall": stall, "targets": targets},
-                                        indent=2) + "\n")
+        args.json.write_text(json.dumps({"plan": asdict(plan), "pinned": pinning_available(), "rows": rows, "stall": stall, "floor": floor,
+                                         "decide": decide, "targets": targets, "duration_s": round(duration, 1)}, indent=2, ensure_ascii=False) + "\n")
     delivered = all(row["delivered"] for row in rows) and (stall is None or stall["delivered"])
     if not delivered:
         print("delivery was not exact: see the delivered column", file=sys.stderr)
+        return 1
+    if floor and any(row["non_2xx"] for row in floor["http"]):
+        print("the floor's servers answered non-2xx: see --json's floor.http", file=sys.stderr)
         return 1
     return 1 if args.strict and any(t["passed"] is False for t in targets) else 0
 

@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,31 +43,35 @@ from aiohttp import web
 
 from loadtest import subjects
 from loadtest.bench_delivery import CONNECTIONS, WRITE_KEY, prepare_load
-from loadtest.harness import LOAD_CORE, PROXY_CORE, cpu_seconds, pinned_server, pinning_available, run_wrk
-from loadtest.payloads import BATCH
-from loadtest.report import CPU_PER_EVENT_US as BATCH_TARGET_US
-from loadtest.report import FORWARDER_RATIO
+from loadtest.harness import LOAD_CORE, PROXY_CORE, Receivers, cpu_seconds, pinned_server, pinning_available, run_wrk
+from loadtest.payloads import BATCH, SINGLE_PATHS, Payload, batch_payload, single_payload
+from loadtest.report import CPU_PER_EVENT_US, CPU_PER_SINGLE_US, FORWARDER_RATIO
 from proxy.delivery.spool import encode
 from proxy.engine import EventContext, RuleSet, shared_decision
-from proxy.ingress.app import FAST_INGRESS, FastIngress, Observer, observing
+from proxy.ingress.app import FAST_INGRESS, FastIngress, Observer, observing, routes
 from proxy.ingress.body import read_body
 from proxy.ingress.handlers import _prepare_request
 from proxy.ingress.listener import listen
-from proxy.ingress.prepare import CallShape
+from proxy.ingress.prepare import Prepared
 from proxy.metrics import Metrics
 
 PORT_ROW = "splitter's ingest port, read and answer"
+PREPARE = "prepare() (parse, validate, route, encode, file)"
+FRAMING = "spool framing (primary + mirror records)"
+FORWARDER = "aiohttp forwarder"
+SINGLE_PORT_PATH = "/v1/track"  # the ingest port's read and answer of single calls, measured once: /v1/t is the same handler
+IN_PROCESS_SECONDS = 2.0  # at most, per in-process piece (best of the passes that fit)
 
 
-def http_row(name: str, url: str, pids: list[int], bodies: list[bytes], auth: str, seconds: float) -> dict[str, Any]:
-    run_wrk(url, "/v1/batch", bodies, auth, seconds=1, connections=CONNECTIONS)  # warm-up: connections, caches
+def http_row(name: str, url: str, pids: list[int], payload: Payload, auth: str, seconds: float) -> dict[str, Any]:
+    run_wrk(url, payload.path, payload.bodies, auth, seconds=1, connections=CONNECTIONS)  # warm-up: connections, caches
     before = cpu_seconds(pids)
-    run = run_wrk(url, "/v1/batch", bodies, auth, seconds=seconds, connections=CONNECTIONS)
+    run = run_wrk(url, payload.path, payload.bodies, auth, seconds=seconds, connections=CONNECTIONS)
     cpu = cpu_seconds(pids) - before
     answered = run.requests - run.non_2xx
     per_request = 1e6 * cpu / answered if pids and answered else None
-    return {"name": name, "events_per_s": answered * BATCH / run.seconds, "cpu_us_per_request": per_request,
-            "cpu_us_per_event": per_request / BATCH if per_request is not None else None, "non_2xx": run.non_2xx}
+    return {"name": name, "payload": payload.name, "events_per_s": answered * payload.events / run.seconds, "cpu_us_per_request": per_request,
+            "cpu_us_per_event": per_request / payload.events if per_request is not None else None, "non_2xx": run.non_2xx}
 
 
 @contextmanager
@@ -83,94 +88,151 @@ def on_proxy_core() -> Iterator[None]:
         os.sched_setaffinity(0, previous)
 
 
-def per_event(work: Callable[[bytes], object], bodies: list[bytes], seconds: float) -> float:
-    """CPU µs per event of `work` over every body, best of the passes that fit in `seconds`."""
+def per_event(work: Callable[[bytes], object], bodies: list[bytes], seconds: float, events: int = BATCH) -> float:
+    """CPU µs per event of `work` over every body (`events` each), best of the passes that fit in `seconds`."""
     best = float("inf")
     deadline = time.perf_counter() + seconds
     while True:
         started = time.process_time()
         for body in bodies:
             work(body)
-        best = min(best, (time.process_time() - started) / (len(bodies) * BATCH) * 1e6)
+        best = min(best, (time.process_time() - started) / (len(bodies) * events) * 1e6)
         if time.perf_counter() >= deadline:
             return best
 
 
-def in_process_rows(rules: RuleSet, bodies: list[bytes], seconds: float) -> dict[str, float]:
-    source = rules.source_for_key(WRITE_KEY)
-    assert source is not None
-    ctx = EventContext(source.name)
-    parsed = {id(body): orjson.loads(body)["batch"] for body in bodies}
-    shape = CallShape(True)
-    prepared = {id(body): _prepare_request(rules, body, WRITE_KEY, shape, None, None, "10.0.0.1").submission for body in bodies}
+def _prepare_and_frame(rules: RuleSet, payload: Payload, seconds: float) -> dict[str, float]:
+    """prepare() and the spool framing of its records, per event of `payload`, as the ingest route of its path does them."""
+    shape = routes()[payload.path]
+
+    def prepare(body: bytes) -> Prepared:
+        return _prepare_request(rules, body, WRITE_KEY, shape, None, None, "10.0.0.1")
+
+    prepared = {id(body): prepare(body).submission for body in payload.bodies}
 
     def frame(body: bytes) -> None:
         done = prepared[id(body)]
         for chunk in (*done.primary.values(), *done.mirror.values()):
             encode(1.0, "key", None, chunk.events)
 
+    return {PREPARE: per_event(prepare, payload.bodies, seconds, payload.events), FRAMING: per_event(frame, payload.bodies, seconds, payload.events)}
+
+
+def in_process_rows(rules: RuleSet, batch: Payload, seconds: float) -> dict[str, float]:
+    source = rules.source_for_key(WRITE_KEY)
+    assert source is not None
+    ctx = EventContext(source.name)
+    parsed = {id(body): orjson.loads(body)["batch"] for body in batch.bodies}
     with on_proxy_core():
         return {
-            "orjson parse": per_event(orjson.loads, bodies, seconds),
-            "orjson encode per event": per_event(lambda body: [orjson.dumps(event) for event in parsed[id(body)]], bodies, seconds),
-            "shared_decision() per event": per_event(lambda body: [shared_decision(rules, event, ctx) for event in parsed[id(body)]], bodies, seconds),
-            "prepare() (parse, validate, route, encode, file)": per_event(
-                lambda body: _prepare_request(rules, body, WRITE_KEY, shape, None, None, "10.0.0.1"), bodies, seconds),
-            "spool framing (primary + mirror records)": per_event(frame, bodies, seconds),
+            "orjson parse": per_event(orjson.loads, batch.bodies, seconds),
+            "orjson encode per event": per_event(lambda body: [orjson.dumps(event) for event in parsed[id(body)]], batch.bodies, seconds),
+            "shared_decision() per event": per_event(lambda body: [shared_decision(rules, event, ctx) for event in parsed[id(body)]],
+                                                     batch.bodies, seconds),
+            **_prepare_and_frame(rules, batch, seconds),
         }
 
 
-def verdicts(http: dict[str, dict[str, Any]], pieces: dict[str, float]) -> tuple[float, list[dict[str, Any]]]:
-    port_cost = http[PORT_ROW]["cpu_us_per_event"]
-    floor = port_cost + pieces["prepare() (parse, validate, route, encode, file)"] + pieces["spool framing (primary + mirror records)"]
-    forwarder_target = http["aiohttp forwarder"]["cpu_us_per_event"] / FORWARDER_RATIO
-    offered = http["direct"]["events_per_s"] / 2
-    capacity = 1e6 / floor
-    rows = [
-        {"target": f"batch ≤ {BATCH_TARGET_US:g} µs proxy CPU/event", "limit_us": BATCH_TARGET_US, "below_floor": floor > BATCH_TARGET_US,
-         "note": (f"leaves {BATCH_TARGET_US - floor:.1f} µs for spool I/O, upstream sends, metrics" if floor <= BATCH_TARGET_US
-                  else "the floor alone is over it")},
-        {"target": f"{FORWARDER_RATIO}× less than the forwarder", "limit_us": forwarder_target, "below_floor": floor > forwarder_target,
-         "note": f"forwarder {http['aiohttp forwarder']['cpu_us_per_event']:.1f} µs / {FORWARDER_RATIO}"},
-        {"target": "p99 at 50 % of direct (one core must sustain it)", "limit_us": 1e6 / offered, "below_floor": capacity < offered,
-         "note": f"offered {offered / 1000:.0f}k events/s: the floor alone keeps the core {100 * offered / capacity:.0f} % busy"},
-    ]
-    return floor, rows
+def single_rows(rules: RuleSet, singles: dict[str, Payload], seconds: float) -> dict[str, dict[str, float]]:
+    """prepare() and framing per single call, for each single path."""
+    with on_proxy_core():
+        return {path: _prepare_and_frame(rules, payload, seconds) for path, payload in singles.items()}
 
 
-def render(http: dict[str, dict[str, Any]], pieces: dict[str, float], floor: float, rows: list[dict[str, Any]]) -> str:
+def floors(http: dict[str, dict[str, Any]], pieces: dict[str, float], single_pieces: dict[str, dict[str, float]]) -> tuple[float, dict[str, float]]:
+    """The batch floor per event, and each single path's floor per request (= per event)."""
+    floor = http[PORT_ROW]["cpu_us_per_event"] + pieces[PREPARE] + pieces[FRAMING]
+    port_single = http[f"{PORT_ROW}, single"]["cpu_us_per_request"]
+    return floor, {path: port_single + parts[PREPARE] + parts[FRAMING] for path, parts in single_pieces.items()}
+
+
+def verdicts(floor: float, single_floors: dict[str, float], forwarder_us: float | None) -> list[dict[str, Any]]:
+    """Each CPU target of the issue against the floor: a limit under the floor cannot be met by any splitter on this stack."""
+    def row(target: str, limit: float, floor_us: float, note: str) -> dict[str, Any]:
+        below = floor_us > limit
+        room = (f"the floor alone is over it by {floor_us - limit:.2f} µs" if below
+                else f"leaves {limit - floor_us:.2f} µs for spool I/O, upstream sends, metrics")
+        return {"target": target, "limit_us": limit, "floor_us": floor_us, "below_floor": below, "note": f"{note}{'; ' if note else ''}{room}"}
+
+    rows = [row(f"batch, interval: ≤ {CPU_PER_EVENT_US['interval']:g} µs proxy CPU/event", CPU_PER_EVENT_US["interval"], floor, "")]
+    if forwarder_us is not None:
+        rows.append(row(f"batch, interval: ≤ {FORWARDER_RATIO:g}× the forwarder's CPU/event", forwarder_us * FORWARDER_RATIO, floor,
+                        f"forwarder {forwarder_us:.2f} µs × {FORWARDER_RATIO:g}"))
+    rows.append(row(f"batch, fsync: ≤ {CPU_PER_EVENT_US['fsync']:g} µs proxy CPU/event", CPU_PER_EVENT_US["fsync"], floor, ""))
+    rows += [row(f"single {path}: ≤ {CPU_PER_SINGLE_US:g} µs CPU/request", CPU_PER_SINGLE_US, single, "") for path, single in single_floors.items()]
+    return rows
+
+
+def render(result: dict[str, Any]) -> str:
     pinned = f"servers on core {PROXY_CORE}, wrk on core {LOAD_CORE}" if pinning_available() else "no taskset: nothing pinned"
-    lines = [f"floor: batches of {BATCH} events, rules/bench.yaml ({pinned})", "",
-             f"{'over HTTP':<52} {'events/s':>10} {'CPU µs/req':>11} {'CPU µs/ev':>10}"]
-    for row in http.values():
-        per_request = "–" if row["cpu_us_per_request"] is None else f"{row['cpu_us_per_request']:.0f}"
+    lines = [f"floor: batches of {BATCH} events and single calls, rules/bench.yaml ({pinned})", "",
+             f"{'over HTTP':<52} {'payload':<17} {'events/s':>10} {'CPU µs/req':>11} {'CPU µs/ev':>10}"]
+    for row in result["http"]:
+        per_request = "–" if row["cpu_us_per_request"] is None else f"{row['cpu_us_per_request']:.1f}"
         per_event_text = "–" if row["cpu_us_per_event"] is None else f"{row['cpu_us_per_event']:.2f}"
-        lines.append(f"{row['name']:<52} {row['events_per_s']:>10,.0f} {per_request:>11} {per_event_text:>10}")
-    lines += ["", f"{'in process, per event':<52} {'CPU µs/ev':>33}"]
-    lines += [f"{name:<52} {value:>33.2f}" for name, value in pieces.items()]
-    lines += ["", f"floor = ingest port read and answer + prepare() + spool framing = {floor:.2f} µs/event "
+        lines.append(f"{row['name']:<52} {row['payload']:<17} {row['events_per_s']:>10,.0f} {per_request:>11} {per_event_text:>10}")
+    lines += ["", f"{'in process, per event':<52} {'batch':>17}" + "".join(f" {'single ' + path:>17}" for path in result["single_in_process_us"])]
+    for name, value in result["in_process_us_per_event"].items():
+        singles = "".join(f" {parts[name]:>17.2f}" if name in parts else f" {'':>17}" for parts in result["single_in_process_us"].values())
+        lines.append(f"{name:<52} {value:>17.2f}{singles}")
+    single_text = ", ".join(f"single {path} {value:.1f} µs/request" for path, value in result["single_floor_us"].items())
+    lines += ["", f"floor = ingest port read and answer + prepare() + spool framing: batch {result['floor_us_per_event']:.2f} µs/event, {single_text} "
                   "(before spool writes, upstream sends, metrics)", ""]
-    for row in rows:
-        lines.append(f"{'BELOW THE FLOOR' if row['below_floor'] else 'above the floor':<16} {row['target']:<50} "
-                     f"limit {row['limit_us']:.2f} µs/event  ({row['note']})")
+    for row in result["targets"]:
+        lines.append(f"{'BELOW THE FLOOR' if row['below_floor'] else 'above the floor':<16} {row['target']:<48} "
+                     f"limit {row['limit_us']:.2f} µs, floor {row['floor_us']:.2f} µs ({row['note']})")
     return "\n".join(lines)
 
 
-async def measure(seconds: float) -> dict[str, Any]:
-    receivers, _, rules, bodies, auth = prepare_load()
+@dataclass(frozen=True)
+class Shared:
+    """What `loadtest.bench` already has when it measures the floor in its own run: its receivers, rules, auth, payloads,
+    and its forwarder batch row (measured the same way: wrk, CPU from /proc), so direct and the forwarder are not run twice."""
+
+    receivers: Receivers
+    rules: RuleSet
+    auth: str
+    batch: Payload
+    singles: dict[str, Payload]
+    forwarder: dict[str, Any] | None  # None: the forwarder is measured here
+
+
+async def measure(seconds: float, shared: Shared | None = None, in_process_seconds: float = IN_PROCESS_SECONDS) -> dict[str, Any]:
+    """Every piece of the floor (`seconds` per HTTP run, at most `in_process_seconds` per in-process piece); on its own (no `shared`)
+    with its own receivers, direct and forwarder."""
+    if shared is None:
+        receivers, _, rules, bodies, auth = prepare_load()
+        shared = Shared(receivers, rules, auth, batch_payload(bodies), {path: single_payload(rules, path) for path in SINGLE_PATHS}, None)
+        own = True
+    else:
+        own = False
+    receivers, rules, auth, batch, singles = shared.receivers, shared.rules, shared.auth, shared.batch, shared.singles
+    http: dict[str, dict[str, Any]] = {}
     try:
-        http = {"direct": http_row("direct", receivers.segment, [], bodies, auth, seconds)}
-        for args, name in ((("loadtest.baselines.sink", "--kind", "aiohttp"), "aiohttp, read and answer"), (("loadtest.floor", "--serve"), PORT_ROW),
-                           (("loadtest.baselines.sink", "--kind", "bare"), "bare asyncio protocol")):
+        if own:
+            http["direct"] = http_row("direct", receivers.segment, [], batch, auth, seconds)
+        for args, name, payload in (
+                (("loadtest.baselines.sink", "--kind", "aiohttp"), "aiohttp, read and answer", batch), (("loadtest.floor", "--serve"), PORT_ROW, batch),
+                (("loadtest.floor", "--serve"), f"{PORT_ROW}, single", singles[SINGLE_PORT_PATH]),
+                (("loadtest.baselines.sink", "--kind", "bare"), "bare asyncio protocol", batch)):
             with pinned_server(*args) as (url, pid):
-                http[name] = http_row(name, url, [pid], bodies, auth, seconds)
-        async with subjects.forwarder(receivers) as forwarder:
-            http["aiohttp forwarder"] = http_row("aiohttp forwarder", forwarder.url, forwarder.pids(), bodies, auth, seconds)
+                http[name] = http_row(name, url, [pid], payload, auth, seconds)
+        if shared.forwarder is None:
+            async with subjects.forwarder(receivers) as running:
+                http[FORWARDER] = http_row(FORWARDER, running.url, running.pids(), batch, auth, seconds)
+        else:
+            row = shared.forwarder
+            http[FORWARDER] = {"name": FORWARDER, "payload": batch.name, "events_per_s": row["events_per_s"], "cpu_us_per_request": row["cpu_us_per_request"],
+                               "cpu_us_per_event": row["cpu_us_per_event"], "non_2xx": row["non_2xx"], "from": "loadtest.bench's forwarder row"}
     finally:
-        receivers.stop()
-    pieces = in_process_rows(rules, bodies, min(seconds, 3.0))
-    floor, rows = verdicts(http, pieces)
-    return {"http": list(http.values()), "in_process_us_per_event": pieces, "floor_us_per_event": floor, "targets": rows,
+        if own:
+            receivers.stop()
+    in_process_seconds = min(seconds, in_process_seconds)
+    pieces = in_process_rows(rules, batch, in_process_seconds)
+    single_pieces = single_rows(rules, singles, in_process_seconds)
+    floor, single_floors = floors(http, pieces, single_pieces)
+    return {"http": list(http.values()), "in_process_us_per_event": pieces, "single_in_process_us": single_pieces, "floor_us_per_event": floor,
+            "single_floor_us": single_floors, "targets": verdicts(floor, single_floors, http[FORWARDER]["cpu_us_per_event"]),
             "pinned": pinning_available()}
 
 
@@ -210,8 +272,7 @@ def main() -> int:
         uvloop.run(serve_ingest_port())
         return 0
     result = asyncio.run(measure(args.seconds))
-    http = {row["name"]: row for row in result["http"]}
-    print(render(http, result["in_process_us_per_event"], result["floor_us_per_event"], result["targets"]))
+    print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     unanswered = [row["name"] for row in result["http"] if row["non_2xx"]]

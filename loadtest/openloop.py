@@ -218,11 +218,13 @@ def main() -> int:
         parser.error("only 127.0.0.1 is allowed")
     bodies = [line for line in args.bodies.read_bytes().split(b"\n") if line]
     requests = encode_requests(urlsplit(args.url).netloc, args.path, bodies, args.auth)
+    work = run_open_loop(args.url, requests, args.rate, args.seconds, args.connections, args.grace)
     try:
-        from uvloop import run
+        import uvloop
     except ImportError:  # pragma: no cover
-        from asyncio import run
-    result = run(run_open_loop(args.url, requests, args.rate, args.seconds, args.connections, args.grace))
+        result = asyncio.run(work)
+    else:
+        result = uvloop.run(work)
     print(json.dumps(asdict(result)), flush=True)
     return 0
 

@@ -25,6 +25,8 @@ from loadtest.nginx import nginx_binary, start_nginx
 from loadtest.process import SplitterProcess, launch_splitter
 
 Expect = Literal["forward", "split-mirror", "splitter"]
+Durability = Literal["interval", "fsync"]  # splitter serve --durability
+DURABILITY_MODES: tuple[Durability, ...] = ("interval", "fsync")
 SETTLE_SECONDS = 0.2  # synchronous proxies: requests in flight when the load stops finish within this
 DRAIN_LIMIT = 60.0  # splitter: seconds for its spool to empty after a run
 
@@ -73,16 +75,23 @@ async def forwarder(receivers: Receivers) -> AsyncIterator[Subject]:
         yield Subject("aiohttp forwarder", url, "forward", lambda: [pid], _pause)
 
 
+def splitter_name(durability: Durability | None) -> str:
+    """`splitter (interval)`, `splitter (fsync)`; plain `splitter` when the mode is left to serve's default or the environment."""
+    return f"splitter ({durability})" if durability else "splitter"
+
+
 @asynccontextmanager
-async def splitter(env: dict[str, str]) -> AsyncIterator[Subject]:
+async def splitter(env: dict[str, str], durability: Durability | None = None) -> AsyncIterator[Subject]:
     """splitter on the realistic rules file, with its durable spool in a temporary directory removed afterwards
-    (a stalled-upstream run leaves hundreds of MB there)."""
+    (a stalled-upstream run leaves hundreds of MB there); `durability` is passed as `--durability`."""
     with tempfile.TemporaryDirectory(prefix="splitter-bench-") as scratch:
-        running = await launch_splitter(str(RULES), env, ["--spool-dir", f"{scratch}/spool", "--dead-letter-dir", f"{scratch}/dead-letter"],
+        mode = ["--durability", durability] if durability else []
+        running = await launch_splitter(str(RULES), env, ["--spool-dir", f"{scratch}/spool", "--dead-letter-dir", f"{scratch}/dead-letter", *mode],
                                         prefix=pin(PROXY_CORE))
-        print(f"splitter pid {running.process.pid}: profile with `py-spy record -o profile.svg --pid {running.process.pid}`", file=sys.stderr)
+        print(f"{splitter_name(durability)} pid {running.process.pid}: profile with `py-spy record -o profile.svg --pid {running.process.pid}`",
+              file=sys.stderr)
         try:
-            yield Subject("splitter", running.ingress, "splitter", lambda: with_children(running.process.pid),
+            yield Subject(splitter_name(durability), running.ingress, "splitter", lambda: with_children(running.process.pid),
                           lambda: drained(running.admin, DRAIN_LIMIT), running)
         finally:
             await running.stop()

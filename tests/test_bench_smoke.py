@@ -2,8 +2,9 @@
 
 A smoke test of the benchmark harness, not a measurement: it asserts the report's structure and
 that every event reached the receivers, never a speed. It needs wrk and nginx (`make test` installs
-both); nginx split+mirror, splitter and the stalled-upstream scenario cover every moving part
-(nginx config, open-loop generator, spool drain), and direct always runs.
+both); nginx split+mirror, splitter in both durability modes, the stalled-upstream scenario, the
+floor and decide() cover every moving part (nginx config, open-loop generator at each rate, spool
+drain, the floor's servers), and direct always runs.
 """
 
 from __future__ import annotations
@@ -12,46 +13,123 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 
+from loadtest.bench import chosen
 from loadtest.openloop import encode_requests, run_open_loop
 from loadtest.payloads import Payload, delivered
 from loadtest.receivers import start_receiver
+from loadtest.report import evaluate_targets
 from tests.system_tools import needs
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"scenario", "payload", "requests_per_s", "events_per_s", "cpu_us_per_event", "cpu_us_per_request",
-            "peak_rss_mb", "steady_rss_mb", "delivered", "delivery", "latency"}
+            "peak_rss_mb", "steady_rss_mb", "delivered", "delivery"}
+SPLITTERS = ("splitter (interval)", "splitter (fsync)")
+PAYLOADS = ("batch", "single /v1/t", "single /v1/track")
 
 
 @needs("nginx", "wrk")
 def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
     report = tmp_path / "bench.json"
+    only = ["nginx-split", "splitter", "stall", "floor", "decide"]
     finished = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--quick", "--only", "nginx-split", "--only", "splitter", "--only", "stall", "--json", str(report)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "loadtest.bench", "--quick", *(arg for name in only for arg in ("--only", name)), "--json", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=150,
     )
     assert finished.returncode == 0, finished.stdout + finished.stderr
     results = json.loads(report.read_text())
     rows = {(row["scenario"], row.get("payload")): row for row in results["rows"]}
-    assert set(rows) == {
-        ("direct", "batch"), ("direct", "single /v1/t"), ("direct", "single /v1/track"),
-        ("nginx split+mirror", "batch"), ("nginx split+mirror", "single /v1/track"),
-        ("splitter", "batch"), ("splitter", "single /v1/t"), ("splitter", "single /v1/track"),
-    }
+    assert set(rows) == {("direct", payload) for payload in PAYLOADS} | {(name, payload) for name in SPLITTERS for payload in PAYLOADS} | {
+        ("nginx split+mirror", "batch"), ("nginx split+mirror", "single /v1/track")}
     for row in rows.values():
         assert set(row) >= ROW_KEYS, row
         assert row["delivered"], row
-        assert row["latency"]["scheduled"] > 0 and {"p50_ms", "p99_ms", "saturated", "achieved_per_s"} <= set(row["latency"])
-    assert rows[("splitter", "batch")]["delivery"].startswith("exactly")
-    assert rows[("splitter", "single /v1/t")]["delivery_open_loop"] in ("exactly", "all, split within in-flight")
-    assert rows[("splitter", "batch")]["cpu_us_per_event"] is not None and rows[("direct", "batch")]["cpu_us_per_event"] is None
+    for (scenario, payload), row in rows.items():
+        if scenario == "direct":  # saturation first, then one open-loop run per rate a proxy row of its payload used
+            assert row["cpu_us_per_event"] is None and row["open_loop"], row
+            used = {r["latency"]["offered_per_s"] for (s, p), r in rows.items() if s != "direct" and p == payload}
+            assert {run["offered_per_s"] for run in row["open_loop"]} == used
+            assert sorted(name for run in row["open_loop"] for name in run["for"]) == sorted(s for (s, p) in rows if s != "direct" and p == payload)
+            continue
+        latency = row["latency"]
+        assert latency["scheduled"] > 0 and {"p50_ms", "p99_ms", "saturated", "achieved_per_s"} <= set(latency)
+        assert row["direct_latency"]["offered_per_s"] == latency["offered_per_s"]  # direct at the same offered rate
+        if not latency["saturated"] and not row["direct_latency"]["saturated"]:
+            assert row["p99_added_ms"] == round(latency["p99_ms"] - row["direct_latency"]["p99_ms"], 3)
+        if scenario in SPLITTERS:  # 50 % of its own saturated rate; the peers at splitter (interval)'s
+            assert latency["offered_per_s"] == round(row["requests_per_s"] / 2, 1)
+            assert row["cpu_us_per_event"] is not None
+        else:
+            assert latency["offered_per_s"] == rows[("splitter (interval)", payload)]["latency"]["offered_per_s"]
+    for name in SPLITTERS:
+        assert rows[(name, "batch")]["delivery"].startswith("exactly")
+        assert rows[(name, "single /v1/t")]["delivery_open_loop"] in ("exactly", "all, split within in-flight")
     stall = results["stall"]
-    assert stall["delivered"] and stall["drain_seconds"] is not None and stall["samples"]
-    assert {target["target"] for target in results["targets"]} >= {
-        "batch split+mirror <= 10 µs proxy CPU/event", "steady RSS < 150 MB", "bounded memory with stalled upstreams"}
-    assert "targets" in finished.stdout and "splitter" in finished.stdout
+    assert stall["delivered"] and stall["drain_seconds"] is not None and stall["samples"] and stall["durability"] == "interval"
+    floor = results["floor"]
+    assert floor["floor_us_per_event"] > 0 and set(floor["single_floor_us"]) == {"/v1/t", "/v1/track"}
+    assert "from" not in next(row for row in floor["http"] if row["name"] == "aiohttp forwarder")  # not in this run's rows: the floor ran it
+    assert results["decide"]["decisions_per_second"] > 0
+    targets = {target["target"]: target for target in results["targets"]}
+    assert set(targets) == {
+        "batch split+mirror, interval: <= 10 µs proxy CPU/event", "batch split+mirror, interval: <= 1.3× the forwarder's CPU/event",
+        "batch split+mirror, fsync: <= 12 µs proxy CPU/event",
+        *(f"{payload}, {mode}: <= 150 µs CPU/request" for mode in ("interval", "fsync") for payload in PAYLOADS[1:]),
+        *(f"{payload}, {mode}: p99 added over direct at 50 % of its own rate <= {limit} ms" for mode, limit in (("interval", 5), ("fsync", 10))
+          for payload in PAYLOADS),
+        "steady RSS < 150 MB", "bounded memory with stalled upstreams", "decide() > 300,000/s"}
+    for name, target in targets.items():
+        assert set(target) == {"target", "figure", "passed", "limit", "floor", "below_floor"}
+        assert target["passed"] in (True, False) and target["figure"], target
+        if "CPU" in name:  # printed beside the floor measured in this run
+            assert target["floor"] is not None and target["below_floor"] == (target["floor"] > target["limit"]), target
+            assert "floor" in target["figure"]
+    for mode, limit in (("interval", 5), ("fsync", 10)):
+        for payload in PAYLOADS:
+            target, row = targets[f"{payload}, {mode}: p99 added over direct at 50 % of its own rate <= {limit} ms"], rows[(f"splitter ({mode})", payload)]
+            assert target["passed"] == (False if row["latency"]["saturated"] else row["p99_added_ms"] <= limit)
+    assert "targets" in finished.stdout and "splitter (fsync)" in finished.stdout and "floor (loadtest.floor, this run)" in finished.stdout
+    assert finished.stdout.rstrip().splitlines()[-1].startswith("total ")
+
+
+def _row(scenario: str, payload: str, events: int, per_event: float, saturated: bool = False, p99: float = 3.0) -> dict[str, Any]:
+    latency = {"offered_per_s": 100.0, "achieved_per_s": 100.0, "p99_ms": p99, "saturated": saturated}
+    return {"scenario": scenario, "payload": payload, "events": events, "requests_per_s": 200, "cpu_us_per_event": per_event,
+            "cpu_us_per_request": per_event * events, "steady_rss_mb": 90.0, "latency": latency, "direct_latency": {**latency, "p99_ms": 1.0},
+            "p99_added_ms": p99 - 1.0}
+
+
+def test_targets_compare_with_the_forwarder_and_the_floor_of_the_same_run() -> None:
+    rows = [_row("splitter (interval)", "batch", 50, 9.0), _row("splitter (fsync)", "batch", 50, 13.0, saturated=True),
+            _row("splitter (interval)", "single /v1/t", 1, 140.0, p99=7.0), _row("aiohttp forwarder", "batch", 50, 6.0),
+            _row("aiohttp forwarder", "single /v1/track", 1, 160.0)]
+    floor = {"floor_us_per_event": 8.0, "single_floor_us": {"/v1/t": 70.0, "/v1/track": 71.0}}
+    targets = {t["target"]: t for t in evaluate_targets(rows, None, floor, None)}
+    interval = targets["batch split+mirror, interval: <= 10 µs proxy CPU/event"]
+    assert (interval["passed"], interval["below_floor"]) == (True, False)
+    assert interval["figure"] == "9.0 µs (forwarder 6.0 µs: 1.50×; floor 8.00 µs)"
+    ratio = targets["batch split+mirror, interval: <= 1.3× the forwarder's CPU/event"]  # limit 7.8 µs, under the floor of 8: said so
+    assert (ratio["passed"], ratio["limit"], ratio["below_floor"]) == (False, 6.0 * 1.3, True)
+    assert targets["batch split+mirror, fsync: <= 12 µs proxy CPU/event"]["passed"] is False
+    single = targets["single /v1/t, interval: <= 150 µs CPU/request"]
+    assert (single["passed"], single["floor"]) == (True, 70.0) and "forwarder /v1/track 160.0 µs: 0.88×" in single["figure"]
+    assert targets["single /v1/t, interval: p99 added over direct at 50 % of its own rate <= 5 ms"]["passed"] is False  # 6 ms added
+    assert targets["batch, fsync: p99 added over direct at 50 % of its own rate <= 10 ms"]["passed"] is False  # saturated
+    assert targets["batch, interval: p99 added over direct at 50 % of its own rate <= 5 ms"]["passed"] is True
+    for name in ("bounded memory with stalled upstreams", "decide() > 300,000/s"):  # not run: n/a, never a pass
+        assert targets[name]["passed"] is None
+    without_floor = {t["target"]: t for t in evaluate_targets(rows, None, None, None)}
+    assert without_floor["batch split+mirror, interval: <= 10 µs proxy CPU/event"]["below_floor"] is None
+    assert "floor not measured" in without_floor["batch split+mirror, interval: <= 10 µs proxy CPU/event"]["figure"]
+
+
+def test_only_splitter_means_both_durability_modes() -> None:
+    assert chosen(["splitter", "stall"]) == {"splitter-interval", "splitter-fsync", "stall"}
+    assert chosen(["splitter-fsync"]) == {"splitter-fsync"}
+    assert chosen(None) >= {"splitter-interval", "splitter-fsync", "nginx", "nginx-split", "forwarder", "stall", "floor", "decide"}
 
 
 async def test_open_loop_sends_at_its_rate_and_counts_every_answer() -> None:
