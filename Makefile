@@ -37,14 +37,15 @@ test: $(STAMP) tools lint
 check: $(STAMP)  # every shipped rules file passes `splitter check`, with the placeholder environment the tests use
 	$(PY) -m pytest -q tests/test_cli_engine.py -k every_shipped_rules_file
 
+# One table: loadtest.bench runs every contender side by side (splitter in both durability modes), the
+# stalled upstreams, the floor and decide() in one run and prints issue 21's targets under it (~5 min
+# with bench_delivery's outage run before it). BENCH_ARGS e.g. "--json build/bench.json --strict".
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || (sudo apt-get update -qq && sudo apt-get install -y -qq wrk)
 	command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx) || (sudo apt-get update -qq && sudo apt-get install -y -qq nginx) \
 	  || echo "bench: nginx could not be installed; its rows will say so"
-	$(PY) -m loadtest.bench_decide
 	$(PY) -m loadtest.bench_delivery
-	$(PY) -m loadtest.bench
-	$(PY) -m loadtest.floor
+	$(PY) -m loadtest.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,26 +1,31 @@
-"""The floor: what the work splitter cannot skip costs on this machine, next to the batch targets.
+"""The floor: what the work splitter cannot skip costs on this machine, next to the CPU targets.
 
 `loadtest.bench` says what splitter costs; this says what any splitter built on the same stack must
 cost at least, measured piece by piece in one run, so a missed target can be told apart from a target
-below the floor. For a batch of 50 events (`rules/bench.yaml`, the payload of `bench_delivery`):
+below the floor. `loadtest.bench` measures it in its own run (`measure(seconds, Shared(...))`: its
+receivers, payloads and forwarder row); on its own it measures direct and the forwarder too. For
+batches of 50 events (`rules/bench.yaml`, the payload of `bench_delivery`) and single calls:
 
 - over HTTP, each server pinned to the proxy core, wrk on the other, CPU from /proc:
-  - `direct`: the load straight to Segment's stand-in receiver (its rate sets the latency target's load);
+  - `direct` (on its own only): the load straight to Segment's stand-in receiver;
   - `aiohttp, read and answer`: an aiohttp + uvloop app that reads the body and answers 200
     (`loadtest/baselines/sink.py`): what aiohttp alone costs per request;
   - `splitter's ingest port, read and answer`: the same handler on splitter's ingest listener (aiohttp
     with its timeouts, keepalive and backpressure) behind splitter's observer (request metrics,
-    in-flight limit, CORS, JSON errors), served by `python -m loadtest.floor --serve`: splitter's HTTP layer;
+    in-flight limit, CORS, JSON errors), served by `python -m loadtest.floor --serve`: splitter's HTTP
+    layer; once with batches, once with single calls to /v1/track (/v1/t is the same handler);
   - `bare asyncio protocol`: a Content-Length-only protocol on uvloop: moving the bytes through Python;
   - `aiohttp forwarder`: the plain parsing forwarder of `loadtest.bench` (the ratio target's baseline);
 - in this process, pinned to the proxy core, best of repeated passes over the same bodies:
-  - `orjson parse`, `orjson encode per event`, `shared_decision()` per event;
-  - `prepare()`: parse, validate, complete, route, encode and file every event;
+  - `orjson parse`, `orjson encode per event`, `shared_decision()` per event (batches);
+  - `prepare()`: parse, validate, complete, route, encode and file every event, as the ingest route
+    of the path does it (batches, /v1/t, /v1/track);
   - `spool framing`: the records for the primary and the mirror (lengths, crc32).
 
-floor = splitter's ingest port (read and answer) + prepare() + spool framing, per event. Writing and syncing the
-spool, reading it back, the upstream sends and the metrics come on top. Run:
-`python -m loadtest.floor [--seconds S] [--json PATH]` (about 40 s at the default 4 s).
+floor = splitter's ingest port (read and answer) + prepare() + spool framing: per event for batches,
+per request for single calls. Writing and syncing the spool, reading it back, the upstream sends and
+the metrics come on top. Run: `python -m loadtest.floor [--seconds S] [--json PATH]` (about 50 s at
+the default 4 s).
 """
 
 from __future__ import annotations
@@ -179,7 +184,7 @@ def render(result: dict[str, Any]) -> str:
     lines += ["", f"floor = ingest port read and answer + prepare() + spool framing: batch {result['floor_us_per_event']:.2f} µs/event, {single_text} "
                   "(before spool writes, upstream sends, metrics)", ""]
     for row in result["targets"]:
-        lines.append(f"{'BELOW THE FLOOR' if row['below_floor'] else 'above the floor':<16} {row['target']:<48} "
+        lines.append(f"{'BELOW THE FLOOR' if row['below_floor'] else 'above the floor':<16} {row['target']:<51} "
                      f"limit {row['limit_us']:.2f} µs, floor {row['floor_us']:.2f} µs ({row['note']})")
     return "\n".join(lines)
 
