@@ -41,6 +41,7 @@ def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
     )
     assert finished.returncode == 0, finished.stdout + finished.stderr
     results = json.loads(report.read_text())
+    assert results["errors"] == {} and results["duration_s"] > 0
     rows = {(row["scenario"], row.get("payload")): row for row in results["rows"]}
     assert set(rows) == {("direct", payload) for payload in PAYLOADS} | {(name, payload) for name in SPLITTERS for payload in PAYLOADS} | {
         ("nginx split+mirror", "batch"), ("nginx split+mirror", "single /v1/track")}
