@@ -1,6 +1,6 @@
 """What the spool tests do with a request's events: encode one record, write it, wait for its fsync.
 
-Production does the same in `Delivery.accept` (one `encode` per destination, `Spool.write`, one
+Production does the same in `Delivery.accept` (one `frame` per destination, `Spool.write`, one
 group-commit wait for all of a request's tickets); these two keep the tests short without giving
 `Spool` methods only tests call.
 """
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 
-from proxy.delivery.spool import Spool, encode
+from proxy.delivery.spool import Spool
+from proxy.delivery.spool_format import frame
 
 
 def write_request(spool: Spool, credential: str, forwarded_for: str | None, events: list[bytes]) -> int:
     """Spool one request's `events` as one record; returns its commit ticket."""
-    return spool.write(encode(time.time(), credential, forwarded_for, events), len(events))
+    return spool.write(frame(time.time(), credential, forwarded_for, events), len(events))
 
 
 async def synced(spool: Spool, ticket: int) -> None:

@@ -323,6 +323,45 @@ async def test_a_request_refused_for_one_destination_leaves_nothing_in_the_other
         await delivery.close(0)
 
 
+def primary_and_mirror(source: Source, primary: bytes, mirror: bytes) -> Submission:
+    """One event for segment as primary, another mirrored to it: two records for one spool."""
+    chunks = []
+    for i, event in enumerate((primary, mirror)):
+        chunk = Chunk()
+        chunk.add(event, f"m-{i}", "track", "track")
+        chunks.append(chunk)
+    return Submission(source, "web-key-0123456789", None, {"segment": chunks[0]}, {"segment": chunks[1]})
+
+
+async def test_a_request_primary_and_mirror_copy_for_one_destination_go_in_one_write(tmp_path: Path) -> None:
+    rules = compile_rules(TWO_PRIMARIES)
+    delivery = Delivery(Metrics(), spool_dir=tmp_path / "spool", dead_letter_dir=tmp_path / "dead")
+    delivery.start(rules)
+    spool = delivery._pipelines["segment"].spool
+    try:
+        outcome = await delivery.accept(primary_and_mirror(rules.sources["web"], ev(0), ev(1)))
+        assert outcome.ok and not outcome.dropped_mirrors
+        assert (spool.appended, spool.pending) == (1, 2)  # one write (one ticket), both events
+    finally:
+        await delivery.close(0)
+
+
+async def test_a_disk_with_room_for_the_primary_copy_alone_keeps_it_and_drops_the_mirror_copy(fs: Path, tmp_path: Path) -> None:
+    rules = compile_rules(TWO_PRIMARIES)
+    delivery = Delivery(Metrics(), spool_dir=fs / "spool", dead_letter_dir=tmp_path / "dead")
+    delivery.start(rules)
+    spool = delivery._pipelines["segment"].spool
+    try:
+        fill(fs, leave=PAGE)  # with the rest of the segment's first page: room for one copy, not for both
+        primary, mirror = ev(0, pad=PAGE + PAGE // 2), ev(1, pad=PAGE + PAGE // 2)
+        outcome = await delivery.accept(primary_and_mirror(rules.sources["web"], primary, mirror))
+        assert outcome.ok and outcome.dropped_mirrors == frozenset({"segment"})
+        assert events_of(await read_all(spool, 1)) == [primary]
+        assert spool.pending == 1
+    finally:
+        await delivery.close(0)
+
+
 # -- real processes: `splitter serve` with its spool on a tiny tmpfs ------------------------------------------------------
 
 WRITE_KEY = "diskfull-web-key-0123"

@@ -713,8 +713,35 @@ async def test_a_reader_that_falls_behind_reads_the_files_and_then_memory_again(
     events = [ev(i, pad=100) for i in range(8)]  # ~150 bytes a record: the third overflows the memory
     for e in events[:5]:
         write_request(spool, "k", None, [e])
-    assert events_of(await read(spool)) == events[:5]  # the first two from memory, then the files
+    assert events_of(await read(spool)) == events[:5]  # memory keeps the last one (300 bytes): the first four from the files
     write_request(spool, "k", None, [events[5]])  # caught up again: kept in memory
     (tmp_path / "000000000001.seg").write_bytes(b"")  # were it read from the file, nothing would be found
     assert events_of(await read(spool)) == [events[5]]
+    await spool.close()
+
+
+async def test_a_reader_behind_takes_the_newest_records_from_memory_and_only_the_older_from_the_files(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path, fresh_limit=350)  # records of ~160 bytes: memory keeps the last two
+    events = [ev(i, pad=100) for i in range(5)]
+    offsets = []
+    for e in events:
+        offsets.append((tmp_path / "000000000001.seg").stat().st_size)
+        write_request(spool, "k", None, [e])
+    os.truncate(tmp_path / "000000000001.seg", offsets[3])  # the last two records are gone from the file: only memory has them
+    assert events_of(await read_n(spool, 5)) == events
+    await spool.close()
+
+
+async def test_the_steady_state_reads_nothing_back_from_the_files(tmp_path: Path) -> None:
+    """A reader keeping up takes every record from memory: the segment file emptied under it does not matter."""
+    spool, _ = opened(tmp_path)
+    segment = tmp_path / "000000000001.seg"
+    for round_ in range(20):
+        sent = [ev(10 * round_ + i, pad=200) for i in range(3)]
+        for e in sent:
+            write_request(spool, "k", None, [e])
+        os.truncate(segment, 0)  # were anything read back from the file, it would be missing
+        records = await read_n(spool, 3)
+        assert events_of(records) == sent
+        spool.ack(records)
     await spool.close()

@@ -33,7 +33,8 @@ from proxy.delivery.dedup import Deduplicator
 from proxy.delivery.errors import UpstreamError
 from proxy.delivery.options import DeliveryOptions
 from proxy.delivery.pipeline import Pipeline
-from proxy.delivery.spool import Spool, SpoolFull, encode
+from proxy.delivery.spool import Spool, SpoolFull
+from proxy.delivery.spool_format import Frame, frame
 from proxy.delivery.submission import OK, Chunk, Outcome, Rejection, Submission
 from proxy.delivery.upstream import Upstream, public_url
 from proxy.engine import Destination, RuleSet
@@ -170,9 +171,9 @@ class Delivery:
         source, presented_key, forwarded_for = submission.source, submission.presented_key, submission.forwarded_for
         account: RequestAccount | None = self._accounting.request(submission) if self._accounting is not None else None
 
-        def record(name: str, role: str, chunk: Chunk) -> bytes:  # one spool record per destination and request
+        def record(name: str, role: str, chunk: Chunk) -> Frame:  # one spool record per destination and request
             tags = account.tags(name, role, chunk) if account is not None else b""
-            return encode(now, source.credential_for(name, presented_key), forwarded_for, chunk.events, tags)
+            return frame(now, source.credential_for(name, presented_key), forwarded_for, chunk.events, tags)
 
         staged = []
         for name, chunk in submission.primary.items():
@@ -181,30 +182,40 @@ class Delivery:
                 continue
             pipeline = self._pipelines[name]
             data = record(name, PRIMARY, chunk)
-            if not pipeline.spool.has_room(len(data)):  # checked for every primary before writing any
+            if not pipeline.spool.has_room(data.size):  # checked for every primary before writing any
                 return _spool_full(name)
             staged.append((pipeline, data, name, chunk))
+        copies = {name: (record(name, MIRROR, chunk), chunk) for name, chunk in submission.mirror.items() if chunk.events}
+        mirrored: list[tuple[str, str, Chunk]] = []
         tickets: list[tuple[Spool, int]] = []
         try:
-            for pipeline, data, _, chunk in staged:
-                tickets.append((pipeline.spool, pipeline.spool.write(data, len(chunk))))
+            for pipeline, data, name, chunk in staged:
+                spool = pipeline.spool
+                copy = copies.get(name)  # a mirror copy for the same destination: both records in one write
+                if copy is not None and spool.has_room(data.size + copy[0].size):
+                    try:
+                        tickets.append((spool, spool.write((data, copy[0]), len(chunk) + len(copy[1]))))
+                    except (SpoolFull, OSError):
+                        pass  # the primary alone may fit: written next, the copy on its own after the primaries
+                    else:
+                        del copies[name]
+                        mirrored.append((name, MIRROR, copy[1]))
+                        continue
+                tickets.append((spool, spool.write(data, len(chunk))))
         except (SpoolFull, OSError) as exc:
             self._take_back(tickets)
             if isinstance(exc, SpoolFull):
                 return _spool_full(pipeline.name)
             return Outcome(False, 503, "spool_unavailable", f"{pipeline.name}: cannot write the spool: {exc.strerror or exc}", 5.0)
         dropped = set()
-        mirrored, lost = [], []
-        for name, chunk in submission.mirror.items():
-            events = chunk.events
-            if not events:
-                continue
+        lost = []
+        for name, (data, chunk) in copies.items():
             pipeline = self._pipelines[name]
             try:
-                tickets.append((pipeline.spool, pipeline.spool.write(record(name, MIRROR, chunk), len(events))))
+                tickets.append((pipeline.spool, pipeline.spool.write(data, len(chunk))))
                 mirrored.append((name, MIRROR, chunk))
             except (SpoolFull, OSError) as exc:
-                self._drop_mirror(name, len(events), exc)
+                self._drop_mirror(name, len(chunk), exc)
                 dropped.add(name)
                 lost.append((name, MIRROR, chunk))
         if account is not None:  # written: delivered whatever the fsync below says (see there)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from proxy.delivery.spool_format import FORMAT, HEADER, MAGIC, PREFIX, check_format, scan
@@ -37,11 +37,17 @@ READ_SLACK = 64 * 1024  # read a little past the budget: the record that stops t
 Dirty = tuple[set[int], bool]  # descriptors to fsync, and whether the directory needs it too
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of `data`, or raise: `os.write` on a nearly full disk writes part without an error."""
-    view = memoryview(data)
-    done = 0
-    while done < len(data):
+def write_all(fd: int, parts: Sequence[bytes]) -> None:
+    """Write all of `parts`, in order, with one `writev` when the disk takes it all; or raise: a write
+    on a nearly full disk may write a part without an error, and the rest is then written on from there."""
+    total = sum(map(len, parts))
+    done = os.writev(fd, parts) if len(parts) > 1 else os.write(fd, parts[0])
+    if done == total:
+        return
+    if done <= 0:
+        raise OSError(errno.EIO, "write made no progress")
+    view = memoryview(b"".join(parts))
+    while done < total:
         written = os.write(fd, view[done:])
         if written <= 0:
             raise OSError(errno.EIO, "write made no progress")
@@ -144,7 +150,7 @@ class SegmentFiles:
         assert self.active is None, "seal the active segment first"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
-            write_all(fd, MAGIC)
+            write_all(fd, (MAGIC,))
         except OSError:
             os.close(fd)  # never kept, so closed here and nowhere else
             unlink(path)
@@ -153,12 +159,12 @@ class SegmentFiles:
         self._dirty.add(fd)
         self._dir_dirty = True
 
-    def append(self, data: bytes, offset: int) -> None:
-        """Append `data`, whole, at `offset` (the end of the active file's last whole record); or raise,
+    def append(self, parts: Sequence[bytes], offset: int) -> None:
+        """Append `parts`, whole, at `offset` (the end of the active file's last whole record); or raise,
         with the file cut back to `offset` (or, if even that fails, marked `broken`)."""
         assert self.active is not None and not self.broken
         try:
-            write_all(self.active, data)
+            write_all(self.active, parts)
         except OSError:
             if not self.cut(offset):
                 self.broken = True

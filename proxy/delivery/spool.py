@@ -1,12 +1,17 @@
 """The on-disk spool: a per-destination write-ahead log of events not yet accepted upstream.
 
 Every event a client is told `200` for is in a spool first: appended to the active segment file and
-covered by an fsync before the answer goes out. Concurrent requests share one fsync (group commit).
+covered by an fsync before the answer goes out. A request's records for one destination (its primary
+copy, and its mirror copy when it has one) are appended with one `writev`, framing and events as they
+are, never copied into one buffer first. Concurrent requests share one fsync (group commit).
 With `--durability interval` the answer waits for the write only, and the group commit fsyncs on its
 interval, when a segment is sealed and at shutdown (proxy/delivery/commit.py).
 The record format is in `spool_format.py`, the files and descriptors in `segment_files.py`.
 
 Records are read back in order by the destination's sender, which acks what the upstream accepted.
+The steady state reads nothing back from disk: the latest records (up to `FRESH_LIMIT` bytes) are
+kept in memory as the sender will use them, and only a sender further behind than that (an upstream
+outage, a backlog at start-up) reads the files, until it reaches the records still in memory.
 A sealed segment whose records are all acked is deleted. The count of acked records at the head of
 each segment is noted in `NNNNNNNNNNNN.ack` (best effort, not fsynced, at most every
 `ACK_NOTE_INTERVAL` seconds): after a crash, at worst the records delivered in that last moment are
@@ -30,7 +35,7 @@ import asyncio
 import errno
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +52,10 @@ from proxy.delivery.segment_files import (
     unlink,
     write_note,
 )
-from proxy.delivery.spool_format import FORMAT, HEADER, MAGIC, Record, SpoolFormatError, decode, encode, event_count
+from proxy.delivery.spool_format import FORMAT, HEADER, MAGIC, Frame, Record, SpoolFormatError, decode, encode, event_count
 from proxy.log import LogThrottle, get_logger
 
-__all__ = ["FRESH_LIMIT", "HEADER", "MAGIC", "Record", "Recovery", "Spool", "SpoolFormatError", "SpoolFull", "decode", "encode"]  # as before the split
+__all__ = ["FRESH_LIMIT", "HEADER", "MAGIC", "Frame", "Record", "Recovery", "Spool", "SpoolFormatError", "SpoolFull", "decode", "encode"]  # as before the split
 
 log = get_logger("splitter.spool")
 ACK_NOTE_INTERVAL = 0.25  # seconds between rewrites of a segment's .ack note
@@ -94,7 +99,7 @@ class Spool:
         self._files = SegmentFiles(directory)  # the active segment's descriptor and sealed ones a sync round may still use
         self._next_id = 1
         self._closed = False
-        self._last: tuple[int, _Segment, int, int] | None = None  # (ticket, segment, offset, events) of the last write
+        self._last: tuple[int, _Segment, int, int, int] | None = None  # (ticket, segment, offset, records, events) of the last write
         self.appended = 0  # records ever appended (tickets)
         self.committed = 0  # tickets covered by an fsync
         self.group = group or GroupCommit()
@@ -102,11 +107,12 @@ class Spool:
         self._cursor: tuple[int, int] | None = None  # (segment id, offset) of the next record to read
         self._unread = 0  # records appended (or recovered) and not yet handed out by read()
         self._unread_events = 0
-        # Records written while the reader is caught up, as (segment id, offset, payload), for it to take
-        # from here. Past FRESH_LIMIT (the reader is behind) dropped: the reader goes to the files.
-        self._fresh: deque[tuple[int, int, bytes]] = deque()
+        # The records written last, as (segment id, offset, record), for the reader to take from here
+        # rather than read them back: always an unbroken run of the latest writes, at most `fresh_limit`
+        # bytes of them (the oldest make room for the newest). A reader behind them reads the files
+        # until it reaches the first one kept.
+        self._fresh: deque[tuple[int, int, Record]] = deque()
         self._fresh_bytes = 0
-        self._fresh_on = False
         self._fresh_limit = fresh_limit
         self._log = LogThrottle()  # a full disk fails every request: one line a second, with a count
         self.disk_bytes = 0
@@ -142,7 +148,6 @@ class Spool:
                     visit(decode(segment_id, payload, fmt))
             self._order.append(segment_id)
             self._count(segment, len(payloads) - acked, sum(counts[acked:]), start + sum(HEADER.size + len(p) for p in payloads))
-        self._fresh_on = self.pending == 0
         first = next((self._segments[i] for i in self._order if self._segments[i].acked < self._segments[i].records), None)
         if first is not None:
             self._cursor = (first.id, first.acked_offset)
@@ -163,24 +168,35 @@ class Spool:
         active = self._active
         return active.size - len(MAGIC) if active is not None and active.records and active.acked >= active.records else 0
 
-    def write(self, data: bytes, events: int) -> int:
-        """Write a record made by `encode()` holding `events` events; returns a commit ticket. Raises
-        SpoolFull when it would not fit the quota, and OSError (ENOSPC, EDQUOT, EIO...) when the disk
-        refuses it: either way nothing of the record is left in the spool."""
+    def write(self, data: Frame | Sequence[Frame] | bytes, events: int) -> int:
+        """Write a record made by `frame()` (or its bytes, by `encode()`), or several records at once
+        (one request's primary and mirror copies for this destination), holding `events` events in
+        all, with one `writev`; returns a commit ticket for all of them. Raises SpoolFull when they
+        would not fit the quota, and OSError (ENOSPC, EDQUOT, EIO...) when the disk refuses them:
+        either way nothing of them is left in the spool."""
+        frames: Sequence[Frame] = ()
+        raw = data if isinstance(data, bytes) else None  # encode()'s bytes (tests of the format)
+        if raw is not None:
+            parts, size = [raw], len(raw)
+        else:
+            assert not isinstance(data, bytes)
+            frames = (data,) if isinstance(data, Frame) else data
+            parts = [part for one in frames for part in one.parts]
+            size = sum(one.size for one in frames)
         if self._closed:
             raise OSError(errno.EBADF, f"the spool at {self.directory} is closed")
-        if not self.has_room(len(data)):
+        if not self.has_room(size):
             raise SpoolFull(f"spool at {self.directory} is at its quota of {self.quota_bytes} bytes")
         active = self._active
-        if active is None or self._files.broken or (active.records and (active.size + len(data) > self.segment_bytes
-                                                                        or self.disk_bytes + len(data) > self.quota_bytes)):
+        if active is None or self._files.broken or (active.records and (active.size + size > self.segment_bytes
+                                                                        or self.disk_bytes + size > self.quota_bytes)):
             self._seal()  # full, at the quota with everything in it delivered (deleted then), or not to be appended to
             self._start_segment()
             active = self._active
         assert active is not None
         offset = active.size
         try:
-            self._files.append(data, offset)
+            self._files.append(parts, offset)
         except OSError as exc:
             if self._log.allow(("write", exc.errno)) is not None:
                 log.error("spool_write_refused", directory=str(self.directory), error=str(exc), errno=exc.errno)
@@ -189,26 +205,34 @@ class Spool:
             raise
         if self._cursor is None:
             self._cursor = (active.id, offset)
-        if self._fresh_on:
-            self._keep_fresh(active.id, offset, data)
-        self._count(active, 1, events, len(data))
+        if self._fresh_limit:
+            if raw is not None:
+                self._keep_fresh(active.id, offset, decode(active.id, raw[HEADER.size:]))
+            else:
+                at = offset
+                for one in frames:
+                    self._keep_fresh(active.id, at, one.record(active.id))
+                    at += one.size
+        records = 1 if raw is not None else len(frames)
+        self._count(active, records, events, size)
         self.appended += 1
-        self._last = (self.appended, active, offset, events)
+        self._last = (self.appended, active, offset, records, events)
         self._readable.set()
         return self.appended
 
     def retract(self, ticket: int) -> bool:
-        """Take back the record `write` just returned `ticket` for, before anything awaited: a request
+        """Take back the records `write` just returned `ticket` for, before anything awaited: a request
         whose copy for another destination was refused is answered 503, and must not be delivered here.
         False when it cannot be (not the last write, or the cut failed): it stays and is delivered, and
         a retry of the request duplicates it (same messageIds)."""
         last, self._last = self._last, None
         if last is None or last[0] != ticket or last[1] is not self._active or not self._files.cut(last[2]):
             return False
-        _, segment, offset, events = last
-        if self._fresh and self._fresh[-1][:2] == (segment.id, offset):
-            self._fresh_bytes -= HEADER.size + len(self._fresh.pop()[2])
-        self._count(segment, -1, -events, offset - segment.size)
+        _, segment, offset, records, events = last
+        fresh = self._fresh
+        while fresh and fresh[-1][0] == segment.id and fresh[-1][1] >= offset:
+            self._fresh_bytes -= fresh.pop()[2].encoded_size
+        self._count(segment, -records, -events, offset - segment.size)
         return True
 
     def _count(self, segment: _Segment, records: int, events: int, size: int) -> None:
@@ -278,28 +302,28 @@ class Spool:
             self._readable.clear()  # counted but not readable (cannot happen): wait for a write rather than spin
             await self._readable.wait()
 
-    def _keep_fresh(self, segment_id: int, offset: int, data: bytes) -> None:
-        if self._fresh_bytes + len(data) > self._fresh_limit:
-            self._fresh.clear()
-            self._fresh_bytes = 0
-            self._fresh_on = False  # until the reader has caught up with the files
-            return
-        self._fresh.append((segment_id, offset, data[HEADER.size:]))
-        self._fresh_bytes += len(data)
+    def _keep_fresh(self, segment_id: int, offset: int, record: Record) -> None:
+        fresh, size = self._fresh, record.encoded_size
+        while fresh and self._fresh_bytes + size > self._fresh_limit:
+            self._fresh_bytes -= fresh.popleft()[2].encoded_size  # the reader is that far behind: it reads those from the file
+        if size <= self._fresh_limit:
+            fresh.append((segment_id, offset, record))
+            self._fresh_bytes += size
 
-    def _payloads_at(self, segment: _Segment, offset: int, budget: int) -> list[bytes]:
-        """Record payloads from `offset` on: from memory when they were just written, else from the file."""
+    def _records_at(self, segment: _Segment, offset: int, budget: int) -> list[Record] | list[bytes]:
+        """What is in `segment` from `offset` on: records still in memory, else record payloads read
+        from the file (about `budget` bytes of them)."""
         fresh = self._fresh
         while fresh and (fresh[0][0], fresh[0][1]) < (segment.id, offset):  # read from the file meanwhile
-            self._fresh_bytes -= HEADER.size + len(fresh.popleft()[2])
+            self._fresh_bytes -= fresh.popleft()[2].encoded_size
         if fresh and fresh[0][0] == segment.id and fresh[0][1] == offset:
-            payloads, size = list[bytes](), 0
-            for segment_id, _, payload in fresh:  # contiguous from `offset`, as they were written
-                if segment_id != segment.id or (payloads and size > budget):
+            records, size = list[Record](), 0
+            for segment_id, _, record in fresh:  # an unbroken run from `offset`, as they were written
+                if segment_id != segment.id or (records and size > budget):
                     break
-                payloads.append(payload)
-                size += len(payload)
-            return payloads
+                records.append(record)
+                size += record.size
+            return records
         return read_records(segment.path, offset, segment.size, budget, segment.fmt)
 
     def _read_now(self, max_events: int, max_bytes: int) -> list[Record]:
@@ -314,17 +338,17 @@ class Spool:
                     break
                 self._cursor = (later[0], self._segments[later[0]].acked_offset)  # its acked head is not re-read
                 continue
-            payloads = self._payloads_at(segment, offset, max_bytes - size)
-            if not payloads:
+            found = self._records_at(segment, offset, max_bytes - size)
+            if not found:
                 self._skip_unreadable(segment, offset)
                 continue
             full = False
-            for payload in payloads:
-                count = event_count(payload)
-                if records and (events + count > max_events or size + len(payload) > max_bytes):
+            for item in found:
+                record = item if isinstance(item, Record) else decode(segment_id, item, segment.fmt)
+                count = record.count
+                if records and (events + count > max_events or size + record.size > max_bytes):
                     full = True  # the limits are reached: stop here, the rest is for the next read
                     break
-                record = decode(segment_id, payload, segment.fmt)
                 records.append(record)
                 size += record.size
                 events += count
@@ -336,8 +360,6 @@ class Spool:
                 break
         self._unread -= len(records)
         self._unread_events -= events
-        if self._unread == 0 and not self._fresh_on:
-            self._fresh_on = True  # caught up: what is written next is read from memory
         return records
 
     def _skip_unreadable(self, segment: _Segment, offset: int) -> None:

@@ -74,14 +74,49 @@ class Record:
         return events
 
 
-def encode(appended_at: float, credential: str, forwarded_for: str | None, events: list[bytes], tags: bytes = b"") -> bytes:
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A record ready to be written, in two parts: its framing (`head`: length, crc and the fields
+    before the events) and the joined events. The spool writes both with one `writev`, so the events
+    are never copied into one buffer with their framing, and keeps what the reader needs (`record()`)
+    so that a record read back while still in memory is never decoded again."""
+
+    head: bytes
+    joined: bytes
+    appended_at: float
+    credential: str
+    forwarded_for: str | None
+    lengths: tuple[int, ...]
+    tags: bytes
+
+    @property
+    def size(self) -> int:
+        """Bytes the record takes in its segment file."""
+        return len(self.head) + len(self.joined)
+
+    @property
+    def parts(self) -> tuple[bytes, bytes]:
+        return self.head, self.joined
+
+    def record(self, segment: int) -> Record:
+        return Record(segment, self.appended_at, self.credential, self.forwarded_for, self.joined, self.lengths, self.size, self.tags)
+
+
+def frame(appended_at: float, credential: str, forwarded_for: str | None, events: list[bytes], tags: bytes = b"") -> Frame:
     """One format-3 record holding `events` (at least one), ready to be written."""
     cred = credential.encode()
     forwarded = (forwarded_for or "").encode()
+    lengths = tuple(map(len, events))
     head = (PREFIX.pack(appended_at, len(cred), len(forwarded), len(events)) + cred + forwarded
-            + struct.pack(f"<{len(events) + 1}I", *map(len, events), len(tags)) + tags)
+            + struct.pack(f"<{len(events) + 1}I", *lengths, len(tags)) + tags)
     joined = b",".join(events)
-    return HEADER.pack(len(head) + len(joined), zlib.crc32(joined, zlib.crc32(head))) + head + joined
+    framed = HEADER.pack(len(head) + len(joined), zlib.crc32(joined, zlib.crc32(head))) + head
+    return Frame(framed, joined, appended_at, credential, forwarded_for or None, lengths, tags)
+
+
+def encode(appended_at: float, credential: str, forwarded_for: str | None, events: list[bytes], tags: bytes = b"") -> bytes:
+    """One format-3 record holding `events` (at least one), as the bytes of its segment file."""
+    return b"".join(frame(appended_at, credential, forwarded_for, events, tags).parts)
 
 
 def decode(segment: int, payload: bytes, fmt: int = FORMAT) -> Record:
