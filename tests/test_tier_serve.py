@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -129,7 +130,7 @@ async def test_each_replica_answers_for_the_tier_and_alone_while_redis_is_away(t
         async def whole_tier() -> bool:
             for splitter in (one, two):
                 catalog, ledger = await admin(splitter, "/admin/catalog"), await admin(splitter, "/admin/ledger")
-                if catalog_totals(catalog) != BOTH or delivered(ledger) != received:
+                if catalog_totals(catalog) != BOTH or delivered(ledger) != received or len(ledger["processes"]) != 3:
                     return False
             return True
 
@@ -144,6 +145,10 @@ async def test_each_replica_answers_for_the_tier_and_alone_while_redis_is_away(t
             assert sorted((p["replica"], p["name"]) for p in ledger["processes"]) == [("one", "serve"), ("two", "worker-0"), ("two", "worker-1")]
             for row in ledger["rows"]:
                 assert row["accepted"] == row["delivered"] + row["pending"] and row["pending"] == 0, row
+        # the CLIs asked both replicas: each answer covers the tier, so one is taken, not both added up
+        catalog = orjson.loads(await cli("catalog", "--from", one.admin, "--from", two.admin, "--json"))
+        assert catalog_totals(catalog) == BOTH and len(catalog["processes"]) == 3
+        assert delivered(orjson.loads(await cli("parity", "--from", one.admin, "--from", two.admin, "--json"))) == received
 
         # Redis SIGKILLed: each answers for itself, says so, and keeps taking events
         await redis_server.kill()
@@ -184,6 +189,15 @@ async def test_each_replica_answers_for_the_tier_and_alone_while_redis_is_away(t
         assert await two.stop() == 0
     for splitter in (one, two):
         assert PASSWORD not in orjson.dumps(splitter.log).decode()
+
+
+async def cli(*args: str) -> bytes:
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", *args, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    assert process.returncode == 0, err
+    assert PASSWORD.encode() not in out + err
+    return out
 
 
 async def admin_text(splitter: SplitterProcess) -> str:

@@ -190,3 +190,18 @@ async def test_without_a_store_there_is_no_tier_view(tmp_path: Path) -> None:
     assert "tier" not in document and totals(document) == {"Mine": 2}
     assert "replica" not in document["processes"][0]
     assert "tier" not in await ledger_document(tmp_path, None, tier=none)
+
+
+def test_answers_that_each_cover_the_tier_are_merged_once() -> None:
+    from proxy.observe.catalog_view import merge_views
+
+    def answer(count: int, replicas: list[str] | None) -> dict:  # type: ignore[type-arg]
+        view = {"generated_at": "2026-12-02T00:00:00Z", "processes": [{"process": "main"}],
+                "sources": {"web": {"events": [{"type": "track", "name": "E", "total": count, "paths": {}, "routed": {}}]}}}
+        return {**view, "tier": {"replicas": replicas}} if replicas is not None else view
+
+    # one's answer lost Redis (itself alone), two's covers both: two's is taken, one's left out
+    assert totals(merge_views([answer(3, ["one"]), answer(10, ["one", "two"])])) == {"E": 10}
+    assert totals(merge_views([answer(10, ["one", "two"]), answer(10, ["one", "two"])])) == {"E": 10}
+    assert totals(merge_views([answer(3, ["one"]), answer(7, ["two"])])) == {"E": 10}  # two tiers (two stores): both
+    assert totals(merge_views([answer(3, None), answer(7, None)])) == {"E": 10}  # no tier view: added up as before

@@ -104,6 +104,8 @@ class CatalogKeeper:
         return self.tier.period(self._interval()) if self.tier is not None and self.tier.active else self._interval()
 
     async def _run(self) -> None:
+        if self.tier is not None and self.tier.active:  # at once: a new replica is in the tier view from its start
+            await self.publish(await self.write())
         while True:
             await asyncio.sleep(self._period())
             await self.publish(await self.write())

@@ -19,6 +19,7 @@ from typing import Any
 
 from proxy.engine import SeenEvent, SeenPath, iso
 from proxy.observe.catalog import BUCKETS_PER_HOUR, FIVE_MINUTES, HOURS_KEPT
+from proxy.observe.tier_views import covering
 
 View = dict[str, Any]
 
@@ -67,11 +68,12 @@ def _ordered(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def merge_views(views: Iterable[Mapping[str, Any]]) -> View:
-    """Several views as one: counts added, first seen the earliest, last seen the latest, one sample kept."""
+    """Several views as one: counts added, first seen the earliest, last seen the latest, one sample kept.
+    Answers of replicas that each cover the whole tier are taken once (tier_views.py)."""
     merged: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
     processes: list[Any] = []
     generated = ""
-    for view in views:
+    for view in covering(views):
         generated = max(generated, view.get("generated_at") or "")
         processes.extend(view.get("processes", ()))
         for source, body in view.get("sources", {}).items():

@@ -108,6 +108,7 @@ class LedgerKeeper:
         await self.publish(await self._write(clean=True))
 
     async def _run(self) -> None:
+        await self.publish(None)  # the snapshot start() just wrote: a new replica is in the tier view from its start
         while not self._stop.is_set():
             period = self.tier.period(self.interval) if self.tier is not None and self.tier.active else self.interval
             with contextlib.suppress(TimeoutError):

@@ -21,6 +21,7 @@ from typing import Any
 
 from proxy.observe.fanout import TOTALS as FANOUT_TOTALS
 from proxy.observe.ledger import COLUMNS
+from proxy.observe.tier_views import covering
 
 WINDOW_COLUMNS = COLUMNS[:4]
 ROW_KEY = ("source", "type", "event", "destination", "role")
@@ -93,8 +94,9 @@ def _fanout_rows(fanout: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def merge(views: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Several views as one: counts added up, every process listed, the earliest `since`."""
-    views = list(views)
+    """Several views as one: counts added up, every process listed, the earliest `since`. Answers of
+    replicas that each cover the whole tier are taken once (tier_views.py)."""
+    views = covering(views)
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     fanout: dict[tuple[Any, ...], dict[str, Any]] = {}
     merged: dict[str, Any] = {"ledger": VIEW_FORMAT, "generated_at": max((v["generated_at"] for v in views), default=iso(0)),
