@@ -18,7 +18,7 @@ from proxy.observe.catalog import Catalog
 from proxy.observe.catalog_files import CatalogKeeper, catalog_document
 from proxy.observe.ledger import ACCEPTED, DELIVERED
 from proxy.observe.ledger_files import LedgerKeeper, ledger_document
-from proxy.observe.tier import STALE_PERIODS, TIMEOUT_FLOOR, Tier, index_key, snapshot_key
+from proxy.observe.tier import STALE_MARGIN, STALE_PERIODS, TIMEOUT_FLOOR, Tier, index_key, snapshot_key
 from tests.system_tools import needs
 from tests.test_dedup_redis import PASSWORD, RedisServer, errors
 
@@ -136,9 +136,9 @@ async def test_a_gone_replicas_snapshot_is_stale_then_expires(tmp_path: Path, re
     try:
         gone = catalog_keeper(tmp_path / "b", None, b, {"Order Completed": 4})
         await a.publish("catalog", None, b'{"kind": "splitter-catalog", "sources": {}}', 0.1)
-        await b.publish("catalog", None, orjson.dumps(gone.catalog.snapshot(None)), 0.1)  # published every 0.1 s: stale past 0.3 s and TIMEOUT_FLOOR
+        await b.publish("catalog", None, orjson.dumps(gone.catalog.snapshot(None)), 0.1)  # published every 0.1 s: stale past 0.3 s and STALE_MARGIN
         assert totals(await catalog_document(tmp_path / "a", None, tier=a)) == {"Order Completed": 4}
-        await asyncio.sleep(STALE_PERIODS * 0.1 + TIMEOUT_FLOOR + 0.05)
+        await asyncio.sleep(STALE_PERIODS * 0.1 + STALE_MARGIN + 0.05)
         document = await catalog_document(tmp_path / "a", None, tier=a)
         assert totals(document) == {"Order Completed": 4} and document["tier"]["stale"] == ["b:main"]
         await asyncio.sleep(0.5)  # past the TTL: the key expired, and the next publish trims the index
@@ -205,3 +205,23 @@ def test_answers_that_each_cover_the_tier_are_merged_once() -> None:
     assert totals(merge_views([answer(10, ["one", "two"]), answer(10, ["one", "two"])])) == {"E": 10}
     assert totals(merge_views([answer(3, ["one"]), answer(7, ["two"])])) == {"E": 10}  # two tiers (two stores): both
     assert totals(merge_views([answer(3, None), answer(7, None)])) == {"E": 10}  # no tier view: added up as before
+
+
+async def test_a_hung_redis_costs_a_read_its_timeout_once_then_answers_at_once(tmp_path: Path, redis_server: RedisServer) -> None:
+    a = tier(redis_server, "a")
+    try:
+        keeper = catalog_keeper(tmp_path, None, a, {"Mine": 1})
+        assert await keeper.publish(await keeper.write())
+        redis_server.pause()  # SIGSTOP: connections stay open, nothing answers
+        started = time.monotonic()
+        document = await catalog_document(tmp_path, keeper, tier=a)
+        assert TIMEOUT_FLOOR - 0.1 < time.monotonic() - started < TIMEOUT_FLOOR + 1
+        assert document["tier"]["state"] == "unavailable" and document["tier"]["error"].startswith("timeout")
+        assert totals(document) == {"Mine": 1}
+        started = time.monotonic()
+        assert (await catalog_document(tmp_path, keeper, tier=a))["tier"]["state"] == "unavailable"
+        await keeper.stop()  # the final write; no wait for a store that is not answering
+        assert time.monotonic() - started < 0.5
+    finally:
+        redis_server.resume()
+        await a.close()

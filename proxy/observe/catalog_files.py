@@ -75,7 +75,9 @@ class CatalogKeeper:
     async def stop(self) -> None:
         """Stop the periodic writes and write once more: called once no request is left to count."""
         await self._task.stop()
-        await self.publish(await self.write())
+        payload = await self.write()
+        if self.tier is not None and self.tier.answering:  # a store that is away does not hold up the stop
+            await self.publish(payload)
 
     async def write(self) -> bytes | None:
         """Write the file if the catalog changed (or was never written by this process); the snapshot written, else None."""

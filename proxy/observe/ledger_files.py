@@ -105,7 +105,9 @@ class LedgerKeeper:
         self._stop.set()
         if self._task is not None:
             await self._task
-        await self.publish(await self._write(clean=True))
+        payload = await self._write(clean=True)
+        if self.tier is not None and self.tier.answering:  # a store that is away does not hold up the stop
+            await self.publish(payload)
 
     async def _run(self) -> None:
         await self.publish(None)  # the snapshot start() just wrote: a new replica is in the tier view from its start

@@ -61,9 +61,10 @@ log = get_logger("splitter.tier")
 KEY_PREFIX = "splitter:tier:"
 KINDS = ("catalog", "ledger")
 DEFAULT_TTL = 24 * 3600.0  # seconds a snapshot stays after its last publish: the longest window the catalog and ledger keep
-TIMEOUT_FLOOR = 1.0  # seconds: the store's own timeout (50 ms) is sized for a request's few keys, not for a snapshot
+TIMEOUT_FLOOR = 2.0  # seconds: the store's own timeout (50 ms) is sized for a request's few keys, not for a tier's snapshots
 READ_BACKOFF = 2.0  # seconds reads answer `unavailable` at once after a failure
-STALE_PERIODS = 3  # a snapshot not refreshed for this many of its publisher's periods is marked stale
+STALE_PERIODS = 3  # a snapshot not refreshed for this many of its publisher's periods (and STALE_MARGIN) is marked stale
+STALE_MARGIN = 1.0  # seconds
 MAX_MEMBERS = 1000  # (replica, process) snapshots read per kind, the most recently published first
 POOL_SIZE = 4
 ERROR_REASON = "tier"  # the `reason` of splitter_dedup_store_errors_total for a failed publish or read
@@ -109,7 +110,7 @@ class TierSnapshot:
         """What the answer's `processes` entry gets: whose it is, how old, whether stale."""
         age = max(0.0, now - self.published_at)
         return {"replica": self.replica, "published_at": _iso(self.published_at), "age_seconds": round(age, 1),
-                "stale": age > STALE_PERIODS * self.period + TIMEOUT_FLOOR}
+                "stale": age > STALE_PERIODS * self.period + STALE_MARGIN}
 
 
 @dataclass(slots=True)
@@ -167,6 +168,11 @@ class Tier:
     @property
     def active(self) -> bool:
         return self.settings() is not None
+
+    @property
+    def answering(self) -> bool:
+        """False since a publish or read failed, until one succeeds: a stop does not wait for the store then."""
+        return self._down_since is None
 
     def period(self, interval: float) -> float:
         """How often a keeper with this snapshot interval publishes: often enough that its keys never expire while it runs."""
