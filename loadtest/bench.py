@@ -6,9 +6,10 @@ receivers on core 0 where `taskset` allows. For each scenario and payload: reque
 at saturation (wrk, closed loop), proxy CPU per event and per request (from /proc), peak and steady
 RSS, and a delivery check. Then latency, open loop (loadtest.openloop): each splitter at 50 % of its
 own saturated rate for that payload; nginx and the forwarder at splitter (interval)'s rate (the same
-load); direct at every rate used, so "p99 added" subtracts direct's p99 at the same offered rate.
-Then splitter with stalled upstreams (loadtest.stall), the floor (loadtest.floor) and decide()
-(loadtest.bench_decide), all in this run, and the issue's targets under the table with PASS/FAIL.
+load); direct right after each, at the same rate, so "p99 added" subtracts direct's p99 at the same
+offered rate, measured beside it. Then the floor (loadtest.floor), splitter with stalled upstreams
+(loadtest.stall) and decide() (loadtest.bench_decide), all in this run, and the issue's targets under
+the table with PASS/FAIL.
 Bounded: every run lasts `--seconds` (latency runs half that); the total is printed at the end.
 Run: `python -m loadtest.bench [--seconds 6] [--quick] [--only splitter] [--json PATH] [--strict]`.
 Exits 1 if any delivery was not exact (or, with --strict, if a target was missed).
@@ -151,24 +152,30 @@ def chosen(only: list[str] | None) -> set[str]:
     return {name for given in only for name in (SPLITTERS if given == "splitter" else (given,))}
 
 
-async def direct_at_rates(rows: list[dict[str, Any]], payloads: dict[str, Payload], receivers: Receivers, auth: str, plan: Plan) -> None:
-    """Direct, open loop, at every rate a proxy row of the same payload was measured at; each proxy row gets direct's
-    p99 at its own offered rate subtracted (`p99_added_ms`)."""
-    async with subjects.direct(receivers) as direct:
-        for base in [row for row in rows if row["scenario"] == "direct"]:
-            users: dict[float, list[dict[str, Any]]] = {}
-            for row in rows:
-                if row["scenario"] != "direct" and row.get("payload") == base["payload"] and row.get("latency"):
-                    users.setdefault(row["latency"]["offered_per_s"], []).append(row)
-            base["open_loop"] = []
-            for rate, measured in sorted(users.items()):
-                latency, complete, note = await open_loop(direct, payloads[base["payload"]], receivers, auth, plan, rate)
-                base["open_loop"].append({**latency, "delivery": note, "for": [row["scenario"] for row in measured]})
-                base["delivered"] = base["delivered"] and complete
-                for row in measured:
-                    row["direct_latency"] = latency
-                    if not row["latency"]["saturated"] and not latency["saturated"]:
-                        row["p99_added_ms"] = round(row["latency"]["p99_ms"] - latency["p99_ms"], 3)
+class DirectBeside:
+    """Direct, open loop, at the rate a proxy row was just measured at, run right after it (so both see the machine alike);
+    one run per payload and rate, shared by the rows measured at that rate. The proxy row gets direct's latency and
+    `p99_added_ms`, direct's row the run under `open_loop` with the scenarios it served."""
+
+    def __init__(self, direct: subjects.Subject, rows: dict[str, dict[str, Any]], receivers: Receivers, auth: str, plan: Plan) -> None:
+        self.direct, self.rows, self.receivers, self.auth, self.plan = direct, rows, receivers, auth, plan
+        self.runs: dict[tuple[str, float], dict[str, Any]] = {}
+
+    async def beside(self, row: dict[str, Any], payload: Payload) -> None:
+        if row.get("latency") is None:
+            return
+        rate = row["latency"]["offered_per_s"]
+        run = self.runs.get((payload.name, rate))
+        if run is None:
+            latency, complete, note = await open_loop(self.direct, payload, self.receivers, self.auth, self.plan, rate)
+            run = self.runs[(payload.name, rate)] = {**latency, "delivery": note, "for": []}
+            base = self.rows[payload.name]
+            base.setdefault("open_loop", []).append(run)
+            base["delivered"] = base["delivered"] and complete
+        run["for"].append(row["scenario"])
+        row["direct_latency"] = {key: value for key, value in run.items() if key not in ("delivery", "for")}
+        if not row["latency"]["saturated"] and not run["saturated"]:
+            row["p99_added_ms"] = round(row["latency"]["p99_ms"] - run["p99_ms"], 3)
 
 
 def decide_rate(seconds: float) -> dict[str, Any]:
@@ -187,48 +194,48 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     batch = batch_payload(batch_bodies)
     singles = {path: single_payload(rules, path) for path in SINGLE_PATHS}
     everything, baseline_kinds = [batch, *singles.values()], [batch, singles["/v1/track"]]  # /v1/t is Segment-only
-    payloads = {payload.name: payload for payload in everything}
     rows: list[dict[str, Any]] = []
     lead: dict[str, tuple[float, str]] = {}  # payload -> the rate the peers' latency is measured at, and whose it is
     stall = floor = decide = None
     errors: dict[str, str] = {}  # the floor or decide() failed: said, and their targets are n/a
     try:
-        async with subjects.direct(receivers) as direct:  # direct's saturation first; its open-loop runs come last, at the rates used
+        async with subjects.direct(receivers) as direct:  # saturation first; its open-loop runs come beside each proxy's, at the same rate
             for payload in everything:
                 rows.append(await saturate(direct, payload, receivers, auth, plan))
-        for name, mode in SPLITTERS.items():
-            if name not in only:
-                continue
-            async with subjects.splitter(env, mode) as subject:
-                if not args.quick:
-                    await warm_up(subject, batch, receivers, auth, plan)
-                for payload in everything:
-                    row = await measure(subject, payload, receivers, auth, plan, None, "50 % of its own")
-                    lead.setdefault(payload.name, (row["latency"]["offered_per_s"], subject.name))
-                    rows.append(row)
-                if args.keep_running:
-                    await keep_running(subject)
-        for direct_row in rows[:len(everything)]:  # no splitter: the peers at 50 % of direct's rate
-            lead.setdefault(direct_row["payload"], (LATENCY_LOAD * direct_row["requests_per_s"], "direct"))
-        factories: dict[str, Callable[[], AbstractAsyncContextManager[subjects.Subject]]] = {
-            "nginx": lambda: subjects.nginx(receivers, "pass", RUDDER_KEY), "nginx-split": lambda: subjects.nginx(receivers, "split", RUDDER_KEY),
-            "forwarder": lambda: subjects.forwarder(receivers)}
-        for name in PEERS:
-            if name not in only:
-                continue
-            try:
-                async with factories[name]() as subject:
+            beside = DirectBeside(direct, {row["payload"]: row for row in rows}, receivers, auth, plan)
+            for name, mode in SPLITTERS.items():
+                if name not in only:
+                    continue
+                async with subjects.splitter(env, mode) as subject:
                     if not args.quick:
                         await warm_up(subject, batch, receivers, auth, plan)
-                    for payload in baseline_kinds:
-                        rate, whose = lead[payload.name]
-                        rows.append(await measure(subject, payload, receivers, auth, plan, rate, f"{whose}'s"))
-            except subjects.Unavailable as missing:
-                rows.append({"scenario": name, "skipped": str(missing), "delivered": True})
-        if "stall" in only:
-            stall_env = dict(env, SPLITTER_DURABILITY=args.stall_durability)
-            stall = {**await stalled_upstreams(receivers, stall_env, batch, auth, plan.seconds, hang=not args.quick), "durability": args.stall_durability}
-        await direct_at_rates(rows, payloads, receivers, auth, plan)
+                    for payload in everything:
+                        row = await measure(subject, payload, receivers, auth, plan, None, "50 % of its own")
+                        await beside.beside(row, payload)
+                        if row["latency"] is not None:
+                            lead.setdefault(payload.name, (row["latency"]["offered_per_s"], subject.name))
+                        rows.append(row)
+                    if args.keep_running:
+                        await keep_running(subject)
+            for direct_row in rows[:len(everything)]:  # no splitter: the peers at 50 % of direct's rate
+                lead.setdefault(direct_row["payload"], (LATENCY_LOAD * direct_row["requests_per_s"], "direct"))
+            factories: dict[str, Callable[[], AbstractAsyncContextManager[subjects.Subject]]] = {
+                "nginx": lambda: subjects.nginx(receivers, "pass", RUDDER_KEY), "nginx-split": lambda: subjects.nginx(receivers, "split", RUDDER_KEY),
+                "forwarder": lambda: subjects.forwarder(receivers)}
+            for name in PEERS:
+                if name not in only:
+                    continue
+                try:
+                    async with factories[name]() as subject:
+                        if not args.quick:
+                            await warm_up(subject, batch, receivers, auth, plan)
+                        for payload in baseline_kinds:
+                            rate, whose = lead[payload.name]
+                            row = await measure(subject, payload, receivers, auth, plan, rate, f"{whose}'s")
+                            await beside.beside(row, payload)
+                            rows.append(row)
+                except subjects.Unavailable as missing:
+                    rows.append({"scenario": name, "skipped": str(missing), "delivered": True})
         if "floor" in only:
             forwarder = next((row for row in rows if row["scenario"] == "aiohttp forwarder" and row.get("payload") == "batch"), None)
             shared = floor_bench.Shared(receivers, rules, auth, batch, singles, forwarder)
@@ -236,6 +243,10 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                 floor = await floor_bench.measure(plan.floor_seconds, shared, plan.in_process_seconds)
             except Exception as error:
                 errors["floor"] = f"{type(error).__name__}: {error}"
+        if "stall" in only:  # last: the hung requests it leaves in the receivers cannot touch another row
+            await receivers.reset()  # the floor's own forwarder run (when the table has none) left its counts there
+            stall_env = dict(env, SPLITTER_DURABILITY=args.stall_durability)
+            stall = {**await stalled_upstreams(receivers, stall_env, batch, auth, plan.seconds, hang=not args.quick), "durability": args.stall_durability}
     finally:
         receivers.stop()
     if "decide" in only:

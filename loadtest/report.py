@@ -89,7 +89,7 @@ def evaluate_targets(rows: list[dict[str, Any]], stall: dict[str, Any] | None, f
     fwd_request = _figure(found.get((FORWARDER, "single /v1/track")), "cpu_us_per_request")
     batch_floor = _figure(floor, "floor_us_per_event")
     single_floors: dict[str, float] = floor["single_floor_us"] if floor else {}
-    forwarder_text = f"forwarder {fwd_event} µs" if fwd_event else "forwarder not measured"
+    forwarder_text = f"forwarder {fwd_event:.2f} µs" if fwd_event else "forwarder not measured"
     targets = []
     for mode in MODES:  # batch CPU per event, with the ratio to the forwarder (a target for interval)
         limit = CPU_PER_EVENT_US[mode]
@@ -110,7 +110,7 @@ def evaluate_targets(rows: list[dict[str, Any]], stall: dict[str, Any] | None, f
         for row in (r for (scenario, _), r in found.items() if scenario == splitter_scenario(mode) and r["events"] == 1):
             path = row["payload"].removeprefix("single ")
             per_request, path_floor = _figure(row, "cpu_us_per_request"), single_floors.get(path)
-            single_text = f"forwarder /v1/track {fwd_request} µs: " + _ratio(per_request or 0.0, fwd_request) if fwd_request else "forwarder not measured"
+            single_text = f"forwarder /v1/track {fwd_request:.1f} µs: " + _ratio(per_request or 0.0, fwd_request) if fwd_request else "forwarder not measured"
             figure = None if per_request is None else f"{per_request} µs ({single_text}; {_floor_text(path_floor, 'µs')})"
             targets.append(_target(f"{row['payload']}, {mode}: <= {CPU_PER_SINGLE_US:g} µs CPU/request", figure,
                                    None if per_request is None else per_request <= CPU_PER_SINGLE_US, limit=CPU_PER_SINGLE_US, floor=path_floor))

@@ -111,7 +111,7 @@ def test_targets_compare_with_the_forwarder_and_the_floor_of_the_same_run() -> N
     targets = {t["target"]: t for t in evaluate_targets(rows, None, floor, None)}
     interval = targets["batch split+mirror, interval: <= 10 µs proxy CPU/event"]
     assert (interval["passed"], interval["below_floor"]) == (True, False)
-    assert interval["figure"] == "9.0 µs (forwarder 6.0 µs: 1.50×; floor 8.00 µs)"
+    assert interval["figure"] == "9.0 µs (forwarder 6.00 µs: 1.50×; floor 8.00 µs)"
     ratio = targets["batch split+mirror, interval: <= 1.3× the forwarder's CPU/event"]  # limit 7.8 µs, under the floor of 8: said so
     assert (ratio["passed"], ratio["limit"], ratio["below_floor"]) == (False, 6.0 * 1.3, True)
     assert targets["batch split+mirror, fsync: <= 12 µs proxy CPU/event"]["passed"] is False
