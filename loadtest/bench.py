@@ -284,7 +284,8 @@ def main() -> int:
     targets = evaluate_targets(rows, stall, floor, decide)
     pinned = f"proxies on core {PROXY_CORE}, load and receivers on the other" if pinning_available() else "not pinned"
     print(f"{plan.seconds:g} s per saturation run ({CONNECTIONS} connections, wrk), {plan.latency_seconds:g} s per open-loop run: "
-          f"splitter at {LATENCY_LOAD * 100:.0f} % of its own rate, nginx and the forwarder at splitter (interval)'s, direct at each; {pinned}")
+          f"splitter at {LATENCY_LOAD * 100:.0f} % of its own rate, nginx and the forwarder at splitter (interval)'s, "
+          f"direct beside each at the same rate; {pinned}")
     print_table(rows)
     if stall:
         print_stall(stall)

@@ -51,7 +51,7 @@ from loadtest.bench_delivery import CONNECTIONS, WRITE_KEY, prepare_load
 from loadtest.harness import LOAD_CORE, PROXY_CORE, Receivers, cpu_seconds, pinned_server, pinning_available, run_wrk
 from loadtest.payloads import BATCH, SINGLE_PATHS, Payload, batch_payload, single_payload
 from loadtest.report import CPU_PER_EVENT_US, CPU_PER_SINGLE_US, FORWARDER_RATIO
-from proxy.delivery.spool import encode
+from proxy.delivery.spool_format import frame as frame_record
 from proxy.engine import EventContext, RuleSet, shared_decision
 from proxy.ingress.app import FAST_INGRESS, FastIngress, Observer, observing, routes
 from proxy.ingress.body import read_body
@@ -115,10 +115,10 @@ def _prepare_and_frame(rules: RuleSet, payload: Payload, seconds: float) -> dict
 
     prepared = {id(body): prepare(body).submission for body in payload.bodies}
 
-    def frame(body: bytes) -> None:
+    def frame(body: bytes) -> None:  # the record's head and crc32, its events joined: what the spool's writev sends
         done = prepared[id(body)]
         for chunk in (*done.primary.values(), *done.mirror.values()):
-            encode(1.0, "key", None, chunk.events)
+            frame_record(1.0, "key", None, chunk.events)
 
     return {PREPARE: per_event(prepare, payload.bodies, seconds, payload.events), FRAMING: per_event(frame, payload.bodies, seconds, payload.events)}
 

@@ -26,7 +26,6 @@ from loadtest.process import SplitterProcess, launch_splitter
 
 Expect = Literal["forward", "split-mirror", "splitter"]
 Durability = Literal["interval", "fsync"]  # splitter serve --durability
-DURABILITY_MODES: tuple[Durability, ...] = ("interval", "fsync")
 SETTLE_SECONDS = 0.2  # synchronous proxies: requests in flight when the load stops finish within this
 DRAIN_LIMIT = 60.0  # splitter: seconds for its spool to empty after a run
 
