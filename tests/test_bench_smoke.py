@@ -2,9 +2,9 @@
 
 A smoke test of the benchmark harness, not a measurement: it asserts the report's structure and
 that every event reached the receivers, never a speed. It needs wrk and nginx (`make test` installs
-both); nginx split+mirror, splitter in both durability modes, the stalled-upstream scenario, the
-floor and decide() cover every moving part (nginx config, open-loop generator at each rate, spool
-drain, the floor's servers), and direct always runs.
+both); nginx split+mirror, the forwarder, splitter in both durability modes, the stalled-upstream
+scenario, the floor and decide() cover every moving part (nginx config, open-loop generator at each
+rate, spool drain, the floor's servers), and direct always runs.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ PAYLOADS = ("batch", "single /v1/t", "single /v1/track")
 @needs("nginx", "wrk")
 def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
     report = tmp_path / "bench.json"
-    only = ["nginx-split", "splitter", "stall", "floor", "decide"]
+    only = ["nginx-split", "forwarder", "splitter", "stall", "floor", "decide"]
     finished = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--quick", *(arg for name in only for arg in ("--only", name)), "--json", str(report)],
         cwd=ROOT, capture_output=True, text=True, timeout=150,
@@ -44,7 +44,7 @@ def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
     assert results["errors"] == {} and results["duration_s"] > 0
     rows = {(row["scenario"], row.get("payload")): row for row in results["rows"]}
     assert set(rows) == {("direct", payload) for payload in PAYLOADS} | {(name, payload) for name in SPLITTERS for payload in PAYLOADS} | {
-        ("nginx split+mirror", "batch"), ("nginx split+mirror", "single /v1/track")}
+        (peer, payload) for peer in ("nginx split+mirror", "aiohttp forwarder") for payload in ("batch", "single /v1/track")}
     for row in rows.values():
         assert set(row) >= ROW_KEYS, row
         assert row["delivered"], row
@@ -72,7 +72,8 @@ def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
     assert stall["delivered"] and stall["drain_seconds"] is not None and stall["samples"] and stall["durability"] == "interval"
     floor = results["floor"]
     assert floor["floor_us_per_event"] > 0 and set(floor["single_floor_us"]) == {"/v1/t", "/v1/track"}
-    assert "from" not in next(row for row in floor["http"] if row["name"] == "aiohttp forwarder")  # not in this run's rows: the floor ran it
+    forwarder = next(row for row in floor["http"] if row["name"] == "aiohttp forwarder")  # the table's own row, not run twice
+    assert forwarder["from"] == "loadtest.bench's forwarder row" and forwarder["cpu_us_per_event"] == rows[("aiohttp forwarder", "batch")]["cpu_us_per_event"]
     assert results["decide"]["decisions_per_second"] > 0
     targets = {target["target"]: target for target in results["targets"]}
     assert set(targets) == {
