@@ -53,10 +53,14 @@ async def read_body(request: web.Request) -> bytes:
         raise IngressError(400, "invalid_request", "Content-Length is not a valid length") from None
     if declared is not None and declared > wire_limit:
         raise too_large("500 KB")
-    deadline = None if request.content.is_eof() else request.get(BODY_DEADLINE)  # the common case: all there already
     try:
-        async with asyncio.timeout_at(deadline):
-            raw = await _read(request, wire_limit)
+        if request.content.is_eof():  # the common case: all there already, read without a timeout or a wait
+            raw = request.content.read_nowait()
+            if len(raw) > wire_limit:
+                raise too_large("500 KB")
+        else:
+            async with asyncio.timeout_at(request.get(BODY_DEADLINE)):
+                raw = await _read(request, wire_limit)
     except TimeoutError:
         raise IngressError(408, "body_timeout", "the request body did not arrive in time; send it again") from None
     except (OSError, web.RequestPayloadError) as exc:  # the client went away, or sent a malformed chunked body
