@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -32,7 +32,9 @@ from proxy.log import get_logger
 from proxy.observe.catalog import Catalog
 from proxy.observe.catalog_view import View, merge_views, only_source, view_of, when
 from proxy.observe.files import process_file, read_process_files, write_atomically
-from proxy.observe.tier import Tier, TierRead
+
+if TYPE_CHECKING:  # the CLIs read the files through this module: no redis (nor metrics) for them
+    from proxy.observe.tier import Tier, TierRead
 
 log = get_logger("splitter.catalog")
 KIND = "catalog"

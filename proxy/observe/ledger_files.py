@@ -34,7 +34,7 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -42,7 +42,9 @@ from proxy.log import LogThrottle, get_logger
 from proxy.observe.files import process_file, read_process_files, write_atomically
 from proxy.observe.ledger import FORMAT, Ledger
 from proxy.observe.ledger_view import merge, view_of
-from proxy.observe.tier import Tier, TierRead
+
+if TYPE_CHECKING:  # the CLIs read the files through this module: no redis (nor metrics) for them
+    from proxy.observe.tier import Tier, TierRead
 
 log = get_logger("splitter.ledger")
 KIND = "ledger"

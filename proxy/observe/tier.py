@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -55,7 +55,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.engine import DedupSettings
 from proxy.log import LogThrottle, get_logger
-from proxy.metrics import Metrics
+
+if TYPE_CHECKING:
+    from proxy.metrics import Metrics
 
 log = get_logger("splitter.tier")
 KEY_PREFIX = "splitter:tier:"
