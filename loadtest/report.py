@@ -145,6 +145,9 @@ def _latency_target(row: dict[str, Any], mode: str) -> dict[str, Any]:
     if added is None or base is None:  # direct was not measured at this rate, or did not sustain it: nothing to subtract
         direct = "direct not measured at that rate" if base is None else "direct saturated at that rate"
         return _target(name, f"p99 {latency['p99_ms']} ms {at}; {direct}", None)
+    if added < 0:  # direct's run was the slower one (a stall of the load core): nothing is added, and splitter's own p99 must meet the limit
+        return _target(name, f"{added} ms, counted as 0 (p99 {latency['p99_ms']} ms {at}; direct {base['p99_ms']} ms at that rate, the slower)",
+                       latency["p99_ms"] <= limit)
     return _target(name, f"{added} ms (p99 {latency['p99_ms']} ms {at}; direct {base['p99_ms']} ms at that rate)", added <= limit)
 
 
