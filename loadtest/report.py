@@ -168,10 +168,15 @@ def print_floor(floor: dict[str, Any]) -> None:
     singles = "; ".join(f"single {path}: " + ", ".join(f"{name.split(' (')[0]} {value:.2f}" for name, value in parts.items())
                         for path, parts in floor["single_in_process_us"].items())
     single_floors = ", ".join(f"single {path} {value:.1f} µs/request" for path, value in floor["single_floor_us"].items())
+    send = floor["upstream_send"]
+    summed = " + ".join(f"{name.split(' (')[0]} {value:.2f}" for name, value in floor["floor_pieces"].items())
     print(f"floor (loadtest.floor, this run): batch {floor['floor_us_per_event']:.2f} µs/event, {single_floors} "
-          "= ingest port read and answer + prepare() + spool framing")
+          "= ingest port read and answer + prepare() + spool framing + spool write + upstream sends")
+    print(f"  batch floor, µs/event: {summed}")
     print(f"  over HTTP: {http}")
     print(f"  in process, µs/event: {pieces}; {singles}")
+    print(f"  upstream sends: {send['cpu_us_per_event']:.2f} µs/event of the load ({send['copies']} copies of {send['events']} events "
+          f"in {send['requests_per_pass']} POSTs; a single call's share is the same batched figure)")
 
 
 def print_stall(stall: dict[str, Any]) -> None:
