@@ -309,8 +309,8 @@ def main() -> int:
     if results["errors"]:
         print(f"failed: {', '.join(results['errors'])}", file=sys.stderr)
         return 1
-    if floor and any(row["non_2xx"] for row in floor["http"]):
-        print("the floor's servers answered non-2xx: see --json's floor.http", file=sys.stderr)
+    if floor and any(row["non_2xx"] for row in (*floor["http"], floor["upstream_send"])):
+        print("the floor's servers or receivers answered non-2xx: see --json's floor.http and floor.upstream_send", file=sys.stderr)
         return 1
     return 1 if args.strict and any(t["passed"] is False for t in targets) else 0
 
