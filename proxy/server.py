@@ -30,6 +30,7 @@ bound and before the fleet and the background tasks start, so a SIGHUP held sinc
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack
@@ -165,11 +166,13 @@ class Server:
 
     def __init__(self, settings: ServeSettings, env: Mapping[str, str], *, rules: RuleSet | None = None, refused: FileRefused | None = None,
                  previous: RuleSet | None = None, metrics: Metrics | None = None, link: Link | None = None, fleet: Fleet | None = None,
-                 clock: Clock | None = None, handle_signals: bool = True, keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
+                 clock: Clock | None = None, handle_signals: bool = True, keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+                 owns_interpreter: bool = True) -> None:
         """`rules`: already chosen (a supervisor loads them before reserving the port, with `refused`
         when they are the last good rules; a test compiles text), else loaded from `settings.config`
         by `startup()`. `previous`: the last good rules they were chosen against, for the change history.
-        `clock`: the ramp clock."""
+        `clock`: the ramp clock. `owns_interpreter`: False in a test's process, whose objects are not
+        this server's to freeze (see `_freeze_startup_objects`)."""
         self.settings = settings
         self.env = env
         self.rules = rules
@@ -181,6 +184,7 @@ class Server:
         self._clock = clock
         self._handle_signals = handle_signals
         self._keepalive_timeout = keepalive_timeout
+        self._owns_interpreter = owns_interpreter
         self._log = get_logger("splitter.supervisor" if fleet is not None else "splitter.server")
         self._exits = AsyncExitStack()
         self._deadline = 0.0  # loop time by which shutdown must be done; a failed start drains nothing
@@ -327,6 +331,8 @@ class Server:
         if self.geoip_watcher is not None:
             self.geoip_watcher.start()
         exits.push_async_callback(self._stop_control_plane)
+        if self._owns_interpreter:
+            self._log.info("startup_objects_frozen", objects=_freeze_startup_objects())
         self.ready = True
 
     async def _bind(self, exits: AsyncExitStack) -> None:
@@ -404,6 +410,22 @@ async def serve(settings: ServeSettings, env: Mapping[str, str] | None = None, l
 
 def run(settings: ServeSettings) -> int:
     return run_loop(serve(settings))
+
+
+def _freeze_startup_objects() -> int:
+    """Move every object alive once the process has started (modules, the compiled rules, the apps:
+    a few hundred thousand) out of the cyclic GC's reach, after collecting what is garbage already.
+
+    They live as long as the process, and each full collection scanned them all: 40 to 60 ms with
+    the event loop stopped, every few seconds under load, which was most of the p99 at half load
+    (measured with a gc callback on a `serve` taking 1,000 batches a second). Frozen, a full
+    collection scans only what was made since. Objects a reload replaces stay frozen (a compiled
+    rule set, a few MB at most): freed by reference counting when nothing refers to them, as
+    nearly all are, and never collected if they sit in a cycle, which costs less than the pauses.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:

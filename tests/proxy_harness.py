@@ -209,7 +209,8 @@ async def proxy_stack(
             trusted_proxies=trusted_proxies, cors_origins=cors_origins, max_in_flight=max_in_flight, spool_dir=str(scratch / "spool"),
             dead_letter_dir=str(scratch / "dead-letter"), state_dir=str(scratch / "state"), cdn_url=cdn_url, public_url=public_url, cdn_cache_seconds=cdn_cache_seconds,
         )
-        proxy = Server(settings, env, rules=rules, clock=clock, handle_signals=False, keepalive_timeout=keepalive_timeout)
+        proxy = Server(settings, env, rules=rules, clock=clock, handle_signals=False, keepalive_timeout=keepalive_timeout,
+                       owns_interpreter=False)
         await proxy.startup()
         session = aiohttp.ClientSession(auto_decompress=False)
         yield Stack(segment, rudder, rules, proxy, session)

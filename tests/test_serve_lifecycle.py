@@ -158,6 +158,21 @@ async def test_reload_under_continuous_traffic_via_configmap_swap(tmp_path: Path
         assert await splitter.stop() == 0
 
 
+async def test_a_started_process_freezes_what_it_started_with_out_of_the_cyclic_gc(tmp_path: Path, upstreams) -> None:  # type: ignore[no-untyped-def]
+    """Full collections would otherwise scan every module, rule and app object, tens of ms with the loop stopped."""
+    segment, rudder = upstreams
+    configmap = ConfigMapDir(tmp_path)
+    configmap.publish(rules_text(10))
+    splitter = await launch_splitter(str(configmap.path), splitter_env(segment, rudder))
+    try:
+        frozen = await splitter.wait_for_log("startup_objects_frozen")
+        assert int(str(frozen["objects"])) > 50_000
+        async with aiohttp.ClientSession() as client, client.post(splitter.ingress + "/v1/batch", data=orjson.dumps(batch("gc", 10)), headers=AUTH) as r:
+            assert r.status == 200
+    finally:
+        await splitter.stop()
+
+
 async def test_bad_reload_is_refused_and_old_rules_keep_serving(tmp_path: Path, upstreams) -> None:  # type: ignore[no-untyped-def]
     segment, rudder = upstreams
     path = tmp_path / "rules.yaml"
