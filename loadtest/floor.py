@@ -139,7 +139,7 @@ def per_event(work: Callable[[bytes], object], bodies: list[bytes], seconds: flo
             return best
 
 
-def _records(rules: RuleSet, submission: Submission) -> list[tuple[str, list[Frame]]]:
+def _records(submission: Submission) -> list[tuple[str, list[Frame]]]:
     """The spool records of one request, as splitter writes them: per destination one write, its primary
     record and a mirror copy for the same destination together, then the mirror copies for the others."""
     source = submission.source
@@ -206,7 +206,7 @@ def _prepare_frame_and_write(rules: RuleSet, payload: Payload, seconds: float, s
             frame_record(1.0, "key", None, chunk.events)
 
     writes = {id(body): [(name, [part for one in frames for part in one.parts], sum(one.size for one in frames))
-                         for name, frames in _records(rules, prepared[id(body)])] for body in payload.bodies}
+                         for name, frames in _records(prepared[id(body)])] for body in payload.bodies}
     directory = Path(tempfile.mkdtemp(prefix="splitter-floor-", dir=spool_dir))
     files = {name: SegmentWriter(directory / name) for name in rules.destinations}
     for one in files.values():
@@ -238,7 +238,7 @@ def send_plan(rules: RuleSet, batch: Payload, receivers: Receivers, seconds: flo
     records: dict[str, list[Frame]] = {name: [] for name in rules.destinations}
     for body in batch.bodies:
         submission = _prepare_request(rules, body, WRITE_KEY, shape, None, None, FORWARDED_FOR).submission
-        for name, frames in _records(rules, submission):
+        for name, frames in _records(submission):
             records[name] += frames
     urls = {"segment": receivers.segment, "rudderstack": receivers.rudderstack}
     destinations = []
