@@ -179,7 +179,7 @@ async def send_traffic(client: aiohttp.ClientSession, splitter: SplitterProcess)
                                    headers={"Authorization": auth}) as response:
                 assert response.status == 200, await response.text()
             sent += len(events[start:start + 50])
-            await asyncio.sleep(0.02)  # the replay window samples a request at most every 10 ms
+            await asyncio.sleep(0.06)  # the replay window samples a request at most every 50 ms (proxy/control/traffic.py)
     return sent
 
 
