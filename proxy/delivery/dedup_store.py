@@ -57,12 +57,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.engine import DedupSettings
 from proxy.log import LogThrottle, get_logger
 from proxy.metrics import Metrics
+from proxy.redis_clients import close_client, failure_reason
 
 log = get_logger("splitter.dedup")
 KEY_PREFIX = "splitter:dedup:"
@@ -202,8 +201,8 @@ class RedisStore:
             late.cancel()
         for task, old in list(self._retiring.items()):
             task.cancel()
-            await _close(old)
-        await _close(self._client)
+            await close_client(old)
+        await close_client(self._client)
 
     # -- the commands --------------------------------------------------------------------------------------------
     async def _ask(self, command: Coroutine[Any, Any, T]) -> T:
@@ -255,7 +254,7 @@ class RedisStore:
         self._backoff = BACKOFF_MIN
 
     def _failed(self, exc: Exception, probing: bool, operation: str, started: float) -> None:
-        reason = _reason(exc)
+        reason = failure_reason(exc)
         self._metrics.child(self._metrics.dedup_store_errors, reason).inc()
         now = self._clock()
         if reason == "timeout" and not probing and self._down_since is None and self._last_answer >= started:
@@ -285,7 +284,7 @@ class RedisStore:
         """A fresh pool for the requests to come; the old one is closed once its requests are over."""
         old = self._client
         self._client, self._claim, self._release = self._connect()
-        task = asyncio.get_running_loop().create_task(_close(old, delay=self.timeout + RETIRE_AFTER))
+        task = asyncio.get_running_loop().create_task(close_client(old, delay=self.timeout + RETIRE_AFTER))
         self._retiring[task] = old
         task.add_done_callback(self._retired)
 
@@ -314,18 +313,3 @@ class RedisStore:
         except BaseException:
             self._unreleased[:0] = pending
             raise
-
-
-async def _close(client: aioredis.Redis, delay: float = 0.0) -> None:
-    await asyncio.sleep(delay)
-    with contextlib.suppress(Exception):
-        await client.aclose()
-        await client.connection_pool.aclose()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, (TimeoutError, RedisTimeoutError)):
-        return "timeout"
-    if isinstance(exc, (RedisConnectionError, OSError)):
-        return "connection"
-    return "error"

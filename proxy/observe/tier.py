@@ -37,7 +37,6 @@ once, on a new connection: the first publish after a Redis restart goes through.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import re
 import time
@@ -50,11 +49,10 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.engine import DedupSettings
 from proxy.log import LogThrottle, get_logger
+from proxy.redis_clients import close_client, failure_reason
 
 if TYPE_CHECKING:
     from proxy.metrics import Metrics
@@ -255,7 +253,7 @@ class Tier:
         for task in list(self._retiring):
             task.cancel()
         if self._client is not None:
-            await _close(self._client)
+            await close_client(self._client)
             self._client = None
 
     # -- the connection and outages ---------------------------------------------------------------------------------
@@ -280,7 +278,7 @@ class Tier:
         old, self._client = self._client, None
         self._published.clear()
         if old is not None:
-            task = asyncio.get_running_loop().create_task(_close(old, delay=self._timeout + 0.5))
+            task = asyncio.get_running_loop().create_task(close_client(old, delay=self._timeout + 0.5))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
@@ -293,7 +291,7 @@ class Tier:
 
     def _failed(self, exc: Exception, operation: str, kind: str) -> None:
         self._metrics.child(self._metrics.dedup_store_errors, ERROR_REASON).inc()
-        reason = _reason(exc)
+        reason = failure_reason(exc)
         self._last_error = f"{reason}: {self._scrubbed(exc)}"
         now = time.monotonic()
         if self._down_since is None:
@@ -335,18 +333,3 @@ def _parsed(others: list[tuple[str, float]], values: list[bytes | None]) -> list
             snapshot.error = str(exc) or type(exc).__name__
         found.append(snapshot)
     return found
-
-
-async def _close(client: aioredis.Redis, delay: float = 0.0) -> None:
-    await asyncio.sleep(delay)
-    with contextlib.suppress(Exception):
-        await client.aclose()
-        await client.connection_pool.aclose()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, (TimeoutError, RedisTimeoutError)):
-        return "timeout"
-    if isinstance(exc, (RedisConnectionError, OSError)):
-        return "connection"
-    return "error"
