@@ -362,6 +362,29 @@ async def test_a_disk_with_room_for_the_primary_copy_alone_keeps_it_and_drops_th
         await delivery.close(0)
 
 
+async def test_a_primary_copy_that_fits_the_active_segment_is_kept_when_only_both_copies_need_a_new_one(fs: Path, tmp_path: Path) -> None:
+    """Found in review of the one-write primary+mirror path: the two copies together were over the
+    segment size, so their write sealed the active segment and failed to start the next one (no room
+    for its marker); the primary alone then found no segment either, and the request got 503, where
+    the primary alone fits the active segment (200, the mirror copy dropped, as before that change)."""
+    rules = compile_rules(TWO_PRIMARIES)
+    delivery = Delivery(Metrics(), spool_dir=fs / "spool", dead_letter_dir=tmp_path / "dead")
+    delivery.start(rules)
+    spool = delivery._pipelines["segment"].spool
+    try:
+        assert (await delivery.accept(primary_and_mirror(rules.sources["web"], ev(0), ev(1)))).ok
+        size = segments(fs / "spool" / "segment")[0].stat().st_size  # the marker and two records, within its first page
+        spool.segment_bytes = size + (size - len(MAGIC)) // 2 + 10  # room for one more record of that size, not two
+        fill(fs)  # the segment's page has room; a new segment's marker has none
+        outcome = await delivery.accept(primary_and_mirror(rules.sources["web"], ev(2), ev(3)))
+        assert outcome.ok and outcome.dropped_mirrors == frozenset({"segment"})
+        assert len(segments(fs / "spool" / "segment")) == 1
+        assert events_of(await read_all(spool, 3)) == [ev(0), ev(1), ev(2)]
+        assert spool.pending == 3
+    finally:
+        await delivery.close(0)
+
+
 # -- real processes: `splitter serve` with its spool on a tiny tmpfs ------------------------------------------------------
 
 WRITE_KEY = "diskfull-web-key-0123"

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from proxy.delivery import Delivery, SpoolLocked
 from proxy.delivery.commit import GroupCommit
 from proxy.delivery.spool import FRESH_LIMIT, MAGIC, Record, Recovery, Spool, SpoolFormatError, SpoolFull
+from proxy.delivery.spool_format import frame
 from proxy.engine import compile_rules
 from proxy.metrics import Metrics
 from tests.spooling import synced, write_request
@@ -744,4 +745,72 @@ async def test_the_steady_state_reads_nothing_back_from_the_files(tmp_path: Path
         records = await read_n(spool, 3)
         assert events_of(records) == sent
         spool.ack(records)
+    await spool.close()
+
+
+# -- one write of several records (a request's primary and mirror copies), taken back whole ---------------------------------
+
+
+async def test_retract_takes_back_every_record_of_a_write_of_several_and_the_reader_goes_on(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path, fresh_limit=400)  # records of ~160 bytes: memory keeps two, the first is then read from the file
+    segment = tmp_path / "000000000001.seg"
+    write_request(spool, "k", None, [ev(0, pad=100)])
+    before = (segment.stat().st_size, spool.disk_bytes, spool.pending, spool._unread, spool._unread_events)
+    ticket = spool.write([frame(time.time(), "k", None, [ev(1, pad=100)]), frame(time.time(), "m", None, [ev(2, pad=100), ev(3)])], 3)
+    assert spool.retract(ticket)
+    assert (segment.stat().st_size, spool.disk_bytes, spool.pending, spool._unread, spool._unread_events) == before
+    write_request(spool, "k", None, [ev(4, pad=100)])
+    assert events_of(await read_n(spool, 2)) == [ev(0, pad=100), ev(4, pad=100)]
+    await spool.close()
+    again, recovery = opened(tmp_path)
+    assert (recovery.records, recovery.truncated_bytes) == (2, 0)
+    await again.close()
+
+
+Op = tuple[str, int, int]
+spool_ops = st.lists(st.tuples(st.sampled_from("wwwmrax"), st.integers(1, 5), st.integers(0, 250)), max_size=40)
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=spool_ops, fresh_limit=st.integers(0, 1500), segment_bytes=st.integers(50, 3000))
+def test_property_writes_of_one_or_several_records_retracts_reads_and_acks_keep_order_and_counters(
+        ops: list[Op], fresh_limit: int, segment_bytes: int) -> None:
+    """Against a model: every record written and not taken back is read once, in order, from memory or
+    from the files, whatever the window and the segment size; the counters match the files."""
+    with tempfile.TemporaryDirectory() as name:
+        asyncio.run(_against_the_model(Path(name), ops, fresh_limit, segment_bytes))
+
+
+async def _against_the_model(directory: Path, ops: list[Op], fresh_limit: int, segment_bytes: int) -> None:
+    spool, _ = opened(directory, segment_bytes=segment_bytes, fresh_limit=fresh_limit)
+    written: list[list[bytes]] = []  # records written and not taken back, in order
+    done, acked, handed, last, n = 0, 0, list[Record](), None, 0
+    for op, count, pad in ops:
+        if op in "wm":  # one record, or two in one write (a primary and its mirror copy)
+            records = [[ev(n + i, pad=pad) for i in range(count)]] + ([[ev(n + count, pad=pad // 2)]] if op == "m" else [])
+            n += count + 1
+            frames = [frame(time.time(), "k", None, events) for events in records]
+            last = (spool.write(frames[0] if len(frames) == 1 else frames, sum(map(len, records))), len(written))
+            written += records
+        elif op == "x" and last is not None:  # right after its write, as Delivery does
+            assert spool.retract(last[0])
+            del written[last[1]:]
+            last = None
+        elif op == "r" and done < len(written):
+            last = None
+            got = await read(spool, max_events=count, max_bytes=pad * 3 + 1)
+            assert [r.events() for r in got] == written[done:done + len(got)]
+            done += len(got)
+            handed += got
+        elif op == "a":
+            last = None
+            spool.ack(handed)
+            acked, handed = acked + sum(r.count for r in handed), []
+        assert spool.disk_bytes == sum(p.stat().st_size for p in directory.glob("*.seg"))
+        assert (spool._unread, spool._unread_events) == (len(written) - done, sum(map(len, written[done:])))
+        assert spool.pending == sum(map(len, written)) - acked
+    rest = await read_n(spool, sum(map(len, written[done:]))) if done < len(written) else []
+    assert [r.events() for r in rest] == written[done:]
+    spool.ack(handed + rest)
+    assert spool.pending == 0
     await spool.close()

@@ -191,8 +191,11 @@ class Delivery:
         try:
             for pipeline, data, name, chunk in staged:
                 spool = pipeline.spool
-                copy = copies.get(name)  # a mirror copy for the same destination: both records in one write
-                if copy is not None and spool.has_room(data.size + copy[0].size):
+                # A mirror copy for the same destination: both records in one write, unless only both need
+                # a new segment (the primary alone fits the active one, which a refused start would seal).
+                copy = copies.get(name)
+                both = data.size + copy[0].size if copy is not None else 0
+                if copy is not None and spool.has_room(both) and (not spool.starts_segment(both) or spool.starts_segment(data.size)):
                     try:
                         tickets.append((spool, spool.write((data, copy[0]), len(chunk) + len(copy[1]))))
                     except (SpoolFull, OSError):

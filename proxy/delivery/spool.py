@@ -168,6 +168,12 @@ class Spool:
         active = self._active
         return active.size - len(MAGIC) if active is not None and active.records and active.acked >= active.records else 0
 
+    def starts_segment(self, size: int) -> bool:
+        """Whether a write of `size` bytes seals the active segment and starts a new one first."""
+        active = self._active
+        return active is None or self._files.broken or bool(active.records and (active.size + size > self.segment_bytes
+                                                                                or self.disk_bytes + size > self.quota_bytes))
+
     def write(self, data: Frame | Sequence[Frame] | bytes, events: int) -> int:
         """Write a record made by `frame()` (or its bytes, by `encode()`), or several records at once
         (one request's primary and mirror copies for this destination), holding `events` events in
@@ -188,8 +194,7 @@ class Spool:
         if not self.has_room(size):
             raise SpoolFull(f"spool at {self.directory} is at its quota of {self.quota_bytes} bytes")
         active = self._active
-        if active is None or self._files.broken or (active.records and (active.size + size > self.segment_bytes
-                                                                        or self.disk_bytes + size > self.quota_bytes)):
+        if self.starts_segment(size):
             self._seal()  # full, at the quota with everything in it delivered (deleted then), or not to be appended to
             self._start_segment()
             active = self._active
