@@ -32,12 +32,14 @@ from proxy.log import get_logger
 from proxy.observe.catalog import Catalog
 from proxy.observe.catalog_view import View, merge_views, only_source, view_of, when
 from proxy.observe.files import process_file, read_process_files, write_atomically
+from proxy.observe.tier_views import finished, gathered_views, tier_read
 
 if TYPE_CHECKING:  # the CLIs read the files through this module: no redis (nor metrics) for them
-    from proxy.observe.tier import Tier, TierRead
+    from proxy.observe.tier import Tier
 
 log = get_logger("splitter.catalog")
 KIND = "catalog"
+NOT_ONE = "not a catalog snapshot"
 
 
 class CatalogKeeper:
@@ -120,45 +122,20 @@ async def catalog_document(state_dir: str | Path, keeper: CatalogKeeper | None =
     """What `/admin/catalog` answers: the live catalog (if this process serves) and every other process file, merged;
     with a `tier` whose store answers, also every other replica's published snapshots."""
     now = time.time()
-    read, tier_read = await asyncio.gather(asyncio.to_thread(_read_all, Path(state_dir), keeper.path if keeper is not None else None),
-                                           tier.read(KIND) if tier is not None else _nothing())
-    views = [view_of(keeper.catalog.snapshot(keeper.process, now), now, live=True)] if keeper is not None else []
-    unreadable: list[dict[str, str]] = []
-    for path, found in read:
-        try:
-            if isinstance(found, str):
-                raise ValueError(found)
-            views.append(view_of(found, now))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            unreadable.append({"file": path.name, "error": str(exc)})
-    if tier_read is not None:
-        for view in views:  # this host's processes
-            view["processes"] = [{**p, "replica": tier_read.replica} for p in view["processes"]]
-        for snapshot in tier_read.snapshots:
-            try:
-                if snapshot.data is None:
-                    raise ValueError(snapshot.error)
-                if snapshot.data.get("kind") != "splitter-catalog":
-                    raise ValueError("not a catalog snapshot")
-                view = view_of(snapshot.data, now)
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                unreadable.append({"replica": snapshot.replica, "process": snapshot.process, "error": str(exc)})
-                continue
-            view["processes"] = [{**p, **snapshot.described(now)} for p in view["processes"]]
-            views.append(view)
+    read, tier_snapshots = await asyncio.gather(asyncio.to_thread(_read_all, Path(state_dir), keeper.path if keeper is not None else None),
+                                                tier_read(tier, KIND))
+    own = [view_of(keeper.catalog.snapshot(keeper.process, now), now, live=True)] if keeper is not None else []
+    views, unreadable = gathered_views(own, read, tier_snapshots, now, lambda snapshot: view_of(snapshot, now), _is_snapshot, NOT_ONE)
     document = merge_views(views)
     document["generated_at"] = when(now)
-    if tier_read is not None:
-        document["tier"] = tier_read.summary(document["processes"])
-    if unreadable:
-        document["unreadable"] = unreadable
+    finished(document, tier_snapshots, unreadable)
     return only_source(document, source) if source is not None else document
 
 
-async def _nothing() -> TierRead | None:
-    return None
+def _is_snapshot(snapshot: dict[str, Any]) -> bool:
+    return snapshot.get("kind") == "splitter-catalog"
 
 
 def _read_all(state_dir: Path, own: Path | None) -> list[tuple[Path, dict[str, Any] | str]]:
     """Each other process file's snapshot, or why it cannot be used."""
-    return read_process_files(state_dir, KIND, own, lambda snapshot: snapshot.get("kind") == "splitter-catalog", "not a catalog snapshot")
+    return read_process_files(state_dir, KIND, own, _is_snapshot, NOT_ONE)

@@ -42,12 +42,14 @@ from proxy.log import LogThrottle, get_logger
 from proxy.observe.files import process_file, read_process_files, write_atomically
 from proxy.observe.ledger import FORMAT, Ledger
 from proxy.observe.ledger_view import merge, view_of
+from proxy.observe.tier_views import finished, gathered_views, tier_read
 
 if TYPE_CHECKING:  # the CLIs read the files through this module: no redis (nor metrics) for them
-    from proxy.observe.tier import Tier, TierRead
+    from proxy.observe.tier import Tier
 
 log = get_logger("splitter.ledger")
 KIND = "ledger"
+NOT_ONE = f"not a ledger snapshot of format {FORMAT}"
 SNAPSHOT_INTERVAL = 5.0  # seconds between snapshots while counts change
 
 
@@ -171,43 +173,16 @@ async def ledger_document(state_dir: str | Path, keeper: LedgerKeeper | None = N
     `tier` whose store answers, also every other replica's published snapshots."""
     now = time.time()
     own = keeper.path if keeper is not None else None
-    read, tier_read = await asyncio.gather(asyncio.to_thread(read_files, Path(state_dir), own), tier.read(KIND) if tier is not None else _nothing())
-    views = [view_of({**keeper.snapshot(), "live": True}, now, hourly=hourly, fanout_rows=keeper.ledger.fanout.rows())] if keeper is not None else []
-    unreadable = []
-    for path, found in read:
-        try:
-            if isinstance(found, str):
-                raise ValueError(found)
-            views.append(view_of(found, now, hourly=hourly))
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-            unreadable.append({"file": path.name, "error": str(exc)})
-    if tier_read is not None:
-        for view in views:  # this host's processes
-            view["processes"] = [{**p, "replica": tier_read.replica} for p in view["processes"]]
-        for snapshot in tier_read.snapshots:
-            try:
-                if snapshot.data is None:
-                    raise ValueError(snapshot.error)
-                if snapshot.data.get("format") != FORMAT:
-                    raise ValueError(f"not a ledger snapshot of format {FORMAT}")
-                view = view_of(snapshot.data, now, hourly=hourly)
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-                unreadable.append({"replica": snapshot.replica, "process": snapshot.process, "error": str(exc)})
-                continue
-            view["processes"] = [{**p, **snapshot.described(now)} for p in view["processes"]]
-            views.append(view)
-    document = merge(views)
-    if tier_read is not None:
-        document["tier"] = tier_read.summary(document["processes"])
-    if unreadable:
-        document["unreadable"] = unreadable
-    return document
+    read, tier_snapshots = await asyncio.gather(asyncio.to_thread(read_files, Path(state_dir), own), tier_read(tier, KIND))
+    live = [view_of({**keeper.snapshot(), "live": True}, now, hourly=hourly, fanout_rows=keeper.ledger.fanout.rows())] if keeper is not None else []
+    views, unreadable = gathered_views(live, read, tier_snapshots, now, lambda snapshot: view_of(snapshot, now, hourly=hourly), _is_snapshot, NOT_ONE)
+    return finished(merge(views), tier_snapshots, unreadable)
 
 
-async def _nothing() -> TierRead | None:
-    return None
+def _is_snapshot(snapshot: dict[str, Any]) -> bool:
+    return snapshot.get("format") == FORMAT
 
 
 def read_files(state_dir: Path, own: Path | None = None) -> list[tuple[Path, dict[str, Any] | str]]:
     """Each ledger file's snapshot in `state_dir` (but `own`), or why it cannot be used."""
-    return read_process_files(state_dir, KIND, own, lambda snapshot: snapshot.get("format") == FORMAT, f"not a ledger snapshot of format {FORMAT}")
+    return read_process_files(state_dir, KIND, own, _is_snapshot, NOT_ONE)
