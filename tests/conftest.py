@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
+from tests.redis_server import PASSWORD, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_DIR = ROOT / "rules"
@@ -68,3 +71,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     for reason, count in sorted(reasons.items()):
         print(f"  skipped {count}: {reason}")
     print(f"tests: {passed} passed, {failed} failed, {len(skipped)} skipped")
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A redis-server of the test's own (tests/redis_server.py), killed after it."""
+    server = RedisServer(tmp_path, PASSWORD)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()

@@ -17,8 +17,6 @@ import hashlib
 import hmac
 import os
 import re
-import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -28,7 +26,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from loadtest.process import SplitterProcess, launch_splitter
 from loadtest.receivers import RunningReceiver, start_receiver
@@ -36,8 +33,9 @@ from proxy.delivery.dedup import Deduplicator, _kept
 from proxy.delivery.dedup_store import KEY_PREFIX, RedisStore, destination_prefix
 from proxy.engine import DedupSettings, RulesError, compile_rules
 from proxy.metrics import Metrics
+from tests.redis_server import PASSWORD, RedisServer
 from tests.rules_texts import HEAD, served_head
-from tests.system_tools import find, needs
+from tests.system_tools import needs
 
 pytestmark = needs("redis-server")
 
@@ -45,92 +43,11 @@ WRITE_KEY = "dedup-web-key-0123"
 RUDDER_KEY = "dedup-rs-key-0123"
 LEGACY_RUDDER_KEY = "dedup-rs-legacy-0123"
 SECRET = "whsec-dedup-0123456789"
-PASSWORD = "redis-pass-7f3a9c2e51"  # must appear in no log line, metric or /admin answer
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode(), "Content-Type": "application/json"}
 TIMEOUT = 30.0
 
 
 # --------------------------------------------------------------------------- a real redis-server
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class RedisServer:
-    """`redis-server` on a loopback port, no persistence; kill it, stop it, start it again on the same port."""
-
-    def __init__(self, directory: Path, password: str | None = None) -> None:
-        self.directory = directory
-        self.password = password
-        self.port = free_port()
-        self.process: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def client(self) -> aioredis.Redis:
-        return aioredis.Redis(host="127.0.0.1", port=self.port, password=self.password)
-
-    async def start(self) -> None:
-        binary = find("redis-server")
-        assert binary is not None
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.directory),
-                "--daemonize", "no", "--loglevel", "warning"]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.process = await asyncio.create_subprocess_exec(binary, *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                async with self.client() as client:
-                    await client.ping()
-                return
-            except (OSError, aioredis.RedisError):
-                if time.monotonic() > deadline or self.process.returncode is not None:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                await asyncio.sleep(0.02)
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    def pause(self) -> None:  # SIGSTOP: the socket stays open, nothing answers (a slow or hung server)
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-    async def close(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.send_signal(signal.SIGKILL)
-            await self.process.wait()
-
-    async def stats(self, client: aioredis.Redis) -> tuple[int, int, int]:
-        """Commands sent (not counting those a script ran), SETs run, and socket reads done by the server so far."""
-        commands = await client.info("commandstats")
-        stats = await client.info("stats")
-        calls = {name: int(entry["calls"]) for name, entry in commands.items()}
-        sets = calls.get("cmdstat_set", 0)
-        return sum(calls.values()) - sets, sets, int(stats["total_reads_processed"])
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path, PASSWORD)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.close()
-
-
 def settings(server: RedisServer, window: float = 30.0, timeout: float = 1.0) -> DedupSettings:
     """A timeout far above loopback's: what a test expects from the store must not depend on how busy the machine is."""
     return DedupSettings(window=window, store=server.url, store_timeout=timeout)

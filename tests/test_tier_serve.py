@@ -20,9 +20,10 @@ import pytest
 
 from loadtest.process import SplitterProcess, launch_splitter
 from loadtest.receivers import RunningReceiver, start_receiver
+from tests.redis_server import PASSWORD, RedisServer
 from tests.rules_texts import served_head
 from tests.system_tools import needs
-from tests.test_dedup_redis import PASSWORD, RedisServer, total
+from tests.test_dedup_redis import total
 
 pytestmark = needs("redis-server")
 
@@ -41,16 +42,6 @@ rules:
   - name: everyone
     route: [segment, rudderstack]
 """
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path, PASSWORD)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 @pytest.fixture

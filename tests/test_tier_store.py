@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import orjson
-import pytest
 
 from proxy.engine import CatalogSettings, DedupSettings
 from proxy.metrics import Metrics
@@ -19,21 +18,12 @@ from proxy.observe.catalog_files import CatalogKeeper, catalog_document
 from proxy.observe.ledger import ACCEPTED, DELIVERED
 from proxy.observe.ledger_files import LedgerKeeper, ledger_document
 from proxy.observe.tier import STALE_MARGIN, STALE_PERIODS, TIMEOUT_FLOOR, Tier, index_key, snapshot_key
+from tests.redis_server import PASSWORD, RedisServer
 from tests.system_tools import needs
-from tests.test_dedup_redis import PASSWORD, RedisServer, errors
+from tests.test_dedup_redis import errors
 
 pytestmark = needs("redis-server")
 SETTINGS = CatalogSettings()
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    server = RedisServer(tmp_path, PASSWORD)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 def tier(server: RedisServer, replica: str, metrics: Metrics | None = None, ttl: float = 3600.0) -> Tier:
