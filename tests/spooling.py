@@ -15,7 +15,7 @@ from proxy.delivery.spool_format import frame
 
 def write_request(spool: Spool, credential: str, forwarded_for: str | None, events: list[bytes]) -> int:
     """Spool one request's `events` as one record; returns its commit ticket."""
-    return spool.write(frame(time.time(), credential, forwarded_for, events), len(events))
+    return spool.write(frame(time.time(), credential, forwarded_for, events))
 
 
 async def synced(spool: Spool, ticket: int) -> None:

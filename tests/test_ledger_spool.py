@@ -21,7 +21,7 @@ from proxy.delivery.accounting import Accounting, RequestAccount, RoutedAccount
 from proxy.delivery.batches import upstream_batches
 from proxy.delivery.record_tags import UNKNOWN, describe, read_tags
 from proxy.delivery.spool import Spool
-from proxy.delivery.spool_format import FORMATS, HEADER, MAGIC, MAGIC_2, check_format, decode, encode
+from proxy.delivery.spool_format import FORMATS, HEADER, MAGIC, MAGIC_2, check_format, decode, encode, frame
 from proxy.engine import EventContext, RuleSet, compile_rules
 from proxy.ingress.prepare import CallShape, prepare
 from proxy.metrics import Metrics
@@ -114,7 +114,7 @@ async def test_a_spool_of_the_previous_format_is_read_in_order_with_no_tags(tmp_
     records = await spool.read(100, 1 << 20)
     assert [orjson.loads(e)["messageId"] for r in records for e in r.events()] == [f"old-{i}" for i in range(5)]
     assert records[0].forwarded_for == "198.51.100.9" and records[0].credential == "fixture-seg-key"
-    spool.write(encode(time.time(), "k", None, [b'{"messageId":"new"}'], b'["web","primary",[],[],null]'), 1)
+    spool.write(frame(time.time(), "k", None, [b'{"messageId":"new"}'], b'["web","primary",[],[],null]'))
     newest = max((tmp_path / "spool" / "segment").glob("*.seg"))
     assert newest.read_bytes().startswith(MAGIC)  # what is written now is format 3, in a segment of its own
     more = await spool.read(100, 1 << 20)

@@ -189,22 +189,21 @@ class Delivery:
         mirrored: list[tuple[str, str, Chunk]] = []
         tickets: list[tuple[Spool, int]] = []
         try:
-            for pipeline, data, name, chunk in staged:
+            for pipeline, data, name, _ in staged:
                 spool = pipeline.spool
                 # A mirror copy for the same destination: both records in one write, unless only both need
                 # a new segment (the primary alone fits the active one, which a refused start would seal).
                 copy = copies.get(name)
-                both = data.size + copy[0].size if copy is not None else 0
-                if copy is not None and spool.has_room(both) and (not spool.starts_segment(both) or spool.starts_segment(data.size)):
-                    try:
-                        tickets.append((spool, spool.write((data, copy[0]), len(chunk) + len(copy[1]))))
+                if copy is not None and (not spool.starts_segment(data.size + copy[0].size) or spool.starts_segment(data.size)):
+                    try:  # over the quota together, nothing is written (SpoolFull) and the primary goes alone
+                        tickets.append((spool, spool.write((data, copy[0]))))
                     except (SpoolFull, OSError):
                         pass  # the primary alone may fit: written next, the copy on its own after the primaries
                     else:
                         del copies[name]
                         mirrored.append((name, MIRROR, copy[1]))
                         continue
-                tickets.append((spool, spool.write(data, len(chunk))))
+                tickets.append((spool, spool.write(data)))
         except (SpoolFull, OSError) as exc:
             self._take_back(tickets)
             if isinstance(exc, SpoolFull):
@@ -215,7 +214,7 @@ class Delivery:
         for name, (data, chunk) in copies.items():
             pipeline = self._pipelines[name]
             try:
-                tickets.append((pipeline.spool, pipeline.spool.write(data, len(chunk))))
+                tickets.append((pipeline.spool, pipeline.spool.write(data)))
                 mirrored.append((name, MIRROR, chunk))
             except (SpoolFull, OSError) as exc:
                 self._drop_mirror(name, len(chunk), exc)

@@ -174,21 +174,16 @@ class Spool:
         return active is None or self._files.broken or bool(active.records and (active.size + size > self.segment_bytes
                                                                                 or self.disk_bytes + size > self.quota_bytes))
 
-    def write(self, data: Frame | Sequence[Frame] | bytes, events: int) -> int:
-        """Write a record made by `frame()` (or its bytes, by `encode()`), or several records at once
-        (one request's primary and mirror copies for this destination), holding `events` events in
-        all, with one `writev`; returns a commit ticket for all of them. Raises SpoolFull when they
-        would not fit the quota, and OSError (ENOSPC, EDQUOT, EIO...) when the disk refuses them:
-        either way nothing of them is left in the spool."""
-        frames: Sequence[Frame] = ()
-        raw = data if isinstance(data, bytes) else None  # encode()'s bytes (tests of the format)
-        if raw is not None:
-            parts, size = [raw], len(raw)
-        else:
-            assert not isinstance(data, bytes)
-            frames = (data,) if isinstance(data, Frame) else data
-            parts = [part for one in frames for part in one.parts]
-            size = sum(one.size for one in frames)
+    def write(self, frames: Frame | Sequence[Frame]) -> int:
+        """Write a record made by `frame()`, or several at once (one request's primary and mirror
+        copies for this destination) with one `writev`; returns a commit ticket for all of them.
+        Raises SpoolFull when they would not fit the quota, and OSError (ENOSPC, EDQUOT, EIO...) when
+        the disk refuses them: either way nothing of them is left in the spool."""
+        if isinstance(frames, Frame):
+            frames = (frames,)
+        parts = [part for one in frames for part in one.parts]
+        size = sum(one.size for one in frames)
+        events = sum(len(one.lengths) for one in frames)
         if self._closed:
             raise OSError(errno.EBADF, f"the spool at {self.directory} is closed")
         if not self.has_room(size):
@@ -211,17 +206,13 @@ class Spool:
         if self._cursor is None:
             self._cursor = (active.id, offset)
         if self._fresh_limit:
-            if raw is not None:
-                self._keep_fresh(active.id, offset, decode(active.id, raw[HEADER.size:]))
-            else:
-                at = offset
-                for one in frames:
-                    self._keep_fresh(active.id, at, one.record(active.id))
-                    at += one.size
-        records = 1 if raw is not None else len(frames)
-        self._count(active, records, events, size)
+            at = offset
+            for one in frames:
+                self._keep_fresh(active.id, at, one.record(active.id))
+                at += one.size
+        self._count(active, len(frames), events, size)
         self.appended += 1
-        self._last = (self.appended, active, offset, records, events)
+        self._last = (self.appended, active, offset, len(frames), events)
         self._readable.set()
         return self.appended
 
