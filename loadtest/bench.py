@@ -37,7 +37,7 @@ from loadtest.bench_delivery import CONNECTIONS, prepare_load
 from loadtest.harness import PROXY_CORE, Receivers, cpu_seconds, memory_mb, pin, pinning_available, run_wrk
 from loadtest.openloop import launch
 from loadtest.payloads import SINGLE_PATHS, Payload, batch_payload, delivered, single_payload
-from loadtest.report import evaluate_targets, print_floor, print_stall, print_table, print_targets
+from loadtest.report import FORWARDER, evaluate_targets, print_floor, print_stall, print_table, print_targets
 from loadtest.stall import stalled_upstreams
 
 LATENCY_LOAD = 0.5  # open-loop offered load: a share of splitter's own saturation rate for the same payload
@@ -237,7 +237,7 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                 except subjects.Unavailable as missing:
                     rows.append({"scenario": name, "skipped": str(missing), "delivered": True})
         if "floor" in only:
-            forwarder = next((row for row in rows if row["scenario"] == "aiohttp forwarder" and row.get("payload") == "batch"), None)
+            forwarder = next((row for row in rows if row["scenario"] == FORWARDER and row.get("payload") == "batch"), None)
             shared = floor_bench.Shared(receivers, rules, auth, batch, singles, forwarder)
             try:  # it reaches into proxy.ingress's internals: a change there must not cost the rest of the run
                 floor = await floor_bench.measure(plan.floor_seconds, shared, plan.in_process_seconds)

@@ -52,12 +52,12 @@ async def drained(admin: str, timeout: float) -> float | None:
     return None
 
 
-def prepare_load() -> tuple[Receivers, dict[str, str], RuleSet, list[bytes], str]:
-    """Count-only receivers, the environment for `rules/bench.yaml`, its rules, balanced batch bodies, auth."""
+def prepare_load(batches: int = 200) -> tuple[Receivers, dict[str, str], RuleSet, list[bytes], str]:
+    """Count-only receivers, the environment for `rules/bench.yaml`, its rules, `batches` balanced batch bodies, auth."""
     receivers = start_receivers(["rs-web-key"])
     env = dict(os.environ, SEGMENT_URL=receivers.segment, RUDDERSTACK_DATA_PLANE_URL=receivers.rudderstack, SPLITTER_WRITE_KEY=WRITE_KEY)
     rules = load_rules(str(RULES), env)
-    bodies = [orjson.dumps({"batch": b}) for b in balanced_batches(rules, 200, BATCH, RUDDER_SHARE, "web")]
+    bodies = [orjson.dumps({"batch": b}) for b in balanced_batches(rules, batches, BATCH, RUDDER_SHARE, "web")]
     return receivers, env, rules, bodies, basic_auth(WRITE_KEY)
 
 

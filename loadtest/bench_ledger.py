@@ -30,17 +30,15 @@ from typing import Any
 
 import orjson
 
+from loadtest.bench_delivery import WRITE_KEY, prepare_load
 from loadtest.floor import on_proxy_core
-from loadtest.harness import balanced_batches, start_receivers
-from loadtest.payloads import BATCH, RUDDER_SHARE
+from loadtest.payloads import BATCH
 from proxy.delivery import Delivery
-from proxy.engine import EventContext, RuleSet, load_rules
+from proxy.engine import EventContext, RuleSet
 from proxy.ingress.prepare import CallShape, prepare
 from proxy.metrics import Metrics
 from proxy.observe.ledger_files import LedgerKeeper
 
-RULES = Path(__file__).resolve().parent / "rules" / "bench.yaml"
-WRITE_KEY = "bench-web-key"
 CONCURRENCY = 32  # requests accepted at once, so group commits are shared as under load
 
 
@@ -70,12 +68,9 @@ async def main() -> int:
     parser.add_argument("--batches", type=int, default=600)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    receivers = start_receivers(["rs-web-key"])
+    receivers, _, rules, bodies, _ = prepare_load(args.batches)
     scratch = Path(tempfile.mkdtemp(prefix="splitter-ledger-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     try:
-        env = dict(os.environ, SEGMENT_URL=receivers.segment, RUDDERSTACK_DATA_PLANE_URL=receivers.rudderstack, SPLITTER_WRITE_KEY=WRITE_KEY)
-        rules = load_rules(str(RULES), env)
-        bodies = [orjson.dumps({"batch": batch}) for batch in balanced_batches(rules, args.batches, BATCH, RUDDER_SHARE, "web")]
         events = len(bodies) * BATCH
         deliveries = {
             "without": Delivery(Metrics(), spool_dir=scratch / "without" / "spool", dead_letter_dir=scratch / "without" / "dead"),

@@ -71,7 +71,7 @@ from loadtest import subjects
 from loadtest.bench_delivery import CONNECTIONS, WRITE_KEY, prepare_load
 from loadtest.harness import LOAD_CORE, PROXY_CORE, Receivers, cpu_seconds, pin, pinned_server, pinning_available, run_wrk
 from loadtest.payloads import BATCH, SINGLE_PATHS, Payload, batch_payload, single_payload
-from loadtest.report import CPU_PER_EVENT_US, CPU_PER_SINGLE_US, FORWARDER_RATIO
+from loadtest.report import CPU_PER_EVENT_US, CPU_PER_SINGLE_US, FORWARDER, FORWARDER_RATIO
 from proxy.delivery.batches import upstream_batches
 from proxy.delivery.options import DeliveryOptions
 from proxy.delivery.segment_files import write_all
@@ -92,7 +92,6 @@ PREPARE = "prepare() (parse, validate, route, encode, file)"
 FRAMING = "spool framing (primary + mirror records)"
 WRITE = "spool write (primary + mirror records, page cache)"
 SEND = "upstream sends (batched POSTs, primary + mirror copies)"
-FORWARDER = "aiohttp forwarder"
 FLOOR_SUM = "ingest port read and answer + prepare() + spool framing + spool write + upstream sends"
 ON_TOP = "the fsync, the reader's handoff, ledger, catalog, metrics and the 200's bookkeeping"
 SEGMENT_BYTES = 16 * 1024 * 1024  # the spool's segment size (proxy/delivery/spool.py)
@@ -191,13 +190,19 @@ class SegmentWriter:
             self.fd = None
 
 
-def _prepare_frame_and_write(rules: RuleSet, payload: Payload, seconds: float, spool_dir: Path) -> dict[str, float]:
-    """prepare(), the spool framing of its records and their write, per event of `payload`, as the ingest route of its path does them."""
+def _preparer(rules: RuleSet, payload: Payload) -> Callable[[bytes], Prepared]:
+    """prepare() of one body of `payload`, as the ingest route of its path does it."""
     shape = routes()[payload.path]
 
     def prepare(body: bytes) -> Prepared:
         return _prepare_request(rules, body, WRITE_KEY, shape, None, None, FORWARDED_FOR)
 
+    return prepare
+
+
+def _prepare_frame_and_write(rules: RuleSet, payload: Payload, seconds: float) -> dict[str, float]:
+    """prepare(), the spool framing of its records and their write, per event of `payload`, as the ingest route of its path does them."""
+    prepare = _preparer(rules, payload)
     prepared = {id(body): prepare(body).submission for body in payload.bodies}
 
     def frame(body: bytes) -> None:  # the record's head and crc32, its events joined: what the spool's writev sends
@@ -207,7 +212,9 @@ def _prepare_frame_and_write(rules: RuleSet, payload: Payload, seconds: float, s
 
     writes = {id(body): [(name, [part for one in frames for part in one.parts], sum(one.size for one in frames))
                          for name, frames in _records(prepared[id(body)])] for body in payload.bodies}
-    directory = Path(tempfile.mkdtemp(prefix="splitter-floor-", dir=spool_dir))
+    pieces = {PREPARE: per_event(prepare, payload.bodies, seconds, payload.events), FRAMING: per_event(frame, payload.bodies, seconds, payload.events)}
+    # beside the bench's spool: a fresh temporary directory (loadtest/process.py, tempfile.mkdtemp)
+    directory = Path(tempfile.mkdtemp(prefix="splitter-floor-"))
     files = {name: SegmentWriter(directory / name) for name in rules.destinations}
     for one in files.values():
         one.directory.mkdir()
@@ -216,7 +223,6 @@ def _prepare_frame_and_write(rules: RuleSet, payload: Payload, seconds: float, s
         for name, parts, size in writes[id(body)]:
             files[name].write(parts, size)
 
-    pieces = {PREPARE: per_event(prepare, payload.bodies, seconds, payload.events), FRAMING: per_event(frame, payload.bodies, seconds, payload.events)}
     try:
         pieces[WRITE] = per_event(write, payload.bodies, seconds, payload.events)
     finally:
@@ -227,18 +233,13 @@ def _prepare_frame_and_write(rules: RuleSet, payload: Payload, seconds: float, s
     return pieces
 
 
-def spool_parent() -> Path:
-    """Where the bench's splitter has its spool: a fresh temporary directory (loadtest/process.py, tempfile.mkdtemp)."""
-    return Path(tempfile.gettempdir())
-
 def send_plan(rules: RuleSet, batch: Payload, receivers: Receivers, seconds: float) -> dict[str, Any]:
     """What `--send` POSTs: per destination, the load's records in the order splitter spools them, cut into
     the upstream batches its sender makes (`upstream_batches` with the destination's delivery options)."""
-    shape = routes()[batch.path]
+    prepare = _preparer(rules, batch)
     records: dict[str, list[Frame]] = {name: [] for name in rules.destinations}
     for body in batch.bodies:
-        submission = _prepare_request(rules, body, WRITE_KEY, shape, None, None, FORWARDED_FOR).submission
-        for name, frames in _records(submission):
+        for name, frames in _records(prepare(body).submission):
             records[name] += frames
     urls = {"segment": receivers.segment, "rudderstack": receivers.rudderstack}
     destinations = []
@@ -331,24 +332,25 @@ def in_process_rows(rules: RuleSet, batch: Payload, seconds: float) -> dict[str,
             "orjson encode per event": per_event(lambda body: [orjson.dumps(event) for event in parsed[id(body)]], batch.bodies, seconds),
             "shared_decision() per event": per_event(lambda body: [shared_decision(rules, event, ctx) for event in parsed[id(body)]],
                                                      batch.bodies, seconds),
-            **_prepare_frame_and_write(rules, batch, seconds, spool_parent()),
+            **_prepare_frame_and_write(rules, batch, seconds),
         }
 
 
 def single_rows(rules: RuleSet, singles: dict[str, Payload], seconds: float) -> dict[str, dict[str, float]]:
     """prepare(), framing and the spool write per single call, for each single path."""
     with on_proxy_core():
-        return {path: _prepare_frame_and_write(rules, payload, seconds, spool_parent()) for path, payload in singles.items()}
+        return {path: _prepare_frame_and_write(rules, payload, seconds) for path, payload in singles.items()}
 
 
 def floors(http: dict[str, dict[str, Any]], pieces: dict[str, float], single_pieces: dict[str, dict[str, float]],
            send: float) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """The floor's pieces: for batches per event, for each single path per request (= per event; the upstream send is
     batched across single calls by the sender, so a single call's share is the batched send's cost per event)."""
-    batch = {PORT_ROW: http[PORT_ROW]["cpu_us_per_event"], PREPARE: pieces[PREPARE], FRAMING: pieces[FRAMING], WRITE: pieces[WRITE], SEND: send}
+    def floor_of(port: float, parts: dict[str, float]) -> dict[str, float]:
+        return {PORT_ROW: port, PREPARE: parts[PREPARE], FRAMING: parts[FRAMING], WRITE: parts[WRITE], SEND: send}
+
     port_single = http[f"{PORT_ROW}, single"]["cpu_us_per_request"]
-    return batch, {path: {PORT_ROW: port_single, PREPARE: parts[PREPARE], FRAMING: parts[FRAMING], WRITE: parts[WRITE], SEND: send}
-                   for path, parts in single_pieces.items()}
+    return floor_of(http[PORT_ROW]["cpu_us_per_event"], pieces), {path: floor_of(port_single, parts) for path, parts in single_pieces.items()}
 
 
 def verdicts(floor: float, single_floors: dict[str, float], forwarder_us: float | None) -> list[dict[str, Any]]:
@@ -408,12 +410,10 @@ class Shared:
 async def measure(seconds: float, shared: Shared | None = None, in_process_seconds: float = IN_PROCESS_SECONDS) -> dict[str, Any]:
     """Every piece of the floor (`seconds` per HTTP run, at most `in_process_seconds` per in-process piece); on its own (no `shared`)
     with its own receivers, direct and forwarder."""
+    own = shared is None
     if shared is None:
         receivers, _, rules, bodies, auth = prepare_load()
         shared = Shared(receivers, rules, auth, batch_payload(bodies), {path: single_payload(rules, path) for path in SINGLE_PATHS}, None)
-        own = True
-    else:
-        own = False
     receivers, rules, auth, batch, singles = shared.receivers, shared.rules, shared.auth, shared.batch, shared.singles
     http: dict[str, dict[str, Any]] = {}
     try:
@@ -430,9 +430,9 @@ async def measure(seconds: float, shared: Shared | None = None, in_process_secon
             async with subjects.forwarder(receivers) as running:
                 http[FORWARDER] = http_row(FORWARDER, running.url, running.pids(), batch, auth, seconds)
         else:
-            row = shared.forwarder
-            http[FORWARDER] = {"name": FORWARDER, "payload": batch.name, "events_per_s": row["events_per_s"], "cpu_us_per_request": row["cpu_us_per_request"],
-                               "cpu_us_per_event": row["cpu_us_per_event"], "non_2xx": row["non_2xx"], "from": "loadtest.bench's forwarder row"}
+            http[FORWARDER] = {"name": FORWARDER, "payload": batch.name,
+                               **{key: shared.forwarder[key] for key in ("events_per_s", "cpu_us_per_request", "cpu_us_per_event", "non_2xx")},
+                               "from": "loadtest.bench's forwarder row"}
     finally:
         if own:
             receivers.stop()
