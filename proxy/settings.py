@@ -21,7 +21,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DURABILITY_MODES = ("fsync", "interval")  # docs/configuration.md, Durability modes
-REPLICA_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # it names this replica's keys in the tier view's store
+# A name that stands in a store key as it is (the replica id; a destination's or a process's name in Redis keys).
+KEY_SAFE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 class SettingsError(ValueError):
@@ -140,7 +141,7 @@ class ServeSettings:
             raise SettingsError("--sync-interval (SPLITTER_SYNC_INTERVAL) must be more than 0 seconds")
         if self.cdn_cache_seconds < 0:
             raise SettingsError("--cdn-cache-seconds (SPLITTER_CDN_CACHE_SECONDS) must be 0 or more seconds")
-        if self.replica_id is not None and not REPLICA_ID.fullmatch(self.replica_id):
+        if self.replica_id is not None and not KEY_SAFE.fullmatch(self.replica_id):
             raise SettingsError(f"--replica-id (SPLITTER_REPLICA_ID) {self.replica_id!r}: expected 1 to 64 letters, digits, '_', '.' or '-'")
         if not self.tier_ttl >= 1:
             raise SettingsError("--tier-ttl (SPLITTER_TIER_TTL) must be 1 second or more")
@@ -149,7 +150,7 @@ class ServeSettings:
 def host_replica_id() -> str:
     """The host's name when it fits a replica id (it does in Kubernetes and on most hosts), else made to fit."""
     name = socket.gethostname() or "localhost"
-    if REPLICA_ID.fullmatch(name):
+    if KEY_SAFE.fullmatch(name):
         return name
     return (re.sub(r"[^A-Za-z0-9_.\-]", "-", name)[:64]) or "localhost"
 

@@ -47,7 +47,6 @@ import hashlib
 import itertools
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ from proxy.engine import DedupSettings
 from proxy.log import LogThrottle, get_logger
 from proxy.metrics import Metrics
 from proxy.redis_clients import close_client, failure_reason
+from proxy.settings import KEY_SAFE
 
 log = get_logger("splitter.dedup")
 KEY_PREFIX = "splitter:dedup:"
@@ -72,7 +72,6 @@ BACKOFF_MIN = 0.1  # seconds the store is not asked after it failed; doubles whi
 BACKOFF_MAX = 2.0
 MAX_UNRELEASED = 10_000  # keys whose release failed, released when the store answers again; beyond: forgotten (and logged)
 T = TypeVar("T")
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # SET NX PX for each key; per key 1 where this request now holds it, 0 where it was there already.
 # KEYS: the request's keys; ARGV[1]: its token; ARGV[2]: the window in milliseconds.
 CLAIM_SCRIPT = """
@@ -97,7 +96,7 @@ return n
 
 def destination_prefix(destination: str) -> str:
     """`splitter:dedup:<destination>:`, with a digest for a name that could hold a `:` or run long."""
-    if _PLAIN_NAME.fullmatch(destination):
+    if KEY_SAFE.fullmatch(destination):
         return f"{KEY_PREFIX}{destination}:"
     return f"{KEY_PREFIX}#{hashlib.blake2b(destination.encode('utf-8', 'surrogatepass'), digest_size=8).hexdigest()}:"
 

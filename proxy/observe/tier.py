@@ -53,6 +53,7 @@ from redis.backoff import NoBackoff
 from proxy.engine import DedupSettings
 from proxy.log import LogThrottle, get_logger
 from proxy.redis_clients import close_client, failure_reason
+from proxy.settings import KEY_SAFE
 
 if TYPE_CHECKING:
     from proxy.metrics import Metrics
@@ -68,12 +69,11 @@ STALE_MARGIN = 1.0  # seconds
 MAX_MEMBERS = 1000  # (replica, process) snapshots read per kind, the most recently published first
 POOL_SIZE = 4
 ERROR_REASON = "tier"  # the `reason` of splitter_dedup_store_errors_total for a failed publish or read
-_PLAIN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def _key_part(text: str) -> str:
     """`text` when it is letters, digits, `_`, `.` and `-` (at most 64), else those characters kept and a digest added."""
-    if _PLAIN.fullmatch(text):
+    if KEY_SAFE.fullmatch(text):
         return text
     kept = re.sub(r"[^A-Za-z0-9_.\-]", "-", text)[:48] or "process"
     return f"{kept}-{hashlib.blake2b(text.encode('utf-8', 'surrogatepass'), digest_size=4).hexdigest()}"
