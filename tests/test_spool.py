@@ -560,6 +560,36 @@ async def test_a_descriptor_handed_to_a_sync_round_stays_open_until_the_next_rou
     await spool.close()
 
 
+
+def test_a_sync_round_closes_the_sealed_descriptors_it_was_handed_even_when_its_fsync_fails(tmp_path: Path) -> None:
+    """Sealed descriptors are closed by the round's worker thread, after its fsyncs (closing the last
+    descriptor of a delivered, unlinked segment frees it: work kept off the event loop). A failed
+    fsync must not leave them open: nobody else would ever close them."""
+    spool, _ = opened(tmp_path, segment_bytes=300)
+    write_request(spool, "k", None, [ev(0, pad=120)])
+    write_request(spool, "k", None, [ev(1, pad=120)])
+    write_request(spool, "k", None, [ev(2, pad=120)])  # rotates: segment 1 is sealed
+    spool.sync(spool.take_dirty())  # this round syncs segment 1's descriptor, so keeps it open
+    write_request(spool, "k", None, [ev(3, pad=120)])
+    fds, _, closing = spool.take_dirty()
+    assert closing and not set(closing) & fds  # sealed descriptors the last round synced: this round closes them
+    [active] = fds
+    saved = os.dup(active)
+    os.close(active)  # the active descriptor goes bad: this round's fsync fails with EBADF
+    try:
+        with pytest.raises(OSError):
+            spool.sync((fds, False, closing))
+        for fd in closing:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+    finally:
+        os.dup2(saved, active)
+        os.close(saved)
+    spool.sync_failed((fds, False, closing))
+    write_request(spool, "k", None, [ev(4, pad=120)])  # a new segment after the failed sync: nothing stuck
+    spool.sync(spool.take_dirty())
+    asyncio.run(spool.close())
+
 # -- oldest age ---------------------------------------------------------------------------------------------------------------------
 
 

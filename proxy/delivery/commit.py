@@ -149,5 +149,13 @@ class GroupCommit:
 
 
 def _sync_all(plan: list[tuple[Syncable, int, Any]]) -> None:
+    """Every spool's sync runs even after one failed (each also closes the sealed descriptors handed
+    to it); the round fails with the first error."""
+    failure: BaseException | None = None
     for spool, _, dirty in plan:
-        spool.sync(dirty)
+        try:
+            spool.sync(dirty)
+        except Exception as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure

@@ -13,10 +13,13 @@ This is where a full disk bites, so the rules are kept in one small place:
   tear past its last record, or an fsync of it failed (a later fsync may succeed although pages of
   the failed one were lost, and no 200 may rest on a file with a hole before it). The spool seals it
   and starts a new one at its next write.
-- A sealed file's descriptor stays open while a sync round may use it and is closed at the start of
-  the first round that no longer needs it (closed under a running fsync, its number could be handed
-  to a client socket and the fsync, or worse a write, would land there). Closing goes through one
-  list that a descriptor enters once, so it is closed once; only the active one is ever written.
+- A sealed file's descriptor stays open while a sync round may use it and is handed to the first
+  round that no longer needs it, whose worker thread closes it after its fsyncs (closed under a
+  running fsync, its number could be handed to a client socket and the fsync, or worse a write, would
+  land there). The close runs in that thread, not the event loop's, because closing the last
+  descriptor of a segment that was delivered and unlinked meanwhile frees its 16 MB on the spot
+  (ext4: tens of ms under load, every request waiting). Closing goes through one list that a
+  descriptor enters once, so it is closed once; only the active one is ever written.
 - Ack notes are best effort (not fsynced, a crash replays a little): one that cannot be written is
   left to the next ack. A segment's note is removed before the segment, and notes without their
   segment are removed at start-up, so that no note can speak for a later segment with its id.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from proxy.delivery.spool_format import FORMAT, HEADER, MAGIC, PREFIX, check_format, scan
@@ -34,7 +37,7 @@ from proxy.log import get_logger
 
 log = get_logger("splitter.spool")
 READ_SLACK = 64 * 1024  # read a little past the budget: the record that stops the read is framed in it
-Dirty = tuple[set[int], bool]  # descriptors to fsync, and whether the directory needs it too
+Dirty = tuple[set[int], bool, list[int]]  # descriptors to fsync, whether the directory needs it too, sealed ones to close after
 
 
 def write_all(fd: int, parts: Sequence[bytes]) -> None:
@@ -189,27 +192,33 @@ class SegmentFiles:
         self.active, self.broken = None, False
 
     def take_dirty(self) -> Dirty:
-        """As a sync round starts (the previous round's thread is done): what it must sync. Sealed
-        descriptors it does not need are closed now; one it needs is closed at the next round."""
+        """As a sync round starts (the previous round's thread is done): what it must sync, and the
+        sealed descriptors it does not need, which its thread closes; one it needs goes to the next round."""
         fds, self._dirty = self._dirty, set()
-        self._close_sealed(keep=fds)
+        closing = [fd for fd in self._sealed if fd not in fds]
+        self._sealed = [fd for fd in self._sealed if fd in fds]
         sync_dir, self._dir_dirty = self._dir_dirty, False
-        return fds, sync_dir
+        return fds, sync_dir, closing
 
     def sync(self, dirty: Dirty) -> None:
-        """fsync what `take_dirty` returned; runs in a worker thread."""
-        fds, sync_dir = dirty
-        for fd in fds:
-            os.fsync(fd)
-        if sync_dir:
-            directory = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+        """fsync what `take_dirty` returned, then close the sealed descriptors it handed over (even
+        when an fsync fails: they are no longer anyone's); runs in a worker thread."""
+        fds, sync_dir, closing = dirty
+        try:
+            for fd in fds:
+                os.fsync(fd)
+            if sync_dir:
+                directory = os.open(self.directory, os.O_RDONLY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+        finally:
+            for fd in closing:
+                os.close(fd)
 
     def sync_failed(self, dirty: Dirty) -> None:
-        fds, sync_dir = dirty
+        fds, sync_dir, _ = dirty
         if self.active is not None and self.active in fds:
             self.broken = True
         self._dir_dirty = self._dir_dirty or sync_dir
@@ -217,15 +226,14 @@ class SegmentFiles:
     def close(self) -> None:
         """Sync what is unsynced (best effort: the process is stopping) and close every descriptor."""
         self.seal()
-        fds, _ = self.take_dirty()
+        fds, _, closing = self.take_dirty()
         try:
-            self.sync((fds, False))
+            self.sync((fds, False, closing))
         except OSError as exc:
             log.error("spool_sync_failed", directory=str(self.directory), error=str(exc), at="close")
         self._close_sealed()
 
-    def _close_sealed(self, keep: Collection[int] = ()) -> None:
-        for fd in self._sealed:
-            if fd not in keep:
-                os.close(fd)
-        self._sealed = [fd for fd in self._sealed if fd in keep]
+    def _close_sealed(self) -> None:
+        sealed, self._sealed = self._sealed, []
+        for fd in sealed:
+            os.close(fd)

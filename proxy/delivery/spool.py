@@ -58,7 +58,7 @@ from proxy.log import LogThrottle, get_logger
 __all__ = ["FRESH_LIMIT", "HEADER", "MAGIC", "Frame", "Record", "Recovery", "Spool", "SpoolFormatError", "SpoolFull", "decode", "encode"]  # as before the split
 
 log = get_logger("splitter.spool")
-ACK_NOTE_INTERVAL = 0.25  # seconds between rewrites of a segment's .ack note
+ACK_NOTE_INTERVAL = 1.0  # seconds between rewrites of a segment's .ack note (each a rename over the last: on ext4 a few ms of the event loop under load)
 FRESH_LIMIT = 8 * 1024 * 1024  # bytes of just-written records kept for the reader, per spool
 READ_RETRY = 1.0  # seconds before reading again after a read error (EIO): the data may come back
 
