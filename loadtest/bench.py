@@ -98,15 +98,25 @@ async def saturate(subject: subjects.Subject, payload: Payload, receivers: Recei
 
 
 async def open_loop(subject: subjects.Subject, payload: Payload, receivers: Receivers, auth: str, plan: Plan, rate: float) -> tuple[dict[str, Any], bool, str]:
-    """Latency at `rate` requests/s, open loop, then the delivery check of what it sent: (latency, complete, note)."""
-    latency = await asyncio.to_thread(launch, subject.url, payload.path, payload.bodies, auth, rate=rate, seconds=plan.latency_seconds,
-                                      grace=plan.latency_seconds)
+    """Latency at `rate` requests/s, open loop, then the delivery check of what it sent: (latency, complete, note).
+
+    The proxy's CPU over the run is kept beside it: how busy its core was at that rate, and what a
+    request cost there (on a VM a core that idles between requests spends more per request than one
+    kept busy, so 50 % of the saturated rate is more than 50 % of the core)."""
+    pids = subject.pids()
+    before, started = cpu_seconds(pids), time.monotonic()
+    result = await asyncio.to_thread(launch, subject.url, payload.path, payload.bodies, auth, rate=rate, seconds=plan.latency_seconds,
+                                     grace=plan.latency_seconds)
+    cpu, wall = cpu_seconds(pids) - before, time.monotonic() - started
+    latency = asdict(result)
+    if pids and result.answered:
+        latency.update(proxy_busy=round(cpu / wall, 3), cpu_us_per_request=round(1e6 * cpu / result.answered, 1))
     # The open-loop generator waits for every answer, so with none missing its requests are known
     # exactly: splitter's single calls are then checked exactly too, not within wrk's in-flight window.
     settled = await subject.settle()
-    complete, note = delivery(subject.expect, payload, await counts(receivers), latency.answered, latency.scheduled - latency.answered)
+    complete, note = delivery(subject.expect, payload, await counts(receivers), result.answered, result.scheduled - result.answered)
     await receivers.reset()
-    return asdict(latency), complete and settled is not None, note.split(" (")[0]
+    return latency, complete and settled is not None, note.split(" (")[0]
 
 
 async def measure(subject: subjects.Subject, payload: Payload, receivers: Receivers, auth: str, plan: Plan, rate: float | None,

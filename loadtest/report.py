@@ -139,6 +139,9 @@ def _latency_target(row: dict[str, Any], mode: str) -> dict[str, Any]:
     if latency is None:
         return _target(name, None, None)
     at = f"at {latency['offered_per_s']:,.0f}/s = 50 % of its {row['requests_per_s']:,}/s"
+    if latency.get("proxy_busy") is not None:  # what that rate asked of the proxy's core (see bench.open_loop)
+        at += (f", its core {latency['proxy_busy']:.0%} busy there at {latency['cpu_us_per_request']:,} µs CPU/request "
+               f"({row['cpu_us_per_request']:,} at saturation)")
     if latency["saturated"]:
         return _target(name, f"saturated: {latency['achieved_per_s']:,.0f}/s achieved {at}", False)
     added = row.get("p99_added_ms")
