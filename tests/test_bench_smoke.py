@@ -58,7 +58,7 @@ def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
         latency = row["latency"]
         assert latency["scheduled"] > 0 and {"p50_ms", "p99_ms", "saturated", "achieved_per_s"} <= set(latency)
         if row["cpu_us_per_request"] is not None:  # a proxy row: what the open-loop rate asked of its core, measured beside it
-            assert 0 < latency["proxy_busy"] and latency["cpu_us_per_request"] > 0
+            assert latency["proxy_busy"] > 0 and latency["cpu_us_per_request"] > 0
         assert row["direct_latency"]["offered_per_s"] == latency["offered_per_s"]  # direct at the same offered rate
         if not latency["saturated"] and not row["direct_latency"]["saturated"]:
             assert row["p99_added_ms"] == round(latency["p99_ms"] - row["direct_latency"]["p99_ms"], 3)
