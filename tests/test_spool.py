@@ -560,9 +560,8 @@ async def test_a_descriptor_handed_to_a_sync_round_stays_open_until_the_next_rou
     await spool.close()
 
 
-
 def test_a_sync_round_closes_the_sealed_descriptors_it_was_handed_even_when_its_fsync_fails(tmp_path: Path) -> None:
-    """Sealed descriptors are closed by the round's worker thread, after its fsyncs (closing the last
+    """Sealed descriptors are closed by the round's worker thread, before its fsyncs (closing the last
     descriptor of a delivered, unlinked segment frees it: work kept off the event loop). A failed
     fsync must not leave them open: nobody else would ever close them."""
     spool, _ = opened(tmp_path, segment_bytes=300)

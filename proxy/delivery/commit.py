@@ -36,7 +36,7 @@ class Syncable(Protocol):
         """What must be synced to cover `appended` (taken: the next round starts clean)."""
 
     def sync(self, dirty: Any) -> None:
-        """fsync what `take_dirty` returned; runs in a worker thread."""
+        """fsync what `take_dirty` returned (and close what it handed over to be closed); runs in a worker thread."""
 
     def sync_failed(self, dirty: Any) -> None:
         """The round that took `dirty` failed; called in the event loop before its requests hear of it."""

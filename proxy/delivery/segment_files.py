@@ -14,7 +14,7 @@ This is where a full disk bites, so the rules are kept in one small place:
   the failed one were lost, and no 200 may rest on a file with a hole before it). The spool seals it
   and starts a new one at its next write.
 - A sealed file's descriptor stays open while a sync round may use it and is handed to the first
-  round that no longer needs it, whose worker thread closes it after its fsyncs (closed under a
+  round that no longer needs it, whose worker thread closes it before its fsyncs (closed under a
   running fsync, its number could be handed to a client socket and the fsync, or worse a write, would
   land there). The close runs in that thread, not the event loop's, because closing the last
   descriptor of a segment that was delivered and unlinked meanwhile frees its 16 MB on the spot
@@ -201,21 +201,24 @@ class SegmentFiles:
         return fds, sync_dir, closing
 
     def sync(self, dirty: Dirty) -> None:
-        """fsync what `take_dirty` returned, then close the sealed descriptors it handed over (even
-        when an fsync fails: they are no longer anyone's); runs in a worker thread."""
+        """Close the sealed descriptors `take_dirty` handed over, then fsync what it returned; runs in
+        a worker thread. The closes come first: none of them is in the fsync set, and a delivered,
+        unlinked segment's room comes back at once rather than after the fsyncs (on a full disk the
+        next segment may need it)."""
         fds, sync_dir, closing = dirty
-        try:
-            for fd in fds:
-                os.fsync(fd)
-            if sync_dir:
-                directory = os.open(self.directory, os.O_RDONLY)
-                try:
-                    os.fsync(directory)
-                finally:
-                    os.close(directory)
-        finally:
-            for fd in closing:
-                os.close(fd)
+        for fd in closing:
+            try:
+                os.close(fd)  # released even when close reports an error (Linux): never retried
+            except OSError as exc:
+                log.error("spool_close_failed", directory=str(self.directory), error=str(exc))
+        for fd in fds:
+            os.fsync(fd)
+        if sync_dir:
+            directory = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
 
     def sync_failed(self, dirty: Dirty) -> None:
         fds, sync_dir, _ = dirty

@@ -14,8 +14,8 @@ kept in memory as the sender will use them, and only a sender further behind tha
 outage, a backlog at start-up) reads the files, until it reaches the records still in memory.
 A sealed segment whose records are all acked is deleted. The count of acked records at the head of
 each segment is noted in `NNNNNNNNNNNN.ack` (best effort, not fsynced, at most every
-`ACK_NOTE_INTERVAL` seconds): after a crash, at worst the records delivered in that last moment are
-sent again (same messageId, so warehouses drop them), never fewer. At start-up every segment is
+`ACK_NOTE_INTERVAL` seconds, at the next ack after that): after a crash, at worst the records delivered since
+the last note are sent again (same messageId, so warehouses drop them), never fewer. At start-up every segment is
 scanned; a torn or corrupt tail is truncated and reported, and the records before it survive.
 
 On a full disk (ENOSPC, EDQUOT) or a failing one (EIO) the spool stays consistent. A refused record,
@@ -240,7 +240,7 @@ class Spool:
         self._unread_events += events
 
     def take_dirty(self) -> Dirty:
-        """As a sync round starts: what it must fsync (see SegmentFiles.take_dirty)."""
+        """As a sync round starts: what it must fsync, and sealed descriptors its `sync` closes (see SegmentFiles.take_dirty)."""
         return self._files.take_dirty()
 
     def sync(self, dirty: Dirty) -> None:
