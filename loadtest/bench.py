@@ -37,9 +37,10 @@ from loadtest.bench_delivery import CONNECTIONS, prepare_load
 from loadtest.harness import PROXY_CORE, Receivers, cpu_seconds, memory_mb, pin, pinning_available, run_wrk
 from loadtest.openloop import launch
 from loadtest.payloads import SINGLE_PATHS, Payload, batch_payload, delivered, single_payload
-from loadtest.report import FORWARDER, evaluate_targets, print_floor, print_stall, print_table, print_targets
+from loadtest.report import FORWARDER, evaluate_targets, print_floor, print_ratio, print_stall, print_table, print_targets
 from loadtest.stall import stalled_upstreams
 
+RATIO_PAIRS = 3  # alternating saturation runs of splitter (interval) and the forwarder on batches, for the ratio target
 LATENCY_LOAD = 0.5  # open-loop offered load: a share of splitter's own saturation rate for the same payload
 SPLITTERS: dict[str, subjects.Durability] = {"splitter-interval": "interval", "splitter-fsync": "fsync"}
 PEERS = ("nginx", "nginx-split", "forwarder")
@@ -55,6 +56,8 @@ class Plan:
     warmup_seconds: float
     floor_seconds: float  # each of the floor's HTTP runs
     in_process_seconds: float  # each of the floor's in-process pieces, and each decide() measurement
+    quick: bool = False  # --quick: the harness is smoke-tested, nothing is measured
+    ratio_pairs: int = RATIO_PAIRS
 
 
 def delivery(expect: subjects.Expect, payload: Payload, received: tuple[int, int], answered: int, in_flight: int) -> tuple[bool, str]:
@@ -104,13 +107,13 @@ async def open_loop(subject: subjects.Subject, payload: Payload, receivers: Rece
     request cost there (on a VM a core that idles between requests spends more per request than one
     kept busy, so 50 % of the saturated rate is more than 50 % of the core)."""
     pids = subject.pids()
-    before, started = cpu_seconds(pids), time.monotonic()
+    before = cpu_seconds(pids)
     result = await asyncio.to_thread(launch, subject.url, payload.path, payload.bodies, auth, rate=rate, seconds=plan.latency_seconds,
                                      grace=plan.latency_seconds)
-    cpu, wall = cpu_seconds(pids) - before, time.monotonic() - started
+    cpu = cpu_seconds(pids) - before  # the generator's start-up and the last answers add a little CPU, no load: over the schedule's length
     latency = asdict(result)
-    if pids and result.answered:
-        latency.update(proxy_busy=round(cpu / wall, 3), cpu_us_per_request=round(1e6 * cpu / result.answered, 1))
+    if pids and result.answered and result.offered_per_s:
+        latency.update(proxy_busy=round(cpu / (result.scheduled / result.offered_per_s), 3), cpu_us_per_request=round(1e6 * cpu / result.answered, 1))
     # The open-loop generator waits for every answer, so with none missing its requests are known
     # exactly: splitter's single calls are then checked exactly too, not within wrk's in-flight window.
     settled = await subject.settle()
@@ -188,6 +191,26 @@ class DirectBeside:
             row["p99_added_ms"] = round(row["latency"]["p99_ms"] - run["p99_ms"], 3)
 
 
+async def ratio_pairs(env: dict[str, str], receivers: Receivers, payload: Payload, auth: str, plan: Plan, pairs: int) -> dict[str, Any]:
+    """The ratio target's figure, measured as a ratio should be on a machine whose speed drifts between
+    minutes (25–60 % between runs on the 2-vCPU VM): splitter (interval) and the forwarder both up,
+    saturation runs on `payload` alternated `pairs` times, each pair's ratio, and their median."""
+    async with subjects.splitter(env, "interval") as splitter, subjects.forwarder(receivers) as forwarder:
+        if not plan.quick:
+            await warm_up(splitter, payload, receivers, auth, plan)
+            await warm_up(forwarder, payload, receivers, auth, plan)
+        runs = []
+        for _ in range(pairs):
+            mine = await saturate(splitter, payload, receivers, auth, plan)
+            theirs = await saturate(forwarder, payload, receivers, auth, plan)
+            ours, base = mine["cpu_us_per_event"], theirs["cpu_us_per_event"]
+            runs.append({"splitter_us_per_event": ours, "forwarder_us_per_event": base, "ratio": round(ours / base, 3) if ours and base else None,
+                         "delivered": mine["delivered"] and theirs["delivered"]})
+    ratios = sorted(run["ratio"] for run in runs if run["ratio"] is not None)
+    return {"payload": payload.name, "pairs": runs, "median_ratio": ratios[len(ratios) // 2] if ratios else None,
+            "delivered": all(run["delivered"] for run in runs)}
+
+
 def decide_rate(seconds: float) -> dict[str, Any]:
     """loadtest.bench_decide in its own process, pinned to the proxy core: decisions per second, and a bare hash's."""
     with tempfile.TemporaryDirectory(prefix="splitter-decide-") as scratch:
@@ -206,7 +229,7 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     everything, baseline_kinds = [batch, *singles.values()], [batch, singles["/v1/track"]]  # /v1/t is Segment-only
     rows: list[dict[str, Any]] = []
     lead: dict[str, tuple[float, str]] = {}  # payload -> the rate the peers' latency is measured at, and whose it is
-    stall = floor = decide = None
+    stall = floor = decide = ratio = None
     errors: dict[str, str] = {}  # the floor or decide() failed: said, and their targets are n/a
     try:
         async with subjects.direct(receivers) as direct:  # saturation first; its open-loop runs come beside each proxy's, at the same rate
@@ -246,6 +269,8 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                             rows.append(row)
                 except subjects.Unavailable as missing:
                     rows.append({"scenario": name, "skipped": str(missing), "delivered": True})
+        if {"splitter-interval", "forwarder"} <= only:
+            ratio = await ratio_pairs(env, receivers, batch, auth, plan, plan.ratio_pairs)
         if "floor" in only:
             forwarder = next((row for row in rows if row["scenario"] == FORWARDER and row.get("payload") == "batch"), None)
             shared = floor_bench.Shared(receivers, rules, auth, batch, singles, forwarder)
@@ -264,7 +289,7 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
             decide = await asyncio.to_thread(decide_rate, plan.in_process_seconds)
         except (subprocess.SubprocessError, OSError, ValueError) as error:
             errors["decide"] = f"{type(error).__name__}: {error}"
-    return {"rows": rows, "stall": stall, "floor": floor, "decide": decide, "errors": errors}
+    return {"rows": rows, "stall": stall, "floor": floor, "decide": decide, "ratio": ratio, "errors": errors}
 
 
 def _run(main: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
@@ -288,10 +313,11 @@ def main() -> int:
     parser.add_argument("--keep-running", action="store_true", help="after its runs, keep each splitter up for profiling until Ctrl-C")
     args = parser.parse_args()
     seconds = 1 if args.quick else max(1, round(args.seconds))  # wrk takes whole seconds
-    plan = Plan(seconds, seconds / 2, min(2, max(1, seconds // 2)), max(1, round(seconds * 2 / 3)), 0.3 if args.quick else min(2.0, seconds / 3))
+    plan = Plan(seconds, seconds / 2, min(2, max(1, seconds // 2)), max(1, round(seconds * 2 / 3)), 0.3 if args.quick else min(2.0, seconds / 3),
+                quick=args.quick, ratio_pairs=1 if args.quick else RATIO_PAIRS)
     results = _run(run_all(args, plan))
-    rows, stall, floor, decide = results["rows"], results["stall"], results["floor"], results["decide"]
-    targets = evaluate_targets(rows, stall, floor, decide)
+    rows, stall, floor, decide, ratio = results["rows"], results["stall"], results["floor"], results["decide"], results["ratio"]
+    targets = evaluate_targets(rows, stall, floor, decide, ratio)
     pinned = f"proxies on core {PROXY_CORE}, load and receivers on the other" if pinning_available() else "not pinned"
     print(f"{plan.seconds:g} s per saturation run ({CONNECTIONS} connections, wrk), {plan.latency_seconds:g} s per open-loop run: "
           f"splitter at {LATENCY_LOAD * 100:.0f} % of its own rate, nginx and the forwarder at splitter (interval)'s, "
@@ -301,6 +327,8 @@ def main() -> int:
         print_stall(stall)
     if floor:
         print_floor(floor)
+    if ratio:
+        print_ratio(ratio)
     if decide:
         print(f"decide(): {decide['decisions_per_second']:,}/s over {decide['rules']} rules; a bare mmh3 bucket {decide['hash_only_per_second']:,}/s")
     for name, error in results["errors"].items():
@@ -309,10 +337,10 @@ def main() -> int:
     duration = time.monotonic() - started
     print(f"total {duration:.0f} s")
     if args.json:
-        everything = {"plan": asdict(plan), "pinned": pinning_available(), "rows": rows, "stall": stall, "floor": floor, "decide": decide,
+        everything = {"plan": asdict(plan), "pinned": pinning_available(), "rows": rows, "stall": stall, "floor": floor, "decide": decide, "ratio": ratio,
                       "errors": results["errors"], "targets": targets, "duration_s": round(duration, 1)}
         args.json.write_text(json.dumps(everything, indent=2, ensure_ascii=False) + "\n")
-    delivered = all(row["delivered"] for row in rows) and (stall is None or stall["delivered"])
+    delivered = all(row["delivered"] for row in rows) and (stall is None or stall["delivered"]) and (ratio is None or ratio["delivered"])
     if not delivered:
         print("delivery was not exact: see the delivered column", file=sys.stderr)
         return 1

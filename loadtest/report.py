@@ -81,7 +81,10 @@ def _figure(row: dict[str, Any] | None, key: str) -> float | None:
 
 
 def evaluate_targets(rows: list[dict[str, Any]], stall: dict[str, Any] | None, floor: dict[str, Any] | None = None,
-                     decide: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                     decide: dict[str, Any] | None = None, pairs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The issue's targets, each with its figure and verdict. `pairs`: bench.ratio_pairs' alternating runs of
+    splitter (interval) and the forwarder; when measured, their median ratio judges the ratio target (the
+    table's two rows were minutes apart on a machine whose speed drifts), and the rows' ratio is shown beside it."""
     found = {(row["scenario"], row.get("payload")): row for row in rows if "skipped" not in row}
     # the forwarder's batch row of this run; without it (--only), the one the floor measured the same way (wrk, CPU from /proc)
     floor_forwarder = next((row for row in floor.get("http", ()) if row["name"] == FORWARDER), None) if floor else None
@@ -104,6 +107,12 @@ def evaluate_targets(rows: list[dict[str, Any]], stall: dict[str, Any] | None, f
             if ratio is not None and ratio_limit is not None:
                 floor_ratio = f" = {_ratio(batch_floor, fwd_event)}" if batch_floor is not None else ""
                 figure = f"{ratio:.2f}× ({cpu} µs vs {forwarder_text}: limit {ratio_limit:.2f} µs; {_floor_text(batch_floor, 'µs')}{floor_ratio})"
+            median = pairs.get("median_ratio") if pairs else None
+            if median is not None and pairs is not None:
+                listed = ", ".join(f"{run['ratio']:.2f}×" for run in pairs["pairs"] if run["ratio"] is not None)
+                rows_text = f"; the table's rows: {figure}" if figure else ""
+                floor_text = f"; the floor {_ratio(batch_floor, fwd_event)} the table's forwarder" if batch_floor is not None and fwd_event else ""
+                figure, ratio = f"{median:.2f}× (median of {len(pairs['pairs'])} alternating pairs: {listed}{floor_text}{rows_text})", median
             targets.append(_target(f"batch split+mirror, {mode}: <= {FORWARDER_RATIO:g}× the forwarder's CPU/event", figure,
                                    None if ratio is None else ratio <= FORWARDER_RATIO, limit=ratio_limit, floor=batch_floor))
     for mode in MODES:  # single calls, CPU per request
@@ -152,6 +161,12 @@ def _latency_target(row: dict[str, Any], mode: str) -> dict[str, Any]:
         return _target(name, f"{added} ms, counted as 0 (p99 {latency['p99_ms']} ms {at}; direct {base['p99_ms']} ms at that rate, the slower)",
                        latency["p99_ms"] <= limit)
     return _target(name, f"{added} ms (p99 {latency['p99_ms']} ms {at}; direct {base['p99_ms']} ms at that rate)", added <= limit)
+
+
+def print_ratio(pairs: dict[str, Any]) -> None:
+    runs = "; ".join(f"{run['splitter_us_per_event']} / {run['forwarder_us_per_event']} µs = {run['ratio']}×" for run in pairs["pairs"])
+    print(f"ratio pairs ({pairs['payload']}, splitter (interval) / aiohttp forwarder, saturation runs alternated, both up): {runs}; "
+          f"median {pairs['median_ratio']}×; delivered {'all' if pairs['delivered'] else 'NOT ALL'}")
 
 
 def print_targets(targets: list[dict[str, Any]]) -> None:

@@ -42,6 +42,8 @@ def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
     assert finished.returncode == 0, finished.stdout + finished.stderr
     results = json.loads(report.read_text())
     assert results["errors"] == {} and results["duration_s"] > 0
+    ratio = results["ratio"]  # one alternating pair in --quick, every event of it delivered
+    assert ratio["delivered"] and len(ratio["pairs"]) == 1 and ratio["median_ratio"] == ratio["pairs"][0]["ratio"] > 0
     rows = {(row["scenario"], row.get("payload")): row for row in results["rows"]}
     assert set(rows) == {("direct", payload) for payload in PAYLOADS} | {(name, payload) for name in SPLITTERS for payload in PAYLOADS} | {
         (peer, payload) for peer in ("nginx split+mirror", "aiohttp forwarder") for payload in ("batch", "single /v1/track")}
@@ -128,6 +130,14 @@ def test_targets_compare_with_the_forwarder_and_the_floor_of_the_same_run() -> N
     assert targets["single /v1/t, interval: p99 added over direct at 50 % of its own rate <= 5 ms"]["passed"] is False  # 6 ms added
     assert targets["batch, fsync: p99 added over direct at 50 % of its own rate <= 10 ms"]["passed"] is False  # saturated
     assert targets["batch, interval: p99 added over direct at 50 % of its own rate <= 5 ms"]["passed"] is True
+    # alternating pairs measured: their median ratio judges the target, the table's rows are quoted beside it
+    pairs = {"payload": "batch", "median_ratio": 1.25, "delivered": True, "pairs": [
+        {"splitter_us_per_event": 8.0, "forwarder_us_per_event": 6.0, "ratio": 1.333, "delivered": True},
+        {"splitter_us_per_event": 7.5, "forwarder_us_per_event": 6.0, "ratio": 1.25, "delivered": True},
+        {"splitter_us_per_event": 7.2, "forwarder_us_per_event": 6.0, "ratio": 1.2, "delivered": True}]}
+    paired = {t["target"]: t for t in evaluate_targets(rows, None, floor, None, pairs)}["batch split+mirror, interval: <= 1.3× the forwarder's CPU/event"]
+    assert paired["passed"] is True and paired["figure"].startswith("1.25× (median of 3 alternating pairs: 1.33×, 1.25×, 1.20×")
+    assert "the table's rows: 1.50×" in paired["figure"]
     # direct's run the slower (a disturbed load core): a negative figure is not a pass on its own, splitter's p99 must meet the limit
     disturbed = {**_row("splitter (interval)", "batch", 50, 9.0, p99=7.0), "direct_latency": {"p99_ms": 20.0, "saturated": False}, "p99_added_ms": -13.0}
     verdict = {t["target"]: t for t in evaluate_targets([disturbed], None)}["batch, interval: p99 added over direct at 50 % of its own rate <= 5 ms"]
