@@ -56,8 +56,7 @@ class Plan:
     warmup_seconds: float
     floor_seconds: float  # each of the floor's HTTP runs
     in_process_seconds: float  # each of the floor's in-process pieces, and each decide() measurement
-    quick: bool = False  # --quick: the harness is smoke-tested, nothing is measured
-    ratio_pairs: int = RATIO_PAIRS
+    quick: bool = False  # --quick: the harness is smoke-tested, nothing is measured (no warm-ups, one ratio pair)
 
 
 def delivery(expect: subjects.Expect, payload: Payload, received: tuple[int, int], answered: int, in_flight: int) -> tuple[bool, str]:
@@ -191,16 +190,16 @@ class DirectBeside:
             row["p99_added_ms"] = round(row["latency"]["p99_ms"] - run["p99_ms"], 3)
 
 
-async def ratio_pairs(env: dict[str, str], receivers: Receivers, payload: Payload, auth: str, plan: Plan, pairs: int) -> dict[str, Any]:
+async def ratio_pairs(env: dict[str, str], receivers: Receivers, payload: Payload, auth: str, plan: Plan) -> dict[str, Any]:
     """The ratio target's figure, measured as a ratio should be on a machine whose speed drifts between
     minutes (25–60 % between runs on the 2-vCPU VM): splitter (interval) and the forwarder both up,
-    saturation runs on `payload` alternated `pairs` times, each pair's ratio, and their median."""
+    saturation runs on `payload` alternated RATIO_PAIRS times (once with --quick), each pair's ratio, and their median."""
     async with subjects.splitter(env, "interval") as splitter, subjects.forwarder(receivers) as forwarder:
         if not plan.quick:
             await warm_up(splitter, payload, receivers, auth, plan)
             await warm_up(forwarder, payload, receivers, auth, plan)
         runs = []
-        for _ in range(pairs):
+        for _ in range(1 if plan.quick else RATIO_PAIRS):
             mine = await saturate(splitter, payload, receivers, auth, plan)
             theirs = await saturate(forwarder, payload, receivers, auth, plan)
             ours, base = mine["cpu_us_per_event"], theirs["cpu_us_per_event"]
@@ -240,7 +239,7 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                 if name not in only:
                     continue
                 async with subjects.splitter(env, mode) as subject:
-                    if not args.quick:
+                    if not plan.quick:
                         await warm_up(subject, batch, receivers, auth, plan)
                     for payload in everything:
                         row = await measure(subject, payload, receivers, auth, plan, None, "50 % of its own")
@@ -260,7 +259,7 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                     continue
                 try:
                     async with factories[name]() as subject:
-                        if not args.quick:
+                        if not plan.quick:
                             await warm_up(subject, batch, receivers, auth, plan)
                         for payload in baseline_kinds:
                             rate, whose = lead[payload.name]
@@ -270,7 +269,7 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                 except subjects.Unavailable as missing:
                     rows.append({"scenario": name, "skipped": str(missing), "delivered": True})
         if {"splitter-interval", "forwarder"} <= only:
-            ratio = await ratio_pairs(env, receivers, batch, auth, plan, plan.ratio_pairs)
+            ratio = await ratio_pairs(env, receivers, batch, auth, plan)
         if "floor" in only:
             forwarder = next((row for row in rows if row["scenario"] == FORWARDER and row.get("payload") == "batch"), None)
             shared = floor_bench.Shared(receivers, rules, auth, batch, singles, forwarder)
@@ -281,7 +280,7 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         if "stall" in only:  # last: the hung requests it leaves in the receivers cannot touch another row
             await receivers.reset()  # the floor's own forwarder run (when the table has none) left its counts there
             stall_env = dict(env, SPLITTER_DURABILITY=args.stall_durability)
-            stall = {**await stalled_upstreams(receivers, stall_env, batch, auth, plan.seconds, hang=not args.quick), "durability": args.stall_durability}
+            stall = {**await stalled_upstreams(receivers, stall_env, batch, auth, plan.seconds, hang=not plan.quick), "durability": args.stall_durability}
     finally:
         receivers.stop()
     if "decide" in only:
@@ -314,7 +313,7 @@ def main() -> int:
     args = parser.parse_args()
     seconds = 1 if args.quick else max(1, round(args.seconds))  # wrk takes whole seconds
     plan = Plan(seconds, seconds / 2, min(2, max(1, seconds // 2)), max(1, round(seconds * 2 / 3)), 0.3 if args.quick else min(2.0, seconds / 3),
-                quick=args.quick, ratio_pairs=1 if args.quick else RATIO_PAIRS)
+                quick=args.quick)
     results = _run(run_all(args, plan))
     rows, stall, floor, decide, ratio = results["rows"], results["stall"], results["floor"], results["decide"], results["ratio"]
     targets = evaluate_targets(rows, stall, floor, decide, ratio)

@@ -104,15 +104,16 @@ def evaluate_targets(rows: list[dict[str, Any]], stall: dict[str, Any] | None, f
             ratio = cpu / fwd_event if cpu is not None and fwd_event else None
             ratio_limit = fwd_event * FORWARDER_RATIO if fwd_event else None
             figure = None
+            floor_ratio = _ratio(batch_floor, fwd_event) if batch_floor is not None and fwd_event else None  # the floor over the table's forwarder
             if ratio is not None and ratio_limit is not None:
-                floor_ratio = f" = {_ratio(batch_floor, fwd_event)}" if batch_floor is not None else ""
-                figure = f"{ratio:.2f}× ({cpu} µs vs {forwarder_text}: limit {ratio_limit:.2f} µs; {_floor_text(batch_floor, 'µs')}{floor_ratio})"
-            median = pairs.get("median_ratio") if pairs else None
-            if median is not None and pairs is not None:
+                figure = (f"{ratio:.2f}× ({cpu} µs vs {forwarder_text}: limit {ratio_limit:.2f} µs; {_floor_text(batch_floor, 'µs')}"
+                          f"{f' = {floor_ratio}' if floor_ratio else ''})")
+            if pairs and pairs.get("median_ratio") is not None:
                 listed = ", ".join(f"{run['ratio']:.2f}×" for run in pairs["pairs"] if run["ratio"] is not None)
                 rows_text = f"; the table's rows: {figure}" if figure else ""
-                floor_text = f"; the floor {_ratio(batch_floor, fwd_event)} the table's forwarder" if batch_floor is not None and fwd_event else ""
-                figure, ratio = f"{median:.2f}× (median of {len(pairs['pairs'])} alternating pairs: {listed}{floor_text}{rows_text})", median
+                floor_text = f"; the floor {floor_ratio} the table's forwarder" if floor_ratio else ""
+                ratio = pairs["median_ratio"]
+                figure = f"{ratio:.2f}× (median of {len(pairs['pairs'])} alternating pairs: {listed}{floor_text}{rows_text})"
             targets.append(_target(f"batch split+mirror, {mode}: <= {FORWARDER_RATIO:g}× the forwarder's CPU/event", figure,
                                    None if ratio is None else ratio <= FORWARDER_RATIO, limit=ratio_limit, floor=batch_floor))
     for mode in MODES:  # single calls, CPU per request

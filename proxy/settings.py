@@ -23,6 +23,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DURABILITY_MODES = ("fsync", "interval")  # docs/configuration.md, Durability modes
 # A name that stands in a store key as it is (the replica id; a destination's or a process's name in Redis keys).
 KEY_SAFE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+KEY_UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_.\-]")  # what a name made to fit KEY_SAFE has replaced
 
 
 class SettingsError(ValueError):
@@ -152,7 +153,7 @@ def host_replica_id() -> str:
     name = socket.gethostname() or "localhost"
     if KEY_SAFE.fullmatch(name):
         return name
-    return (re.sub(r"[^A-Za-z0-9_.\-]", "-", name)[:64]) or "localhost"
+    return KEY_UNSAFE_CHAR.sub("-", name)[:64] or "localhost"
 
 
 def flag_default(name: str) -> str | int | float | None:

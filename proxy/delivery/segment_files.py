@@ -37,7 +37,7 @@ from proxy.log import get_logger
 
 log = get_logger("splitter.spool")
 READ_SLACK = 64 * 1024  # read a little past the budget: the record that stops the read is framed in it
-Dirty = tuple[set[int], bool, list[int]]  # descriptors to fsync, whether the directory needs it too, sealed ones to close after
+Dirty = tuple[set[int], bool, list[int]]  # descriptors to fsync, whether the directory needs it too, sealed ones the round closes
 
 
 def write_all(fd: int, parts: Sequence[bytes]) -> None:

@@ -13,10 +13,10 @@ The steady state reads nothing back from disk: the latest records (up to `FRESH_
 kept in memory as the sender will use them, and only a sender further behind than that (an upstream
 outage, a backlog at start-up) reads the files, until it reaches the records still in memory.
 A sealed segment whose records are all acked is deleted. The count of acked records at the head of
-each segment is noted in `NNNNNNNNNNNN.ack` (best effort, not fsynced, at most every
-`ACK_NOTE_INTERVAL` seconds, at the next ack after that): after a crash, at worst the records delivered since
-the last note are sent again (same messageId, so warehouses drop them), never fewer. At start-up every segment is
-scanned; a torn or corrupt tail is truncated and reported, and the records before it survive.
+each segment is noted in `NNNNNNNNNNNN.ack` (best effort, not fsynced, at the first ack once
+`ACK_NOTE_INTERVAL` seconds have passed): after a crash, at worst the records delivered since the
+last note are sent again (same messageId, so warehouses drop them), never fewer. At start-up every
+segment is scanned; a torn or corrupt tail is truncated and reported, and the records before it survive.
 
 On a full disk (ENOSPC, EDQUOT) or a failing one (EIO) the spool stays consistent. A refused record,
 even part-written, is cut back off its segment: nothing of it counts, and the request gets 503 with

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ from redis.backoff import NoBackoff
 from proxy.engine import DedupSettings
 from proxy.log import LogThrottle, get_logger
 from proxy.redis_clients import close_client, failure_reason
-from proxy.settings import KEY_SAFE
+from proxy.settings import KEY_SAFE, KEY_UNSAFE_CHAR
 
 if TYPE_CHECKING:
     from proxy.metrics import Metrics
@@ -75,7 +74,7 @@ def _key_part(text: str) -> str:
     """`text` when it is letters, digits, `_`, `.` and `-` (at most 64), else those characters kept and a digest added."""
     if KEY_SAFE.fullmatch(text):
         return text
-    kept = re.sub(r"[^A-Za-z0-9_.\-]", "-", text)[:48] or "process"
+    kept = KEY_UNSAFE_CHAR.sub("-", text)[:48] or "process"
     return f"{kept}-{hashlib.blake2b(text.encode('utf-8', 'surrogatepass'), digest_size=4).hexdigest()}"
 
 
