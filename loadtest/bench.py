@@ -134,6 +134,21 @@ async def measure(subject: subjects.Subject, payload: Payload, receivers: Receiv
     return row
 
 
+async def at_own_half_rate(subject: subjects.Subject, row: dict[str, Any], payload: Payload, receivers: Receivers, auth: str, plan: Plan,
+                           beside: DirectBeside) -> None:
+    """The forwarder's open loop at 50 % of its own saturated rate as well, with direct beside it: the latency targets'
+    condition met by the issue's own baseline (its table row is at splitter's rate, for a same-rate comparison). Kept
+    under the row as `own_rate`."""
+    offered = LATENCY_LOAD * row["requests_per_s"]
+    if offered < 1:
+        return
+    latency, complete, note = await open_loop(subject, payload, receivers, auth, plan, offered)
+    own: dict[str, Any] = {"scenario": f"{row['scenario']} (50 % of its own rate)", "latency": latency, "delivery_open_loop": note}
+    await beside.beside(own, payload)
+    row["own_rate"] = own
+    row["delivered"] = row["delivered"] and complete
+
+
 async def counts(receivers: Receivers) -> tuple[int, int]:
     return (await receivers.stats("segment"))["count"], (await receivers.stats("rudderstack"))["count"]
 
@@ -265,6 +280,8 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                             rate, whose = lead[payload.name]
                             row = await measure(subject, payload, receivers, auth, plan, rate, f"{whose}'s")
                             await beside.beside(row, payload)
+                            if name == "forwarder":
+                                await at_own_half_rate(subject, row, payload, receivers, auth, plan, beside)
                             rows.append(row)
                 except subjects.Unavailable as missing:
                     rows.append({"scenario": name, "skipped": str(missing), "delivered": True})

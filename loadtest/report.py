@@ -63,6 +63,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{_cell(row['cpu_us_per_event'], 10)}{_cell(row['cpu_us_per_request'], 11)}{_cell(offered and round(offered), 10)}"
               f"{_cell(p50, 10)}{_cell(p99, 13)}{_cell(added, 8)}{_cell(row['peak_rss_mb'], 8)}{_cell(row['steady_rss_mb'], 7)}"
               f"  {row['delivery']}{at_half}")
+        if row.get("own_rate"):  # the forwarder: also at 50 % of its own rate
+            own = row["own_rate"]
+            p50, p99, added = latency_cells(own)
+            print(f"{'  at 50 % of its own':<{SCENARIO_WIDTH}}{row['payload']:<18}{'':>8}{'':>10}{'':>10}{'':>11}"
+                  f"{_cell(round(own['latency']['offered_per_s']), 10)}{_cell(p50, 10)}{_cell(p99, 13)}{_cell(added, 8)}{'':>8}{'':>7}"
+                  f"  {own['delivery_open_loop']}")
         for run in row.get("open_loop", ()):  # direct: one open-loop run per offered rate the proxies were measured at
             p50, p99, _ = latency_cells({"latency": run})
             print(f"{'  open loop':<{SCENARIO_WIDTH}}{row['payload']:<18}{'':>8}{'':>10}{'':>10}{'':>11}{_cell(round(run['offered_per_s']), 10)}"
@@ -136,7 +142,11 @@ def evaluate_targets(rows: list[dict[str, Any]], stall: dict[str, Any] | None, f
         for row in (r for (scenario, _), r in found.items() if scenario == splitter_scenario(mode)):
             path = row["payload"].removeprefix("single ")
             cpu_floor_us = batch_floor * row["events"] if row["events"] > 1 and batch_floor is not None else single_floors.get(path)
-            targets.append(_latency_target(row, mode, latency_floor(row, found.get((HOP, row["payload"])), cpu_floor_us)))
+            target = _latency_target(row, mode, latency_floor(row, found.get((HOP, row["payload"])), cpu_floor_us))
+            baseline = baseline_at_own_half_rate(found.get((FORWARDER, row["payload"])))
+            if baseline and target["figure"]:
+                target["figure"] += f"; {baseline}"
+            targets.append(target)
     splitter_rows = [row for (scenario, _), row in found.items() if scenario.startswith("splitter") and row["steady_rss_mb"] is not None]
     steady = max((float(row["steady_rss_mb"]) for row in splitter_rows), default=None)
     per_mode = ", ".join(f"{mode} {max(r['steady_rss_mb'] for r in splitter_rows if r['scenario'] == splitter_scenario(mode))} MB"
@@ -151,6 +161,17 @@ def evaluate_targets(rows: list[dict[str, Any]], stall: dict[str, Any] | None, f
                                                f"(a bare mmh3 bucket {decide['hash_only_per_second']:,}/s{cold})")
     targets.append(_target(f"decide() > {DECIDE_PER_S:,}/s", decide_text, None if decide is None else decide["decisions_per_second"] > DECIDE_PER_S))
     return targets
+
+
+def baseline_at_own_half_rate(forwarder: dict[str, Any] | None) -> str | None:
+    """What the plain forwarder added at 50 % of its own rate (bench.at_own_half_rate): the same condition met by the
+    ratio target's baseline, which does less work (no spool, no split, no mirror). Said beside the verdict, never part of it."""
+    own = None if forwarder is None else forwarder.get("own_rate")
+    if own is None or own.get("p99_added_ms") is None:
+        return None
+    latency = own["latency"]
+    busy = f", its core {latency['proxy_busy']:.0%} busy" if latency.get("proxy_busy") is not None else ""
+    return f"the plain forwarder at 50 % of its own rate ({latency['offered_per_s']:,.0f}/s{busy}) added {own['p99_added_ms']} ms"
 
 
 def latency_floor(row: dict[str, Any], hop: dict[str, Any] | None, cpu_floor_us: float | None) -> tuple[float, str] | None:

@@ -53,9 +53,10 @@ def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
     for (scenario, payload), row in rows.items():
         if scenario == "direct":  # saturation first, then one open-loop run per rate a proxy row of its payload used
             assert row["cpu_us_per_event"] is None and row["open_loop"], row
-            used = {r["latency"]["offered_per_s"] for (s, p), r in rows.items() if s != "direct" and p == payload}
-            assert {run["offered_per_s"] for run in row["open_loop"]} == used
-            assert sorted(name for run in row["open_loop"] for name in run["for"]) == sorted(s for (s, p) in rows if s != "direct" and p == payload)
+            measured = [r for (s, p), r in rows.items() if s != "direct" and p == payload]
+            measured += [r["own_rate"] for r in measured if "own_rate" in r]  # the forwarder at its own half rate too
+            assert {run["offered_per_s"] for run in row["open_loop"]} == {r["latency"]["offered_per_s"] for r in measured}
+            assert sorted(name for run in row["open_loop"] for name in run["for"]) == sorted(r["scenario"] for r in measured)
             continue
         latency = row["latency"]
         assert latency["scheduled"] > 0 and {"p50_ms", "p99_ms", "saturated", "achieved_per_s"} <= set(latency)
@@ -64,6 +65,11 @@ def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
         assert row["direct_latency"]["offered_per_s"] == latency["offered_per_s"]  # direct at the same offered rate
         if not latency["saturated"] and not row["direct_latency"]["saturated"]:
             assert row["p99_added_ms"] == round(latency["p99_ms"] - row["direct_latency"]["p99_ms"], 3)
+        if scenario == "aiohttp forwarder":  # also at 50 % of its own rate, with direct beside it there
+            own = row["own_rate"]["latency"]
+            assert own["offered_per_s"] == round(row["requests_per_s"] / 2, 1) and row["own_rate"]["direct_latency"]["offered_per_s"] == own["offered_per_s"]
+        else:
+            assert "own_rate" not in row
         if scenario in SPLITTERS:  # 50 % of its own saturated rate; the peers at splitter (interval)'s
             assert latency["offered_per_s"] == round(row["requests_per_s"] / 2, 1)
             assert row["cpu_us_per_event"] is not None
@@ -163,6 +169,10 @@ def test_a_latency_target_under_the_hop_nginx_added_at_the_same_rate_and_the_flo
     assert "latency floor 4.70 ms = nginx added 4.50 ms at that rate - its 0.20 ms CPU/request + the floor's 0.40 ms" in batch["figure"]
     single = targets["single /v1/track, interval: p99 added over direct at 50 % of its own rate <= 5 ms"]
     assert (single["passed"], single["floor"], single["below_floor"]) == (False, 5.48, True)  # 5.5 - 0.09 + 0.071
+    assert "the plain forwarder" not in batch["figure"]  # not measured at its own rate in these rows
+    forwarder = {**_row("aiohttp forwarder", "batch", 50, 6.0), "own_rate": {"latency": {"offered_per_s": 300.0, "proxy_busy": 0.64}, "p99_added_ms": 6.5}}
+    beside = {t["target"]: t for t in evaluate_targets([*rows, forwarder], None, floor, None)}["batch, interval: p99 added over direct at 50 % of its own rate <= 5 ms"]
+    assert beside["passed"] is True and beside["figure"].endswith("; the plain forwarder at 50 % of its own rate (300/s, its core 64% busy) added 6.5 ms")
     other_rate = targets["batch, fsync: p99 added over direct at 50 % of its own rate <= 10 ms"]
     assert (other_rate["floor"], other_rate["below_floor"]) == (None, None) and "latency floor" not in other_rate["figure"]
     without_floor = {t["target"]: t for t in evaluate_targets(rows, None, None, None)}
