@@ -6,10 +6,11 @@ receivers on core 0 where `taskset` allows. For each scenario and payload: reque
 at saturation (wrk, closed loop), proxy CPU per event and per request (from /proc), peak and steady
 RSS, and a delivery check. Then latency, open loop (loadtest.openloop): each splitter at 50 % of its
 own saturated rate for that payload; nginx and the forwarder at splitter (interval)'s rate (the same
-load); direct right after each, at the same rate, so "p99 added" subtracts direct's p99 at the same
-offered rate, measured beside it. Then the floor (loadtest.floor), splitter with stalled upstreams
-(loadtest.stall) and decide() (loadtest.bench_decide), all in this run, and the issue's targets under
-the table with PASS/FAIL.
+load), and the forwarder at 50 % of its own rate too; direct right after each, at the same rate, so
+"p99 added" subtracts direct's p99 at the same offered rate, measured beside it. Then the floor
+(loadtest.floor), splitter with stalled upstreams (loadtest.stall), decide() (loadtest.bench_decide)
+and the idle tax (loadtest.idle_tax), all in this run, and the issue's targets under the table with
+PASS/FAIL.
 Bounded: every run lasts `--seconds` (latency runs half that); the total is printed at the end.
 Run: `python -m loadtest.bench [--seconds 6] [--quick] [--only splitter] [--json PATH] [--strict]`.
 Exits 1 if any delivery was not exact (or, with --strict, if a target was missed).
@@ -35,6 +36,7 @@ from loadtest import floor as floor_bench
 from loadtest import subjects
 from loadtest.bench_delivery import CONNECTIONS, prepare_load
 from loadtest.harness import PROXY_CORE, Receivers, cpu_seconds, memory_mb, pin, pinning_available, run_wrk
+from loadtest.idle_tax import summary as idle_summary
 from loadtest.openloop import launch
 from loadtest.payloads import SINGLE_PATHS, Payload, batch_payload, delivered, single_payload
 from loadtest.report import FORWARDER, evaluate_targets, print_floor, print_ratio, print_stall, print_table, print_targets
@@ -44,7 +46,7 @@ RATIO_PAIRS = 3  # alternating saturation runs of splitter (interval) and the fo
 LATENCY_LOAD = 0.5  # open-loop offered load: a share of splitter's own saturation rate for the same payload
 SPLITTERS: dict[str, subjects.Durability] = {"splitter-interval": "interval", "splitter-fsync": "fsync"}
 PEERS = ("nginx", "nginx-split", "forwarder")
-EXTRAS = ("stall", "floor", "decide")
+EXTRAS = ("stall", "floor", "decide", "idle")
 ONLY = (*SPLITTERS, *PEERS, *EXTRAS, "splitter")  # --only choices; "splitter" is both modes; direct always runs
 RUDDER_KEY = "rs-web-key"
 
@@ -225,14 +227,24 @@ async def ratio_pairs(env: dict[str, str], receivers: Receivers, payload: Payloa
             "delivered": all(run["delivered"] for run in runs)}
 
 
-def decide_rate(seconds: float) -> dict[str, Any]:
-    """loadtest.bench_decide in its own process, pinned to the proxy core: decisions per second, and a bare hash's."""
-    with tempfile.TemporaryDirectory(prefix="splitter-decide-") as scratch:
-        report = Path(scratch) / "decide.json"
-        subprocess.run([*pin(PROXY_CORE), sys.executable, "-m", "loadtest.bench_decide", "--seconds", f"{seconds:g}", "--json", str(report)],
-                       check=True, capture_output=True, timeout=120)
+def pinned_report(module: str, *args: str) -> dict[str, Any]:
+    """`python -m module *args --json F` in its own process pinned to the proxy core; what it wrote to F."""
+    with tempfile.TemporaryDirectory(prefix="splitter-report-") as scratch:
+        report = Path(scratch) / "report.json"
+        subprocess.run([*pin(PROXY_CORE), sys.executable, "-m", module, *args, "--json", str(report)], check=True, capture_output=True, timeout=120)
         result: dict[str, Any] = json.loads(report.read_text())
         return result
+
+
+def decide_rate(seconds: float) -> dict[str, Any]:
+    """loadtest.bench_decide: decisions per second, and a bare hash's."""
+    return pinned_report("loadtest.bench_decide", "--seconds", f"{seconds:g}")
+
+
+def idle_tax(plan: Plan) -> dict[str, Any]:
+    """loadtest.idle_tax: one batch's prepare() back to back and with idle gaps."""
+    calls, rounds = (20, 1) if plan.quick else (150, 2)
+    return pinned_report("loadtest.idle_tax", "--calls", str(calls), "--rounds", str(rounds))
 
 
 async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
@@ -243,7 +255,7 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     everything, baseline_kinds = [batch, *singles.values()], [batch, singles["/v1/track"]]  # /v1/t is Segment-only
     rows: list[dict[str, Any]] = []
     lead: dict[str, tuple[float, str]] = {}  # payload -> the rate the peers' latency is measured at, and whose it is
-    stall = floor = decide = ratio = None
+    stall = floor = decide = ratio = idle = None
     errors: dict[str, str] = {}  # the floor or decide() failed: said, and their targets are n/a
     try:
         async with subjects.direct(receivers) as direct:  # saturation first; its open-loop runs come beside each proxy's, at the same rate
@@ -305,7 +317,12 @@ async def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
             decide = await asyncio.to_thread(decide_rate, plan.in_process_seconds)
         except (subprocess.SubprocessError, OSError, ValueError) as error:
             errors["decide"] = f"{type(error).__name__}: {error}"
-    return {"rows": rows, "stall": stall, "floor": floor, "decide": decide, "ratio": ratio, "errors": errors}
+    if "idle" in only:
+        try:
+            idle = await asyncio.to_thread(idle_tax, plan)
+        except (subprocess.SubprocessError, OSError, ValueError) as error:
+            errors["idle"] = f"{type(error).__name__}: {error}"
+    return {"rows": rows, "stall": stall, "floor": floor, "decide": decide, "ratio": ratio, "idle": idle, "errors": errors}
 
 
 def _run(main: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
@@ -349,6 +366,8 @@ def main() -> int:
         print(f"decide(): {decide['decisions_per_second']:,}/s over {decide['rules']} rules, batches of 50 freshly parsed; "
               f"a bare mmh3 bucket {decide['hash_only_per_second']:,}/s; cold (the events built once): {decide['cold_decisions_per_second']:,}/s, "
               f"a bare hash {decide['cold_hash_only_per_second']:,}/s")
+    if results.get("idle"):
+        print(idle_summary(results["idle"]))
     for name, error in results["errors"].items():
         print(f"{name} FAILED, its figures are missing: {error}")
     print_targets(targets)
@@ -356,7 +375,7 @@ def main() -> int:
     print(f"total {duration:.0f} s")
     if args.json:
         everything = {"plan": asdict(plan), "pinned": pinning_available(), "rows": rows, "stall": stall, "floor": floor, "decide": decide, "ratio": ratio,
-                      "errors": results["errors"], "targets": targets, "duration_s": round(duration, 1)}
+                      "idle": results["idle"], "errors": results["errors"], "targets": targets, "duration_s": round(duration, 1)}
         args.json.write_text(json.dumps(everything, indent=2, ensure_ascii=False) + "\n")
     delivered = all(row["delivered"] for row in rows) and (stall is None or stall["delivered"]) and (ratio is None or ratio["delivered"])
     if not delivered:

@@ -34,7 +34,7 @@ PAYLOADS = ("batch", "single /v1/t", "single /v1/track")
 @needs("nginx", "wrk")
 def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
     report = tmp_path / "bench.json"
-    only = ["nginx-split", "forwarder", "splitter", "stall", "floor", "decide"]
+    only = ["nginx-split", "forwarder", "splitter", "stall", "floor", "decide", "idle"]
     finished = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--quick", *(arg for name in only for arg in ("--only", name)), "--json", str(report)],
         cwd=ROOT, capture_output=True, text=True, timeout=150,
@@ -85,6 +85,9 @@ def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
     forwarder = next(row for row in floor["http"] if row["name"] == "aiohttp forwarder")  # the table's own row, not run twice
     assert forwarder["from"] == "loadtest.bench's forwarder row" and forwarder["cpu_us_per_event"] == rows[("aiohttp forwarder", "batch")]["cpu_us_per_event"]
     assert results["decide"]["decisions_per_second"] > 0
+    idle = results["idle"]  # the same prepare() back to back and with the core idle between calls
+    assert set(idle["cpu_us_per_call"]) == {"0", "0.5", "2", "10"} and all(value > 0 for value in idle["cpu_us_per_call"].values())
+    assert idle["ratio_to_back_to_back"]["0"] == 1.0 and "idle tax (loadtest.idle_tax" in finished.stdout
     targets = {target["target"]: target for target in results["targets"]}
     assert set(targets) == {
         "batch split+mirror, interval: <= 10 µs proxy CPU/event", "batch split+mirror, interval: <= 1.3× the forwarder's CPU/event",
@@ -182,7 +185,7 @@ def test_a_latency_target_under_the_hop_nginx_added_at_the_same_rate_and_the_flo
 def test_only_splitter_means_both_durability_modes() -> None:
     assert chosen(["splitter", "stall"]) == {"splitter-interval", "splitter-fsync", "stall"}
     assert chosen(["splitter-fsync"]) == {"splitter-fsync"}
-    assert chosen(None) >= {"splitter-interval", "splitter-fsync", "nginx", "nginx-split", "forwarder", "stall", "floor", "decide"}
+    assert chosen(None) >= {"splitter-interval", "splitter-fsync", "nginx", "nginx-split", "forwarder", "stall", "floor", "decide", "idle"}
 
 
 async def test_open_loop_sends_at_its_rate_and_counts_every_answer() -> None:
