@@ -57,7 +57,7 @@ class Plan:
     latency_seconds: float  # each open-loop run
     warmup_seconds: float
     floor_seconds: float  # each of the floor's HTTP runs
-    in_process_seconds: float  # each of the floor's in-process pieces, and each decide() measurement
+    in_process_seconds: float  # each of the floor's in-process pieces, and each decide() measurement (twice that for its judged pair)
     quick: bool = False  # --quick: the harness is smoke-tested, nothing is measured (no warm-ups, one ratio pair)
 
 
@@ -243,7 +243,7 @@ def decide_rate(seconds: float) -> dict[str, Any]:
 
 def idle_tax(plan: Plan) -> dict[str, Any]:
     """loadtest.idle_tax: one batch's prepare() back to back and with idle gaps."""
-    calls, rounds = (20, 1) if plan.quick else (150, 2)
+    calls, rounds = (20, 1) if plan.quick else (100, 3)
     return pinned_report("loadtest.idle_tax", "--calls", str(calls), "--rounds", str(rounds))
 
 

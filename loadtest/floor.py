@@ -190,7 +190,7 @@ class SegmentWriter:
             self.fd = None
 
 
-def _preparer(rules: RuleSet, payload: Payload) -> Callable[[bytes], Prepared]:
+def preparer(rules: RuleSet, payload: Payload) -> Callable[[bytes], Prepared]:
     """prepare() of one body of `payload`, as the ingest route of its path does it."""
     shape = routes()[payload.path]
 
@@ -202,7 +202,7 @@ def _preparer(rules: RuleSet, payload: Payload) -> Callable[[bytes], Prepared]:
 
 def _prepare_frame_and_write(rules: RuleSet, payload: Payload, seconds: float) -> dict[str, float]:
     """prepare(), the spool framing of its records and their write, per event of `payload`, as the ingest route of its path does them."""
-    prepare = _preparer(rules, payload)
+    prepare = preparer(rules, payload)
     prepared = {id(body): prepare(body).submission for body in payload.bodies}
 
     def frame(body: bytes) -> None:  # the record's head and crc32, its events joined: what the spool's writev sends
@@ -236,7 +236,7 @@ def _prepare_frame_and_write(rules: RuleSet, payload: Payload, seconds: float) -
 def send_plan(rules: RuleSet, batch: Payload, receivers: Receivers, seconds: float) -> dict[str, Any]:
     """What `--send` POSTs: per destination, the load's records in the order splitter spools them, cut into
     the upstream batches its sender makes (`upstream_batches` with the destination's delivery options)."""
-    prepare = _preparer(rules, batch)
+    prepare = preparer(rules, batch)
     records: dict[str, list[Frame]] = {name: [] for name in rules.destinations}
     for body in batch.bodies:
         for name, frames in _records(prepare(body).submission):

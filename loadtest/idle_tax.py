@@ -2,14 +2,16 @@
 
 Why splitter's latency targets, set "at 50 % of its own saturated rate", keep its core 70-85 % busy
 on a VM instead of half: a batch took about 1.5 ms of CPU at saturation and 2.4 ms at half that rate.
-This measures the effect apart from splitter's server, on the floor's own work: `_prepare_request`
-(parse, validate, route, encode, file; no I/O) on the batch bodies of `make bench`, in one thread
-pinned to the proxy core, CPU from that thread's clock. First back to back, then with the thread
-asleep for a gap between calls, as splitter's event loop waits in epoll between requests when the
-load leaves it room. Nothing but the gap changes; rounds alternate the gaps, and each figure is the
-median of the rounds.
+This measures the effect apart from splitter's server, on the floor's own work (`loadtest.floor`'s
+`prepare()`: parse, validate, route, encode, file; no I/O) on batch bodies like `make bench`'s, in
+one thread pinned to the proxy core (where `taskset`-style pinning is available), CPU from that
+thread's clock. First back to back, then with the thread asleep for a gap between calls, as
+splitter's event loop waits in epoll between requests when the load leaves it room. The code and the
+data are the same for every gap; what else the machine runs meanwhile is not (on a shared VM that is
+part of what idling costs). Each round runs every gap, in an order rotated from round to round, and
+each figure is the median of the rounds.
 
-Run: `python -m loadtest.idle_tax [--calls N] [--rounds R] [--json PATH]` (about 20 s at the
+Run: `python -m loadtest.idle_tax [--calls N] [--rounds R] [--json PATH]` (about 25 s at the
 defaults; `loadtest.bench` runs it with fewer calls).
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -26,11 +29,10 @@ from typing import Any
 import orjson
 
 from loadtest.bench_delivery import RULES, WRITE_KEY
-from loadtest.harness import balanced_batches
-from loadtest.payloads import BATCH, RUDDER_SHARE
+from loadtest.floor import preparer
+from loadtest.harness import PROXY_CORE, balanced_batches, pinning_available
+from loadtest.payloads import BATCH, RUDDER_SHARE, batch_payload
 from proxy.engine import load_rules
-from proxy.ingress.handlers import _prepare_request
-from proxy.ingress.prepare import CallShape
 
 GAPS_MS = (0.0, 0.5, 2.0, 10.0)
 BODIES = 50
@@ -41,10 +43,10 @@ def batch_work() -> Callable[[int], None]:
     """One batch request's synchronous work, as the ingest handler does it, for body `i` (of `BODIES`, cycled)."""
     rules = load_rules(str(RULES), ENV)
     bodies = [orjson.dumps({"batch": batch}) for batch in balanced_batches(rules, BODIES, BATCH, RUDDER_SHARE, "web")]
-    shape = CallShape(True)
+    prepare = preparer(rules, batch_payload(bodies))
 
     def work(i: int) -> None:
-        _prepare_request(rules, bodies[i % len(bodies)], WRITE_KEY, shape, None, None, "10.0.0.1")
+        prepare(bodies[i % len(bodies)])
 
     return work
 
@@ -62,16 +64,18 @@ def cpu_per_call(work: Callable[[int], None], calls: int, gap_s: float) -> float
 
 
 def measure(calls: int, rounds: int, gaps_ms: tuple[float, ...] = GAPS_MS) -> dict[str, Any]:
+    if pinning_available() and hasattr(os, "sched_setaffinity"):  # a thread woken from its sleep stays on the proxy core
+        os.sched_setaffinity(0, {int(PROXY_CORE)})
     work = batch_work()
     cpu_per_call(work, calls, 0.0)  # warm-up: the routing memory, the allocator's arenas
     samples: dict[float, list[float]] = {gap: [] for gap in gaps_ms}
-    for _ in range(rounds):
-        for gap in gaps_ms:
+    for round_ in range(rounds):
+        for gap in gaps_ms[round_ % len(gaps_ms):] + gaps_ms[:round_ % len(gaps_ms)]:  # each gap first in turn
             samples[gap].append(cpu_per_call(work, calls, gap / 1000))
     medians = {gap: statistics.median(values) for gap, values in samples.items()}
     base = medians[gaps_ms[0]]
     return {
-        "work": f"_prepare_request of a batch of {BATCH} events (~{BODIES} bodies cycled)", "calls": calls, "rounds": rounds,
+        "work": f"prepare() of a batch of {BATCH} events ({BODIES} bodies cycled)", "calls": calls, "rounds": rounds,
         "cpu_us_per_call": {f"{gap:g}": round(value, 1) for gap, value in medians.items()},
         "ratio_to_back_to_back": {f"{gap:g}": round(value / base, 2) for gap, value in medians.items()},
     }
@@ -86,7 +90,7 @@ def summary(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300, help="calls per gap and round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over every gap (odd: the median is one of them)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     result = measure(args.calls, args.rounds)

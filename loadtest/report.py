@@ -5,12 +5,9 @@ the figure and what it is compared with (the forwarder, the floor, direct at the
 a missing figure (scenario not run) is `n/a`, never a pass. A CPU target whose limit lies under the
 floor measured in the same run (loadtest.floor) says so.
 
-A latency target has a floor too, where nginx `proxy_pass` was measured at the same rate on the same
-payload (the peers' open-loop runs are at splitter (interval)'s rate): the p99 nginx added over direct,
-less nginx's own CPU per request, is what one hop through the machine's loopback and scheduler costs
-at that rate with next to no work in the proxy; any splitter adds at least its floor CPU per request
-(loadtest.floor) to every request on top, and a constant added to every latency adds the same to the
-p99. On the 2-vCPU VM, nginx added 4-5 ms at p99 while its core was about 6 % busy.
+
+Beside each latency verdict, never part of it: what the plain forwarder added at 50 % of its own
+rate, the same condition applied to the ratio target's baseline (bench.at_own_half_rate).
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ STEADY_RSS_MB = 150.0
 DECIDE_PER_S = 300_000  # loadtest.bench_decide's target
 MODES = ("interval", "fsync")
 FORWARDER = "aiohttp forwarder"
-HOP = "nginx"  # the lightest proxy of the run: its added p99 is the latency floor's hop
 SCENARIO_WIDTH = 21
 
 
@@ -65,14 +61,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"  {row['delivery']}{at_half}")
         if row.get("own_rate"):  # the forwarder: also at 50 % of its own rate
             own = row["own_rate"]
-            p50, p99, added = latency_cells(own)
-            print(f"{'  at 50 % of its own':<{SCENARIO_WIDTH}}{row['payload']:<18}{'':>8}{'':>10}{'':>10}{'':>11}"
-                  f"{_cell(round(own['latency']['offered_per_s']), 10)}{_cell(p50, 10)}{_cell(p99, 13)}{_cell(added, 8)}{'':>8}{'':>7}"
-                  f"  {own['delivery_open_loop']}")
+            _print_sub_row("  at 50 % of its own", row["payload"], own["latency"]["offered_per_s"], latency_cells(own), own["delivery_open_loop"])
         for run in row.get("open_loop", ()):  # direct: one open-loop run per offered rate the proxies were measured at
             p50, p99, _ = latency_cells({"latency": run})
-            print(f"{'  open loop':<{SCENARIO_WIDTH}}{row['payload']:<18}{'':>8}{'':>10}{'':>10}{'':>11}{_cell(round(run['offered_per_s']), 10)}"
-                  f"{_cell(p50, 10)}{_cell(p99, 13)}{'':>8}{'':>8}{'':>7}  {run['delivery']}; the rate of {', '.join(run['for'])}")
+            _print_sub_row("  open loop", row["payload"], run["offered_per_s"], (p50, p99, None), f"{run['delivery']}; the rate of {', '.join(run['for'])}")
+
+
+def _print_sub_row(label: str, payload: str, offered: float, cells: tuple[Any, Any, Any], note: str) -> None:
+    """An open-loop run printed under its row, in the latency columns only."""
+    p50, p99, added = cells
+    print(f"{label:<{SCENARIO_WIDTH}}{payload:<18}{'':>8}{'':>10}{'':>10}{'':>11}{_cell(round(offered), 10)}"
+          f"{_cell(p50, 10)}{_cell(p99, 13)}{_cell(added, 8)}{'':>8}{'':>7}  {note}")
 
 
 def _target(name: str, figure: str | None, passed: bool | None, *, limit: float | None = None, floor: float | None = None) -> dict[str, Any]:
@@ -140,9 +139,7 @@ def evaluate_targets(rows: list[dict[str, Any]], stall: dict[str, Any] | None, f
                                    None if per_request is None else per_request <= CPU_PER_SINGLE_US, limit=CPU_PER_SINGLE_US, floor=path_floor))
     for mode in MODES:  # p99 added over direct at 50 % of splitter's own saturated rate
         for row in (r for (scenario, _), r in found.items() if scenario == splitter_scenario(mode)):
-            path = row["payload"].removeprefix("single ")
-            cpu_floor_us = batch_floor * row["events"] if row["events"] > 1 and batch_floor is not None else single_floors.get(path)
-            target = _latency_target(row, mode, latency_floor(row, found.get((HOP, row["payload"])), cpu_floor_us))
+            target = _latency_target(row, mode)
             baseline = baseline_at_own_half_rate(found.get((FORWARDER, row["payload"])))
             if baseline and target["figure"]:
                 target["figure"] += f"; {baseline}"
@@ -164,8 +161,9 @@ def evaluate_targets(rows: list[dict[str, Any]], stall: dict[str, Any] | None, f
 
 
 def baseline_at_own_half_rate(forwarder: dict[str, Any] | None) -> str | None:
-    """What the plain forwarder added at 50 % of its own rate (bench.at_own_half_rate): the same condition met by the
-    ratio target's baseline, which does less work (no spool, no split, no mirror). Said beside the verdict, never part of it."""
+    """What the plain forwarder added at 50 % of its own rate (bench.at_own_half_rate): the same condition applied to the
+    ratio target's baseline. Not a floor: it does less work (no spool, no split, no mirror) but answers only once the
+    upstream has, where splitter answers once its spool has the events. Said beside the verdict, never part of it."""
     own = None if forwarder is None else forwarder.get("own_rate")
     if own is None or own.get("p99_added_ms") is None:
         return None
@@ -174,36 +172,12 @@ def baseline_at_own_half_rate(forwarder: dict[str, Any] | None) -> str | None:
     return f"the plain forwarder at 50 % of its own rate ({latency['offered_per_s']:,.0f}/s{busy}) added {own['p99_added_ms']} ms"
 
 
-def latency_floor(row: dict[str, Any], hop: dict[str, Any] | None, cpu_floor_us: float | None) -> tuple[float, str] | None:
-    """(ms, how it was made) of the p99 any splitter adds over direct at `row`'s offered rate: `hop`'s (nginx's row of the
-    same payload) added p99 less its own CPU per request, plus the floor's CPU per request. None when either is missing or
-    nginx ran at another rate (fsync's rows: the peers run at interval's)."""
-    if hop is None or cpu_floor_us is None:
-        return None
-    latency, hop_latency, hop_added = row.get("latency"), hop.get("latency"), hop.get("p99_added_ms")
-    if latency is None or hop_latency is None or hop_added is None:
-        return None
-    if hop_latency["offered_per_s"] != latency["offered_per_s"] or hop_latency["saturated"]:
-        return None
-    added, own = max(0.0, float(hop_added)), float(hop.get("cpu_us_per_request") or 0.0) / 1000
-    floor = round(max(0.0, added - own) + cpu_floor_us / 1000, 2)
-    return floor, (f"latency floor {floor:.2f} ms = {HOP} added {added:.2f} ms at that rate - its {own:.2f} ms CPU/request"
-                   f" + the floor's {cpu_floor_us / 1000:.2f} ms")
-
-
-def _latency_target(row: dict[str, Any], mode: str, floor: tuple[float, str] | None = None) -> dict[str, Any]:
+def _latency_target(row: dict[str, Any], mode: str) -> dict[str, Any]:
     limit = P99_ADDED_MS[mode]
     name = f"{row['payload']}, {mode}: p99 added over direct at 50 % of its own rate <= {limit:g} ms"
     latency, base = row.get("latency"), row.get("direct_latency")
     if latency is None:
         return _target(name, None, None)
-    verdict = _latency_verdict(name, row, latency, base, limit)
-    if floor is not None and verdict["figure"] is not None:
-        verdict.update(figure=f"{verdict['figure']}; {floor[1]}", floor=floor[0], limit=limit, below_floor=floor[0] > limit)
-    return verdict
-
-
-def _latency_verdict(name: str, row: dict[str, Any], latency: dict[str, Any], base: dict[str, Any] | None, limit: float) -> dict[str, Any]:
     at = f"at {latency['offered_per_s']:,.0f}/s = 50 % of its {row['requests_per_s']:,}/s"
     if latency.get("proxy_busy") is not None:  # what that rate asked of the proxy's core (see bench.open_loop)
         at += (f", its core {latency['proxy_busy']:.0%} busy there at {latency['cpu_us_per_request']:,} µs CPU/request "

@@ -84,7 +84,8 @@ def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
     assert floor["floor_us_per_event"] > 0 and set(floor["single_floor_us"]) == {"/v1/t", "/v1/track"}
     forwarder = next(row for row in floor["http"] if row["name"] == "aiohttp forwarder")  # the table's own row, not run twice
     assert forwarder["from"] == "loadtest.bench's forwarder row" and forwarder["cpu_us_per_event"] == rows[("aiohttp forwarder", "batch")]["cpu_us_per_event"]
-    assert results["decide"]["decisions_per_second"] > 0
+    decide = results["decide"]  # freshly parsed batches judged, the events built once printed beside them
+    assert min(decide["decisions_per_second"], decide["hash_only_per_second"], decide["cold_decisions_per_second"], decide["cold_hash_only_per_second"]) > 0
     idle = results["idle"]  # the same prepare() back to back and with the core idle between calls
     assert set(idle["cpu_us_per_call"]) == {"0", "0.5", "2", "10"} and all(value > 0 for value in idle["cpu_us_per_call"].values())
     assert idle["ratio_to_back_to_back"]["0"] == 1.0 and "idle tax (loadtest.idle_tax" in finished.stdout
@@ -158,28 +159,15 @@ def test_targets_compare_with_the_forwarder_and_the_floor_of_the_same_run() -> N
     assert "floor not measured" in without_floor["batch split+mirror, interval: <= 10 µs proxy CPU/event"]["figure"]
 
 
-def test_a_latency_target_under_the_hop_nginx_added_at_the_same_rate_and_the_floor_cpu_is_below_the_floor() -> None:
-    nginx_batch = {**_row("nginx", "batch", 50, 4.0, p99=5.5), "p99_added_ms": 4.5}  # 0.2 ms CPU/request of its own
-    nginx_single = {**_row("nginx", "single /v1/track", 1, 90.0, p99=6.5), "p99_added_ms": 5.5}
-    fsync = _row("splitter (fsync)", "batch", 50, 13.0, p99=9.0)
-    fsync["latency"] = {**fsync["latency"], "offered_per_s": 80.0}  # its own half rate: nginx was not measured there
-    rows = [_row("splitter (interval)", "batch", 50, 9.0, p99=5.0), _row("splitter (interval)", "single /v1/track", 1, 140.0, p99=7.0), fsync,
-            nginx_batch, nginx_single]
-    floor = {"floor_us_per_event": 8.0, "single_floor_us": {"/v1/t": 70.0, "/v1/track": 71.0}}
-    targets = {t["target"]: t for t in evaluate_targets(rows, None, floor, None)}
-    batch = targets["batch, interval: p99 added over direct at 50 % of its own rate <= 5 ms"]
-    assert (batch["passed"], batch["floor"], batch["below_floor"]) == (True, 4.7, False)  # 4.5 - 0.2 + 50 x 8 µs
-    assert "latency floor 4.70 ms = nginx added 4.50 ms at that rate - its 0.20 ms CPU/request + the floor's 0.40 ms" in batch["figure"]
-    single = targets["single /v1/track, interval: p99 added over direct at 50 % of its own rate <= 5 ms"]
-    assert (single["passed"], single["floor"], single["below_floor"]) == (False, 5.48, True)  # 5.5 - 0.09 + 0.071
-    assert "the plain forwarder" not in batch["figure"]  # not measured at its own rate in these rows
+def test_the_forwarder_at_half_its_own_rate_is_quoted_beside_a_latency_verdict_and_never_decides_it() -> None:
+    splitter = _row("splitter (interval)", "batch", 50, 9.0, p99=5.0)  # 4 ms added: met
     forwarder = {**_row("aiohttp forwarder", "batch", 50, 6.0), "own_rate": {"latency": {"offered_per_s": 300.0, "proxy_busy": 0.64}, "p99_added_ms": 6.5}}
-    beside = {t["target"]: t for t in evaluate_targets([*rows, forwarder], None, floor, None)}["batch, interval: p99 added over direct at 50 % of its own rate <= 5 ms"]
-    assert beside["passed"] is True and beside["figure"].endswith("; the plain forwarder at 50 % of its own rate (300/s, its core 64% busy) added 6.5 ms")
-    other_rate = targets["batch, fsync: p99 added over direct at 50 % of its own rate <= 10 ms"]
-    assert (other_rate["floor"], other_rate["below_floor"]) == (None, None) and "latency floor" not in other_rate["figure"]
-    without_floor = {t["target"]: t for t in evaluate_targets(rows, None, None, None)}
-    assert without_floor["batch, interval: p99 added over direct at 50 % of its own rate <= 5 ms"]["below_floor"] is None
+    name = "batch, interval: p99 added over direct at 50 % of its own rate <= 5 ms"
+    quoted = {t["target"]: t for t in evaluate_targets([splitter, forwarder], None)}[name]
+    assert (quoted["passed"], quoted["below_floor"]) == (True, None)
+    assert quoted["figure"].endswith("; the plain forwarder at 50 % of its own rate (300/s, its core 64% busy) added 6.5 ms")
+    alone = {t["target"]: t for t in evaluate_targets([splitter, _row("aiohttp forwarder", "batch", 50, 6.0)], None)}[name]
+    assert alone["passed"] is True and "the plain forwarder" not in alone["figure"]  # not run at its own rate: nothing quoted
 
 
 def test_only_splitter_means_both_durability_modes() -> None:
