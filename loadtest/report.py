@@ -64,7 +64,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             _print_sub_row("  at 50 % of its own", row["payload"], own["latency"]["offered_per_s"], latency_cells(own), own["delivery_open_loop"])
         for run in row.get("open_loop", ()):  # direct: one open-loop run per offered rate the proxies were measured at
             p50, p99, _ = latency_cells({"latency": run})
-            _print_sub_row("  open loop", row["payload"], run["offered_per_s"], (p50, p99, None), f"{run['delivery']}; the rate of {', '.join(run['for'])}")
+            _print_sub_row("  open loop", row["payload"], run["offered_per_s"], (p50, p99, ""), f"{run['delivery']}; the rate of {', '.join(run['for'])}")
 
 
 def _print_sub_row(label: str, payload: str, offered: float, cells: tuple[Any, Any, Any], note: str) -> None:
