@@ -34,6 +34,7 @@ from typing import Any
 
 from loadtest import floor as floor_bench
 from loadtest import subjects
+from loadtest.bench_decide import summary as decide_summary
 from loadtest.bench_delivery import CONNECTIONS, prepare_load
 from loadtest.harness import PROXY_CORE, Receivers, cpu_seconds, memory_mb, pin, pinning_available, run_wrk
 from loadtest.idle_tax import summary as idle_summary
@@ -349,7 +350,7 @@ def main() -> int:
     plan = Plan(seconds, seconds / 2, min(2, max(1, seconds // 2)), max(1, round(seconds * 2 / 3)), 0.3 if args.quick else min(2.0, seconds / 3),
                 quick=args.quick)
     results = _run(run_all(args, plan))
-    rows, stall, floor, decide, ratio = results["rows"], results["stall"], results["floor"], results["decide"], results["ratio"]
+    rows, stall, floor, decide, ratio, idle = (results[key] for key in ("rows", "stall", "floor", "decide", "ratio", "idle"))
     targets = evaluate_targets(rows, stall, floor, decide, ratio)
     pinned = f"proxies on core {PROXY_CORE}, load and receivers on the other" if pinning_available() else "not pinned"
     print(f"{plan.seconds:g} s per saturation run ({CONNECTIONS} connections, wrk), {plan.latency_seconds:g} s per open-loop run: "
@@ -363,11 +364,9 @@ def main() -> int:
     if ratio:
         print_ratio(ratio)
     if decide:
-        print(f"decide(): {decide['decisions_per_second']:,}/s over {decide['rules']} rules, batches of 50 freshly parsed; "
-              f"a bare mmh3 bucket {decide['hash_only_per_second']:,}/s; cold (the events built once): {decide['cold_decisions_per_second']:,}/s, "
-              f"a bare hash {decide['cold_hash_only_per_second']:,}/s")
-    if results.get("idle"):
-        print(idle_summary(results["idle"]))
+        print(decide_summary(decide))
+    if idle:
+        print(idle_summary(idle))
     for name, error in results["errors"].items():
         print(f"{name} FAILED, its figures are missing: {error}")
     print_targets(targets)
@@ -375,7 +374,7 @@ def main() -> int:
     print(f"total {duration:.0f} s")
     if args.json:
         everything = {"plan": asdict(plan), "pinned": pinning_available(), "rows": rows, "stall": stall, "floor": floor, "decide": decide, "ratio": ratio,
-                      "idle": results["idle"], "errors": results["errors"], "targets": targets, "duration_s": round(duration, 1)}
+                      "idle": idle, "errors": results["errors"], "targets": targets, "duration_s": round(duration, 1)}
         args.json.write_text(json.dumps(everything, indent=2, ensure_ascii=False) + "\n")
     delivered = all(row["delivered"] for row in rows) and (stall is None or stall["delivered"]) and (ratio is None or ratio["delivered"])
     if not delivered:

@@ -29,8 +29,7 @@ import orjson
 
 import proxy
 from loadtest.floor import on_proxy_core
-from loadtest.harness import balanced_batches
-from loadtest.payloads import BATCH, RUDDER_SHARE
+from loadtest.payloads import BATCH, batch_bodies
 from proxy.engine import RuleSet, load_rules
 from proxy.ingress.handlers import _prepare_request
 from proxy.ingress.prepare import CallShape, prepare
@@ -109,7 +108,7 @@ def main() -> int:
     args = parser.parse_args()
     rules = load_rules(str(RULES), {"SPLITTER_WRITE_KEY": WRITE_KEY})
     payloads = {
-        "bench": [orjson.dumps({"batch": b}) for b in balanced_batches(rules, 200, BATCH, RUDDER_SHARE, "web")],
+        "bench": batch_bodies(rules, 200),
         "varied": [orjson.dumps({"batch": b}) for b in varied_batches(200)],
     }
     variants = {"without catalog": False} if Catalog is None else {"without catalog": False, "with catalog": True}

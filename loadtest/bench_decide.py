@@ -103,6 +103,13 @@ def fresh_batches(samples: list[tuple[dict[str, Any], EventContext]], work: Work
     return run
 
 
+def summary(result: dict[str, Any]) -> str:
+    """The figures on one line, as `loadtest.bench` prints them under its table."""
+    return (f"decide(): {result['decisions_per_second']:,}/s over {result['rules']} rules, batches of {BATCH} freshly parsed; "
+            f"a bare mmh3 bucket {result['hash_only_per_second']:,}/s; cold (the events built once): {result['cold_decisions_per_second']:,}/s, "
+            f"a bare hash {result['cold_hash_only_per_second']:,}/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement: twice that for the fresh batches' pair, half for the cold pair")
@@ -135,10 +142,8 @@ def main() -> None:
         "target_decisions_per_second": TARGET,
         "meets_target": decisions >= TARGET,
     }
-    print(f"decide(): {decisions:,.0f} decisions/s over {len(rules.rules)} rules, each batch of {BATCH} freshly parsed "
-          f"(target > {TARGET:,}: {'met' if decisions >= TARGET else 'NOT met'})")
-    print(f"floor (mmh3 bucket only): {floor:,.0f}/s; a decision costs {floor / decisions:.2f}x a bare hash")
-    print(f"cold (the {len(samples):,} events built once, decided over and over): {cold:,.0f} decisions/s, a bare hash {cold_floor:,.0f}/s")
+    print(summary(result))
+    print(f"target > {TARGET:,}/s: {'met' if decisions >= TARGET else 'NOT met'}; a decision costs {floor / decisions:.2f}x a bare hash")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

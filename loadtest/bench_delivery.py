@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
-from loadtest.harness import LOAD_CORE, PROXY_CORE, Receivers, balanced_batches, cpu_seconds, pin, pinning_available, rss_mb, run_wrk, start_receivers
-from loadtest.payloads import BATCH, RUDDER_SHARE, batch_payload, delivered
+from loadtest.harness import LOAD_CORE, PROXY_CORE, Receivers, cpu_seconds, pin, pinning_available, rss_mb, run_wrk, start_receivers
+from loadtest.payloads import BATCH, batch_bodies, batch_payload, delivered
 from loadtest.process import launch_splitter
 from proxy.delivery.upstream import basic_auth
 from proxy.engine import RuleSet, load_rules
@@ -57,8 +56,7 @@ def prepare_load(batches: int = 200) -> tuple[Receivers, dict[str, str], RuleSet
     receivers = start_receivers(["rs-web-key"])
     env = dict(os.environ, SEGMENT_URL=receivers.segment, RUDDERSTACK_DATA_PLANE_URL=receivers.rudderstack, SPLITTER_WRITE_KEY=WRITE_KEY)
     rules = load_rules(str(RULES), env)
-    bodies = [orjson.dumps({"batch": b}) for b in balanced_batches(rules, batches, BATCH, RUDDER_SHARE, "web")]
-    return receivers, env, rules, bodies, basic_auth(WRITE_KEY)
+    return receivers, env, rules, batch_bodies(rules, batches), basic_auth(WRITE_KEY)
 
 
 async def main() -> int:

@@ -22,8 +22,7 @@ from pathlib import Path
 import orjson
 
 from loadtest.floor import on_proxy_core, per_event
-from loadtest.harness import balanced_batches
-from loadtest.payloads import BATCH, RUDDER_SHARE
+from loadtest.payloads import batch_bodies
 from proxy.engine import EventContext, RuleSet, compile_rules, load_rules
 from proxy.ingress.handlers import _prepare_request
 from proxy.ingress.prepare import CallShape
@@ -86,7 +85,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each is kept")
     args = parser.parse_args()
     base = load_rules(str(RULES), ENV)
-    bodies = [orjson.dumps({"batch": b}) for b in balanced_batches(base, 200, BATCH, RUDDER_SHARE, "web")]
+    bodies = batch_bodies(base, 200)
     variants = {"off": base, "on, 1 %": with_recording(1), "on, 10 %": with_recording(10), "on, 100 %": with_recording(100)}
     results: dict[str, float] = {}
     with on_proxy_core():

@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from loadtest.bench_delivery import RULES, WRITE_KEY
-from loadtest.floor import preparer
-from loadtest.harness import PROXY_CORE, balanced_batches, pinning_available
-from loadtest.payloads import BATCH, RUDDER_SHARE, batch_payload
+from loadtest.floor import on_proxy_core, preparer
+from loadtest.payloads import BATCH, batch_bodies, batch_payload
 from proxy.engine import load_rules
 
 GAPS_MS = (0.0, 0.5, 2.0, 10.0)
@@ -42,7 +38,7 @@ ENV = {"SEGMENT_URL": "http://127.0.0.1:9", "RUDDERSTACK_DATA_PLANE_URL": "http:
 def batch_work() -> Callable[[int], None]:
     """One batch request's synchronous work, as the ingest handler does it, for body `i` (of `BODIES`, cycled)."""
     rules = load_rules(str(RULES), ENV)
-    bodies = [orjson.dumps({"batch": batch}) for batch in balanced_batches(rules, BODIES, BATCH, RUDDER_SHARE, "web")]
+    bodies = batch_bodies(rules, BODIES)
     prepare = preparer(rules, batch_payload(bodies))
 
     def work(i: int) -> None:
@@ -64,14 +60,13 @@ def cpu_per_call(work: Callable[[int], None], calls: int, gap_s: float) -> float
 
 
 def measure(calls: int, rounds: int, gaps_ms: tuple[float, ...] = GAPS_MS) -> dict[str, Any]:
-    if pinning_available() and hasattr(os, "sched_setaffinity"):  # a thread woken from its sleep stays on the proxy core
-        os.sched_setaffinity(0, {int(PROXY_CORE)})
     work = batch_work()
-    cpu_per_call(work, calls, 0.0)  # warm-up: the routing memory, the allocator's arenas
     samples: dict[float, list[float]] = {gap: [] for gap in gaps_ms}
-    for round_ in range(rounds):
-        for gap in gaps_ms[round_ % len(gaps_ms):] + gaps_ms[:round_ % len(gaps_ms)]:  # each gap first in turn
-            samples[gap].append(cpu_per_call(work, calls, gap / 1000))
+    with on_proxy_core():  # a thread woken from its sleep stays on the proxy core
+        cpu_per_call(work, calls, 0.0)  # warm-up: the routing memory, the allocator's arenas
+        for round_ in range(rounds):
+            for gap in gaps_ms[round_ % len(gaps_ms):] + gaps_ms[:round_ % len(gaps_ms)]:  # each gap first in turn
+                samples[gap].append(cpu_per_call(work, calls, gap / 1000))
     medians = {gap: statistics.median(values) for gap, values in samples.items()}
     base = medians[gaps_ms[0]]
     return {

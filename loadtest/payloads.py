@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from loadtest.harness import event
+from loadtest.harness import balanced_batches, event
 from proxy.engine import EventContext, RuleSet, decide
 
 SOURCE = "web"
@@ -42,6 +42,11 @@ class Payload:
     @property
     def body_bytes(self) -> int:
         return sum(map(len, self.bodies)) // len(self.bodies)
+
+
+def batch_bodies(rules: RuleSet, count: int) -> list[bytes]:
+    """`count` balanced batch bodies from source `web`: each sends RUDDER_SHARE of its BATCH events to RudderStack under `rules/bench.yaml`."""
+    return [orjson.dumps({"batch": batch}) for batch in balanced_batches(rules, count, BATCH, RUDDER_SHARE, SOURCE)]
 
 
 def batch_payload(bodies: list[bytes]) -> Payload:

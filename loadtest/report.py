@@ -5,7 +5,6 @@ the figure and what it is compared with (the forwarder, the floor, direct at the
 a missing figure (scenario not run) is `n/a`, never a pass. A CPU target whose limit lies under the
 floor measured in the same run (loadtest.floor) says so.
 
-
 Beside each latency verdict, never part of it: what the plain forwarder added at 50 % of its own
 rate, the same condition applied to the ratio target's baseline (bench.at_own_half_rate).
 """
