@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test tools lint check bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py proxy/ingress/_compiled.pyx
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -18,11 +18,12 @@ venv: $(STAMP)
 demo: $(STAMP)  # KEEP=1: stay up (with a trickle of traffic) to look at the console, until Ctrl-C
 	$(PY) -m loadtest.demo $(if $(KEEP),--keep)
 
-# The system programs some tests drive (nginx, wrk, node, chromium, promtool, ...): installed with
-# apt-get when run as root, quiet when all are there; elsewhere it prints the command to run and
-# those tests skip naming the package. The table is tests/system_tools.py.
-tools: $(STAMP)
-	$(PY) tests/system_tools.py install
+# The system programs some tests drive (nginx, wrk, node, chromium, promtool, ...) and the C compiler
+# the compiled prepare() is built with: installed with apt-get when run as root, quiet when all are
+# there; elsewhere it prints the command to run and those tests skip naming the package. The table is
+# tests/system_tools.py (stdlib only: it runs before the virtualenv, so the compiler is there for its install).
+tools:
+	$(PYTHON) tests/system_tools.py install
 
 # The style goals, checked: types (mypy --strict), lint and import order (ruff), and the
 # architecture's import contracts (import-linter). Configured in pyproject.toml.
@@ -31,7 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 
-test: $(STAMP) tools lint
+test: tools $(STAMP) lint
 	$(PY) -m pytest -q -rs
 
 check: $(STAMP)  # every shipped rules file passes `splitter check`, with the placeholder environment the tests use

@@ -87,8 +87,9 @@ async def splitter(env: dict[str, str], durability: Durability | None = None) ->
         mode = ["--durability", durability] if durability else []
         running = await launch_splitter(str(RULES), env, ["--spool-dir", f"{scratch}/spool", "--dead-letter-dir", f"{scratch}/dead-letter", *mode],
                                         prefix=pin(PROXY_CORE))
-        print(f"{splitter_name(durability)} pid {running.process.pid}: profile with `py-spy record -o profile.svg --pid {running.process.pid}`",
-              file=sys.stderr)
+        started = next((line for line in running.log if line.get("event") == "started"), {})
+        print(f"{splitter_name(durability)} pid {running.process.pid}, {started.get('prepare', 'unknown')} prepare(): profile with "
+              f"`py-spy record -o profile.svg --pid {running.process.pid}`", file=sys.stderr)
         try:
             yield Subject(splitter_name(durability), running.ingress, "splitter", lambda: with_children(running.process.pid),
                           lambda: drained(running.admin, DRAIN_LIMIT), running)

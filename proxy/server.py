@@ -62,6 +62,7 @@ from proxy.exits import BAD_GEOIP_DB, BAD_RULES, OK, STARTUP_FAILURE, WORKER_KIL
 from proxy.geoip import GeoIP, GeoIPError, open_country_db
 from proxy.ingress.app import build_ingress_app
 from proxy.ingress.handlers import IngressDeps
+from proxy.ingress.implementation import CHOSEN
 from proxy.ingress.listener import KEEPALIVE_TIMEOUT, IngressListener, listen
 from proxy.log import configure, get_logger
 from proxy.metrics import Metrics
@@ -217,6 +218,9 @@ class Server:
             await self.startup()
         except StartupFailed as exc:
             return exc.code
+        if CHOSEN.why_python is not None and self.fleet is None:
+            self._log.warning("compiled_prepare_unavailable", reason=CHOSEN.why_python,
+                              hint="SPLITTER_NO_EXTENSIONS=1 chooses the pure-Python one on purpose, without this warning")
         self._log.info("started" if self.link is None else "worker_started", **self._started_fields())
         if self.link is not None:  # after the log line: a supervisor's `started` comes after its workers'
             self.link.start(self.metrics, self.stopping.set)
@@ -374,6 +378,7 @@ class Server:
             fields["rules_source"] = "last_good"
         if self.fleet is None:
             fields["region"] = self.settings.region
+            fields["prepare"] = CHOSEN.name  # the compiled prepare() or the pure-Python one (proxy/ingress/implementation.py)
         return {**fields, "pid": os.getpid()}
 
     # The exit stack's callbacks, in the order they run on the way down.

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from proxy.ingress.implementation import Implementation, compiled
 from tests.redis_server import PASSWORD, RedisServer
+from tests.system_tools import missing, skip_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_DIR = ROOT / "rules"
@@ -82,3 +84,15 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
         yield server
     finally:
         await server.close()
+
+
+def compiled_twin() -> Implementation:
+    """The compiled `prepare()` (proxy/ingress/_compiled.pyx). Skips, naming the packages, only where no C
+    compiler is installed to build it; where one is, a module that was not built is a failure."""
+    try:
+        return compiled()
+    except ImportError as exc:
+        absent = missing(("cc", "python3-config"))
+        if absent:
+            pytest.skip(skip_reason(absent))
+        raise AssertionError(f"the compiled prepare() is not built although a C compiler is here ({exc}): `.venv/bin/pip install -e .` builds it") from None

@@ -42,6 +42,8 @@ TOOLS = (
     Tool("promtool", "prometheus", "validating the shipped alert rules"),
     Tool("systemd-analyze", "systemd", "validating the shipped systemd unit"),
     Tool("redis-server", "redis-server", "the shared de-duplication store's tests (started on a loopback port by the tests)"),
+    Tool("cc", "build-essential", "building the compiled prepare() at install (setup.py), which its tests check"),
+    Tool("python3-config", "python3-dev", "Python's headers for that build (a Python built from source has its own)"),
 )
 BY_PROGRAM = {tool.program: tool for tool in TOOLS}
 

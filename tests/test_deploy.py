@@ -111,10 +111,10 @@ def test_dockerfile_copies_only_paths_that_exist() -> None:
     for rest in copies:
         for source in rest.split()[:-1]:
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
-    # what `pip install .` needs: pyproject, its readme, the packages it finds
+    # what `pip install .` needs: pyproject, its readme, setup.py (the compiled prepare()), the packages it finds
     copied = {source for rest in copies for source in rest.split()[:-1]}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert {"pyproject.toml", project["readme"], "proxy"} <= copied
+    assert {"pyproject.toml", project["readme"], "setup.py", "proxy"} <= copied
 
 
 def test_dockerfile_entrypoint_is_the_declared_console_script() -> None:

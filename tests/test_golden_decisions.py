@@ -23,9 +23,9 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.cli.samples import read_events
-from proxy.engine import EventContext, decide, load_rules, transformed_events
+from proxy.engine import EventContext, RuleSet, decide, load_rules, transformed_events
 from proxy.engine.ramp import effective_rules
-from tests.conftest import splitter_command
+from tests.conftest import compiled_twin, splitter_command
 
 CASES_DIR = Path(__file__).resolve().parent / "golden" / "decisions"
 CASES = sorted(path.name for path in CASES_DIR.iterdir() if (path / "rules.yaml").exists())
@@ -59,18 +59,26 @@ def through_explain(case: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in finished.stdout.splitlines()]
 
 
-def through_decide(case: Path) -> list[dict[str, Any]]:
+def decided(case: Path) -> list[tuple[RuleSet, EventContext, Any]]:
+    """(rules in effect, request context, event) for each of the case's events."""
     context = context_of(case)
     at = datetime.fromisoformat(context["at"]) if "at" in context else datetime.now(UTC)
     rules = effective_rules(load_rules(str(case / "rules.yaml"), context.get("env", {})), at)
     country = rules.country_from_headers(CIMultiDict(context.get("headers", {})))
-    rows: list[dict[str, Any]] = []
+    found: list[tuple[RuleSet, EventContext, Any]] = []
     for sample in read_events((case / "events.ndjson").read_text(), "events.ndjson"):
         source = rules.source_for_key(context.get("write_key") or sample.write_key)
-        decision = decide(rules, sample.event, EventContext(source.name if source else None, context.get("region"), country))
+        found.append((rules, EventContext(source.name if source else None, context.get("region"), country), sample.event))
+    return found
+
+
+def through_decide(case: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for rules, ctx, event in decided(case):
+        decision = decide(rules, event, ctx)
         row = decision.as_dict()
         if rules.transforms:
-            row["transformed"] = transformed_events(rules.transforms, decision, sample.event)
+            row["transformed"] = transformed_events(rules.transforms, decision, event)
         rows.append(orjson.loads(orjson.dumps(row)))  # the same JSON types explain prints
     return rows
 
@@ -96,3 +104,12 @@ def test_explain_prints_the_golden_decisions(name: str) -> None:
 def test_decide_gives_the_golden_decisions(name: str) -> None:
     case = CASES_DIR / name
     assert through_decide(case) == expected(case)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_the_compiled_decision_gives_the_golden_routes(name: str) -> None:
+    """The decision compiled into `prepare()`'s twin (proxy/ingress/_compiled.pyx) routes every golden event as the engine does."""
+    case = CASES_DIR / name
+    routes = [[decision.rule, list(decision.primary), list(decision.mirror)] for decision in
+              (compiled_twin().shared_decision(rules, event, ctx) for rules, ctx, event in decided(case))]
+    assert routes == [[row["rule"], row["primary"], row["mirror"]] for row in expected(case)]

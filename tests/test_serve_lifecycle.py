@@ -354,7 +354,7 @@ def test_serve_help_names_each_flags_variable_as_the_docs_do() -> None:
     assert "[env var: SPLITTER_LISTEN; default: 0.0.0.0:8080]" in text
     docs = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     table = docs.partition("## `splitter serve` flags and environment")[2].partition("Exit codes:")[0]
-    assert set(re.findall(r"`(SPLITTER_\w+)`", table)) == SERVE_VARIABLES | {"SPLITTER_ADMIN_TOKEN"}
+    assert set(re.findall(r"`(SPLITTER_\w+)`", table)) == SERVE_VARIABLES | {"SPLITTER_ADMIN_TOKEN", "SPLITTER_NO_EXTENSIONS"}
 
 
 async def test_serve_runs_from_splitter_variables_alone(tmp_path: Path, upstreams) -> None:  # type: ignore[no-untyped-def]

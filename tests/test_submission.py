@@ -1,13 +1,17 @@
 """What `prepare()` hands delivery: per destination and role, each event's bytes with its messageId,
-type and name in step; rejections typed; the presented key kept out of the value's repr."""
+type and name in step; rejections typed; the presented key kept out of the value's repr. Run on both
+`prepare()`s, the pure-Python one and its compiled twin (proxy/ingress/implementation.py)."""
 
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from proxy.delivery import Rejection, Submission
 from proxy.engine import EventContext, compile_rules
-from proxy.ingress.prepare import CallShape, prepare
+from proxy.ingress.implementation import PYTHON, Implementation
+from proxy.ingress.prepare import CallShape
+from tests.conftest import compiled_twin
 from tests.rules_texts import HEAD, WEB_KEY
 
 RULES = HEAD + """\
@@ -23,16 +27,21 @@ rules:
 """
 
 
-def submitted(batch: list[object]) -> Submission:
+@pytest.fixture(params=["python", "compiled"])
+def implementation(request: pytest.FixtureRequest) -> Implementation:
+    return PYTHON if request.param == "python" else compiled_twin()
+
+
+def submitted(implementation: Implementation, batch: list[object]) -> Submission:
     rules = compile_rules(RULES, filename="rules.yaml", env={})
     source = rules.sources["web"]
-    prepared = prepare(rules, {"batch": batch}, CallShape(True), source, EventContext("web"), None,
+    prepared = implementation.prepare(rules, {"batch": batch}, CallShape(True), source, EventContext("web"), None,
                        presented_key=WEB_KEY, forwarded_for="198.51.100.7")
     return prepared.submission
 
 
-def test_each_event_is_filed_with_its_id_type_and_name() -> None:
-    submission = submitted([
+def test_each_event_is_filed_with_its_id_type_and_name(implementation: Implementation) -> None:
+    submission = submitted(implementation, [
         {"type": "track", "event": "Order Done", "userId": "u", "messageId": "m-order"},
         {"type": "page", "name": "Home", "userId": "u", "messageId": "m-page"},
         {"type": "screen", "userId": "u", "messageId": "m-screen"},  # no name: its type
@@ -52,8 +61,8 @@ def test_each_event_is_filed_with_its_id_type_and_name() -> None:
     assert WEB_KEY not in repr(submission)
 
 
-def test_rejections_are_typed_and_answered_as_before() -> None:
-    submission = submitted([{"type": "track", "event": "x", "userId": "u"}, "not an event", {"type": "track", "event": "y"}])
+def test_rejections_are_typed_and_answered_as_before(implementation: Implementation) -> None:
+    submission = submitted(implementation, [{"type": "track", "event": "x", "userId": "u"}, "not an event", {"type": "track", "event": "y"}])
     assert submission.rejected == (
         Rejection(1, "invalid_event", "event is not a JSON object (str)"),
         Rejection(2, "no_user_anon_id", "event has neither userId nor anonymousId"),

@@ -23,8 +23,9 @@ from proxy.ingress import responses
 from proxy.ingress.auth import authenticate, request_key
 from proxy.ingress.body import parse_json, read_body
 from proxy.ingress.client_ip import client_address
+from proxy.ingress.implementation import CHOSEN
 from proxy.ingress.plan_checks import PlanChecks
-from proxy.ingress.prepare import CallShape, Prepared, prepare, single_call_error
+from proxy.ingress.prepare import CallShape, Prepared, single_call_error
 from proxy.ingress.responses import IngressError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
@@ -57,7 +58,7 @@ def _prepare_request(rules: RuleSet, data: bytes, presented: str | None, shape: 
     body: Any = parse_json(data)
     source, key = authenticate(rules, presented, body)
     ctx = EventContext(source.name, region, country)
-    prepared = prepare(rules, body, shape, source, ctx, client_ip, presented_key=key, forwarded_for=forwarded_for, catalog=catalog)
+    prepared = CHOSEN.prepare(rules, body, shape, source, ctx, client_ip, presented_key=key, forwarded_for=forwarded_for, catalog=catalog)
     if traffic is not None and traffic.due():  # the events as routed: envelope merged, type implied
         traffic.record(rules, body.get("batch", ()) if shape.is_batch else (body,), ctx)
     if pick is not None:  # the events as routed, and their context, kept for the recorder until delivery accepts them

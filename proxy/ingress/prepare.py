@@ -14,6 +14,10 @@ the event's messageId, type and name beside them (a `Chunk` per destination and 
 What comes out is one `Submission` for delivery (everything a spool record and de-duplication
 need, rejections included) and what only ingress needs: routing counts for the metrics and the
 events for the tracking-plan checks.
+
+`prepare()` has a compiled twin, proxy/ingress/_compiled.pyx, which splitter runs when it was built
+(proxy/ingress/implementation.py chooses). The two must behave identically: change one, change the
+other; tests/test_compiled_prepare.py gives both the same random requests and compares everything.
 """
 
 from __future__ import annotations
@@ -174,22 +178,27 @@ def prepare(
     """`body` as parsed JSON, from `source` (which the client proved with `presented_key`; "" for a
     signed webhook). `forwarded_for` goes upstream with the events. `catalog`: the event catalog
     that decides which events to sample (the counts go to it after delivery accepted them)."""
-    if not isinstance(body, dict):
-        raise IngressError(400, "invalid_request", f"body must be a JSON object, not {type(body).__name__}")
-    if shape.is_batch:
-        events = body.get("batch")
-        if not isinstance(events, list):
-            raise IngressError(400, "invalid_request", "batch body needs a `batch` list of events")
-        if len(events) > MAX_BATCH_EVENTS:
-            raise IngressError(413, "too_many_events", f"batch has {len(events)} events; the limit is {MAX_BATCH_EVENTS} per request")
-    else:
-        events = [body]
+    events = events_of(body, shape)
     filing = _Filing()
     scope = RequestScope.of(rules, shape, source, ctx, client_ip, body if shape.is_batch and has_envelope(body) else None, catalog)
     for index, event in enumerate(events):
         _prepare_event(filing, scope, index, event)
     submission = Submission(source, presented_key, forwarded_for, filing.primary, filing.mirror, tuple(filing.rejected), filing.routed)
     return Prepared(submission, filing.routed, filing.observed, filing.violations, filing.sampled)
+
+
+def events_of(body: Any, shape: CallShape) -> list[Any]:
+    """The request's events, or the error that refuses the whole body (shared with the compiled twin)."""
+    if not isinstance(body, dict):
+        raise IngressError(400, "invalid_request", f"body must be a JSON object, not {type(body).__name__}")
+    if not shape.is_batch:
+        return [body]
+    events = body.get("batch")
+    if not isinstance(events, list):
+        raise IngressError(400, "invalid_request", "batch body needs a `batch` list of events")
+    if len(events) > MAX_BATCH_EVENTS:
+        raise IngressError(413, "too_many_events", f"batch has {len(events)} events; the limit is {MAX_BATCH_EVENTS} per request")
+    return events
 
 
 def _prepare_event(filing: _Filing, scope: RequestScope, index: int, event: Any) -> None:

@@ -22,7 +22,8 @@ from proxy.engine import EVENT_TYPES, EventContext, RuleSet, Source
 from proxy.ingress import responses
 from proxy.ingress.body import parse_json, read_body
 from proxy.ingress.handlers import SOURCE_KEY, IngressDeps, deliver
-from proxy.ingress.prepare import CallShape, Prepared, prepare
+from proxy.ingress.implementation import CHOSEN
+from proxy.ingress.prepare import CallShape, Prepared
 from proxy.ingress.responses import IngressError
 from proxy.log import get_logger
 from proxy.observe.catalog import Catalog
@@ -65,7 +66,7 @@ def _prepare_event(rules: RuleSet, data: bytes, source: Source, region: str | No
     if event_type is None:
         return None
     shape = _SHAPES[event_type]
-    return prepare(rules, body, shape, source, EventContext(source.name, region), None, presented_key="", forwarded_for=None,
+    return CHOSEN.prepare(rules, body, shape, source, EventContext(source.name, region), None, presented_key="", forwarded_for=None,
                    catalog=catalog), shape
 
 

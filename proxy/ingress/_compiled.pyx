@@ -1,17 +1,21 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""A typed Cython twin of `proxy.ingress.prepare.prepare` and the decision it calls, for a measurement only.
+"""The compiled twin of `proxy.ingress.prepare.prepare` and of the decision it makes per event.
 
-Issue 21 allows a compiled module for the per-event path (`prepare` and `route`) if it measures at
-least 1.5x on `prepare()`; `python -m loadtest.bench_compiled` builds this file and measures it.
-Written the way Cython makes fastest while keeping the pure-Python objects the rest of splitter
-uses (Chunk, Submission, Prepared, the engine's rules and its per-signature memo):
-- the per-event loop of `prepare()` inline, with typed dicts and tuples (direct C look-ups), the
-  decision's fields read by tuple index, and the request's candidate rules looked up once;
+Built from source by pip with the machine's C compiler when Cython is there (setup.py); without it,
+or with `SPLITTER_NO_EXTENSIONS=1`, splitter runs the pure-Python `prepare()` instead
+(proxy/ingress/implementation.py chooses, once, and says which at start-up). The two behave
+identically: the same tests and golden cases run on both, and a property test compares their output.
+Change one, change the other.
+
+Why it exists: `prepare()` is the largest piece of a batch request's CPU, and typed, it measures
+about 1.6x the pure-Python one on batches (`python -m loadtest.bench_compiled`). It keeps the objects
+the rest of splitter uses (Chunk, Submission, Prepared, the engine's rules and its per-signature
+memo) and gains from:
+- the per-event loop inline, with typed dicts and tuples (direct C look-ups), the decision's fields
+  read by tuple index, and the request's candidate rules looked up once;
 - the decision (`first_match`, `routing_signature`, the split arm) with the cohort hash in C:
-  MurmurHash3 x86_32, seed 0, of "salt:key" in UTF-8 (the rules schema's contract) instead of a
-  call to mmh3 with an f-string.
-Same behaviour as the engine and `prepare()`: the driver compares every output before it times
-anything. Not shipped and not imported by the proxy.
+  MurmurHash3 x86_32, seed 0, of "salt:key" in UTF-8 (the rules schema's contract, pinned by the
+  golden cohort cases on both) instead of a call to mmh3 with an f-string.
 """
 from libc.stdint cimport uint32_t
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
@@ -22,10 +26,10 @@ import orjson
 
 from proxy.delivery import Chunk, Rejection, Submission
 from proxy.engine import NAME_FIELDS, has_envelope, merge_envelope
-from proxy.ingress.body import MAX_BATCH_EVENTS, MAX_EVENT_BYTES
+from proxy.ingress.body import MAX_EVENT_BYTES
 from proxy.ingress.plan_checks import screen
-from proxy.ingress.prepare import _NO_COPIES, Prepared, RequestScope, _encode_transformed, _file_copies, _Filing, _sample, message_id_for
-from proxy.ingress.responses import IngressError
+from proxy.ingress.prepare import (_NO_COPIES, Prepared, RequestScope, _encode_transformed, _file_copies, _Filing, _sample, events_of,
+                                   message_id_for)
 
 cdef extern from *:
     """
@@ -218,16 +222,7 @@ cdef void _file(dict chunks, tuple destinations, bytes encoded, str message_id, 
         meta.append(name)
 
 def prepare(rules, body, shape, source, ctx, client_ip, *, presented_key="", forwarded_for=None, catalog=None):
-    if not isinstance(body, dict):
-        raise IngressError(400, "invalid_request", f"body must be a JSON object, not {type(body).__name__}")
-    if shape.is_batch:
-        events = body.get("batch")
-        if not isinstance(events, list):
-            raise IngressError(400, "invalid_request", "batch body needs a `batch` list of events")
-        if len(events) > MAX_BATCH_EVENTS:
-            raise IngressError(413, "too_many_events", f"batch has {len(events)} events; the limit is {MAX_BATCH_EVENTS} per request")
-    else:
-        events = [body]
+    events = events_of(body, shape)
     filing = _Filing()
     scope = RequestScope.of(rules, shape, source, ctx, client_ip, body if shape.is_batch and has_envelope(body) else None, catalog)
     cdef int index = 0
