@@ -37,7 +37,7 @@ class OptionalBuildExt(build_ext):
 
 
 def extensions() -> list[Extension]:
-    if os.environ.get("SPLITTER_NO_EXTENSIONS"):
+    if os.environ.get("SPLITTER_NO_EXTENSIONS", "") not in ("", "0"):  # as proxy/ingress/implementation.py reads it
         return []
     try:
         from Cython.Build import cythonize

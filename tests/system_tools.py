@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 
 CLIENTS_DIR = Path(__file__).resolve().parent / "clients"  # the npm SDKs the client tests drive
 EXTRA_DIRS = ("/usr/sbin", "/sbin", "/usr/bin")  # nginx lives in sbin, which a non-root PATH often lacks
+
+
+PYTHON_HEADERS = "Python.h"  # not a program: found where this interpreter's headers belong (see find)
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,9 @@ TOOLS = (
     Tool("systemd-analyze", "systemd", "validating the shipped systemd unit"),
     Tool("redis-server", "redis-server", "the shared de-duplication store's tests (started on a loopback port by the tests)"),
     Tool("cc", "build-essential", "building the compiled prepare() at install (setup.py), which its tests check"),
-    Tool("python3-config", "python3-dev", "Python's headers for that build (a Python built from source has its own)"),
+    Tool(PYTHON_HEADERS, "python3-dev", "this Python's headers, for that build (a Python built from source has its own)"),
 )
+BUILD_TOOLS = ("cc", PYTHON_HEADERS)  # installed on their own, first: a missing package elsewhere must not cost the build
 BY_PROGRAM = {tool.program: tool for tool in TOOLS}
 
 
@@ -57,7 +62,11 @@ def search_path() -> str:
 
 
 def find(program: str) -> str | None:
-    """The program's path, or None."""
+    """The program's path, or None; for PYTHON_HEADERS, this interpreter's Python.h (the virtualenv's
+    base interpreter is the one `make` runs this with)."""
+    if program == PYTHON_HEADERS:
+        header = Path(sysconfig.get_paths()["include"]) / PYTHON_HEADERS
+        return str(header) if header.exists() and os.environ.get("SPLITTER_TOOLS_PATH") is None else None
     return shutil.which(program, path=search_path())
 
 
@@ -129,7 +138,10 @@ def install() -> int:
         names = " ".join(tool.program for tool in absent)
         if can_apt():
             print(f"system tools: installing {names} with apt-get (first run only; a few minutes)", flush=True)
-            apt_install(absent)
+            build = [tool for tool in absent if tool.program in BUILD_TOOLS]
+            for group in (build, [tool for tool in absent if tool not in build]):
+                if group:
+                    apt_install(group)
             absent = missing()
         if absent:
             print(f"system tools: missing {' '.join(tool.program for tool in absent)}; the tests that need them will skip.")

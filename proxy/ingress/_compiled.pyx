@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, cdivision=True
 """The compiled twin of `proxy.ingress.prepare.prepare` and of the decision it makes per event.
 
 Built from source by pip with the machine's C compiler when Cython is there (setup.py); without it,
@@ -18,6 +18,7 @@ memo) and gains from:
   golden cohort cases on both) instead of a call to mmh3 with an f-string.
 """
 from libc.stdint cimport uint32_t
+from libc.string cimport memcpy
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
 from collections.abc import Mapping
@@ -26,8 +27,14 @@ import orjson
 
 from proxy.delivery import Chunk, Rejection, Submission
 from proxy.engine import NAME_FIELDS, has_envelope, merge_envelope
+from proxy.engine import BUCKETS as _BUCKETS
+from proxy.engine import NO_KEY_BUCKET as _NO_KEY_BUCKET
+from proxy.engine import bucket as _bucket_py
+from proxy.engine.evaluate import MAX_SIGNATURES as _MAX_SIGNATURES
 from proxy.ingress.body import MAX_EVENT_BYTES
 from proxy.ingress.plan_checks import screen
+from proxy.ingress.prepare import CLIENT_CHANNELS as _CLIENT_CHANNELS
+from proxy.ingress.prepare import EVENT_CLIENT_CHANNELS as _EVENT_CLIENT_CHANNELS
 from proxy.ingress.prepare import (_NO_COPIES, Prepared, RequestScope, _encode_transformed, _file_copies, _Filing, _sample, events_of,
                                    message_id_for)
 
@@ -56,21 +63,25 @@ cdef extern from *:
     """
     uint32_t murmur3_32(const unsigned char *data, Py_ssize_t len, uint32_t seed)
 
-cdef int NO_KEY_BUCKET = 9999
-cdef unsigned char buf[4096]
+cdef int NO_KEY_BUCKET = _NO_KEY_BUCKET
+cdef uint32_t N_BUCKETS = _BUCKETS
+cdef enum:
+    BUFFER = 4096  # bytes of "salt:key" hashed without an allocation
+
 
 cpdef int bucket(str salt, str key):
+    """The engine's `bucket(salt, key)`: murmur3 of "salt:key" in UTF-8, seed 0, unsigned, mod the buckets."""
+    cdef unsigned char buf[BUFFER]  # on the stack: no state between calls
     cdef Py_ssize_t ls, lk
     cdef const char* s = PyUnicode_AsUTF8AndSize(salt, &ls)
     cdef const char* k = PyUnicode_AsUTF8AndSize(key, &lk)
-    cdef Py_ssize_t n = ls + 1 + lk, i
-    if n > 4096:  # past the buffer: the engine's own way
-        import mmh3
-        return mmh3.hash(f"{salt}:{key}", seed=0, signed=False) % 10000
-    for i in range(ls): buf[i] = s[i]
-    buf[ls] = 58
-    for i in range(lk): buf[ls + 1 + i] = k[i]
-    return murmur3_32(buf, n, 0) % 10000
+    cdef Py_ssize_t n = ls + 1 + lk
+    if n > BUFFER:  # a key this long is rare: the engine's own way
+        return _bucket_py(salt, key)
+    memcpy(buf, s, ls)
+    buf[ls] = 58  # ":"
+    memcpy(buf + ls + 1, k, lk)
+    return murmur3_32(buf, n, 0) % N_BUCKETS
 
 cdef object key_text(object value):
     if type(value) is str:
@@ -112,7 +123,7 @@ cdef object _arm(object rule, int chosen):
     for upper, decision in arms:
         if chosen < <int>upper:
             return decision
-    return arms[-1][1]
+    return arms[len(arms) - 1][1]
 
 cdef tuple routing_signature(object event, object ctx):
     context = event.get("context")
@@ -136,7 +147,7 @@ cdef tuple routing_signature(object event, object ctx):
             country = (<dict>section).get("country")
     return (event.get("type"), event.get("event"), ctx.country, country, version, os_name, library)
 
-cdef int MAX_SIGNATURES = 4096
+cdef Py_ssize_t MAX_SIGNATURES = _MAX_SIGNATURES
 
 cdef object first_match_in(object candidates, object event, object ctx):
     cdef tuple crules = candidates.rules
@@ -167,8 +178,8 @@ cdef object first_match_in(object candidates, object event, object ctx):
 cdef object _dumps = orjson.dumps
 cdef object _EncodeError = orjson.JSONEncodeError
 cdef dict _NAME_FIELDS = dict(NAME_FIELDS)
-cdef tuple CLIENT_CHANNELS = ("browser", "mobile", "client")
-cdef tuple EVENT_CLIENT_CHANNELS = ("web", "mobile")
+cdef tuple CLIENT_CHANNELS = _CLIENT_CHANNELS
+cdef tuple EVENT_CLIENT_CHANNELS = _EVENT_CLIENT_CHANNELS
 cdef Py_ssize_t _MAX_EVENT_BYTES = MAX_EVENT_BYTES
 
 cdef object c_shared_decision(object rules, object event, object ctx):

@@ -3,9 +3,10 @@
 The compiled module (proxy/ingress/_compiled.pyx) is optional: pip builds it when Cython and a C
 compiler are there (setup.py), and a failed build leaves the pure-Python `prepare()`, which behaves
 identically. `SPLITTER_NO_EXTENSIONS=1` forces the pure-Python one (to rule the compiled one out
-when chasing a problem, or to compare). The choice is made at import, before the first request, and
-the server logs it at start-up (`prepare_implementation`), as a warning when the compiled module
-is missing without being switched off.
+when chasing a problem, or to compare); any value but empty or `0` does, at install and here alike.
+The choice is made at import, before the first request; the server names it in its `started` line
+(a worker's `worker_started`) as `prepare`, and warns (`compiled_prepare_unavailable`) when the
+compiled module is missing without being switched off.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from proxy.ingress.prepare import CallShape, Prepared
 from proxy.observe.catalog import Catalog
 
 DISABLE = "SPLITTER_NO_EXTENSIONS"
+
+
+def disabled(env: Mapping[str, str]) -> bool:
+    """SPLITTER_NO_EXTENSIONS set to anything but empty or `0` (setup.py reads it the same way)."""
+    return env.get(DISABLE, "") not in ("", "0")
 
 
 class PrepareFunction(Protocol):
@@ -47,13 +53,13 @@ def compiled() -> Implementation:
 
 
 def choose(env: Mapping[str, str]) -> Implementation:
-    if env.get(DISABLE, "") not in ("", "0"):
+    if disabled(env):
         return PYTHON
     try:
         return compiled()
     except ImportError as exc:
-        return Implementation(PYTHON.name, PYTHON.prepare, PYTHON.shared_decision,
-                              f"the compiled module is not built ({exc}); reinstall with Cython and a C compiler to build it")
+        why = f"the compiled module is not built ({exc}); reinstall where a C compiler and Python's headers are (Debian: build-essential, python3-dev)"
+        return Implementation(PYTHON.name, PYTHON.prepare, PYTHON.shared_decision, why)
 
 
 CHOSEN = choose(os.environ)
