@@ -148,6 +148,13 @@ def test_targets_compare_with_the_forwarder_and_the_floor_of_the_same_run() -> N
     paired = {t["target"]: t for t in evaluate_targets(rows, None, floor, None, pairs)}["batch split+mirror, interval: <= 1.3× the forwarder's CPU/event"]
     assert paired["passed"] is True and paired["figure"].startswith("1.25× (median of 3 alternating pairs: 1.33×, 1.25×, 1.20×")
     assert "the table's rows: 1.50×" in paired["figure"]
+    assert (paired["limit"], paired["below_floor"]) == (6.0 * 1.3, True)  # the pairs' forwarder: 6 µs, limit 7.8 under the floor of 8
+    assert "the floor 1.33× the pairs' forwarder (6.00 µs, median): limit 7.80 µs" in paired["figure"]
+    # the pairs judge, so their forwarder sets the limit the floor is compared with, not the table's row (still 6 µs)
+    drifted = {**pairs, "pairs": [{**run, "forwarder_us_per_event": 7.0} for run in pairs["pairs"]]}
+    paired = {t["target"]: t for t in evaluate_targets(rows, None, floor, None, drifted)}["batch split+mirror, interval: <= 1.3× the forwarder's CPU/event"]
+    assert (round(paired["limit"], 2), paired["below_floor"]) == (9.1, False)
+    assert "the floor 1.14× the pairs' forwarder (7.00 µs, median): limit 9.10 µs" in paired["figure"]
     # direct's run the slower (a disturbed load core): a negative figure is not a pass on its own, splitter's p99 must meet the limit
     disturbed = {**_row("splitter (interval)", "batch", 50, 9.0, p99=7.0), "direct_latency": {"p99_ms": 20.0, "saturated": False}, "p99_added_ms": -13.0}
     verdict = {t["target"]: t for t in evaluate_targets([disturbed], None)}["batch, interval: p99 added over direct at 50 % of its own rate <= 5 ms"]
