@@ -48,10 +48,12 @@ Prepare = Callable[..., Prepared]
 
 
 def filed(prepared: Prepared) -> tuple[Any, ...]:
-    """Everything `prepare()` hands on, in comparable form (a Chunk's events and its meta)."""
+    """Everything `prepare()` hands on, in comparable form (a Chunk's events and its meta); the
+    property test in tests/test_compiled_prepare.py compares the two `prepare()`s with it too."""
     submission = prepared.submission
     chunks = [{name: (list(chunk), list(chunk.meta), chunk.itemized) for name, chunk in role.items()} for role in (submission.primary, submission.mirror)]
-    return (*chunks, submission.routed, submission.rejected, submission.forwarded_for, prepared.observed, prepared.violations, prepared.sampled)
+    return (*chunks, submission.routed, submission.rejected, submission.forwarded_for, submission.presented_key, prepared.observed,
+            prepared.violations, prepared.sampled)
 
 
 def route(rules: RuleSet, payload: Payload, prepare: Prepare) -> Callable[[bytes], Prepared]:

@@ -11,6 +11,7 @@ blocking tracking plan, catalog samples, rejections) and compares everything the
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loadtest.bench_compiled import filed
 from loadtest.process import launch_splitter
 from proxy.engine import EventContext, RuleSet, compile_rules
 from proxy.ingress.implementation import CHOSEN, DISABLE, PYTHON, Implementation, choose
@@ -136,17 +138,14 @@ ODD_ITEMS = st.lists(st.tuples(st.integers(0, 10), ODD), max_size=2)  # (where, 
 ENVELOPE = _section(context=CONTEXT, integrations=_section(All=st.booleans()), sentAt=_one_of("2026-12-02T10:00:00Z"), writeKey=_one_of("web-key-000001"))
 
 
-def filed(implementation: Implementation, rules: RuleSet, body: Any, shape: CallShape, ctx: EventContext, client_ip: str | None) -> Any:
+def handed_on(implementation: Implementation, rules: RuleSet, body: Any, shape: CallShape, ctx: EventContext, client_ip: str | None) -> Any:
     """Everything `prepare()` hands on (or the error it answers), in comparable form."""
     try:
         prepared: Prepared = implementation.prepare(rules, body, shape, rules.sources["web"], ctx, client_ip, presented_key=WEB_KEY,
                                                     forwarded_for="198.51.100.7", catalog=Catalog())
     except IngressError as error:
         return ("refused", error.status, error.code, error.message)
-    submission = prepared.submission
-    chunks = [{name: (list(chunk), list(chunk.meta), chunk.itemized) for name, chunk in role.items()} for role in (submission.primary, submission.mirror)]
-    return (*chunks, submission.routed, submission.rejected, submission.forwarded_for, submission.presented_key, prepared.observed,
-            prepared.violations, prepared.sampled)
+    return filed(prepared)
 
 
 ROUTES = {"batch": CallShape(True), "client-batch": CallShape(True, None, True), "track": CallShape(False, "track"),
@@ -158,7 +157,7 @@ def both(body: Any, shape: CallShape, country: str | None, client_ip: str | None
     matched signatures is per rule set: shared, the second would only look up what the first matched),
     and its own copy of the body (changed in place: envelope merged, ids stamped, writeKey dropped)."""
     ctx = EventContext("web", None, country)
-    return tuple(filed(implementation, compile_rules(RULES, filename="rules.yaml", env={}), orjson.loads(orjson.dumps(body)), shape, ctx, client_ip)
+    return tuple(handed_on(implementation, compile_rules(RULES, filename="rules.yaml", env={}), orjson.loads(orjson.dumps(body)), shape, ctx, client_ip)
                  for implementation in (PYTHON, compiled_twin()))  # type: ignore[return-value]
 
 
@@ -193,6 +192,4 @@ async def test_serve_says_which_prepare_it_runs(tmp_path: Path, env: dict[str, s
 
 
 def _plain_environment() -> dict[str, str]:
-    import os
-
     return {name: value for name, value in os.environ.items() if not name.startswith("SPLITTER_")}

@@ -21,8 +21,6 @@ from libc.stdint cimport uint32_t
 from libc.string cimport memcpy
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
-from collections.abc import Mapping
-
 import orjson
 
 from proxy.delivery import Chunk, Rejection, Submission
@@ -30,6 +28,8 @@ from proxy.engine import NAME_FIELDS, has_envelope, merge_envelope
 from proxy.engine import BUCKETS as _BUCKETS
 from proxy.engine import NO_KEY_BUCKET as _NO_KEY_BUCKET
 from proxy.engine import bucket as _bucket_py
+from proxy.engine.cohort import field_value as _field_value_py
+from proxy.engine.cohort import key_text as _key_text_py
 from proxy.engine.evaluate import MAX_SIGNATURES as _MAX_SIGNATURES
 from proxy.ingress.body import MAX_EVENT_BYTES
 from proxy.ingress.plan_checks import screen
@@ -84,36 +84,16 @@ cpdef int bucket(str salt, str key):
     return murmur3_32(buf, n, 0) % N_BUCKETS
 
 cdef object key_text(object value):
+    """The engine's `key_text`, its common case (a str) inline; anything else is left to the engine."""
     if type(value) is str:
         return value if (<str>value).strip() else None
-    if isinstance(value, str):
-        return value if value.strip() else None
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, float):
-        return repr(value)
-    return None
-
-cdef object field_value(object event, tuple path):
-    value = event
-    for part in path:
-        if type(value) is dict:
-            value = (<dict>value).get(part)
-        elif isinstance(value, Mapping):
-            value = value.get(part)
-        else:
-            return None
-    return value
+    return _key_text_py(value)
 
 cdef int _bucket(object rule, object event):
     cdef tuple fields = rule.cohort.paths
     cdef tuple path
     for name, path in fields:
-        text = key_text(event.get(path[0]) if len(path) == 1 else field_value(event, path))
+        text = key_text(event.get(path[0]) if len(path) == 1 else _field_value_py(event, path))
         if text is not None:
             return bucket(rule.cohort.salt, text)
     return NO_KEY_BUCKET
@@ -182,9 +162,6 @@ cdef tuple CLIENT_CHANNELS = _CLIENT_CHANNELS
 cdef tuple EVENT_CLIENT_CHANNELS = _EVENT_CLIENT_CHANNELS
 cdef Py_ssize_t _MAX_EVENT_BYTES = MAX_EVENT_BYTES
 
-cdef object c_shared_decision(object rules, object event, object ctx):
-    return decision_in(rules.candidates(ctx), event, ctx)
-
 cdef object decision_in(object candidates, object event, object ctx):
     rule = first_match_in(candidates, event, ctx)
     decision = rule.decision
@@ -193,7 +170,7 @@ cdef object decision_in(object candidates, object event, object ctx):
     return _arm(rule, _bucket(rule, event))
 
 def shared_decision(rules, event, ctx):
-    return c_shared_decision(rules, event, ctx)
+    return decision_in(rules.candidates(ctx), event, ctx)
 
 cdef bint _has_identity(dict event):
     for name in ("anonymousId", "userId"):
@@ -205,7 +182,7 @@ cdef bint _has_identity(dict event):
             return True
     return False
 
-cdef void _reject(object filing, int index, str code, str message):
+cdef void _reject(object filing, Py_ssize_t index, str code, str message):
     filing.rejected.append(Rejection(index, code, message))
 
 cdef void _set_ip(dict event, object client_ip):
@@ -236,7 +213,7 @@ def prepare(rules, body, shape, source, ctx, client_ip, *, presented_key="", for
     events = events_of(body, shape)
     filing = _Filing()
     scope = RequestScope.of(rules, shape, source, ctx, client_ip, body if shape.is_batch and has_envelope(body) else None, catalog)
-    cdef int index = 0
+    cdef Py_ssize_t index
     envelope = scope.envelope
     implied_type = scope.implied_type
     ip_for_all = scope.ip_for_all
@@ -250,10 +227,9 @@ def prepare(rules, body, shape, source, ctx, client_ip, *, presented_key="", for
     cdef dict event, names
     candidates = rules.candidates(scope_ctx)
     cdef tuple d
-    for item in events:
+    for index, item in enumerate(events):
         if type(item) is not dict:
             _reject(filing, index, "invalid_event", f"event is not a JSON object ({type(item).__name__})")
-            index += 1
             continue
         event = <dict>item
         if envelope is not None:
@@ -265,11 +241,9 @@ def prepare(rules, body, shape, source, ctx, client_ip, *, presented_key="", for
         event_type = event.get("type")
         if type(event_type) is not str or not event_type:
             _reject(filing, index, "missing_type", "event has no type (track, identify, page, screen, group or alias)")
-            index += 1
             continue
         if not _has_identity(event):
             _reject(filing, index, "no_user_anon_id", "event has neither userId nor anonymousId")
-            index += 1
             continue
         try:
             message_id = event.get("messageId")
@@ -282,15 +256,12 @@ def prepare(rules, body, shape, source, ctx, client_ip, *, presented_key="", for
             encoded = _dumps(event)
         except _EncodeError as exc:
             _reject(filing, index, "invalid_event", f"event cannot be forwarded: {exc}")
-            index += 1
             continue
         if len(<bytes>encoded) > _MAX_EVENT_BYTES:
             _reject(filing, index, "event_too_large", f"event is {len(encoded)} bytes; the limit is 32 KB per event")
-            index += 1
             continue
         if plan is not None and (refusal := screen(plan, event, encoded, filing.observed, filing.violations)) is not None:
             _reject(filing, index, "tracking_plan_violation", refusal)
-            index += 1
             continue
         decision = decision_in(candidates, event, scope_ctx)
         d = <tuple>decision
@@ -300,7 +271,6 @@ def prepare(rules, body, shape, source, ctx, client_ip, *, presented_key="", for
                 copies = _encode_transformed(transforms, decision, event)
             except _EncodeError as exc:
                 _reject(filing, index, "invalid_event", f"event cannot be forwarded once transformed: {exc}")
-                index += 1
                 continue
         name_field = _NAME_FIELDS.get(event_type)
         name = event.get(name_field, event_type) if name_field is not None else event_type
@@ -322,6 +292,5 @@ def prepare(rules, body, shape, source, ctx, client_ip, *, presented_key="", for
             _file(primary, <tuple>d[1], encoded, message_id, event_type, name)
             if d[2]:
                 _file(mirror, <tuple>d[2], encoded, message_id, event_type, name)
-        index += 1
     submission = Submission(source, presented_key, forwarded_for, filing.primary, filing.mirror, tuple(filing.rejected), filing.routed)
     return Prepared(submission, filing.routed, filing.observed, filing.violations, filing.sampled)

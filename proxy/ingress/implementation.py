@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from proxy.engine import Decision, EventContext, RuleSet, Source, shared_decision
@@ -59,7 +59,7 @@ def choose(env: Mapping[str, str]) -> Implementation:
         return compiled()
     except ImportError as exc:
         why = f"the compiled module is not built ({exc}); reinstall where a C compiler and Python's headers are (Debian: build-essential, python3-dev)"
-        return Implementation(PYTHON.name, PYTHON.prepare, PYTHON.shared_decision, why)
+        return replace(PYTHON, why_python=why)
 
 
 CHOSEN = choose(os.environ)
