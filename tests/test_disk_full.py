@@ -33,7 +33,7 @@ from proxy.delivery.spool import HEADER, MAGIC, Record, Spool, encode
 from proxy.engine import Source, compile_rules
 from proxy.metrics import Metrics
 from tests.rules_texts import served_head
-from tests.spooling import synced, write_request
+from tests.spooling import sync_round, synced, write_request
 from tests.test_spool import RULES
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -130,7 +130,7 @@ async def test_a_short_record_write_is_cut_back_refused_and_the_spool_goes_on_wh
             write_request(spool, "k", None, [ev(1, pad=2 * PAGE)])
         assert refused.value.errno == errno.ENOSPC, attempt
         assert path.stat().st_size == before and spool.disk_bytes == before and spool.pending == 1
-    spool.sync(spool.take_dirty())
+    sync_round(spool)
     assert open_fds() <= fds
     os.unlink(filler)  # space returns: splitter goes on by itself
     await synced(spool, write_request(spool, "k", None, [ev(2, pad=2 * PAGE)]))
@@ -155,7 +155,7 @@ async def test_a_failed_format_marker_at_rotation_leaves_no_markerless_file_and_
         assert refused.value.errno == errno.ENOSPC, (attempt, refused.value)  # never "File exists"
         for path in segments(fs / "spool"):
             assert path.read_bytes().startswith(MAGIC), path
-        spool.sync(spool.take_dirty())  # sync rounds go on meanwhile
+        sync_round(spool)  # sync rounds go on meanwhile
     assert open_fds() <= fds  # nothing leaked, and nothing the spool holds was closed under it
     spied_on = socket.socketpair()  # descriptors the spool may have closed are handed out again
     try:

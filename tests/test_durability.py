@@ -15,6 +15,7 @@ import base64
 import os
 import signal
 import subprocess
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import pytest
 
 from loadtest.process import SplitterProcess, launch_splitter
 from loadtest.receivers import start_receiver
-from proxy.delivery.commit import GroupCommit
+from proxy.delivery.commit import ROUNDS_IN_FLIGHT, GroupCommit
 from proxy.engine import compile_rules
 from tests.conftest import splitter_command
 from tests.test_lossless import RUDDER_KEY, RULES, WRITE_KEY, env_for, expected_ids, send_until, setup_files, wait_delivered
@@ -168,6 +169,12 @@ class FakeSpool:
     def sync_failed(self, dirty: int) -> None:
         raise AssertionError("not expected")
 
+    def close_sealed(self, dirty: int) -> None:
+        pass
+
+    def release(self, dirty: int) -> None:
+        pass
+
 
 async def test_group_commit_interval_rounds_on_tick_on_seal_and_at_idle() -> None:
     rounds: list[int] = []
@@ -189,3 +196,108 @@ async def test_group_commit_interval_rounds_on_tick_on_seal_and_at_idle() -> Non
     await long.wait([(spool, 4)])
     await long.idle()  # shutdown's round
     assert spool.synced[-1] == 4 and spool.committed == 4
+
+
+class GatedSpool:
+    """A Syncable whose every sync waits in its worker thread until the test opens that round's gate,
+    and fails if the test says so: the order in which rounds end is the test's to choose."""
+
+    def __init__(self) -> None:
+        self.committed = self.appended = 0
+        self.gates: list[threading.Event] = []  # one per round, in the order the rounds started
+        self.fail: set[int] = set()  # rounds (0-based) whose sync raises
+        self.released: list[int] = []
+        self.failed: list[int] = []
+
+    def take_dirty(self) -> int:
+        self.gates.append(threading.Event())
+        return len(self.gates) - 1
+
+    def sync(self, dirty: int) -> None:
+        assert self.gates[dirty].wait(10)
+        if dirty in self.fail:
+            raise OSError(5, "Input/output error")
+
+    def sync_failed(self, dirty: int) -> None:
+        self.failed.append(dirty)
+
+    def close_sealed(self, dirty: int) -> None:
+        pass
+
+    def release(self, dirty: int) -> None:
+        self.released.append(dirty)
+
+
+async def until(condition: Any) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never happened")
+
+
+def request(group: GroupCommit, spool: GatedSpool) -> asyncio.Task[None]:
+    spool.appended += 1
+    return asyncio.ensure_future(group.wait([(spool, spool.appended)]))
+
+
+async def test_fsync_rounds_overlap_and_answer_in_the_order_they_started() -> None:
+    """A request arriving while a round syncs starts its own round at once; a later round that ends
+    first waits for the earlier ones before its requests hear success (its fsyncs did not cover theirs)."""
+    rounds: list[int] = []
+    group, spool = GroupCommit(None, lambda: rounds.append(1)), GatedSpool()
+    first = request(group, spool)
+    await until(lambda: len(spool.gates) == 1)
+    second = request(group, spool)
+    await until(lambda: len(spool.gates) == 2)  # started while the first one still syncs
+    assert ROUNDS_IN_FLIGHT == 2
+    third, fourth = request(group, spool), request(group, spool)  # both rounds busy: these wait, together
+    spool.gates[1].set()  # the second round ends first
+    await asyncio.sleep(0.05)
+    assert not second.done() and not first.done() and spool.committed == 0
+    assert len(spool.gates) == 2  # still two rounds: the second is not settled until the first is
+    spool.gates[0].set()
+    await asyncio.gather(first, second)
+    assert spool.committed == 2 and spool.released[:2] == [0, 1] and len(rounds) == 2
+    await until(lambda: len(spool.gates) == 3)  # one round for the two that waited
+    spool.gates[2].set()
+    await asyncio.gather(third, fourth)
+    assert spool.committed == 4 and len(spool.gates) == 3 and spool.failed == []
+    await group.idle()
+
+
+async def test_a_failed_fsync_round_fails_the_rounds_after_it_and_the_waiting_not_the_next_ones() -> None:
+    group, spool = GroupCommit(), GatedSpool()
+    spool.fail.add(0)
+    first = request(group, spool)
+    await until(lambda: len(spool.gates) == 1)
+    second = request(group, spool)  # its own fsync will succeed, but it may sit behind the first's hole
+    await until(lambda: len(spool.gates) == 2)
+    waiting = request(group, spool)
+    spool.gates[1].set()
+    spool.gates[0].set()
+    for task in (first, second, waiting):
+        with pytest.raises(OSError):
+            await task
+    assert spool.committed == 0 and spool.failed == [0] and sorted(spool.released) == [0, 1]
+    later = request(group, spool)  # not stuck behind the failure
+    await until(lambda: len(spool.gates) == 3)
+    spool.gates[2].set()
+    await later
+    assert spool.committed == 4
+    await group.idle()
+
+
+async def test_idle_waits_for_every_round_in_flight_and_the_one_they_start() -> None:
+    group, spool = GroupCommit(), GatedSpool()
+    tasks = [request(group, spool) for _ in range(2)]
+    await until(lambda: len(spool.gates) == 2)
+    tasks.append(request(group, spool))  # waits for a free round
+    idle = asyncio.ensure_future(group.idle())
+    for index in range(3):
+        await until(lambda index=index: len(spool.gates) > index)
+        await asyncio.sleep(0.02)
+        assert not idle.done()
+        spool.gates[index].set()
+    await idle
+    assert all(task.done() for task in tasks) and spool.committed == 3

@@ -542,52 +542,73 @@ async def test_a_failed_sync_fails_the_waiting_request_and_the_next_round_recove
     await spool.close()
 
 
-async def test_a_descriptor_handed_to_a_sync_round_stays_open_until_the_next_round(tmp_path: Path) -> None:
+async def test_a_descriptor_a_sync_round_uses_stays_open_until_every_round_using_it_is_over(tmp_path: Path) -> None:
     """A segment sealed while a worker thread fsyncs its descriptor: closed then, the fsync would hit
-    a closed (or, worse, reused) descriptor and fail the round's requests with a 503 for nothing."""
+    a closed (or, worse, reused) descriptor and fail the round's requests with a 503 for nothing.
+    Rounds overlap (`--durability fsync`), so a round that starts while the first still runs must not
+    close it either: only one that starts after the first was released."""
     spool, _ = opened(tmp_path, segment_bytes=300)
     write_request(spool, "k", None, [ev(0, pad=120)])
     round_one = spool.take_dirty()  # a round starts: its thread will fsync these
-    [sealed] = round_one[0]
-    write_request(spool, "k", None, [ev(1, pad=120)])
-    write_request(spool, "k", None, [ev(2, pad=120)])  # rotates: segment 1 is sealed while round one still runs
-    assert spool._files.active != sealed
-    spool.sync(round_one)  # the round's fsync of the sealed segment still works
-    os.fstat(sealed)
-    spool.sync(spool.take_dirty())  # the next round: now the sealed descriptor is closed
+    [first] = round_one[0]
+    write_request(spool, "k", None, [ev(1, pad=120)])  # rotates: segment 1 is sealed while round one still runs
+    write_request(spool, "k", None, [ev(2, pad=120)])  # and segment 2
+    round_two = spool.take_dirty()  # starts while round one runs (rounds overlap)
+    [second] = set(round_two[0]) - {spool._files.active}
+    assert first not in round_two[0] and first not in round_two[2]  # not closed under round one's fsync
+    spool.sync(round_one)  # round one's fsync of the sealed segment still works
+    spool.sync(round_two)
+    spool.release(round_two)  # round two is over before round one is
+    write_request(spool, "k", None, [ev(3, pad=120)])
+    round_three = spool.take_dirty()
+    assert second in round_three[2]  # nothing uses segment 2's descriptor any more
+    assert first not in round_three[2]  # round one still does
+    spool.sync(round_three)
+    spool.close_sealed(round_three)
+    spool.release(round_three)
+    os.fstat(first)
     with pytest.raises(OSError):
-        os.fstat(sealed)
+        os.fstat(second)
+    spool.release(round_one)
+    write_request(spool, "k", None, [ev(4, pad=120)])
+    round_four = spool.take_dirty()  # the first round after every user of it is over closes it
+    assert first in round_four[2]
+    spool.sync(round_four)
+    spool.close_sealed(round_four)
+    with pytest.raises(OSError):
+        os.fstat(first)
     await spool.close()
 
 
-def test_a_sync_round_closes_the_sealed_descriptors_it_was_handed_even_when_its_fsync_fails(tmp_path: Path) -> None:
-    """Sealed descriptors are closed by the round's worker thread, before its fsyncs (closing the last
-    descriptor of a delivered, unlinked segment frees it: work kept off the event loop). A failed
-    fsync must not leave them open: nobody else would ever close them."""
+async def test_a_sync_round_closes_the_sealed_descriptors_it_was_handed_even_when_its_fsync_fails(tmp_path: Path) -> None:
+    """Sealed descriptors are closed by a round's worker thread once its requests have their answer
+    (closing the last descriptor of a delivered, unlinked segment frees it: work kept off the event
+    loop and out of the answers' wait). A failed fsync must not leave them open: nobody else would
+    ever close them."""
     spool, _ = opened(tmp_path, segment_bytes=300)
-    write_request(spool, "k", None, [ev(0, pad=120)])
-    write_request(spool, "k", None, [ev(1, pad=120)])
-    write_request(spool, "k", None, [ev(2, pad=120)])  # rotates: segment 1 is sealed
-    spool.sync(spool.take_dirty())  # this round syncs segment 1's descriptor, so keeps it open
-    write_request(spool, "k", None, [ev(3, pad=120)])
-    fds, _, closing = spool.take_dirty()
-    assert closing and not set(closing) & fds  # sealed descriptors the last round synced: this round closes them
-    [active] = fds
+    for i in range(3):
+        write_request(spool, "k", None, [ev(i, pad=120)])  # each one rotates: segments 1 and 2 are sealed
+    await synced(spool, spool.appended)  # this round syncs their descriptors, so keeps them open
+    ticket = write_request(spool, "k", None, [ev(3, pad=120)])  # rotates again
+    sealed = list(spool._files._sealed)
+    assert len(sealed) == 3
+    active = spool._files.active
+    assert active is not None
     saved = os.dup(active)
     os.close(active)  # the active descriptor goes bad: this round's fsync fails with EBADF
     try:
         with pytest.raises(OSError):
-            spool.sync((fds, False, closing))
-        for fd in closing:
+            await synced(spool, ticket)
+        await spool.group.idle()  # the round's thread closes them after the answer
+        for fd in sealed:
             with pytest.raises(OSError):
                 os.fstat(fd)
     finally:
         os.dup2(saved, active)
         os.close(saved)
-    spool.sync_failed((fds, False, closing))
-    write_request(spool, "k", None, [ev(4, pad=120)])  # a new segment after the failed sync: nothing stuck
-    spool.sync(spool.take_dirty())
-    asyncio.run(spool.close())
+    await synced(spool, write_request(spool, "k", None, [ev(4, pad=120)]))  # a new segment after the failed sync: nothing stuck
+    assert spool._files.active != active
+    await spool.close()
 
 # -- oldest age ---------------------------------------------------------------------------------------------------------------------
 

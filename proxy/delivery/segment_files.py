@@ -13,12 +13,13 @@ This is where a full disk bites, so the rules are kept in one small place:
   tear past its last record, or an fsync of it failed (a later fsync may succeed although pages of
   the failed one were lost, and no 200 may rest on a file with a hole before it). The spool seals it
   and starts a new one at its next write.
-- A sealed file's descriptor stays open while a sync round may use it and is handed to the first
-  round that no longer needs it, whose worker thread closes it before its fsyncs (closed under a
+- A sealed file's descriptor stays open while a sync round may use it (rounds overlap: each counts
+  the descriptors it took until the event loop `release`s them) and is handed to the first round
+  that starts once none uses it, whose worker thread closes it after its fsyncs (closed under a
   running fsync, its number could be handed to a client socket and the fsync, or worse a write, would
-  land there). The close runs in that thread, not the event loop's, because closing the last
-  descriptor of a segment that was delivered and unlinked meanwhile frees its 16 MB on the spot
-  (ext4: tens of ms under load, every request waiting). Closing goes through one list that a
+  land there). The close runs in that thread, not the event loop's, and after the round's requests
+  have their answer, because closing the last descriptor of a segment that was delivered and
+  unlinked meanwhile frees its 16 MB on the spot (ext4: tens of ms under load). Closing goes through one list that a
   descriptor enters once, so it is closed once; only the active one is ever written.
 - Ack notes are best effort (not fsynced, a crash replays a little): one that cannot be written is
   left to the next ack. A segment's note is removed before the segment, and notes without their
@@ -146,6 +147,7 @@ class SegmentFiles:
         self.broken = False  # the active file must not be appended to (see the module docstring)
         self._dirty: set[int] = set()  # written since the last round took them
         self._sealed: list[int] = []  # each enters once, and leaves when closed
+        self._in_use: dict[int, int] = {}  # descriptor: sync rounds that took it and are not over (see `release`)
         self._dir_dirty = False
 
     def create(self, path: Path) -> None:
@@ -192,25 +194,30 @@ class SegmentFiles:
         self.active, self.broken = None, False
 
     def take_dirty(self) -> Dirty:
-        """As a sync round starts (the previous round's thread is done): what it must sync, and the
-        sealed descriptors it does not need, which its thread closes; one it needs goes to the next round."""
+        """As a sync round starts: what it must sync, and the sealed descriptors no round uses, which its
+        thread closes. One this round or an earlier one still running syncs is left for a later round:
+        closed under a running fsync, its number could be reused by a socket meanwhile."""
         fds, self._dirty = self._dirty, set()
-        closing = [fd for fd in self._sealed if fd not in fds]
-        self._sealed = [fd for fd in self._sealed if fd in fds]
+        for fd in fds:
+            self._in_use[fd] = self._in_use.get(fd, 0) + 1
+        closing = [fd for fd in self._sealed if fd not in self._in_use]
+        self._sealed = [fd for fd in self._sealed if fd in self._in_use]
         sync_dir, self._dir_dirty = self._dir_dirty, False
         return fds, sync_dir, closing
 
+    def release(self, dirty: Dirty) -> None:
+        """The round that took `dirty` is over (its thread is done with the descriptors, whatever the
+        outcome): in the event loop, so that the counts are never updated from two threads."""
+        for fd in dirty[0]:
+            left = self._in_use[fd] - 1
+            if left:
+                self._in_use[fd] = left
+            else:
+                del self._in_use[fd]
+
     def sync(self, dirty: Dirty) -> None:
-        """Close the sealed descriptors `take_dirty` handed over, then fsync what it returned; runs in
-        a worker thread. The closes come first: none of them is in the fsync set, and a delivered,
-        unlinked segment's room comes back at once rather than after the fsyncs (on a full disk the
-        next segment may need it)."""
-        fds, sync_dir, closing = dirty
-        for fd in closing:
-            try:
-                os.close(fd)  # released even when close reports an error (Linux): never retried
-            except OSError as exc:
-                log.error("spool_close_failed", directory=str(self.directory), error=str(exc))
+        """fsync what `take_dirty` returned; runs in a worker thread."""
+        fds, sync_dir, _ = dirty
         for fd in fds:
             os.fsync(fd)
         if sync_dir:
@@ -220,6 +227,15 @@ class SegmentFiles:
             finally:
                 os.close(directory)
 
+    def close_sealed(self, dirty: Dirty) -> None:
+        """Close the sealed descriptors `take_dirty` handed over (no round uses them); runs in the
+        round's worker thread after its fsyncs, which never wait for it."""
+        for fd in dirty[2]:
+            try:
+                os.close(fd)  # released even when close reports an error (Linux): never retried
+            except OSError as exc:
+                log.error("spool_close_failed", directory=str(self.directory), error=str(exc))
+
     def sync_failed(self, dirty: Dirty) -> None:
         fds, sync_dir, _ = dirty
         if self.active is not None and self.active in fds:
@@ -227,13 +243,16 @@ class SegmentFiles:
         self._dir_dirty = self._dir_dirty or sync_dir
 
     def close(self) -> None:
-        """Sync what is unsynced (best effort: the process is stopping) and close every descriptor."""
+        """Sync what is unsynced (best effort: the process is stopping) and close every descriptor; no
+        round is running (the group commit is idle)."""
         self.seal()
-        fds, _, closing = self.take_dirty()
+        dirty = self.take_dirty()
         try:
-            self.sync((fds, False, closing))
+            self.sync((dirty[0], False, dirty[2]))
         except OSError as exc:
             log.error("spool_sync_failed", directory=str(self.directory), error=str(exc), at="close")
+        self.close_sealed(dirty)
+        self.release(dirty)
         self._close_sealed()
 
     def _close_sealed(self) -> None:

@@ -246,6 +246,13 @@ class Spool:
     def sync(self, dirty: Dirty) -> None:
         self._files.sync(dirty)
 
+    def close_sealed(self, dirty: Dirty) -> None:
+        self._files.close_sealed(dirty)
+
+    def release(self, dirty: Dirty) -> None:
+        """The round that took `dirty` is over: the sealed descriptors it synced may be closed by a later one."""
+        self._files.release(dirty)
+
     def sync_failed(self, dirty: Dirty) -> None:
         """A round with `dirty` failed (its requests get 503): the active segment is sealed if it was in it."""
         self._files.sync_failed(dirty)
