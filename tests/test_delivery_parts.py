@@ -14,7 +14,8 @@ from proxy.delivery.batches import MAX_UPSTREAM_BODY, Batch, upstream_batches
 from proxy.delivery.breaker import Breaker
 from proxy.delivery.deadletter import DeadLetters
 from proxy.delivery.options import DeliveryOptions
-from proxy.delivery.spool import HEADER, Record, decode, encode
+from proxy.delivery.spool import Record, decode, encode
+from proxy.delivery.spool_format import TAGGED
 
 # -- breaker ---------------------------------------------------------------------------------------------------------
 
@@ -93,7 +94,7 @@ def test_breaker_without_now_uses_the_monotonic_clock() -> None:
 
 def record(events: list[bytes], forwarded_for: str | None = None) -> Record:
     """A record exactly as the sender gets it from the spool."""
-    return decode(1, encode(0.0, "key", forwarded_for, events)[HEADER.size:])
+    return decode(1, encode(0.0, "key", forwarded_for, events)[TAGGED.size:])
 
 
 def batches(records: list[Record], max_events: int = 500, limit: int = MAX_UPSTREAM_BODY) -> list[Batch]:

@@ -21,7 +21,7 @@ from proxy.delivery.accounting import Accounting, RequestAccount, RoutedAccount
 from proxy.delivery.batches import upstream_batches
 from proxy.delivery.record_tags import UNKNOWN, describe, read_tags
 from proxy.delivery.spool import Spool
-from proxy.delivery.spool_format import FORMATS, HEADER, MAGIC, MAGIC_2, check_format, decode, encode, frame
+from proxy.delivery.spool_format import FORMATS, MAGIC, MAGIC_2, MAGIC_3, REUSED, TAGGED, check_format, decode, encode, frame
 from proxy.engine import EventContext, RuleSet, compile_rules
 from proxy.ingress.prepare import CallShape, prepare
 from proxy.metrics import Metrics
@@ -29,6 +29,7 @@ from proxy.observe.ledger import Ledger
 from proxy.observe.ledger_files import LedgerKeeper, ledger_document
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "spool-format-2"
+FIXTURE_3 = Path(__file__).resolve().parent / "data" / "spool-format-3"
 RULES = """\
 version: 1
 destinations:
@@ -74,23 +75,26 @@ def mixed_batch(prefix: str) -> list[dict[str, Any]]:
 
 
 def test_the_format_markers_and_a_record_s_tags_round_trip() -> None:
-    assert FORMATS == {MAGIC: 3, MAGIC_2: 2} and MAGIC != MAGIC_2 and len(MAGIC) == len(MAGIC_2)
+    assert FORMATS == {MAGIC: 4, REUSED: 4, MAGIC_3: 3, MAGIC_2: 2} and len(set(FORMATS)) == 4 and {len(m) for m in FORMATS} == {len(MAGIC)}
     events = [b'{"messageId":"a","type":"track","event":"X"}', b'{"messageId":"b","type":"track","event":"X"}']
     tags = b'["web","mirror",[["track",{"X":2},2]],[["g.1",2]],null]'
-    record = decode(7, encode(1.5, "cred", "198.51.100.1", events, tags)[HEADER.size:])
+    record = decode(7, encode(1.5, "cred", "198.51.100.1", events, tags)[TAGGED.size:])
     assert (record.segment, record.appended_at, record.credential, record.forwarded_for, record.events(), record.tags) == (
         7, 1.5, "cred", "198.51.100.1", events, tags)
     read = read_tags(record)
     assert (read.source, read.role, list(read.counts()), read.fan, read.members()) == ("web", "mirror", [(("track", "X"), 2)], [["g.1", 2]], [None])
-    untagged = read_tags(decode(7, encode(1.5, "cred", None, events)[HEADER.size:]))
+    untagged = read_tags(decode(7, encode(1.5, "cred", None, events)[TAGGED.size:]))
     assert (untagged.source, untagged.role, list(untagged.counts()), untagged.known) == (UNKNOWN, UNKNOWN, [((UNKNOWN, UNKNOWN), 2)], False)
     assert describe(events[1]) == ("b", "track", "X")
     assert describe(b'{"type":"page","messageId":"p"}') == ("p", "page", "page") and describe(b"[]") == ("", UNKNOWN, UNKNOWN)
     for fixture in FIXTURE.glob("*/*.seg"):
         data = fixture.read_bytes()
         assert data.startswith(MAGIC_2) and check_format(fixture, data) == (len(MAGIC_2), 2)
-    for torn in (MAGIC[:3], MAGIC_2[:7], b""):
-        assert check_format(Path("x.seg"), torn) == (len(torn), 3)  # torn while being created: no records either way
+    for fixture in FIXTURE_3.glob("*/*.seg"):
+        data = fixture.read_bytes()
+        assert data.startswith(MAGIC_3) and check_format(fixture, data) == (len(MAGIC_3), 3)
+    for torn in (MAGIC[:3], MAGIC_2[:7], REUSED[:7], b""):
+        assert check_format(Path("x.seg"), torn) == (len(torn), 4)  # torn while being created: no records either way
 
 
 async def test_records_of_the_previous_format_without_their_marker_are_read_as_format_2(tmp_path: Path) -> None:
@@ -116,9 +120,34 @@ async def test_a_spool_of_the_previous_format_is_read_in_order_with_no_tags(tmp_
     assert records[0].forwarded_for == "198.51.100.9" and records[0].credential == "fixture-seg-key"
     spool.write(frame(time.time(), "k", None, [b'{"messageId":"new"}'], b'["web","primary",[],[],null]'))
     newest = max((tmp_path / "spool" / "segment").glob("*.seg"))
-    assert newest.read_bytes().startswith(MAGIC)  # what is written now is format 3, in a segment of its own
+    assert newest.read_bytes().startswith(MAGIC)  # what is written now is format 4, in a segment of its own
     more = await spool.read(100, 1 << 20)
     assert [r.tags for r in more] == [b'["web","primary",[],[],null]']
+    await spool.close()
+
+
+async def test_a_spool_of_format_3_is_read_with_its_tags_and_its_files_are_never_reused(tmp_path: Path) -> None:
+    """The release before segment tags (format 3, `tests/data/spool-format-3`): its records are read and
+    delivered with the ledger's tags; its file, whose records carry no segment tag, is deleted once
+    delivered rather than written over (a scan could not tell its records from a new segment's)."""
+    shutil.copytree(FIXTURE_3, tmp_path / "spool")
+    directory = tmp_path / "spool" / "segment"
+    spool = Spool(directory, quota_bytes=1 << 30, segment_bytes=600)
+    seen = []
+    recovery = spool.open(seen.append)
+    assert (recovery.records, recovery.truncated_bytes) == (5, 0)
+    assert [r.count for r in seen] == [3, 2]
+    assert [(read_tags(r).source, read_tags(r).role) for r in seen] == [("web", "primary")] * 2
+    records = await spool.read(100, 1 << 20)
+    assert [orjson.loads(e)["messageId"] for r in records for e in r.events()] == [f"old3-{i}" for i in range(5)]
+    assert records[0].forwarded_for == "198.51.100.9" and records[0].credential == "fixture-seg-key"
+    for i in range(4):  # new records rotate past the old segment
+        spool.write(frame(time.time(), "k", None, [b'{"messageId":"new-%d","pad":"%s"}' % (i, b"p" * 300)]))
+    spool.ack(records)
+    assert not (directory / "000000000001.seg").exists() and list(directory.glob("*.free")) == []  # deleted, not kept
+    assert all(p.read_bytes().startswith(MAGIC) for p in directory.glob("*.seg"))
+    more = await spool.read(100, 1 << 20)
+    assert [orjson.loads(e)["messageId"] for r in more for e in r.events()] == [f"new-{i}" for i in range(4)]
     await spool.close()
 
 
@@ -197,10 +226,10 @@ def summarise(account: RequestAccount, submission: Any) -> tuple[dict[tuple[str,
         for destination, chunk in chunks.items():
             if not chunk:
                 continue
-            tags = read_tags(decode(1, encode(0.0, "k", None, chunk.events, account.tags(destination, role, chunk))[HEADER.size:]))
+            tags = read_tags(decode(1, encode(0.0, "k", None, chunk.events, account.tags(destination, role, chunk))[TAGGED.size:]))
             counts[destination, role] = dict(tags.counts())
             members = tags.members()
             fan[destination, role] = sorted((int(count), len(m) if m is not None else -1) for (_, count), m in zip(tags.fan, members))
-            for batch in upstream_batches([decode(1, encode(0.0, "k", None, chunk.events)[HEADER.size:])], 1):  # each event alone
+            for batch in upstream_batches([decode(1, encode(0.0, "k", None, chunk.events)[TAGGED.size:])], 1):  # each event alone
                 assert describe(batch.parts[0])[1:] in counts[destination, role]
     return counts, fan

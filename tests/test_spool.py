@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from proxy.delivery import Delivery, SpoolLocked
 from proxy.delivery.commit import GroupCommit
-from proxy.delivery.spool import FRESH_LIMIT, MAGIC, Record, Recovery, Spool, SpoolFormatError, SpoolFull
-from proxy.delivery.spool_format import frame
+from proxy.delivery.spool import FRESH_LIMIT, MAGIC, REUSE_FILES, Record, Recovery, Spool, SpoolFormatError, SpoolFull
+from proxy.delivery.spool_format import check_format, encode, frame, scan
 from proxy.engine import compile_rules
 from proxy.metrics import Metrics
 from tests.spooling import synced, write_request
@@ -73,6 +73,19 @@ def events_of(records: list[Record]) -> list[bytes]:
 
 def seg_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.suffix in (".seg", ".ack"))
+
+
+def records_end(path: Path) -> int:
+    """Where a segment file's own records end: its size, unless it is a reused file (then an earlier
+    segment's records follow)."""
+    data = path.read_bytes()
+    start, fmt = check_format(path, data)
+    return scan(data, start, fmt, int(path.stem))[1]
+
+
+def kept_files(directory: Path) -> list[str]:
+    """Delivered segments' files kept for reuse."""
+    return sorted(p.name for p in directory.glob("*.free"))
 
 
 def ev(i: int, pad: int = 0) -> bytes:
@@ -219,12 +232,63 @@ async def test_rotation_makes_several_segments_read_across_them_and_delete_fully
     assert (tmp_path / names[0]).exists() and (tmp_path / names[0].replace(".seg", ".ack")).exists()
     spool.ack(first_segment[-1:])
     assert names[0] not in seg_files(tmp_path) and names[0].replace(".seg", ".ack") not in seg_files(tmp_path)
-    assert spool.disk_bytes < disk_before
+    assert kept_files(tmp_path) == [names[0].replace(".seg", ".free")]  # kept to be written over, counted
+    assert spool.disk_bytes == disk_before
     spool.ack(records[len(first_segment):])
     assert spool.pending == 0
     assert seg_files(tmp_path) == sorted([names[-1], names[-1].replace(".seg", ".ack")])  # only the active one is left
-    assert spool.disk_bytes == (tmp_path / names[-1]).stat().st_size
+    kept = kept_files(tmp_path)
+    assert len(kept) == REUSE_FILES  # the rest were deleted
+    assert spool.disk_bytes == sum((tmp_path / name).stat().st_size for name in [names[-1], *kept])
     await spool.close()
+    assert kept_files(tmp_path) == []  # a stop gives them up
+
+
+async def test_a_delivered_segment_file_is_written_over_and_a_crash_recovers_only_the_new_records(tmp_path: Path) -> None:
+    """A delivered segment's file is kept and reused by the next segment (its blocks are not freed,
+    which stalls concurrent fsyncs): the earlier records past the new ones stay in it, whole and with
+    valid crcs. After a crash, recovery reads only the new segment's own records (the tag), cuts the
+    rest without calling it a tear, and a tear of the new records over the old ones is still one."""
+    spool, _ = opened(tmp_path, segment_bytes=1000)
+    old = [ev(i, pad=100) for i in range(16)]
+    for e in old:
+        await put(spool, [("k", None, e)])
+    spool.ack(await read_n(spool, len(old)))  # all delivered: every sealed segment's file is kept or deleted
+    kept = kept_files(tmp_path)
+    assert len(kept) == REUSE_FILES
+    inodes = {(tmp_path / name).stat().st_ino for name in kept}
+    new = [ev(100 + i, pad=20) for i in range(14)]  # shorter records: the earlier ones show past them
+    for e in new:
+        await put(spool, [("k", None, e)])
+    reused = [p for p in tmp_path.glob("*.seg") if p.stat().st_ino in inodes]
+    assert reused
+    for path in reused:
+        assert path.stat().st_size > records_end(path)  # the earlier segment's records are still there
+    leftover = kept_files(tmp_path)
+    spool._files.close()  # a crash: no clean stop (which would cut them), the files as they are
+    again, recovery = opened(tmp_path, segment_bytes=1000)
+    assert (recovery.records, recovery.truncated_bytes) == (len(new), 0)
+    assert leftover and kept_files(tmp_path) == []  # what the crashed run kept is removed: its ids may come again
+    assert events_of(await read_n(again, len(new))) == new
+    for path in reused:
+        assert path.stat().st_size == records_end(path)
+    await again.close()
+    # a tear of a new record written over an earlier segment's: reported, the records before it kept
+    third, _ = opened(tmp_path / "torn", segment_bytes=1000)
+    for e in old:
+        await put(third, [("k", None, e)])
+    third.ack(await read_n(third, len(old)))
+    for e in new[:8]:
+        await put(third, [("k", None, e)])
+    [path] = [p for p in (tmp_path / "torn").glob("*.seg") if p.stat().st_size > records_end(p)][:1]
+    end = records_end(path)
+    last = len(encode(0.0, "k", None, [new[0]]))
+    with open(path, "r+b") as handle:  # the last record's payload half written: its crc fails
+        handle.seek(end - last // 2)
+        handle.write(b"\xff" * 8)
+    third._files.close()
+    _, torn = opened(tmp_path / "torn", segment_bytes=1000)
+    assert torn.truncated_bytes > 0 and torn.truncated_segments == (path.name,)
 
 
 async def test_reading_on_after_the_segment_under_the_cursor_was_deleted(tmp_path: Path) -> None:
@@ -856,7 +920,7 @@ async def _against_the_model(directory: Path, ops: list[Op], fresh_limit: int, s
             last = None
             spool.ack(handed)
             acked, handed = acked + sum(r.count for r in handed), []
-        assert spool.disk_bytes == sum(p.stat().st_size for p in directory.glob("*.seg"))
+        assert spool.disk_bytes == sum(map(records_end, directory.glob("*.seg"))) + sum(p.stat().st_size for p in directory.glob("*.free"))
         assert (spool._unread, spool._unread_events) == (len(written) - done, sum(map(len, written[done:])))
         assert spool.pending == sum(map(len, written)) - acked
     rest = await read_n(spool, sum(map(len, written[done:]))) if done < len(written) else []

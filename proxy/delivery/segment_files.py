@@ -33,7 +33,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy.delivery.spool_format import FORMAT, HEADER, MAGIC, PREFIX, check_format, scan
+from proxy.delivery.spool_format import FORMAT, HEADER, MAGIC, PREFIX, REUSED, check_format, header_size, ours_at, scan
 from proxy.log import get_logger
 
 log = get_logger("splitter.spool")
@@ -41,18 +41,19 @@ READ_SLACK = 64 * 1024  # read a little past the budget: the record that stops t
 Dirty = tuple[set[int], bool, list[int]]  # descriptors to fsync, whether the directory needs it too, sealed ones the round closes
 
 
-def write_all(fd: int, parts: Sequence[bytes]) -> None:
-    """Write all of `parts`, in order, with one `writev` when the disk takes it all; or raise: a write
-    on a nearly full disk may write a part without an error, and the rest is then written on from there."""
+def write_all(fd: int, parts: Sequence[bytes], offset: int) -> None:
+    """Write all of `parts`, in order, at `offset`, with one `pwritev` when the disk takes it all; or
+    raise: a write on a nearly full disk may write a part without an error, and the rest is then
+    written on from there. (At an offset, not appended: a reused file goes on past its last record.)"""
     total = sum(map(len, parts))
-    done = os.writev(fd, parts) if len(parts) > 1 else os.write(fd, parts[0])
+    done = os.pwritev(fd, parts, offset) if len(parts) > 1 else os.pwrite(fd, parts[0], offset)
     if done == total:
         return
     if done <= 0:
         raise OSError(errno.EIO, "write made no progress")
     view = memoryview(b"".join(parts))
     while done < total:
-        written = os.write(fd, view[done:])
+        written = os.pwrite(fd, view[done:], offset + done)
         if written <= 0:
             raise OSError(errno.EIO, "write made no progress")
         done += written
@@ -68,36 +69,39 @@ def unlink(path: Path) -> None:
         log.error("spool_file_not_removed", path=str(path), error=str(exc))
 
 
-def recover_file(path: Path) -> tuple[int, list[bytes], int, int]:
-    """A segment file's record payloads, where they start, how many torn or corrupt bytes were cut
-    off its end (fsynced), and its format. Raises SpoolFormatError for another format's file, changing nothing."""
+def recover_file(path: Path, segment: int) -> tuple[int, list[bytes], int, int]:
+    """Segment `segment`'s file's record payloads, where they start, how many torn or corrupt bytes
+    were cut off its end (fsynced), and its format. What an earlier segment left past the last record
+    of a reused file is cut too, but is no tear: it does not count. Raises SpoolFormatError for
+    another format's file, changing nothing."""
     data = path.read_bytes()
     start, fmt = check_format(path, data)
-    payloads, valid = scan(data, start, fmt)
+    payloads, valid = scan(data, start, fmt, segment)
     if valid < len(data):
         with open(path, "r+b") as handle:
             handle.truncate(valid)
             os.fsync(handle.fileno())
-    return start, payloads, len(data) - valid, fmt
+    torn = 0 if data.startswith(REUSED) and not ours_at(data, valid, segment) else len(data) - valid
+    return start, payloads, torn, fmt
 
 
-def read_records(segment: Path, offset: int, end: int, budget: int, fmt: int = FORMAT) -> list[bytes]:
+def read_records(segment: Path, segment_id: int, offset: int, end: int, budget: int, fmt: int = FORMAT) -> list[bytes]:
     """Whole record payloads of `segment` from `offset`, about `budget` bytes of them (at least one if
     there is one), never past `end`, the last whole record the spool knows of: a tear beyond is not read."""
     with open(segment, "rb") as handle:
         handle.seek(offset)
         header = handle.read(HEADER.size)
-        wanted = HEADER.size + HEADER.unpack(header)[0] if len(header) == HEADER.size else 0
+        wanted = header_size(fmt) + HEADER.unpack(header)[0] if len(header) == HEADER.size else 0
         handle.seek(offset)
         data = handle.read(min(end - offset, max(wanted, budget + READ_SLACK)))  # scan() checks every crc it reads: no more
-    return scan(data, 0, fmt)[0]
+    return scan(data, 0, fmt, segment_id)[0]
 
 
-def appended_at(segment: Path, offset: int) -> float | None:
+def appended_at(segment: Path, offset: int, fmt: int = FORMAT) -> float | None:
     """When the record at `offset` was spooled; None if it cannot be read (the reader reports that)."""
     try:
         with open(segment, "rb") as handle:
-            handle.seek(offset + HEADER.size)
+            handle.seek(offset + header_size(fmt))
             prefix = handle.read(PREFIX.size)
     except OSError:
         return None
@@ -153,13 +157,37 @@ class SegmentFiles:
     def create(self, path: Path) -> None:
         """Make `path` the active file, with its marker; or raise, leaving neither file nor descriptor."""
         assert self.active is None, "seal the active segment first"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            write_all(fd, (MAGIC,))
+            write_all(fd, (MAGIC,), 0)
         except OSError:
             os.close(fd)  # never kept, so closed here and nowhere else
             unlink(path)
             raise
+        self._activate(fd)
+
+    def reuse(self, old: Path, path: Path) -> None:
+        """Make `path` the active file by renaming `old` (a delivered format-4 segment's file) and
+        marking it `REUSED`: its blocks are written over rather than freed and allocated again. Or
+        raise, leaving `old` where it was or gone, and no descriptor."""
+        assert self.active is None, "seal the active segment first"
+        if path.exists():  # as create's O_EXCL: a file that could not be removed is skipped, not written over
+            raise OSError(errno.EEXIST, "File exists", str(path))
+        try:
+            fd = os.open(old, os.O_WRONLY)
+        except OSError:
+            unlink(old)
+            raise
+        try:
+            write_all(fd, (REUSED,), 0)  # before the rename: a crash between the two leaves a kept file, removed at start
+            os.rename(old, path)
+        except OSError:
+            os.close(fd)
+            unlink(old)
+            raise
+        self._activate(fd)
+
+    def _activate(self, fd: int) -> None:
         self.active, self.broken = fd, False
         self._dirty.add(fd)
         self._dir_dirty = True
@@ -169,7 +197,7 @@ class SegmentFiles:
         with the file cut back to `offset` (or, if even that fails, marked `broken`)."""
         assert self.active is not None and not self.broken
         try:
-            write_all(self.active, parts)
+            write_all(self.active, parts, offset)
         except OSError:
             if not self.cut(offset):
                 self.broken = True
@@ -219,7 +247,7 @@ class SegmentFiles:
         """fsync what `take_dirty` returned; runs in a worker thread."""
         fds, sync_dir, _ = dirty
         for fd in fds:
-            os.fsync(fd)
+            os.fdatasync(fd)  # the size when it grew; mtime needs no flush (a reused file often does not grow)
         if sync_dir:
             directory = os.open(self.directory, os.O_RDONLY)
             try:

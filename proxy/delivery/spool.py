@@ -12,8 +12,11 @@ Records are read back in order by the destination's sender, which acks what the 
 The steady state reads nothing back from disk: the latest records (up to `FRESH_LIMIT` bytes) are
 kept in memory as the sender will use them, and only a sender further behind than that (an upstream
 outage, a backlog at start-up) reads the files, until it reaches the records still in memory.
-A sealed segment whose records are all acked is deleted. The count of acked records at the head of
-each segment is noted in `NNNNNNNNNNNN.ack` (best effort, not fsynced, at the first ack once
+A sealed segment whose records are all acked is deleted, or its file kept (up to `REUSE_FILES`) and
+written over by a later segment: freeing its blocks would hold up the fsyncs running meanwhile
+(`_remove`; the records' segment tags keep an earlier segment's leftovers out of a scan). The count
+of acked records at the head of each segment is noted in `NNNNNNNNNNNN.ack` (best effort, not
+fsynced, at the first ack once
 `ACK_NOTE_INTERVAL` seconds have passed): after a crash, at worst the records delivered since the
 last note are sent again (same messageId, so warehouses drop them), never fewer. At start-up every
 segment is scanned; a torn or corrupt tail is truncated and reported, and the records before it survive.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -52,15 +56,17 @@ from proxy.delivery.segment_files import (
     unlink,
     write_note,
 )
-from proxy.delivery.spool_format import FORMAT, HEADER, MAGIC, Frame, Record, SpoolFormatError, decode, encode, event_count
+from proxy.delivery.spool_format import FORMAT, HEADER, MAGIC, Frame, Record, SpoolFormatError, decode, encode, event_count, header_size, tag_of
 from proxy.log import LogThrottle, get_logger
 
-__all__ = ["FRESH_LIMIT", "HEADER", "MAGIC", "Frame", "Record", "Recovery", "Spool", "SpoolFormatError", "SpoolFull", "decode", "encode"]  # as before the split
+__all__ = ["FRESH_LIMIT", "HEADER", "MAGIC", "REUSE_FILES", "Frame", "Record", "Recovery", "Spool", "SpoolFormatError", "SpoolFull",
+           "decode", "encode"]  # as before the split
 
 log = get_logger("splitter.spool")
 ACK_NOTE_INTERVAL = 1.0  # seconds between rewrites of a segment's .ack note (each a rename over the last: on ext4 a few ms of the event loop under load)
 FRESH_LIMIT = 8 * 1024 * 1024  # bytes of just-written records kept for the reader, per spool
 READ_RETRY = 1.0  # seconds before reading again after a read error (EIO): the data may come back
+REUSE_FILES = 2  # delivered segment files kept, per spool, to be written over by the next segments
 
 
 class SpoolFull(Exception):
@@ -77,7 +83,8 @@ class Recovery:
 
 
 class _Segment:
-    __slots__ = ("acked", "acked_offset", "events", "fmt", "handed", "handed_events", "id", "noted", "noted_at", "path", "records", "size")
+    __slots__ = ("acked", "acked_offset", "events", "fmt", "handed", "handed_events", "id", "noted", "noted_at", "path", "records", "reusable",
+                 "size", "tag")
 
     def __init__(self, segment_id: int, path: Path, acked: int = 0, acked_events: int = 0, acked_offset: int = len(MAGIC), fmt: int = FORMAT) -> None:
         self.id, self.path, self.size, self.fmt = segment_id, path, 0, fmt  # fmt: 2 for a segment the previous release wrote
@@ -85,6 +92,8 @@ class _Segment:
         self.acked, self.acked_offset = acked, acked_offset  # records delivered at its head, and where the first one not yet starts
         self.handed, self.handed_events = acked, acked_events  # records (events) read out so far, acked or not
         self.noted, self.noted_at = acked, 0.0  # what its .ack note says, and when it was written
+        self.tag = tag_of(segment_id)  # on each of its records (format 4)
+        self.reusable = fmt == FORMAT  # its file may be written over by a later segment once delivered
 
 
 class Spool:
@@ -115,6 +124,9 @@ class Spool:
         self._fresh_bytes = 0
         self._fresh_limit = fresh_limit
         self._log = LogThrottle()  # a full disk fails every request: one line a second, with a count
+        # Delivered segments' files, kept to be written over by the next segments (see `_remove`), with
+        # their sizes; counted in disk_bytes, and given up first when room is needed.
+        self._reuse: deque[tuple[Path, int]] = deque()
         self.disk_bytes = 0
         self.pending = 0  # events appended and not yet acked
 
@@ -128,9 +140,11 @@ class Spool:
         truncated, truncated_names, skipped = 0, [], 0
         ids = sorted(int(p.stem) for p in self.directory.glob("*.seg") if p.stem.isdigit())
         forget_orphan_notes(self.directory, set(ids))  # a stale note would claim records of a new segment with its id
+        for kept in self.directory.glob("*.free"):  # files an earlier run kept for reuse: their ids may come again
+            unlink(kept)
         for segment_id in ids:
             path = self._path(segment_id)
-            start, payloads, cut, fmt = recover_file(path)
+            start, payloads, cut, fmt = recover_file(path, segment_id)
             if cut:
                 truncated += cut
                 truncated_names.append(path.name)
@@ -141,13 +155,14 @@ class Spool:
             if acked == len(payloads):
                 remove_segment(path)
                 continue
-            acked_offset = start + sum(HEADER.size + len(p) for p in payloads[:acked])
+            framing = header_size(fmt)
+            acked_offset = start + sum(framing + len(p) for p in payloads[:acked])
             segment = self._segments[segment_id] = _Segment(segment_id, path, acked, acked_events, acked_offset, fmt)
             if visit is not None:
                 for payload in payloads[acked:]:
                     visit(decode(segment_id, payload, fmt))
             self._order.append(segment_id)
-            self._count(segment, len(payloads) - acked, sum(counts[acked:]), start + sum(HEADER.size + len(p) for p in payloads))
+            self._count(segment, len(payloads) - acked, sum(counts[acked:]), start + sum(framing + len(p) for p in payloads))
         first = next((self._segments[i] for i in self._order if self._segments[i].acked < self._segments[i].records), None)
         if first is not None:
             self._cursor = (first.id, first.acked_offset)
@@ -164,9 +179,11 @@ class Spool:
         return self.disk_bytes - self._reclaimable() + size <= self.quota_bytes
 
     def _reclaimable(self) -> int:
-        """Bytes of an active segment whose records are all delivered: a new segment frees them."""
+        """Bytes of an active segment whose records are all delivered (a new segment frees them), and of
+        the files kept for reuse (given up when room is needed)."""
         active = self._active
-        return active.size - len(MAGIC) if active is not None and active.records and active.acked >= active.records else 0
+        kept = sum(size for _, size in self._reuse)
+        return kept + (active.size - len(MAGIC) if active is not None and active.records and active.acked >= active.records else 0)
 
     def starts_segment(self, size: int) -> bool:
         """Whether a write of `size` bytes seals the active segment and starts a new one first."""
@@ -181,13 +198,14 @@ class Spool:
         the disk refuses them: either way nothing of them is left in the spool."""
         if isinstance(frames, Frame):
             frames = (frames,)
-        parts = [part for one in frames for part in one.parts]
         size = sum(one.size for one in frames)
         events = sum(len(one.lengths) for one in frames)
         if self._closed:
             raise OSError(errno.EBADF, f"the spool at {self.directory} is closed")
         if not self.has_room(size):
             raise SpoolFull(f"spool at {self.directory} is at its quota of {self.quota_bytes} bytes")
+        while self._reuse and self.disk_bytes + size > self.quota_bytes:
+            self._give_up_kept()  # room for these records within the quota
         active = self._active
         if self.starts_segment(size):
             self._seal()  # full, at the quota with everything in it delivered (deleted then), or not to be appended to
@@ -196,11 +214,14 @@ class Spool:
         assert active is not None
         offset = active.size
         try:
-            self._files.append(parts, offset)
+            self._files.append([part for one in frames for part in one.parts(active.tag)], offset)
         except OSError as exc:
             if self._log.allow(("write", exc.errno)) is not None:
                 log.error("spool_write_refused", directory=str(self.directory), error=str(exc), errno=exc.errno)
+            while self._reuse:
+                self._give_up_kept()  # their room back on a full disk
             if active.records and active.acked >= active.records:
+                active.reusable = False
                 self._seal()  # all delivered: deleting it gives its room back on a full disk
             raise
         if self._cursor is None:
@@ -260,8 +281,11 @@ class Spool:
             log.error("spool_sync_failed", directory=str(self.directory), hint="the segment is sealed; the next write starts a new one")
 
     def _seal(self) -> None:
-        """No more appends to the active segment; deleted at once if everything in it was delivered."""
+        """No more appends to the active segment; deleted (or kept for reuse) at once if everything in
+        it was delivered."""
         segment, self._active = self._active, None
+        if segment is not None and self._files.broken:
+            segment.reusable = False  # a tear or a failed fsync past its last record: not written over
         self._files.seal()
         self.group.soon(self)  # `interval`: a sealed segment is synced now, not at the next tick
         if segment is not None and segment.acked >= segment.records:
@@ -274,7 +298,12 @@ class Spool:
         path = self._path(segment_id)
         unlink(path.with_suffix(".ack"))  # a stale note would claim this segment's records
         try:
-            self._files.create(path)
+            if self._reuse:
+                kept, kept_size = self._reuse.popleft()
+                self.disk_bytes -= kept_size  # counted from its marker on, as a new file is
+                self._files.reuse(kept, path)
+            else:
+                self._files.create(path)
         except OSError as exc:
             if self._log.allow(("create", exc.errno)) is not None:
                 log.error("spool_segment_not_started", directory=str(self.directory), error=str(exc), hint="the next write tries again")
@@ -327,7 +356,7 @@ class Spool:
                 records.append(record)
                 size += record.size
             return records
-        return read_records(segment.path, offset, segment.size, budget, segment.fmt)
+        return read_records(segment.path, segment.id, offset, segment.size, budget, segment.fmt)
 
     def _read_now(self, max_events: int, max_bytes: int) -> list[Record]:
         records: list[Record] = []
@@ -372,6 +401,7 @@ class Spool:
         log.error("spool_records_unreadable", directory=str(self.directory), segment=segment.path.name, offset=offset,
                   records_lost=lost_records, events_lost=lost_events)
         self._count(segment, -lost_records, -lost_events, offset - segment.size)
+        segment.reusable = False  # damaged under the spool: not written over
         if segment is self._active:
             self._files.broken = True  # the file goes on past `offset`: never append there
         elif segment.acked >= segment.records:
@@ -397,10 +427,28 @@ class Spool:
                 self._write_ack(segment, now)
 
     def _remove(self, segment_id: int) -> None:
+        """A delivered segment goes; its file is kept to be written over by a later segment when it
+        can be (`REUSE_FILES`): deleting it frees its blocks, which on ext4 (worse with `discard`)
+        holds up every fsync running meanwhile for tens of ms, the p99 of `--durability fsync`."""
         segment = self._segments.pop(segment_id)
         self._order.remove(segment_id)
+        if segment.reusable and len(self._reuse) < REUSE_FILES and segment.size > len(MAGIC):
+            kept = segment.path.with_suffix(".free")
+            unlink(segment.path.with_suffix(".ack"))  # the note first, as remove_segment does
+            try:
+                os.rename(segment.path, kept)
+            except OSError as exc:
+                log.warning("spool_file_not_kept", path=str(segment.path), error=str(exc))
+            else:
+                self._reuse.append((kept, segment.size))
+                return
         self.disk_bytes -= segment.size
         remove_segment(segment.path)
+
+    def _give_up_kept(self) -> None:
+        kept, size = self._reuse.pop()
+        self.disk_bytes -= size
+        unlink(kept)
 
     def _write_ack(self, segment: _Segment, now: float) -> None:
         if write_note(segment.path, segment.acked):
@@ -419,7 +467,7 @@ class Spool:
         for segment_id in self._order:
             segment = self._segments[segment_id]
             if segment.acked < segment.records:
-                at = appended_at(segment.path, segment.acked_offset)
+                at = appended_at(segment.path, segment.acked_offset, segment.fmt)
                 return 0.0 if at is None else max(0.0, (now or time.time()) - at)
         return 0.0
 
@@ -431,5 +479,9 @@ class Spool:
         for segment in self._segments.values():
             if segment.acked != segment.noted:
                 self._write_ack(segment, time.monotonic())
+        if self._active is not None and self._files.active is not None:
+            self._files.cut(self._active.size)  # a reused file's earlier records go: a clean stop leaves none
+        while self._reuse:
+            self._give_up_kept()
         self._active = None
         self._files.close()

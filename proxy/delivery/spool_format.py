@@ -2,7 +2,7 @@
 
 Segment files (`NNNNNNNNNNNN.seg`) start with an 8-byte format marker and hold records
 
-    u32 length | u32 crc32(payload) | payload
+    u32 length | u32 crc32(payload) | u32 tag | payload
     payload = f64 appended_at | u16 len(credential) | u16 len(forwarded_for) | u32 n
               | credential | forwarded_for | n x u32 event length | u32 len(tags) | tags
               | events joined by ","
@@ -16,9 +16,18 @@ oversized batch or to isolate a poison event.
 them; empty when nobody asked): the spool is the one place that still knows, when a record is
 delivered or dead-lettered after a crash and a restart, which source, role and event names it held.
 
-Format 3 added the tags. Format 2 segments (the same records without `u32 len(tags) | tags`) are
-still read, so that a spool left by the previous release is delivered after an upgrade; their
-records carry no tags. New segments are always written in format 3.
+`tag` is the segment's id (its low 32 bits): a file whose records were all delivered is reused for a
+later segment rather than deleted (`spool.py`: deleting it frees its blocks, which on ext4 stalls
+every concurrent fsync for tens of ms), and is overwritten from the start, not emptied first. What
+follows the last record written is then the previous segment's records, whole and with valid crcs,
+and the tag is what ends the scan there: a record whose tag is not its file's is not this segment's.
+Ids only grow (a new one is past every file present), so no reused file holds its own id's records.
+A reused file's marker is `REUSED`: past its last record, bytes that do not start with one of its
+own records' headers are what the earlier segment left, not a tear, and are cut without a report.
+
+Format 4 added the tag, format 3 the `tags`. Format 3 and 2 segments (format 2 is format 3 without
+`u32 len(tags) | tags`) are still read, so that a spool left by an earlier release is delivered
+after an upgrade; they are never reused. New segments are always written in format 4.
 
 No I/O here: `spool.py` owns the files; this module only says what their bytes mean, so that the
 format can be tested, and changed, apart from the writing and its failure handling.
@@ -31,11 +40,15 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-MAGIC = b"SPLSPL\x00\x03"  # format 3: chunk records with tags; every new segment
+MAGIC = b"SPLSPL\x00\x04"  # format 4: records tagged with their segment's id; every new segment
+REUSED = b"SPLSPL\x01\x04"  # format 4 in a reused file: an earlier segment's records follow this one's
+MAGIC_3 = b"SPLSPL\x00\x03"  # format 3: chunk records with tags, still read
 MAGIC_2 = b"SPLSPL\x00\x02"  # format 2: chunk records without tags, still read. Format 1 (one event per record) had no marker.
-FORMATS = {MAGIC: 3, MAGIC_2: 2}
-FORMAT = 3
-HEADER = struct.Struct("<II")
+FORMATS = {MAGIC: 4, REUSED: 4, MAGIC_3: 3, MAGIC_2: 2}
+FORMAT = 4
+HEADER = struct.Struct("<II")  # length, crc: formats 2 and 3
+TAGGED = struct.Struct("<III")  # length, crc, tag: format 4
+TAG = struct.Struct("<I")
 PREFIX = struct.Struct("<dHHI")
 LENGTH = struct.Struct("<I")
 MAX_RECORD = 64 * 1024 * 1024  # anything longer is corruption, not a request's events
@@ -74,13 +87,25 @@ class Record:
         return events
 
 
+def header_size(fmt: int) -> int:
+    """Bytes before a record's payload in a segment of format `fmt`."""
+    return TAGGED.size if fmt >= 4 else HEADER.size
+
+
+def tag_of(segment: int) -> bytes:
+    """The tag every record of segment `segment` carries (format 4)."""
+    return TAG.pack(segment & 0xFFFFFFFF)
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A record ready to be written, in two parts: its framing (`head`: length, crc and the fields
-    before the events) and the joined events. The spool writes both with one `writev`, so the events
-    are never copied into one buffer with their framing, and keeps what the reader needs (`record()`)
-    so that a record read back while still in memory is never decoded again."""
+    """A record ready to be written, in parts: its length and crc (`header`), the segment's tag, the
+    fields before the events (`head`) and the joined events. The spool writes them with one `writev`
+    once it knows the segment, so the events are never copied into one buffer with their framing,
+    and keeps what the reader needs (`record()`) so that a record read back while still in memory is
+    never decoded again."""
 
+    header: bytes
     head: bytes
     joined: bytes
     appended_at: float
@@ -92,31 +117,32 @@ class Frame:
     @property
     def size(self) -> int:
         """Bytes the record takes in its segment file."""
-        return len(self.head) + len(self.joined)
+        return TAGGED.size + len(self.head) + len(self.joined)
 
-    @property
-    def parts(self) -> tuple[bytes, bytes]:
-        return self.head, self.joined
+    def parts(self, tag: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+        """The record's bytes in a segment whose tag is `tag` (`tag_of`)."""
+        return self.header, tag, self.head, self.joined
 
     def record(self, segment: int) -> Record:
         return Record(segment, self.appended_at, self.credential, self.forwarded_for, self.joined, self.lengths, self.size, self.tags)
 
 
 def frame(appended_at: float, credential: str, forwarded_for: str | None, events: list[bytes], tags: bytes = b"") -> Frame:
-    """One format-3 record holding `events` (at least one), ready to be written."""
+    """One format-4 record holding `events` (at least one), ready to be written."""
     cred = credential.encode()
     forwarded = (forwarded_for or "").encode()
     lengths = tuple(map(len, events))
     head = (PREFIX.pack(appended_at, len(cred), len(forwarded), len(events)) + cred + forwarded
             + struct.pack(f"<{len(events) + 1}I", *lengths, len(tags)) + tags)
     joined = b",".join(events)
-    framed = HEADER.pack(len(head) + len(joined), zlib.crc32(joined, zlib.crc32(head))) + head
-    return Frame(framed, joined, appended_at, credential, forwarded_for or None, lengths, tags)
+    header = HEADER.pack(len(head) + len(joined), zlib.crc32(joined, zlib.crc32(head)))
+    return Frame(header, head, joined, appended_at, credential, forwarded_for or None, lengths, tags)
 
 
-def encode(appended_at: float, credential: str, forwarded_for: str | None, events: list[bytes], tags: bytes = b"") -> bytes:
-    """One format-3 record holding `events` (at least one), as the bytes of its segment file."""
-    return b"".join(frame(appended_at, credential, forwarded_for, events, tags).parts)
+def encode(appended_at: float, credential: str, forwarded_for: str | None, events: list[bytes], tags: bytes = b"", *,
+           segment: int = 1) -> bytes:
+    """One format-4 record holding `events` (at least one), as the bytes of segment `segment`'s file."""
+    return b"".join(frame(appended_at, credential, forwarded_for, events, tags).parts(tag_of(segment)))
 
 
 def decode(segment: int, payload: bytes, fmt: int = FORMAT) -> Record:
@@ -134,21 +160,25 @@ def decode(segment: int, payload: bytes, fmt: int = FORMAT) -> Record:
         tags_len = LENGTH.unpack_from(payload, start)[0]
         tags = payload[start + LENGTH.size:start + LENGTH.size + tags_len]
         start += LENGTH.size + tags_len
-    return Record(segment, appended_at, credential, forwarded, payload[start:], lengths, HEADER.size + len(payload), tags)
+    return Record(segment, appended_at, credential, forwarded, payload[start:], lengths, header_size(fmt) + len(payload), tags)
 
 
 def event_count(payload: bytes) -> int:
     return int(PREFIX.unpack_from(payload)[3])
 
 
-def scan(data: bytes, start: int = 0, fmt: int = FORMAT) -> tuple[list[bytes], int]:
-    """Complete, valid record payloads (of format `fmt`) in `data` from `start`, and the offset just past the last one."""
+def scan(data: bytes, start: int = 0, fmt: int = FORMAT, segment: int = 0) -> tuple[list[bytes], int]:
+    """Complete, valid record payloads (of format `fmt`; of segment `segment` in format 4) in `data`
+    from `start`, and the offset just past the last one."""
     payloads, offset, end = [], start, len(data)
-    while offset + HEADER.size <= end:
+    size, tag = header_size(fmt), segment & 0xFFFFFFFF
+    while offset + size <= end:
         length, crc = HEADER.unpack_from(data, offset)
-        body_start = offset + HEADER.size
+        body_start = offset + size
         if length < PREFIX.size or length > MAX_RECORD or body_start + length > end:
             break
+        if fmt >= 4 and TAG.unpack_from(data, offset + HEADER.size)[0] != tag:
+            break  # the end of this segment's records: what follows is an earlier segment's, in a reused file
         payload = data[body_start:body_start + length]
         if zlib.crc32(payload) != crc or not _consistent(payload, fmt):
             break
@@ -170,6 +200,15 @@ def _consistent(payload: bytes, fmt: int) -> bool:
             return False
         start += LENGTH.size + LENGTH.unpack_from(payload, start)[0]
     return bool(sum(lengths) + count - 1 == len(payload) - start)
+
+
+def ours_at(data: bytes, offset: int, segment: int) -> bool:
+    """Whether a format-4 file's `data` has, at `offset`, the header of one of segment `segment`'s
+    records: past the last whole record, that is a record torn while being written, not what an
+    earlier segment left in a reused file."""
+    if offset + TAGGED.size > len(data):
+        return False
+    return bool(TAG.unpack_from(data, offset + HEADER.size)[0] == segment & 0xFFFFFFFF)
 
 
 def _first_frame_is_whole(data: bytes) -> bool:
@@ -200,10 +239,10 @@ def check_format(path: Path, data: bytes) -> tuple[int, int]:
             return len(magic), fmt
     if len(data) < len(MAGIC) and any(magic.startswith(data) for magic in FORMATS):
         return len(data), FORMAT  # torn while being created: no records, the open removes it
-    for fmt in sorted(FORMATS.values(), reverse=True):
+    for fmt in (3, 2):  # a format-4 file always has its marker first: these shapes are older releases'
         if scan(data, 0, fmt)[0]:
             return 0, fmt
     if not _first_frame_is_whole(data):
         return 0, FORMAT
-    raise SpoolFormatError(f"{path} is not a spool segment of format 2 or 3 (written by an older splitter?); "
+    raise SpoolFormatError(f"{path} is not a spool segment of format 2, 3 or 4 (written by an older splitter?); "
                            "deliver it with the version that wrote it, or move it away to start")
