@@ -22,7 +22,7 @@ batches of 50 events (`rules/bench.yaml`, the payload of `bench_delivery`) and s
     of the path does it (batches, /v1/t, /v1/track);
   - `spool framing`: the records for the primary and the mirror (lengths, crc32);
   - `spool write`: those records written as `--durability interval` writes them before the 200 (page
-    cache, no fsync): `write_all` (one `writev` per request and destination, the primary and a mirror
+    cache, no fsync): `write_all` (one `pwritev` per request and destination, the primary and a mirror
     copy for the same destination together) to one segment file per destination in a temporary
     directory beside the bench's spool (`tempfile.gettempdir()`, as `loadtest/process.py`), rotated at
     16 MB like the spool's segments (a new file with its format marker, the full one removed). CPU
@@ -75,7 +75,7 @@ from loadtest.report import CPU_PER_EVENT_US, CPU_PER_SINGLE_US, FORWARDER, FORW
 from proxy.delivery.batches import upstream_batches
 from proxy.delivery.options import DeliveryOptions
 from proxy.delivery.segment_files import write_all
-from proxy.delivery.spool_format import MAGIC, Frame
+from proxy.delivery.spool_format import MAGIC, Frame, tag_of
 from proxy.delivery.spool_format import frame as frame_record
 from proxy.delivery.submission import Submission
 from proxy.delivery.upstream import MAX_ANSWER_BYTES, USER_AGENT, basic_auth, read_bounded
@@ -156,8 +156,9 @@ def _records(submission: Submission) -> list[tuple[str, list[Frame]]]:
 
 
 class SegmentWriter:
-    """One destination's spool files, written as the spool writes them (`write_all`, O_APPEND, the format
-    marker first) and rotated at the spool's segment size, the full file removed (as a delivered one is)."""
+    """One destination's spool files, written as the spool writes them (`write_all` at the record's offset,
+    the format marker first) and rotated at the spool's segment size, the full file removed (the spool
+    keeps the last two delivered ones to write over: removing is the floor's simpler, dearer choice)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -168,8 +169,8 @@ class SegmentWriter:
     def _start(self) -> int:
         self.close()
         self.serial += 1
-        fd = os.open(self._path(), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        write_all(fd, (MAGIC,))
+        fd = os.open(self._path(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_all(fd, (MAGIC,), 0)
         self.fd, self.size = fd, len(MAGIC)
         return fd
 
@@ -180,7 +181,7 @@ class SegmentWriter:
         fd = self.fd
         if fd is None or self.size + size > SEGMENT_BYTES:
             fd = self._start()
-        write_all(fd, parts)
+        write_all(fd, parts, self.size)
         self.size += size
 
     def close(self) -> None:
@@ -210,7 +211,8 @@ def _prepare_frame_and_write(rules: RuleSet, payload: Payload, seconds: float) -
         for chunk in (*done.primary.values(), *done.mirror.values()):
             frame_record(1.0, "key", None, chunk.events)
 
-    writes = {id(body): [(name, [part for one in frames for part in one.parts], sum(one.size for one in frames))
+    tag = tag_of(1)  # the segment's tag each record carries (format 4)
+    writes = {id(body): [(name, [part for one in frames for part in one.parts(tag)], sum(one.size for one in frames))
                          for name, frames in _records(prepared[id(body)])] for body in payload.bodies}
     pieces = {PREPARE: per_event(prepare, payload.bodies, seconds, payload.events), FRAMING: per_event(frame, payload.bodies, seconds, payload.events)}
     # beside the bench's spool: a fresh temporary directory (loadtest/process.py, tempfile.mkdtemp)
