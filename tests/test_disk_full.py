@@ -436,7 +436,7 @@ class Traffic:
             self.problems.append(f"connection error: {exc!r}")
             return 0
         self.statuses[str(status)] += 1
-        if RUDDER_KEY.encode() in text or b"SPLSPL" in text:
+        if RUDDER_KEY.encode() in text or any(marker in text for marker in (b"SPL4", b"SPLR", b"SPLSPL")):
             self.problems.append(f"spool bytes in an answer: {text[:200]!r}")
         if status == 200:
             self.accepted.update(ids)

@@ -288,6 +288,32 @@ async def test_a_failed_fsync_round_fails_the_rounds_after_it_and_the_waiting_no
     await group.idle()
 
 
+async def test_a_round_whose_fsyncs_ran_beside_a_failed_one_fails_too_even_when_it_started_first() -> None:
+    """Linux reports a writeback error to one fsync of an open file: when two rounds fsync the same
+    descriptor at once, the second may get the error of the first one's records. The first round
+    ended well, but it is not answered before the round beside it is over, and fails with it."""
+    group, spool = GroupCommit(), GatedSpool()
+    spool.fail.add(1)
+    first = request(group, spool)
+    await until(lambda: len(spool.gates) == 1)
+    second = request(group, spool)
+    await until(lambda: len(spool.gates) == 2)
+    spool.gates[0].set()  # the first round's fsyncs end well
+    await asyncio.sleep(0.05)
+    assert not first.done() and spool.committed == 0  # the round beside it still runs
+    spool.gates[1].set()  # and fails
+    for task in (first, second):
+        with pytest.raises(OSError):
+            await task
+    assert spool.committed == 0 and spool.failed == [1]
+    later = request(group, spool)  # a round that starts afterwards is not failed by it
+    await until(lambda: len(spool.gates) == 3)
+    spool.gates[2].set()
+    await later
+    assert spool.committed == 3
+    await group.idle()
+
+
 async def test_idle_waits_for_every_round_in_flight_and_the_one_they_start() -> None:
     group, spool = GroupCommit(), GatedSpool()
     tasks = [request(group, spool) for _ in range(2)]

@@ -21,7 +21,7 @@ from proxy.delivery.accounting import Accounting, RequestAccount, RoutedAccount
 from proxy.delivery.batches import upstream_batches
 from proxy.delivery.record_tags import UNKNOWN, describe, read_tags
 from proxy.delivery.spool import Spool
-from proxy.delivery.spool_format import FORMATS, MAGIC, MAGIC_2, MAGIC_3, REUSED, TAGGED, check_format, decode, encode, frame
+from proxy.delivery.spool_format import FORMATS, MAGIC, MAGIC_2, MAGIC_3, REUSED, TAGGED, _first_frame_is_whole, check_format, decode, encode, frame, scan
 from proxy.engine import EventContext, RuleSet, compile_rules
 from proxy.ingress.prepare import CallShape, prepare
 from proxy.metrics import Metrics
@@ -95,6 +95,19 @@ def test_the_format_markers_and_a_record_s_tags_round_trip() -> None:
         assert data.startswith(MAGIC_3) and check_format(fixture, data) == (len(MAGIC_3), 3)
     for torn in (MAGIC[:3], MAGIC_2[:7], REUSED[:7], b""):
         assert check_format(Path("x.seg"), torn) == (len(torn), 4)  # torn while being created: no records either way
+
+
+def test_a_release_reading_format_3_refuses_a_format_4_file_rather_than_cutting_it() -> None:
+    """The format-3 release's check (tests/data/spool-format-3's writer, 11912e3): no marker of its own,
+    no record of format 3 or 2 from the start, and a whole first frame means "another format's file":
+    it stops naming it. A marker it read as a torn one would have been cut off with the records after
+    it, which a downgrade must never do to events answered 200."""
+    for marker in (MAGIC, REUSED):
+        data = marker + encode(1.0, "k", None, [b'{"messageId":"m"}'], segment=1)
+        assert not any(data.startswith(old) for old in (MAGIC_3, MAGIC_2))
+        assert scan(data, 0, 3)[0] == [] and scan(data, 0, 2)[0] == []
+        assert _first_frame_is_whole(data)  # the length it reads from the marker: 8 bytes, no record
+        assert check_format(Path("x.seg"), data) == (len(MAGIC), 4)
 
 
 async def test_records_of_the_previous_format_without_their_marker_are_read_as_format_2(tmp_path: Path) -> None:

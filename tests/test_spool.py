@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -250,14 +251,14 @@ async def test_a_delivered_segment_file_is_written_over_and_a_crash_recovers_onl
     valid crcs. After a crash, recovery reads only the new segment's own records (the tag), cuts the
     rest without calling it a tear, and a tear of the new records over the old ones is still one."""
     spool, _ = opened(tmp_path, segment_bytes=1000)
-    old = [ev(i, pad=100) for i in range(16)]
+    old = [ev(10 + i, pad=100) for i in range(16)]
     for e in old:
         await put(spool, [("k", None, e)])
     spool.ack(await read_n(spool, len(old)))  # all delivered: every sealed segment's file is kept or deleted
     kept = kept_files(tmp_path)
     assert len(kept) == REUSE_FILES
     inodes = {(tmp_path / name).stat().st_ino for name in kept}
-    new = [ev(100 + i, pad=20) for i in range(14)]  # shorter records: the earlier ones show past them
+    new = [ev(50 + i, pad=100) for i in range(5)]  # as long as the earlier ones: their records start right where these end
     for e in new:
         await put(spool, [("k", None, e)])
     reused = [p for p in tmp_path.glob("*.seg") if p.stat().st_ino in inodes]
@@ -278,11 +279,15 @@ async def test_a_delivered_segment_file_is_written_over_and_a_crash_recovers_onl
     for e in old:
         await put(third, [("k", None, e)])
     third.ack(await read_n(third, len(old)))
-    for e in new[:8]:
-        await put(third, [("k", None, e)])
-    [path] = [p for p in (tmp_path / "torn").glob("*.seg") if p.stat().st_size > records_end(p)][:1]
+    reused_now: list[Path] = []
+    for i in range(20):  # until a reused file holds some of the new records and the earlier ones after them
+        await put(third, [("k", None, ev(70 + i, pad=100))])
+        reused_now = [p for p in (tmp_path / "torn").glob("*.seg") if p.stat().st_size > records_end(p) > len(MAGIC)]
+        if reused_now:
+            break
+    [path] = reused_now
     end = records_end(path)
-    last = len(encode(0.0, "k", None, [new[0]]))
+    last = len(encode(0.0, "k", None, [ev(70, pad=100)]))
     with open(path, "r+b") as handle:  # the last record's payload half written: its crc fails
         handle.seek(end - last // 2)
         handle.write(b"\xff" * 8)
@@ -923,6 +928,17 @@ async def _against_the_model(directory: Path, ops: list[Op], fresh_limit: int, s
         assert spool.disk_bytes == sum(map(records_end, directory.glob("*.seg"))) + sum(p.stat().st_size for p in directory.glob("*.free"))
         assert (spool._unread, spool._unread_events) == (len(written) - done, sum(map(len, written[done:])))
         assert spool.pending == sum(map(len, written)) - acked
+    if spool.appended:
+        await synced(spool, spool.appended)
+    crashed = directory.parent / f"{directory.name}-crashed"
+    shutil.copytree(directory, crashed)  # the files as a crash (not a power cut) leaves them, reused ones included
+    again, recovery = opened(crashed, segment_bytes=segment_bytes)
+    every = [event for events in written for event in events]
+    assert recovery.truncated_bytes == 0 and spool.pending <= recovery.records <= len(every)
+    replayed = await read_n(again, recovery.records) if recovery.records else []
+    assert [e for r in replayed for e in r.events()] == every[len(every) - recovery.records:]  # a suffix: nothing stale
+    await again.close()
+    shutil.rmtree(crashed)
     rest = await read_n(spool, sum(map(len, written[done:]))) if done < len(written) else []
     assert [r.events() for r in rest] == written[done:]
     spool.ack(handed + rest)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,10 +74,11 @@ class _Round:
 
     plan: list[tuple[Syncable, int, Any]]
     requests: Waiting
+    synced: asyncio.Future[BaseException | None]  # its fsyncs' outcome, from its thread
     finished: bool = False
     error: BaseException | None = None  # its own sync's failure
-    behind: BaseException | None = None  # an earlier round's failure, which fails this one's requests too
-    task: asyncio.Task[None] | None = field(default=None, repr=False)
+    behind: BaseException | None = None  # an earlier or overlapping round's failure, which fails this one too
+    overlapped: list[_Round] = field(default_factory=list, repr=False)  # rounds whose fsyncs ran beside its own
 
 
 class GroupCommit:
@@ -124,8 +126,8 @@ class GroupCommit:
             await self._sync_unsynced()
         else:
             while self._rounds or self._threads:  # settling one may start another, for requests that waited
-                busy = [r.task for r in self._rounds if r.task is not None] + list(self._threads)
-                await asyncio.gather(*busy, return_exceptions=True)
+                await asyncio.gather(*(r.synced for r in self._rounds), *self._threads, return_exceptions=True)
+                await asyncio.sleep(0)  # the rounds' settling callbacks
 
     async def _ticks(self, interval: float) -> None:
         while self._unsynced:
@@ -158,44 +160,53 @@ class GroupCommit:
                 self._on_round()
 
     def _start_round(self) -> None:
-        """`fsync`: a round for every request waiting, unless `ROUNDS_IN_FLIGHT` already run (then the
-        first to end starts it, for everyone who waited meanwhile)."""
+        """`fsync`: a round for every request waiting, unless `ROUNDS_IN_FLIGHT` are not settled yet
+        (then the first to settle starts it, for everyone who waited meanwhile).
+
+        The round is a thread's work and two futures, no task: nothing can cancel it halfway (a task
+        is cancelled at the loop's teardown), so its descriptors are released only once its thread
+        has reported, and it always settles. The thread reports its fsyncs' outcome before it
+        closes the descriptors it was handed: closing the last descriptor of a delivered, unlinked
+        segment frees its blocks on the spot (ext4: tens of ms), which no answer waits for."""
         if not self._waiting or len(self._rounds) >= ROUNDS_IN_FLIGHT:
             return
+        loop = asyncio.get_running_loop()
         requests, self._waiting = self._waiting, []
         spools = {id(spool): spool for pending, _ in requests for spool, _ in pending}.values()
-        one = _Round([(spool, spool.appended, spool.take_dirty()) for spool in spools], requests)
+        one = _Round([(spool, spool.appended, spool.take_dirty()) for spool in spools], requests, loop.create_future())
+        for running in self._rounds:
+            if not running.finished:  # their fsyncs and this one's run at once
+                running.overlapped.append(one)
+                one.overlapped.append(running)
         self._rounds.append(one)
-        one.task = asyncio.ensure_future(self._run(one))
-
-    async def _run(self, one: _Round) -> None:
-        """The round's thread reports its fsyncs' outcome before it closes the descriptors it was handed:
-        closing the last descriptor of a delivered, unlinked segment frees it on the spot (ext4: tens
-        of ms), which no answer waits for (at half load on batches it was most of the p99)."""
-        loop = asyncio.get_running_loop()
-        synced: asyncio.Future[BaseException | None] = loop.create_future()
 
         def report(error: BaseException | None) -> None:  # in the worker thread
             with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody is waiting
-                loop.call_soon_threadsafe(_set_result, synced, error)
+                loop.call_soon_threadsafe(_set_result, one.synced, error)
 
-        work = asyncio.ensure_future(asyncio.to_thread(_round, one.plan, report))
+        one.synced.add_done_callback(lambda done: self._finished(one, done.result()))
+        try:
+            work = loop.run_in_executor(None, _round, one.plan, report)
+        except RuntimeError as exc:  # the executor is shut down (the process is stopping)
+            _set_result(one.synced, OSError(errno.ECANCELED, f"no thread left to sync the spool: {exc}"))
+            return
         self._threads.add(work)  # until its closes are done too (`idle` waits for them)
         work.add_done_callback(self._threads.discard)
-        work.add_done_callback(lambda done: _set_result(synced, _ended_silently(done)))  # never waits forever
-        try:
-            one.error = await synced
-        except BaseException as exc:  # cancelled (shutdown): its requests must not hang
-            one.error = exc
-            raise
-        finally:
-            one.finished = True
-            self._settle()
-            self._start_round()
+        work.add_done_callback(lambda done: _set_result(one.synced, _ended_silently(done)))  # never waits forever
+
+    def _finished(self, one: _Round, error: BaseException | None) -> None:
+        one.finished, one.error = True, error
+        self._settle()
+        self._start_round()
 
     def _settle(self) -> None:
-        """Answer the requests of finished rounds, in the order the rounds started."""
-        while self._rounds and self._rounds[0].finished:
+        """Answer the requests of finished rounds, in the order the rounds started.
+
+        Rounds that ran at once fail together: Linux reports a writeback error to one fsync of an open
+        file only, so when two rounds fsync the same descriptor at once, the error of the first one's
+        records may be returned to the second. A round is therefore answered only once every round
+        that ran beside it is over, and fails if any of them failed."""
+        while self._rounds and self._rounds[0].finished and all(other.finished for other in self._rounds[0].overlapped):
             one = self._rounds.popleft()
             for spool, _, dirty in one.plan:
                 spool.release(dirty)
@@ -209,8 +220,9 @@ class GroupCommit:
                 waiting, self._waiting = self._waiting, []
                 _fail(one.requests + waiting, one.error)
                 continue
-            if one.behind is not None:
-                _fail(one.requests, one.behind)
+            error = one.behind or next((other.error for other in one.overlapped if other.error is not None), None)
+            if error is not None:
+                _fail(one.requests, error)
                 continue
             for spool, target, _ in one.plan:
                 spool.committed = max(spool.committed, target)

@@ -172,6 +172,7 @@ class SegmentFiles:
         raise, leaving `old` where it was or gone, and no descriptor."""
         assert self.active is None, "seal the active segment first"
         if path.exists():  # as create's O_EXCL: a file that could not be removed is skipped, not written over
+            unlink(old)  # given up (the spool no longer counts it): never left behind uncounted
             raise OSError(errno.EEXIST, "File exists", str(path))
         try:
             fd = os.open(old, os.O_WRONLY)

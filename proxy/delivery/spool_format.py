@@ -40,8 +40,11 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-MAGIC = b"SPLSPL\x00\x04"  # format 4: records tagged with their segment's id; every new segment
-REUSED = b"SPLSPL\x01\x04"  # format 4 in a reused file: an earlier segment's records follow this one's
+# Format 4's markers start with what a release reading format 3 takes for the length of an 8-byte
+# frame that is no record: it refuses such a file by name (SpoolFormatError), as it should, rather
+# than cutting it off as a marker torn while being created ("SPLS" read as a length is 1.4 GB).
+MAGIC = b"\x08\x00\x00\x00SPL4"  # format 4: records tagged with their segment's id; every new segment
+REUSED = b"\x08\x00\x00\x00SPLR"  # format 4 in a reused file: an earlier segment's records follow this one's
 MAGIC_3 = b"SPLSPL\x00\x03"  # format 3: chunk records with tags, still read
 MAGIC_2 = b"SPLSPL\x00\x02"  # format 2: chunk records without tags, still read. Format 1 (one event per record) had no marker.
 FORMATS = {MAGIC: 4, REUSED: 4, MAGIC_3: 3, MAGIC_2: 2}
