@@ -72,6 +72,11 @@ def expected_ids(rules: RuleSet, accepted: dict[str, dict[str, Any]]) -> dict[st
     return out
 
 
+def filler(padding: int) -> dict[str, Any]:
+    """What `padded_event` adds to an event for `padding` bytes of filler (nothing for 0)."""
+    return {"properties": {"pad": "x" * padding}} if padding else {}
+
+
 def padded_event(prefix: str, worker: int, n: int, i: int, filler: dict[str, Any]) -> dict[str, Any]:
     """Ids of one width: batches of the same size and padding are spooled as records of the same size."""
     return {"type": "track", "event": "E", "anonymousId": f"user-{worker}-{n:06d}-{i:02d}", "messageId": f"{prefix}{worker}-{n:06d}-{i:02d}", **filler}
@@ -82,10 +87,10 @@ async def send_until(splitter: SplitterProcess, stop: asyncio.Event, accepted: d
     """Keep sending batches; record every event of every batch answered 200. Bounded by `stop`.
     `padding`: bytes of filler per event, to fill spool segments sooner."""
     n = 0
-    filler = {"properties": {"pad": "x" * padding}} if padding else {}
+    extra = filler(padding)
     async with aiohttp.ClientSession() as client:
         while not stop.is_set():
-            batch = [padded_event(prefix, worker, n, i, filler) for i in range(batch_size)]
+            batch = [padded_event(prefix, worker, n, i, extra) for i in range(batch_size)]
             n += 1
             try:
                 async with client.post(splitter.ingress + "/v1/batch", data=orjson.dumps({"batch": batch}), headers=AUTH,
@@ -182,7 +187,10 @@ def newest_segment(spool: Path, destination: str) -> Path | None:
 
 def written_over(path: Path | None) -> bool:
     """Whether `path` is a segment file written over (format 4's REUSED marker)."""
-    return path is not None and path.read_bytes()[:len(REUSED)] == REUSED
+    if path is None:
+        return False
+    with path.open("rb") as file:
+        return file.read(len(REUSED)) == REUSED
 
 
 def old_records_past_the_end(path: Path) -> int:
@@ -233,7 +241,7 @@ async def test_sigkill_with_segment_files_written_over_replays_nothing_old_and_l
         await load_until(first, accepted, statuses, lambda: written_over(newest_segment(spool, "segment")), "a")
         await wait_delivered(receivers, expected_ids(rules, accepted), timeout=60)
         await asyncio.sleep(ACK_NOTE_INTERVAL + 0.2)  # the next ack rewrites the active segment's note
-        last = [padded_event("z", 9, 0, i, {"properties": {"pad": "x" * PADDING}}) for i in range(20)]  # the size of every batch before
+        last = [padded_event("z", 9, 0, i, filler(PADDING)) for i in range(20)]  # the size of every batch before
         async with aiohttp.ClientSession() as client, client.post(first.ingress + "/v1/batch", data=orjson.dumps({"batch": last}),
                                                                    headers=AUTH) as response:
             assert response.status == 200
