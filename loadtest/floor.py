@@ -10,9 +10,9 @@ batches of 50 events (`rules/bench.yaml`, the payload of `bench_delivery`) and s
   - `direct` (on its own only): the load straight to Segment's stand-in receiver;
   - `aiohttp, read and answer`: an aiohttp + uvloop app that reads the body and answers 200
     (`loadtest/baselines/sink.py`): what aiohttp alone costs per request;
-  - `splitter's ingest port, read and answer`: the same handler on splitter's ingest listener (aiohttp
-    with its timeouts, keepalive and backpressure) behind splitter's observer (request metrics,
-    in-flight limit, CORS, JSON errors), served by `python -m loadtest.floor --serve`: splitter's HTTP
+  - `splitter's ingest port, read and answer`: the same handler on splitter's ingest listener (llhttp
+    framing and aiohttp's request objects, with its timeouts, keepalive and backpressure) behind
+    splitter's observer (request metrics, in-flight limit, CORS, JSON errors), served by `python -m loadtest.floor --serve`: splitter's HTTP
     layer; once with batches, once with single calls to /v1/track (/v1/t is the same handler);
   - `bare asyncio protocol`: a Content-Length-only protocol on uvloop: moving the bytes through Python;
   - `aiohttp forwarder`: the plain parsing forwarder of `loadtest.bench` (the ratio target's baseline);

@@ -216,6 +216,19 @@ async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer
     assert stack.segment.message_ids() == ["half-closed"]
 
 
+async def test_a_client_that_half_closes_after_pipelined_requests_gets_every_answer(stack: Stack) -> None:
+    client = await Client.open(stack.url)
+    await client.send(b"".join(request("/v1/track", track(f"half-{i}")) for i in range(3)))
+    client.writer.write_eof()
+    answers = [await client.response() for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert "connection" not in answers[0][1] and answers[2][1]["connection"] == "close"
+    assert await client.closed_by_server()
+    client.close()
+    await stack.settle()
+    assert stack.segment.message_ids() == ["half-0", "half-1", "half-2"]
+
+
 SERVE_RULES = served_head(WEB_KEY) + """\
 rules:
   - name: all
@@ -282,6 +295,70 @@ async def test_a_head_llhttp_refuses_is_refused_not_delivered(stack: Stack, extr
     client.close()
     assert status == 400
     assert stack.segment.message_ids() == []
+
+
+async def test_a_head_refused_behind_pipelined_requests_is_answered_after_them_and_nothing_of_it_is_delivered(stack: Stack) -> None:
+    """Two good calls, then a head with more header fields than allowed, written at once: 200, 200, then
+    the 400 in its turn, and the connection closes; a call written after the bad head is never read."""
+    client = await Client.open(stack.url)
+    crowded = head(*(f"X-Field-{i}: {i}" for i in range(130)), "Content-Length: 2") + b"{}"
+    await client.send(request("/v1/track", track("ahead-0")) + request("/v1/track", track("ahead-1")) + crowded
+                      + request("/v1/track", track("behind")))
+    answers = [await client.response() for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 400]
+    assert orjson.loads(answers[2][2])["code"] == "malformed_request" and "header fields" in orjson.loads(answers[2][2])["message"]
+    assert answers[2][1]["connection"] == "close"
+    assert await client.closed_by_server()
+    client.close()
+    await stack.settle()
+    assert stack.segment.message_ids() == ["ahead-0", "ahead-1"]
+
+
+async def test_a_request_target_over_the_limit_is_refused_with_its_write_key_masked(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    client = await Client.open(stack.url)
+    target = "/v1/track?writeKey=" + WEB_KEY + "&pad=" + "a" * 8200
+    await client.send(f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}".encode())
+    status, _, answer = await client.response()
+    assert status == 400 and orjson.loads(answer)["code"] == "malformed_request"
+    assert WEB_KEY.encode() not in answer
+    assert await client.closed_by_server()
+    client.close()
+
+
+async def test_an_upgrade_request_is_answered_as_http_1_1_with_its_body_and_the_connection_kept(stack: Stack) -> None:
+    """splitter speaks no other protocol: a POST asking for `Upgrade: h2c` (curl --http2 on plain HTTP)
+    is an ordinary request, its body (a length or chunks) read, and the requests after it are framed as before."""
+    client = await Client.open(stack.url)
+    upgrade = ("Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAAQAAP__")
+    chunked_body = track("upgrading-chunked")
+    await client.send(request("/v1/track", track("upgrading"), *upgrade)
+                      + request("/v1/track", f"{len(chunked_body):x}\r\n".encode() + chunked_body + b"\r\n0\r\n\r\n", *upgrade,
+                                "Transfer-Encoding: chunked", length=False)
+                      + request("/v1/track", track("after-upgrades")))
+    answers = [await client.response() for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    client.close()
+    await stack.settle()
+    assert stack.segment.message_ids() == ["upgrading", "upgrading-chunked", "after-upgrades"]
+
+
+async def test_a_get_and_a_head_pipelined_between_ingest_calls_are_answered_in_order(stack: Stack) -> None:
+    """The application's routes (a 404 here, and a HEAD, whose answer has no body) share a connection
+    with ingest calls: each answer in its turn, the connection kept."""
+    client = await Client.open(stack.url)
+    await client.send(request("/v1/track", track("around-0")) + b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+                      + b"HEAD /nowhere HTTP/1.1\r\nHost: x\r\n\r\n" + request("/v1/track", track("around-1")))
+    first = await client.response()
+    missing = await client.response()
+    status_line = await client.reader.readline()  # HEAD: a status line and headers, no body
+    while (await client.reader.readline()) not in (b"\r\n", b""):
+        pass
+    last = await client.response()
+    assert (first[0], missing[0], last[0]) == (200, 404, 200) and status_line.split()[1] == b"404"
+    assert orjson.loads(missing[2])["code"] == "not_found"
+    await stack.settle()
+    assert stack.segment.message_ids() == ["around-0", "around-1"]
+    client.close()
 
 
 @pytest.mark.parametrize("escape", ["\\ud83d", "\\ude00", "x\\ud83d\\ud83dy"], ids=["high", "low", "two-highs"])

@@ -1,0 +1,395 @@
+"""One client connection on the ingest port: framed by llhttp (httptools), answered in order.
+
+aiohttp's own connection handler spent about 50 µs of CPU per request around its parser (a loop
+task, a keep-alive timer, its response machinery) against 20 µs for the same read-and-answer on
+httptools; in `splitter serve` that was a fifth of a single call's CPU. This protocol keeps what
+the handlers see, aiohttp's `web.Request` and `web.Response` (the application, its router and its
+middleware still answer everything but the common ingest POST), and replaces only the connection
+around them. The framing is llhttp's, strict, never splitter's: a request hidden in a body is a body.
+
+Per connection:
+- requests are dispatched when their head is complete (so the in-flight limit counts them from
+  their headers) and answered one after the other, in the order they came, however many are
+  pipelined; their bodies stream into the request's `StreamReader`, which pauses reading when it
+  holds more than its limit;
+- past `MAX_QUEUED` requests waiting behind the one being answered, reading pauses until they drain;
+  and reading pauses while the transport's write buffer is above its high-water mark, so a client
+  that never reads its answers cannot grow splitter's memory;
+- a head that llhttp refuses, or with a line or a field over `MAX_FIELD` bytes or more than
+  `MAX_HEADERS` fields, is answered 400 (JSON, a write key in the request line masked) in its turn
+  after the requests before it, and the connection closes; nothing of it is dispatched;
+- the header clock (`head_since`) runs from a request's first byte to the end of its head, checked
+  by the listener's sweeper (listener.py), as is the keep-alive idle time (`idle_since`);
+- a half-close still gets its answers, then the connection closes; a request whose body the client
+  cut short fails its read at once;
+- the plain `web.Response` of an ingest POST is written in one `write` here; every other answer
+  goes through aiohttp's `prepare` and `write_eof` (streaming, chunked, HEAD, 100-continue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from typing import Any, cast
+
+import httptools
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11, RawRequestMessage, StreamWriter
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.ingress import responses
+from proxy.ingress.auth import mask_keys_in
+from proxy.log import get_logger
+
+log = get_logger("splitter.ingress")
+
+MAX_FIELD = 8190  # bytes of the request target, or of one header's name or value (aiohttp's limits)
+MAX_HEADERS = 128  # header fields in one head
+MAX_QUEUED = 32  # requests parsed ahead of the one being answered before reading pauses
+BODY_BUFFER = 2**16  # a body's StreamReader limit: reading pauses past twice this until the handler reads
+
+Dispatch = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+RequestFactory = Callable[..., web.BaseRequest]
+
+
+class _Refused(Exception):
+    """A head that will not be dispatched: answered with `status` and `code`, then the connection closes."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+_date_cache: list[Any] = [0, ""]
+
+
+def http_date() -> str:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0], _date_cache[1] = now, formatdate(now, usegmt=True)
+    return cast(str, _date_cache[1])
+
+
+class IngestConnection(BaseProtocol):
+    """An HTTP/1.1 connection: llhttp frames the requests, `dispatch` answers each, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, factory: RequestFactory, dispatch: Dispatch,
+                 on_open: Callable[[IngestConnection], None], on_close: Callable[[IngestConnection], None]) -> None:
+        super().__init__(loop)
+        self._factory = factory
+        self._dispatch = dispatch
+        self._on_open = on_open
+        self._on_close = on_close
+        self._llhttp = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._payload: StreamReader | None = None  # the body of the request being parsed
+        self._upgrading: StreamReader | None = None  # the body of a request llhttp stopped at (an upgrade)
+        self._upgrade_body: tuple[str, bool] = ("0", False)  # its Content-Length and whether it is chunked
+        self._continuing: StreamReader | None = None  # that body, framed by the next parser
+        self._queue: deque[tuple[web.BaseRequest, StreamReader, bool] | _Refused] = deque()
+        self._answering: asyncio.Task[None] | None = None
+        self._refused = False  # a head was refused: nothing after it is parsed
+        self._closing = False  # close once the answers queued are written
+        self._transport_paused = False
+        self.peername: Any = None
+        self.sockname: Any = None
+        self.ssl_context = None
+        self.head_since: float | None = None  # when the first byte of a request whose head is not complete came
+        self.idle_since: float | None = time.monotonic()  # since when nothing is being parsed or answered
+        self.eof = False  # the client half-closed
+        self.closing_all = False  # the listener is shutting down: answers say Connection: close
+
+    # -- asyncio ------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.peername = transport.get_extra_info("peername")
+        self.sockname = transport.get_extra_info("sockname")
+        self._on_open(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self._answering is None:  # else once the request being answered is done (a shutdown waits for it)
+            self._on_close(self)
+        if self._payload is not None and not self._payload.is_eof():
+            self._payload.set_exception(ConnectionResetError("the client went away mid-body"))
+            self._payload = None
+        # Requests already dispatched run to the end (their events may be on their way to the spool);
+        # those still waiting in line are dropped, nobody is there to read their answers.
+        while len(self._queue) > (1 if self._answering is not None else 0):
+            self._queue.pop()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused or self._closing:
+            return
+        try:
+            self._feed(data)
+        except httptools.HttpParserCallbackError as exc:
+            self._refuse(exc.__context__ if isinstance(exc.__context__, _Refused) else _malformed(str(exc)))
+        except httptools.HttpParserError as exc:
+            self._refuse(_malformed(str(exc)))
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._llhttp.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._after_upgrade(data[int(upgrade.args[0]):] if upgrade.args else b"")
+
+    def _after_upgrade(self, rest: bytes) -> None:
+        """llhttp stops at a request asking to switch protocols (`Upgrade: h2c`, `CONNECT`), before its
+        body. splitter speaks HTTP/1.1 only, so the request is an ordinary one, as aiohttp took it: a new
+        parser frames its body (a head made of its own Content-Length or chunked coding, validated by
+        llhttp already) and then the requests after it."""
+        payload, self._upgrading = self._upgrading, None
+        self._llhttp = httptools.HttpRequestParser(self)
+        if payload is None:
+            self._feed(rest)
+            return
+        length, chunked = self._upgrade_body
+        if not chunked and not length:
+            payload.feed_eof()
+            self._feed(rest)
+            return
+        self._continuing = payload
+        framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}"
+        self._feed(f"POST / HTTP/1.1\r\n{framing}\r\n\r\n".encode() + rest)
+
+    def eof_received(self) -> bool:
+        """A half-close: what was sent is answered, then the connection closes."""
+        self.eof = True
+        if self._payload is not None and not self._payload.is_eof():
+            self._payload.set_exception(ConnectionResetError("the client closed its side of the connection mid-body"))
+            self._payload = None
+        self._closing = True
+        if self._answering is None and not self._queue:
+            self._close()
+        return True
+
+    # Reading is held while any of these holds: a body's buffer is full (its StreamReader calls
+    # pause_reading and resume_reading, keeping `_reading_paused`), the transport's write buffer is
+    # full, or too many requests wait to be answered. aiohttp's own versions of these methods drive
+    # its parser, which this protocol does not have.
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+        self._update_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self._reading_paused = False
+        self._update_reading()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        hold = self._reading_paused or self._paused or len(self._queue) > MAX_QUEUED or self._refused or self._closing
+        if hold != self._transport_paused:
+            self._transport_paused = hold
+            if hold:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    # -- llhttp's callbacks -------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._continuing is not None:
+            return
+        if self.head_since is None:
+            self.head_since = time.monotonic()
+        self.idle_since = None
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_FIELD:
+            raise _Refused(400, "malformed_request", f"the request could not be parsed: the request target is longer than {MAX_FIELD} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
+            raise _Refused(400, "malformed_request", f"the request could not be parsed: a header line is longer than {MAX_FIELD} bytes")
+        if len(self._headers) >= MAX_HEADERS:
+            raise _Refused(400, "malformed_request", f"the request could not be parsed: more than {MAX_HEADERS} header fields")
+        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        if self._continuing is not None:  # the head made for an upgrade request's body (_after_upgrade)
+            self._url, self._headers, self._payload, self._continuing = b"", [], self._continuing, None
+            return
+        parser = self._llhttp
+        target = self._url.decode("latin-1")
+        headers = CIMultiDictProxy(CIMultiDict(self._headers))
+        self._url, self._headers = b"", []
+        version = HttpVersion11 if parser.get_http_version() == "1.1" else HttpVersion10 if parser.get_http_version() == "1.0" else HttpVersion(1, 1)
+        keep_alive = parser.should_keep_alive()
+        try:
+            url = URL(target, encoded=True) if target.startswith("/") else URL(target)
+        except ValueError:
+            raise _Refused(400, "malformed_request", "the request could not be parsed: invalid request target") from None
+        message = RawRequestMessage(parser.get_method().decode("latin-1"), target, version, headers, (), not keep_alive, None,
+                                    parser.should_upgrade(), "chunked" in headers.get("Transfer-Encoding", "").lower(), url)
+        payload = StreamReader(self, BODY_BUFFER, loop=self._loop)
+        writer = StreamWriter(self, self._loop)
+        request = self._factory(message, payload, self, writer, cast("asyncio.Task[None]", None))
+        self._payload = payload
+        self._upgrade_body = (headers.get("Content-Length", "0").strip(), message.chunked)
+        self.head_since = None
+        self._enqueue((request, payload, keep_alive))
+
+    def on_body(self, body: bytes) -> None:
+        if self._payload is not None:
+            self._payload.feed_data(body)
+
+    def on_message_complete(self) -> None:
+        if self._payload is not None and self._llhttp.should_upgrade():  # its body, if any, comes after (_after_upgrade)
+            self._upgrading, self._payload = self._payload, None
+            return
+        if self._payload is not None:
+            self._payload.feed_eof()
+            self._payload = None
+
+    # -- answering ----------------------------------------------------------------------------------
+    def _refuse(self, refusal: _Refused) -> None:
+        self._refused = True
+        self.head_since = None
+        self._update_reading()
+        if self._payload is not None and not self._payload.is_eof():  # a body cut by a framing error
+            self._payload.set_exception(ConnectionResetError("the request body could not be parsed"))
+            self._payload = None
+        self._enqueue(refusal)
+
+    def _enqueue(self, item: tuple[web.BaseRequest, StreamReader, bool] | _Refused) -> None:
+        self._queue.append(item)
+        if len(self._queue) > MAX_QUEUED:
+            self._update_reading()
+        if self._answering is None:
+            self._answering = self._loop.create_task(self._answer_in_order())
+
+    def refuse(self, status: int, code: str, message: str) -> None:
+        """Answer `status` in its turn, after the requests before it, then close (the header timeout)."""
+        if not self._refused and not self._closing:
+            self._refuse(_Refused(status, code, message))
+
+    def abort(self) -> None:
+        """The drain timeout passed: stop answering and close."""
+        self._closing = True
+        if self._answering is not None:
+            self._answering.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def in_request(self) -> bool:
+        return self._answering is not None
+
+    def idle(self) -> bool:
+        """Nothing being parsed, waiting or answered: the connection may be closed without losing anything."""
+        return self._answering is None and not self._queue and self.head_since is None and self._payload is None
+
+    def force_close(self) -> None:
+        self._closing = True
+        if self._answering is None:
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    async def _answer_in_order(self) -> None:
+        try:
+            while self._queue:
+                item = self._queue[0]
+                if isinstance(item, _Refused):
+                    self._write_refusal(item)
+                    self._queue.clear()
+                    self._closing = True
+                    break
+                request, payload, keep_alive = item
+                try:
+                    response = await self._dispatch(request)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("request_failed", path=request.path)
+                    response = responses.error(500, "internal_error", "splitter failed to handle the request; it is safe to retry")
+                if self._queue and self._queue[0] is item:
+                    self._queue.popleft()
+                # The last answer on this connection: the client or the handler said so, the body was not
+                # read to its end (the rest of the stream cannot be framed), the listener is closing, or the
+                # client half-closed and this answers the last request it sent.
+                unread = not payload.is_eof() or payload.exception() is not None
+                keep = (keep_alive and response.keep_alive is not False and not unread and not self.closing_all
+                        and not (self.eof and not self._queue))
+                if not keep:
+                    response.force_close()
+                try:
+                    await self._write(request, response, keep)
+                except (ConnectionError, RuntimeError) as exc:  # the client went away while its answer was being written
+                    log.info("answer_not_written", path=request.path, error=str(exc))
+                    self._closing = True
+                    break
+                if not keep:
+                    self._closing = True
+                    break
+                self._update_reading()
+        finally:
+            self._answering = None
+            self.idle_since = time.monotonic()
+            if self.transport is None:  # the connection was lost meanwhile
+                self._queue.clear()
+                self._on_close(self)
+            elif self._closing:
+                self._close()
+            elif self._queue:  # a head arrived while the last answer was being written
+                self._answering = self._loop.create_task(self._answer_in_order())
+
+    async def _write(self, request: web.BaseRequest, response: web.StreamResponse, keep: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if type(response) is web.Response and request.method == "POST" and isinstance(response.body, bytes) and not response.prepared:
+            self.transport.write(_serialize(request.version, response, keep))
+            return
+        await response.prepare(request)
+        await response.write_eof()
+
+    def _write_refusal(self, refusal: _Refused) -> None:
+        response = responses.error(refusal.status, refusal.code, mask_keys_in(refusal.message))
+        log.info("request_refused", code=refusal.code, status=refusal.status, error=mask_keys_in(refusal.message),
+                 remote=self.peername[0] if isinstance(self.peername, tuple) else None)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_serialize(HttpVersion11, response, keep=False))
+
+
+def _malformed(reason: str) -> _Refused:
+    if "content-length" in reason.lower() and "duplicate" not in reason.lower():
+        return _Refused(400, "invalid_request", f"Content-Length is not a valid length: {reason}")
+    return _Refused(400, "malformed_request", f"the request could not be parsed: {reason}")
+
+
+def _serialize(version: HttpVersion, response: web.Response, keep: bool) -> bytes:
+    """A plain response's bytes: status line, its headers, length, date, connection, body."""
+    body = cast(bytes, response.body)
+    lines = [f"HTTP/{version.major}.{version.minor} {response.status} {response.reason}\r\n"]
+    for name, value in response.headers.items():
+        if name.lower() in ("content-length", "connection", "date", "transfer-encoding"):
+            continue
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"a header value with a line break: {name}")
+        lines.append(f"{name}: {value}\r\n")
+    lines.append(f"Content-Length: {len(body)}\r\nDate: {http_date()}\r\nServer: splitter\r\n")
+    if not keep:
+        lines.append("Connection: close\r\n")
+    elif version == HttpVersion10:
+        lines.append("Connection: keep-alive\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1") + body
