@@ -229,6 +229,18 @@ async def test_a_client_that_half_closes_after_pipelined_requests_gets_every_ans
     assert stack.segment.message_ids() == ["half-0", "half-1", "half-2"]
 
 
+async def test_an_ingest_path_spelt_with_percent_escapes_reaches_the_same_handler_through_the_application(stack: Stack) -> None:
+    """`/v1/%74rack` is `/v1/track` once decoded: not the connection's exact-path lane, but aiohttp's router
+    finds the same handler, with the same answer and delivery."""
+    client = await Client.open(stack.url)
+    await client.send(request("/v1/%74rack", track("escaped")) + request("/v1/track", track("plain")))
+    answers = [await client.response() for _ in range(2)]
+    assert [(status, orjson.loads(body)) for status, _, body in answers] == [(200, {"success": True})] * 2
+    client.close()
+    await stack.settle()
+    assert stack.segment.message_ids() == ["escaped", "plain"]
+
+
 SERVE_RULES = served_head(WEB_KEY) + """\
 rules:
   - name: all

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -20,13 +21,16 @@ from proxy.ingress.handlers import (
     telemetry_handler,
 )
 from proxy.ingress.prepare import CallShape
+from proxy.ingress.request import IngestRequest
 from proxy.ingress.responses import IngressError
 from proxy.ingress.webhook import WEBHOOK_ROUTE, webhook_handler
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 
 log = get_logger("splitter.ingress")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+R = TypeVar("R", bound=IngestRequest)  # a web.Request through the application, a LightRequest from the connection
+Handler = Callable[[R], Awaitable[web.StreamResponse]]
+AppHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SINGLE_PATHS = {"track": "track", "identify": "identify", "page": "page", "screen": "screen", "group": "group", "alias": "alias"}
 SHORT_PATHS = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g": "group", "a": "alias"}
@@ -88,12 +92,10 @@ class Observer:
         self.in_flight -= 1
         self.arriving -= arriving
 
-    async def observe(self, request: web.Request, handler: Handler, path: str | None = None) -> web.StreamResponse:
+    async def observe(self, request: R, handler: Handler[R], path: str) -> web.StreamResponse:
         """Admit, answer, release, count, add CORS headers: the application's middleware, and what the
         listener calls directly for an ingest POST (with its path: no route was resolved)."""
         started = time.perf_counter()
-        if path is None:
-            path = _route_label(request)
         arriving = False
         if request.method == "POST":
             arriving = not request.content.is_eof()
@@ -108,7 +110,7 @@ class Observer:
             self.release(arriving)
         return self.finish(request, response, path, started)
 
-    def finish(self, request: web.Request, response: web.StreamResponse, path: str, started: float) -> web.StreamResponse:
+    def finish(self, request: IngestRequest, response: web.StreamResponse, path: str, started: float) -> web.StreamResponse:
         self.metrics.child(self.metrics.requests, path, str(response.status)).inc()
         self.metrics.child(self.metrics.request_duration, path).observe(time.perf_counter() - started)
         _cors(request, response, self.cors_origins)
@@ -119,8 +121,8 @@ def observing(observer: Observer) -> Middleware:
     """The observer as the application's middleware (it runs once a request's headers are parsed)."""
 
     @web.middleware
-    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await observer.observe(request, handler)
+    async def observe(request: web.Request, handler: AppHandler) -> web.StreamResponse:
+        return await observer.observe(request, handler, _route_label(request))
 
     return observe
 
@@ -130,7 +132,7 @@ class FastIngress:
     """The ingest handlers by exact path and the observer: the listener hands an ingest POST straight
     to them, past aiohttp's router and middleware chain (the same observer, handlers and answers)."""
 
-    routes: Mapping[str, Handler]
+    routes: Mapping[str, Handler[IngestRequest]]
     observer: Observer
 
 
@@ -159,7 +161,7 @@ def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*"
     return app
 
 
-async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _answer(request: R, handler: Handler[R]) -> web.StreamResponse:
     if request.method == "OPTIONS":
         return web.Response(status=204)  # CORS preflight; headers added by the caller
     try:
@@ -177,7 +179,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return responses.error(500, "internal_error", "splitter failed to handle the request; it is safe to retry")
 
 
-def _presented_key(request: web.Request) -> str | None:
+def _presented_key(request: IngestRequest) -> str | None:
     """For the log (masked there, under `write_key`)."""
     try:
         return request_key(request)
@@ -185,7 +187,7 @@ def _presented_key(request: web.Request) -> str | None:
         return None
 
 
-def _cors(request: web.Request, response: web.StreamResponse, allowed: tuple[str, ...]) -> None:
+def _cors(request: IngestRequest, response: web.StreamResponse, allowed: tuple[str, ...]) -> None:
     origin = request.headers.get("Origin")
     if origin is None:
         return

@@ -16,9 +16,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import web
-
 from proxy.engine import RuleSet, Source, mask
+from proxy.ingress.request import IngestRequest
 from proxy.ingress.responses import IngressError
 
 # A write key in a URL: `?writeKey=KEY` and the CDN paths' `/v1/projects/KEY/`, `/analytics.js/v1/KEY/`.
@@ -44,7 +43,7 @@ def key_from_query(query: Mapping[str, str]) -> str | None:
     return query.get("writeKey") or None
 
 
-def request_key(request: web.Request) -> str | None:
+def request_key(request: IngestRequest) -> str | None:
     """The key from the Authorization header, else from the query (parsed only when the URL has one)."""
     return key_from_header(request.headers) or (key_from_query(request.query) if request.rel_url.raw_query_string else None)
 

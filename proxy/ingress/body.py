@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.ingress.request import IngestRequest
 from proxy.ingress.responses import IngressError
 
 MAX_REQUEST_BYTES = 500 * 1024
@@ -41,7 +42,7 @@ def too_large(limit: str) -> IngressError:
     return IngressError(413, "request_too_large", f"request body exceeds {limit} (Segment's limit, after decompression)")
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: IngestRequest) -> bytes:
     """The decompressed body, refused past the limits before it is all in memory."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip", ""):
@@ -68,7 +69,7 @@ async def read_body(request: web.Request) -> bytes:
     return gunzip(raw) if encoding == "gzip" else raw
 
 
-async def _read(request: web.Request, wire_limit: int) -> bytes:
+async def _read(request: IngestRequest, wire_limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.content.iter_chunked(64 * 1024):
         size += len(chunk)

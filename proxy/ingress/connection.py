@@ -1,11 +1,13 @@
 """One client connection on the ingest port: framed by llhttp (httptools), answered in order.
 
 aiohttp's own connection handler spent about 50 µs of CPU per request around its parser (a loop
-task, a keep-alive timer, its response machinery) against 20 µs for the same read-and-answer on
-httptools; in `splitter serve` that was a fifth of a single call's CPU. This protocol keeps what
-the handlers see, aiohttp's `web.Request` and `web.Response` (the application, its router and its
-middleware still answer everything but the common ingest POST), and replaces only the connection
-around them. The framing is llhttp's, strict, never splitter's: a request hidden in a body is a body.
+task, a keep-alive timer, its request and response machinery) against 20 µs for the same
+read-and-answer on httptools; in `splitter serve` that was a fifth of a single call's CPU. This
+protocol replaces the connection: an ingest POST to one of the ingest paths exactly (no `Expect`) is
+handed to its handler as a `LightRequest` (request.py) and its plain answer written here in one
+`write`; every other request is an aiohttp `web.Request` for the application (router, middleware,
+CDN streaming, HEAD, 100-continue), answered through aiohttp's `prepare` and `write_eof`. The
+framing is llhttp's, strict, never splitter's: a request hidden in a body is a body.
 
 Per connection:
 - requests are dispatched when their head is complete (so the in-flight limit counts them from
@@ -22,8 +24,8 @@ Per connection:
   by the listener's sweeper (listener.py), as is the keep-alive idle time (`idle_since`);
 - a half-close still gets its answers, then the connection closes; a request whose body the client
   cut short fails its read at once;
-- the plain `web.Response` of an ingest POST is written in one `write` here; every other answer
-  goes through aiohttp's `prepare` and `write_eof` (streaming, chunked, HEAD, 100-continue).
+- a request asking to switch protocols (`Upgrade: h2c`) is an ordinary HTTP/1.1 request, as aiohttp
+  took it: llhttp stops before its body, and a second parser frames that body and what follows.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from yarl import URL
 
 from proxy.ingress import responses
 from proxy.ingress.auth import mask_keys_in
+from proxy.ingress.request import LightRequest
 from proxy.log import get_logger
 
 log = get_logger("splitter.ingress")
@@ -54,7 +57,8 @@ MAX_HEADERS = 128  # header fields in one head
 MAX_QUEUED = 32  # requests parsed ahead of the one being answered before reading pauses
 BODY_BUFFER = 2**16  # a body's StreamReader limit: reading pauses past twice this until the handler reads
 
-Dispatch = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Dispatch = Callable[[web.BaseRequest | LightRequest], Awaitable[web.StreamResponse]]
+Pending = tuple[web.BaseRequest | LightRequest, StreamReader, bool, HttpVersion]  # a request, its body, keep-alive, version
 RequestFactory = Callable[..., web.BaseRequest]
 
 
@@ -79,10 +83,11 @@ def http_date() -> str:
 class IngestConnection(BaseProtocol):
     """An HTTP/1.1 connection: llhttp frames the requests, `dispatch` answers each, in order."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, factory: RequestFactory, dispatch: Dispatch,
+    def __init__(self, loop: asyncio.AbstractEventLoop, factory: RequestFactory, dispatch: Dispatch, fast_paths: frozenset[str],
                  on_open: Callable[[IngestConnection], None], on_close: Callable[[IngestConnection], None]) -> None:
         super().__init__(loop)
         self._factory = factory
+        self._fast_paths = fast_paths  # POSTs to these (no Expect) are dispatched as a LightRequest
         self._dispatch = dispatch
         self._on_open = on_open
         self._on_close = on_close
@@ -93,7 +98,7 @@ class IngestConnection(BaseProtocol):
         self._upgrading: StreamReader | None = None  # the body of a request llhttp stopped at (an upgrade)
         self._upgrade_body: tuple[str, bool] = ("0", False)  # its Content-Length and whether it is chunked
         self._continuing: StreamReader | None = None  # that body, framed by the next parser
-        self._queue: deque[tuple[web.BaseRequest, StreamReader, bool] | _Refused] = deque()
+        self._queue: deque[Pending | _Refused] = deque()
         self._answering: asyncio.Task[None] | None = None
         self._refused = False  # a head was refused: nothing after it is parsed
         self._closing = False  # close once the answers queued are written
@@ -233,19 +238,25 @@ class IngestConnection(BaseProtocol):
         self._url, self._headers = b"", []
         version = HttpVersion11 if parser.get_http_version() == "1.1" else HttpVersion10 if parser.get_http_version() == "1.0" else HttpVersion(1, 1)
         keep_alive = parser.should_keep_alive()
-        try:
-            url = URL(target, encoded=True) if target.startswith("/") else URL(target)
-        except ValueError:
-            raise _Refused(400, "malformed_request", "the request could not be parsed: invalid request target") from None
-        message = RawRequestMessage(parser.get_method().decode("latin-1"), target, version, headers, (), not keep_alive, None,
-                                    parser.should_upgrade(), "chunked" in headers.get("Transfer-Encoding", "").lower(), url)
+        method = parser.get_method().decode("latin-1")
         payload = StreamReader(self, BODY_BUFFER, loop=self._loop)
-        writer = StreamWriter(self, self._loop)
-        request = self._factory(message, payload, self, writer, cast("asyncio.Task[None]", None))
+        path, _, query_string = target.partition("?")
+        request: web.BaseRequest | LightRequest
+        if method == "POST" and path in self._fast_paths and "Expect" not in headers and not parser.should_upgrade():
+            request = LightRequest(method, target, path, query_string, headers, payload,
+                                   self.peername[0] if isinstance(self.peername, tuple) else None)
+        else:
+            try:
+                url = URL(target, encoded=True) if target.startswith("/") else URL(target)
+            except ValueError:
+                raise _Refused(400, "malformed_request", "the request could not be parsed: invalid request target") from None
+            message = RawRequestMessage(method, target, version, headers, (), not keep_alive, None, parser.should_upgrade(),
+                                        "chunked" in headers.get("Transfer-Encoding", "").lower(), url)
+            request = self._factory(message, payload, self, StreamWriter(self, self._loop), cast("asyncio.Task[None]", None))
         self._payload = payload
-        self._upgrade_body = (headers.get("Content-Length", "0").strip(), message.chunked)
+        self._upgrade_body = (headers.get("Content-Length", "0").strip(), "chunked" in headers.get("Transfer-Encoding", "").lower())
         self.head_since = None
-        self._enqueue((request, payload, keep_alive))
+        self._enqueue((request, payload, keep_alive, version))
 
     def on_body(self, body: bytes) -> None:
         if self._payload is not None:
@@ -269,7 +280,7 @@ class IngestConnection(BaseProtocol):
             self._payload = None
         self._enqueue(refusal)
 
-    def _enqueue(self, item: tuple[web.BaseRequest, StreamReader, bool] | _Refused) -> None:
+    def _enqueue(self, item: Pending | _Refused) -> None:
         self._queue.append(item)
         if len(self._queue) > MAX_QUEUED:
             self._update_reading()
@@ -314,7 +325,7 @@ class IngestConnection(BaseProtocol):
                     self._queue.clear()
                     self._closing = True
                     break
-                request, payload, keep_alive = item
+                request, payload, keep_alive, version = item
                 try:
                     response = await self._dispatch(request)
                 except asyncio.CancelledError:
@@ -333,7 +344,7 @@ class IngestConnection(BaseProtocol):
                 if not keep:
                     response.force_close()
                 try:
-                    await self._write(request, response, keep)
+                    await self._write(request, version, response, keep)
                 except (ConnectionError, RuntimeError) as exc:  # the client went away while its answer was being written
                     log.info("answer_not_written", path=request.path, error=str(exc))
                     self._closing = True
@@ -353,11 +364,14 @@ class IngestConnection(BaseProtocol):
             elif self._queue:  # a head arrived while the last answer was being written
                 self._answering = self._loop.create_task(self._answer_in_order())
 
-    async def _write(self, request: web.BaseRequest, response: web.StreamResponse, keep: bool) -> None:
+    async def _write(self, request: web.BaseRequest | LightRequest, version: HttpVersion, response: web.StreamResponse, keep: bool) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if type(response) is web.Response and request.method == "POST" and isinstance(response.body, bytes) and not response.prepared:
-            self.transport.write(_serialize(request.version, response, keep))
+        if isinstance(request, LightRequest):  # an ingest handler's answer: a plain web.Response, never prepared
+            if not (type(response) is web.Response and isinstance(response.body, bytes) and not response.prepared):
+                log.error("request_failed", path=request.path, error=f"an ingest handler answered with a {type(response).__name__}")
+                response = responses.error(500, "internal_error", "splitter failed to handle the request; it is safe to retry")
+            self.transport.write(_serialize(version, response, keep))
             return
         await response.prepare(request)
         await response.write_eof()

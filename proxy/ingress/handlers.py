@@ -26,6 +26,7 @@ from proxy.ingress.client_ip import client_address
 from proxy.ingress.implementation import CHOSEN
 from proxy.ingress.plan_checks import PlanChecks
 from proxy.ingress.prepare import CallShape, Prepared, single_call_error
+from proxy.ingress.request import IngestRequest
 from proxy.ingress.responses import IngressError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
@@ -67,7 +68,7 @@ def _prepare_request(rules: RuleSet, data: bytes, presented: str | None, shape: 
 
 
 def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-untyped-def]
-    async def handle(request: web.Request) -> web.Response:
+    async def handle(request: IngestRequest) -> web.Response:
         rules = deps.active.current
         presented = request_key(request)  # Authorization header, else ?writeKey= (the body's is read later)
         if presented is not None and rules.source_for_key(presented) is None:

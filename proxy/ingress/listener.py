@@ -4,9 +4,9 @@ Every request on the port is framed by llhttp through httptools, strictly; split
 itself (a hand-written lane once did, for plain Content-Length POSTs, and a request hidden in a body
 was executed). aiohttp's own connection handler used to sit around that parser and cost about 50 µs
 of CPU per request over the same read-and-answer on httptools, most of it outside the parser: its
-loop task, its keep-alive timer, its response machinery. connection.py replaces that handler and
-keeps aiohttp's `web.Request` and `web.Response` for the handlers. An ingest POST (no `Expect`) is
-dispatched here straight to its handler through the observer (in-flight limit counted from the
+loop task, its keep-alive timer, its request and response machinery. connection.py replaces that
+handler. An ingest POST (no `Expect`) comes as a light request (request.py) and is dispatched here
+straight to its handler through the observer (in-flight limit counted from the
 headers, metrics, CORS, JSON errors), skipping aiohttp's router and middleware chain, which would
 find the same handler; everything else (CORS preflights, telemetry, webhooks, the CDN routes, 404s,
 `Expect: 100-continue`) goes through the application. `python -m loadtest.floor` measures this
@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import cast
 
 from aiohttp import web
 
@@ -38,6 +39,7 @@ from proxy.background import BackgroundTask
 from proxy.ingress.app import FAST_INGRESS
 from proxy.ingress.body import BODY_DEADLINE
 from proxy.ingress.connection import IngestConnection
+from proxy.ingress.request import LightRequest
 from proxy.log import get_logger
 
 log = get_logger("splitter.ingress")
@@ -151,14 +153,16 @@ async def listen(runner: web.AppRunner, host: str, port: int, *, reuse_port: boo
     guards = Guards(header_timeout, body_timeout, keepalive_timeout)
     loop = asyncio.get_running_loop()
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(request: web.BaseRequest | LightRequest) -> web.StreamResponse:
         request[BODY_DEADLINE] = loop.time() + guards.body_timeout
+        if isinstance(request, LightRequest) and ingest is not None:  # the common call: straight to its handler
+            return await ingest.observer.observe(request, routes[request.path], request.path)
         path = request.path
         route = routes.get(path) if request.method == "POST" and "Expect" not in request.headers else None
-        if route is not None and ingest is not None:  # the common call: straight to its handler (the router finds the same)
-            return await ingest.observer.observe(request, route, path)  # type: ignore[arg-type]  # the app's factory makes web.Request
+        if route is not None and ingest is not None:  # an ingest path spelt otherwise (the router finds the same handler)
+            return await ingest.observer.observe(request, route, path)
         try:
-            return await app_handler(request)
+            return await app_handler(cast(web.BaseRequest, request))
         except web.HTTPException as exc:  # what aiohttp's connection handler did with one raised past the middleware
             return exc
 
@@ -169,7 +173,7 @@ async def listen(runner: web.AppRunner, host: str, port: int, *, reuse_port: boo
         if guards.closing:
             connection.closing_all = True
 
-    server = await loop.create_server(lambda: IngestConnection(loop, factory, handle, opened, guards.connections.discard), host, port,
+    server = await loop.create_server(lambda: IngestConnection(loop, factory, handle, frozenset(routes), opened, guards.connections.discard), host, port,
                                       reuse_port=reuse_port or None, backlog=backlog)
     guards.start()
     return IngressListener(server, guards, runner)
