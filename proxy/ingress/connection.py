@@ -106,6 +106,8 @@ class IngestConnection(BaseProtocol):
         self.peername: Any = None
         self.sockname: Any = None
         self.ssl_context = None
+        self.max_field_size = MAX_FIELD  # what aiohttp's Request reads of its protocol (multipart bodies)
+        self.max_headers = MAX_HEADERS
         self.head_since: float | None = None  # when the first byte of a request whose head is not complete came
         self.idle_since: float | None = time.monotonic()  # since when nothing is being parsed or answered
         self.eof = False  # the client half-closed
