@@ -14,18 +14,25 @@ Per connection:
   their headers) and answered one after the other, in the order they came, however many are
   pipelined; their bodies stream into the request's `StreamReader`, which pauses reading when it
   holds more than its limit;
-- past `MAX_QUEUED` requests waiting behind the one being answered, reading pauses until they drain;
-  and reading pauses while the transport's write buffer is above its high-water mark, so a client
+- llhttp is fed `FEED_SLICE` bytes at a time, and while more than `MAX_QUEUED` requests wait the
+  rest of a read is held and reading pauses, so a read full of tiny requests never queues thousands;
+  reading also pauses while the transport's write buffer is above its high-water mark, so a client
   that never reads its answers cannot grow splitter's memory;
-- a head that llhttp refuses, or with a line or a field over `MAX_FIELD` bytes or more than
-  `MAX_HEADERS` fields, is answered 400 (JSON, a write key in the request line masked) in its turn
-  after the requests before it, and the connection closes; nothing of it is dispatched;
+- a head that llhttp refuses, with a line or a field over `MAX_FIELD` bytes, more than `MAX_HEADERS`
+  fields or more than `MAX_HEAD_BYTES` in all (httptools holds a field until it ends, so the bytes
+  are counted as they arrive), or a body whose chunk framing passes `MAX_FRAMING_BYTES`, is answered
+  400 (JSON, a write key in the request line masked) in its turn after the requests before it, and
+  the connection closes; nothing of it is dispatched. A chunked body's trailer fields are dropped;
 - the header clock (`head_since`) runs from a request's first byte to the end of its head, checked
   by the listener's sweeper (listener.py), as is the keep-alive idle time (`idle_since`);
 - a half-close still gets its answers, then the connection closes; a request whose body the client
   cut short fails its read at once;
-- a request asking to switch protocols (`Upgrade: h2c`) is an ordinary HTTP/1.1 request, as aiohttp
-  took it: llhttp stops before its body, and a second parser frames that body and what follows.
+- after a last answer (a 413 or a 401 before the body was read, a refused head, `Connection: close`)
+  the write side is shut and what the client still sends is read and dropped for up to
+  `LINGER_SECONDS` or `LINGER_BYTES`, so that a reset does not destroy the answer on its way;
+- a request asking to switch protocols (`Upgrade: h2c`, `CONNECT`) without a body is an ordinary
+  HTTP/1.1 request, as aiohttp took it; with a body it is refused, since llhttp stops before such a
+  body without checking its framing.
 """
 
 from __future__ import annotations
@@ -54,7 +61,11 @@ log = get_logger("splitter.ingress")
 
 MAX_FIELD = 8190  # bytes of the request target, or of one header's name or value (aiohttp's limits)
 MAX_HEADERS = 128  # header fields in one head
-MAX_QUEUED = 32  # requests parsed ahead of the one being answered before reading pauses
+MAX_QUEUED = 32  # requests parsed ahead of the one being answered before parsing stops and reading pauses
+FEED_SLICE = 16 * 1024  # llhttp is fed this much at a time, so a read full of tiny requests queues at most MAX_QUEUED of them
+MAX_HEAD_BYTES = 1 << 20  # bytes fed while one head is incomplete (httptools buffers a field until it ends)
+LINGER_SECONDS, LINGER_BYTES = 5.0, 8 << 20  # after a last answer: what the client still sends is read and dropped
+MAX_FRAMING_BYTES = 1 << 20  # bytes of a body's framing (chunk sizes, trailers) beside the body itself
 BODY_BUFFER = 2**16  # a body's StreamReader limit: reading pauses past twice this until the handler reads
 
 Dispatch = Callable[[web.BaseRequest | LightRequest], Awaitable[web.StreamResponse]]
@@ -95,14 +106,18 @@ class IngestConnection(BaseProtocol):
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._payload: StreamReader | None = None  # the body of the request being parsed
-        self._upgrading: StreamReader | None = None  # the body of a request llhttp stopped at (an upgrade)
-        self._upgrade_body: tuple[str, bool] = ("0", False)  # its Content-Length and whether it is chunked
-        self._continuing: StreamReader | None = None  # that body, framed by the next parser
+        self._upgrading: StreamReader | None = None  # the (empty) body of a request llhttp stopped at: an upgrade
+        self._unparsed = bytearray()  # received, not yet fed to llhttp (the queue is full)
+        self._head_bytes = 0  # fed while the current head is incomplete
+        self._framing_bytes = 0  # fed during the current body beside the body's own bytes
+        self._body_fed = 0  # body bytes of the slice being fed
         self._queue: deque[Pending | _Refused] = deque()
         self._answering: asyncio.Task[None] | None = None
         self._refused = False  # a head was refused: nothing after it is parsed
         self._closing = False  # close once the answers queued are written
         self._transport_paused = False
+        self._lingering = False  # the last answer is written and the write side shut: reading only to drop
+        self._discarded = 0
         self.peername: Any = None
         self.sockname: Any = None
         self.ssl_context = None
@@ -122,7 +137,7 @@ class IngestConnection(BaseProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
-        if self._answering is None:  # else once the request being answered is done (a shutdown waits for it)
+        if self._answering is None or self._answering.done():  # else once it is answered (a shutdown waits for it)
             self._on_close(self)
         if self._payload is not None and not self._payload.is_eof():
             self._payload.set_exception(ConnectionResetError("the client went away mid-body"))
@@ -133,14 +148,53 @@ class IngestConnection(BaseProtocol):
             self._queue.pop()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            self._discarded += len(data)
+            if self._discarded > LINGER_BYTES:
+                self._end_linger()
+            return
         if self._refused or self._closing:
             return
-        try:
-            self._feed(data)
-        except httptools.HttpParserCallbackError as exc:
-            self._refuse(exc.__context__ if isinstance(exc.__context__, _Refused) else _malformed(str(exc)))
-        except httptools.HttpParserError as exc:
-            self._refuse(_malformed(str(exc)))
+        self._unparsed += data
+        self._parse()
+
+    def _parse(self) -> None:
+        """Feed llhttp what was received, a slice at a time, while fewer than MAX_QUEUED requests wait:
+        the rest stays here (reading pauses) until the answers catch up."""
+        while self._unparsed and len(self._queue) <= MAX_QUEUED and self._reading_on():
+            data, self._unparsed = self._unparsed[:FEED_SLICE], self._unparsed[FEED_SLICE:]
+            self._body_fed = 0
+            try:
+                self._feed(bytes(data))
+                self._count_framing(len(data))
+            except httptools.HttpParserCallbackError as exc:
+                self._refuse(exc.__context__ if isinstance(exc.__context__, _Refused) else _malformed(str(exc)))
+            except httptools.HttpParserError as exc:
+                self._refuse(_malformed(str(exc)))
+            except _Refused as refusal:
+                self._refuse(refusal)
+        if not self._reading_on():
+            self._unparsed = bytearray()
+        self._update_reading()
+
+    def _reading_on(self) -> bool:
+        """Whether what the client sent is still to be parsed: not after a refused head or a last answer
+        (a half-close still has everything it sent before it answered)."""
+        return not self._refused and (not self._closing or self.eof)
+
+    def _count_framing(self, fed: int) -> None:
+        """Bound what llhttp buffers outside a body: a head still incomplete after this slice counts the
+        whole slice, and so do a body's chunk sizes and trailers beside the body's own bytes."""
+        if self.head_since is not None:
+            self._head_bytes += fed
+            if self._head_bytes > MAX_HEAD_BYTES:
+                raise _Refused(400, "malformed_request", f"the request could not be parsed: its head is longer than {MAX_HEAD_BYTES} bytes")
+        else:
+            self._head_bytes = 0
+        if self._payload is not None:
+            self._framing_bytes += fed - self._body_fed
+            if self._framing_bytes > MAX_FRAMING_BYTES:
+                raise _Refused(400, "malformed_request", "the request could not be parsed: its body's chunk framing is too long")
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -149,26 +203,21 @@ class IngestConnection(BaseProtocol):
             self._after_upgrade(data[int(upgrade.args[0]):] if upgrade.args else b"")
 
     def _after_upgrade(self, rest: bytes) -> None:
-        """llhttp stops at a request asking to switch protocols (`Upgrade: h2c`, `CONNECT`), before its
-        body. splitter speaks HTTP/1.1 only, so the request is an ordinary one, as aiohttp took it: a new
-        parser frames its body (a head made of its own Content-Length or chunked coding, validated by
-        llhttp already) and then the requests after it."""
+        """llhttp stops at a request asking to switch protocols (`Upgrade: h2c`, `CONNECT`). splitter
+        speaks HTTP/1.1 only, so the request is an ordinary one, as aiohttp took it; it has no body
+        (one with a body was refused at its head: llhttp leaves such a body's framing unchecked), and
+        a new parser takes the requests after it."""
         payload, self._upgrading = self._upgrading, None
         self._llhttp = httptools.HttpRequestParser(self)
-        if payload is None:
-            self._feed(rest)
-            return
-        length, chunked = self._upgrade_body
-        if not chunked and not length:
+        if payload is not None:
             payload.feed_eof()
-            self._feed(rest)
-            return
-        self._continuing = payload
-        framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}"
-        self._feed(f"POST / HTTP/1.1\r\n{framing}\r\n\r\n".encode() + rest)
+        self._feed(rest)
 
     def eof_received(self) -> bool:
         """A half-close: what was sent is answered, then the connection closes."""
+        if self._lingering:  # the client has sent everything: our answer is through
+            self._end_linger()
+            return True
         self.eof = True
         if self._payload is not None and not self._payload.is_eof():
             self._payload.set_exception(ConnectionResetError("the client closed its side of the connection mid-body"))
@@ -202,7 +251,8 @@ class IngestConnection(BaseProtocol):
         transport = self.transport
         if transport is None:
             return
-        hold = self._reading_paused or self._paused or len(self._queue) > MAX_QUEUED or self._refused or self._closing
+        hold = not self._lingering and (self._reading_paused or self._paused or len(self._queue) > MAX_QUEUED or bool(self._unparsed)
+                or self._refused or self._closing)
         if hold != self._transport_paused:
             self._transport_paused = hold
             if hold:
@@ -212,8 +262,7 @@ class IngestConnection(BaseProtocol):
 
     # -- llhttp's callbacks -------------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        if self._continuing is not None:
-            return
+        self._url, self._headers = b"", []
         if self.head_since is None:
             self.head_since = time.monotonic()
         self.idle_since = None
@@ -224,6 +273,8 @@ class IngestConnection(BaseProtocol):
             raise _Refused(400, "malformed_request", f"the request could not be parsed: the request target is longer than {MAX_FIELD} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._payload is not None:  # a trailer field: dropped (never a header of this request or the next)
+            return
         if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
             raise _Refused(400, "malformed_request", f"the request could not be parsed: a header line is longer than {MAX_FIELD} bytes")
         if len(self._headers) >= MAX_HEADERS:
@@ -231,9 +282,6 @@ class IngestConnection(BaseProtocol):
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
-        if self._continuing is not None:  # the head made for an upgrade request's body (_after_upgrade)
-            self._url, self._headers, self._payload, self._continuing = b"", [], self._continuing, None
-            return
         parser = self._llhttp
         target = self._url.decode("latin-1")
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
@@ -241,6 +289,8 @@ class IngestConnection(BaseProtocol):
         version = HttpVersion11 if parser.get_http_version() == "1.1" else HttpVersion10 if parser.get_http_version() == "1.0" else HttpVersion(1, 1)
         keep_alive = parser.should_keep_alive()
         method = parser.get_method().decode("latin-1")
+        if parser.should_upgrade() and ("Transfer-Encoding" in headers or headers.get("Content-Length", "0").strip() not in ("", "0")):
+            raise _Refused(400, "malformed_request", "the request could not be parsed: a request asking to switch protocols may not have a body")
         payload = StreamReader(self, BODY_BUFFER, loop=self._loop)
         path, _, query_string = target.partition("?")
         request: web.BaseRequest | LightRequest
@@ -256,16 +306,18 @@ class IngestConnection(BaseProtocol):
                                         "chunked" in headers.get("Transfer-Encoding", "").lower(), url)
             request = self._factory(message, payload, self, StreamWriter(self, self._loop), cast("asyncio.Task[None]", None))
         self._payload = payload
-        self._upgrade_body = (headers.get("Content-Length", "0").strip(), "chunked" in headers.get("Transfer-Encoding", "").lower())
+        self._framing_bytes = 0
         self.head_since = None
         self._enqueue((request, payload, keep_alive, version))
 
     def on_body(self, body: bytes) -> None:
+        self._body_fed += len(body)
         if self._payload is not None:
             self._payload.feed_data(body)
 
     def on_message_complete(self) -> None:
-        if self._payload is not None and self._llhttp.should_upgrade():  # its body, if any, comes after (_after_upgrade)
+        self._url, self._headers = b"", []
+        if self._payload is not None and self._llhttp.should_upgrade():  # no body; llhttp stops next (_after_upgrade)
             self._upgrading, self._payload = self._payload, None
             return
         if self._payload is not None:
@@ -300,7 +352,7 @@ class IngestConnection(BaseProtocol):
         if self._answering is not None:
             self._answering.cancel()
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()  # not close(): a client that reads nothing would hold the socket forever
 
     def in_request(self) -> bool:
         return self._answering is not None
@@ -315,6 +367,25 @@ class IngestConnection(BaseProtocol):
             self._close()
 
     def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _linger(self) -> None:
+        """Close after a last answer without losing it: shut the write side (the answer, then a FIN),
+        then read and drop what the client is still sending (a body nobody read: after a 413, a 401,
+        a refused head) for a while, so that its kernel gets no reset that would throw the answer away."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._lingering:
+            return
+        if self.eof or self.closing_all or not transport.can_write_eof():  # nothing more will come, or no time to wait
+            transport.close()
+            return
+        self._lingering = True
+        transport.write_eof()
+        self._update_reading()
+        self._loop.call_later(LINGER_SECONDS, self._end_linger)
+
+    def _end_linger(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -342,7 +413,7 @@ class IngestConnection(BaseProtocol):
                 # client half-closed and this answers the last request it sent.
                 unread = not payload.is_eof() or payload.exception() is not None
                 keep = (keep_alive and response.keep_alive is not False and not unread and not self.closing_all
-                        and not (self.eof and not self._queue))
+                        and not (self.eof and not self._queue and not self._unparsed))
                 if not keep:
                     response.force_close()
                 try:
@@ -354,7 +425,7 @@ class IngestConnection(BaseProtocol):
                 if not keep:
                     self._closing = True
                     break
-                self._update_reading()
+                self._parse()  # what waited for the queue to shrink
         finally:
             self._answering = None
             self.idle_since = time.monotonic()
@@ -362,7 +433,7 @@ class IngestConnection(BaseProtocol):
                 self._queue.clear()
                 self._on_close(self)
             elif self._closing:
-                self._close()
+                self._linger()
             elif self._queue:  # a head arrived while the last answer was being written
                 self._answering = self._loop.create_task(self._answer_in_order())
 
