@@ -107,7 +107,7 @@ class IngestConnection(BaseProtocol):
         self._headers: list[tuple[str, str]] = []
         self._payload: StreamReader | None = None  # the body of the request being parsed
         self._upgrading: StreamReader | None = None  # the (empty) body of a request llhttp stopped at: an upgrade
-        self._unparsed = bytearray()  # received, not yet fed to llhttp (the queue is full)
+        self._unparsed = b""  # received, not yet fed to llhttp (the queue is full)
         self._head_bytes = 0  # fed while the current head is incomplete
         self._framing_bytes = 0  # fed during the current body beside the body's own bytes
         self._body_fed = 0  # body bytes of the slice being fed
@@ -155,17 +155,20 @@ class IngestConnection(BaseProtocol):
             return
         if self._refused or self._closing:
             return
-        self._unparsed += data
+        self._unparsed = self._unparsed + data if self._unparsed else data  # a copy only when something was held
         self._parse()
 
     def _parse(self) -> None:
         """Feed llhttp what was received, a slice at a time, while fewer than MAX_QUEUED requests wait:
         the rest stays here (reading pauses) until the answers catch up."""
-        while self._unparsed and len(self._queue) <= MAX_QUEUED and self._reading_on():
-            data, self._unparsed = self._unparsed[:FEED_SLICE], self._unparsed[FEED_SLICE:]
+        unparsed, done = self._unparsed, 0
+        view = memoryview(unparsed)  # slices of it are fed: nothing is copied
+        while done < len(unparsed) and len(self._queue) <= MAX_QUEUED and self._reading_on():
+            data = view[done:done + FEED_SLICE]
+            done += len(data)
             self._body_fed = 0
             try:
-                self._feed(bytes(data))
+                self._feed(data)
                 self._count_framing(len(data))
             except httptools.HttpParserCallbackError as exc:
                 self._refuse(exc.__context__ if isinstance(exc.__context__, _Refused) else _malformed(str(exc)))
@@ -173,8 +176,7 @@ class IngestConnection(BaseProtocol):
                 self._refuse(_malformed(str(exc)))
             except _Refused as refusal:
                 self._refuse(refusal)
-        if not self._reading_on():
-            self._unparsed = bytearray()
+        self._unparsed = unparsed[done:] if done < len(unparsed) and self._reading_on() else b""
         self._update_reading()
 
     def _reading_on(self) -> bool:
@@ -196,13 +198,13 @@ class IngestConnection(BaseProtocol):
             if self._framing_bytes > MAX_FRAMING_BYTES:
                 raise _Refused(400, "malformed_request", "the request could not be parsed: its body's chunk framing is too long")
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
         try:
             self._llhttp.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self._after_upgrade(data[int(upgrade.args[0]):] if upgrade.args else b"")
 
-    def _after_upgrade(self, rest: bytes) -> None:
+    def _after_upgrade(self, rest: bytes | memoryview) -> None:
         """llhttp stops at a request asking to switch protocols (`Upgrade: h2c`, `CONNECT`). splitter
         speaks HTTP/1.1 only, so the request is an ordinary one, as aiohttp took it; it has no body
         (one with a body was refused at its head: llhttp leaves such a body's framing unchecked), and
