@@ -288,7 +288,7 @@ class IngestConnection(BaseProtocol):
         target = self._url.decode("latin-1")
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
         self._url, self._headers = b"", []
-        version = HttpVersion11 if parser.get_http_version() == "1.1" else HttpVersion10 if parser.get_http_version() == "1.0" else HttpVersion(1, 1)
+        version = HttpVersion10 if parser.get_http_version() == "1.0" else HttpVersion11  # anything else is answered as 1.1
         keep_alive = parser.should_keep_alive()
         method = parser.get_method().decode("latin-1")
         if parser.should_upgrade() and ("Transfer-Encoding" in headers or headers.get("Content-Length", "0").strip() not in ("", "0")):
@@ -355,9 +355,6 @@ class IngestConnection(BaseProtocol):
             self._answering.cancel()
         if self.transport is not None:
             self.transport.abort()  # not close(): a client that reads nothing would hold the socket forever
-
-    def in_request(self) -> bool:
-        return self._answering is not None
 
     def idle(self) -> bool:
         """Nothing being parsed, waiting or answered: the connection may be closed without losing anything."""
