@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,15 +21,15 @@ from proxy.ingress.handlers import (
     telemetry_handler,
 )
 from proxy.ingress.prepare import CallShape
-from proxy.ingress.request import IngestRequest
-from proxy.ingress.responses import IngressError
+from proxy.ingress.request import IngestRequest, LightRequest
+from proxy.ingress.responses import Answer, IngressError
 from proxy.ingress.webhook import WEBHOOK_ROUTE, webhook_handler
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 
 log = get_logger("splitter.ingress")
 R = TypeVar("R", bound=IngestRequest)  # a web.Request through the application, a LightRequest from the connection
-Handler = Callable[[R], Awaitable[web.StreamResponse]]
+Handler = Callable[[R], Awaitable[web.StreamResponse | Answer]]
 AppHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SINGLE_PATHS = {"track": "track", "identify": "identify", "page": "page", "screen": "screen", "group": "group", "alias": "alias"}
@@ -92,15 +92,17 @@ class Observer:
         self.in_flight -= 1
         self.arriving -= arriving
 
-    async def observe(self, request: R, handler: Handler[R], path: str) -> web.StreamResponse:
+    async def observe(self, request: R, handler: Handler[R], path: str) -> web.StreamResponse | Answer:
         """Admit, answer, release, count, add CORS headers: the application's middleware, and what the
-        listener calls directly for an ingest POST (with its path: no route was resolved)."""
+        listener calls directly for an ingest POST (with its path: no route was resolved). An `Answer`
+        stays one for a `LightRequest` only (the connection writes it); aiohttp's requests get a `web.Response`."""
         started = time.perf_counter()
         arriving = False
         if request.method == "POST":
             arriving = not request.content.is_eof()
             if not self.admit(arriving):
-                response: web.StreamResponse = responses.error(429, "too_many_requests", "splitter is at capacity; retry shortly", {"Retry-After": "1"})
+                response: web.StreamResponse | Answer = responses.error(429, "too_many_requests", "splitter is at capacity; retry shortly",
+                                                                        {"Retry-After": "1"})
                 return self.finish(request, response, path, started)
         else:
             self.in_flight += 1
@@ -110,10 +112,12 @@ class Observer:
             self.release(arriving)
         return self.finish(request, response, path, started)
 
-    def finish(self, request: IngestRequest, response: web.StreamResponse, path: str, started: float) -> web.StreamResponse:
+    def finish(self, request: IngestRequest, response: web.StreamResponse | Answer, path: str, started: float) -> web.StreamResponse | Answer:
         self.metrics.child(self.metrics.requests, path, str(response.status)).inc()
         self.metrics.child(self.metrics.request_duration, path).observe(time.perf_counter() - started)
-        _cors(request, response, self.cors_origins)
+        _cors(request, response.headers, self.cors_origins)
+        if type(response) is Answer and type(request) is not LightRequest:
+            return response.as_response()
         return response
 
 
@@ -122,7 +126,9 @@ def observing(observer: Observer) -> Middleware:
 
     @web.middleware
     async def observe(request: web.Request, handler: AppHandler) -> web.StreamResponse:
-        return await observer.observe(request, handler, _route_label(request))
+        response = await observer.observe(request, handler, _route_label(request))
+        assert isinstance(response, web.StreamResponse), "the observer answers aiohttp's requests with a web.Response"
+        return response
 
     return observe
 
@@ -161,7 +167,7 @@ def build_ingress_app(deps: IngressDeps, *, cors_origins: tuple[str, ...] = ("*"
     return app
 
 
-async def _answer(request: R, handler: Handler[R]) -> web.StreamResponse:
+async def _answer(request: R, handler: Handler[R]) -> web.StreamResponse | Answer:
     if request.method == "OPTIONS":
         return web.Response(status=204)  # CORS preflight; headers added by the caller
     try:
@@ -187,22 +193,23 @@ def _presented_key(request: IngestRequest) -> str | None:
         return None
 
 
-def _cors(request: IngestRequest, response: web.StreamResponse, allowed: tuple[str, ...]) -> None:
+def _cors(request: IngestRequest, headers: MutableMapping[str, str], allowed: tuple[str, ...]) -> None:
+    """CORS's headers into an answer's `headers`, for a browser's call (it sends Origin)."""
     origin = request.headers.get("Origin")
     if origin is None:
         return
     if "*" in allowed:
-        response.headers["Access-Control-Allow-Origin"] = "*"
+        headers["Access-Control-Allow-Origin"] = "*"
     elif origin in allowed:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Vary"] = "Origin"
+        headers["Access-Control-Allow-Origin"] = origin
+        headers["Vary"] = "Origin"
     else:
         return
     if request.method == "OPTIONS":
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
         requested = request.headers.get("Access-Control-Request-Headers", "")
         # Echo what the browser asks for too: analytics.js lets sites add headers (deliveryStrategy.config.headers).
         names = {h.lower(): h for h in (h.strip() for h in requested.split(",")) if h}
         names.update({h.lower(): h for h in CORS_ALLOW_HEADERS.split(", ")})
-        response.headers["Access-Control-Allow-Headers"] = ", ".join(names.values())
-        response.headers["Access-Control-Max-Age"] = "86400"
+        headers["Access-Control-Allow-Headers"] = ", ".join(names.values())
+        headers["Access-Control-Max-Age"] = "86400"

@@ -42,6 +42,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
@@ -55,6 +56,7 @@ from yarl import URL
 from proxy.ingress import responses
 from proxy.ingress.auth import mask_keys_in
 from proxy.ingress.request import LightRequest
+from proxy.ingress.responses import JSON, Answer
 from proxy.log import get_logger
 
 log = get_logger("splitter.ingress")
@@ -68,7 +70,7 @@ LINGER_SECONDS, LINGER_BYTES = 5.0, 8 << 20  # after a last answer: what the cli
 MAX_FRAMING_BYTES = 1 << 20  # bytes of a body's framing (chunk sizes, trailers) beside the body itself
 BODY_BUFFER = 2**16  # a body's StreamReader limit: reading pauses past twice this until the handler reads
 
-Dispatch = Callable[[web.BaseRequest | LightRequest], Awaitable[web.StreamResponse]]
+Dispatch = Callable[[web.BaseRequest | LightRequest], Awaitable[web.StreamResponse | Answer]]
 Pending = tuple[web.BaseRequest | LightRequest, StreamReader, bool, HttpVersion]  # a request, its body, keep-alive, version
 RequestFactory = Callable[..., web.BaseRequest]
 
@@ -436,15 +438,21 @@ class IngestConnection(BaseProtocol):
             elif self._queue:  # a head arrived while the last answer was being written
                 self._answering = self._loop.create_task(self._answer_in_order())
 
-    async def _write(self, request: web.BaseRequest | LightRequest, version: HttpVersion, response: web.StreamResponse, keep: bool) -> None:
+    async def _write(self, request: web.BaseRequest | LightRequest, version: HttpVersion, response: web.StreamResponse | Answer,
+                     keep: bool) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if isinstance(request, LightRequest):  # an ingest handler's answer: a plain web.Response, never prepared
+        if isinstance(request, LightRequest):  # an ingest handler's answer, or a plain web.Response never prepared (an error)
+            if type(response) is Answer:
+                self.transport.write(_serialize_answer(version, response, keep))
+                return
             if not (type(response) is web.Response and isinstance(response.body, bytes) and not response.prepared):
                 log.error("request_failed", path=request.path, error=f"an ingest handler answered with a {type(response).__name__}")
                 response = responses.error(500, "internal_error", "splitter failed to handle the request; it is safe to retry")
             self.transport.write(_serialize(version, response, keep))
             return
+        if isinstance(response, Answer):  # the observer makes it a web.Response for aiohttp's requests: not reached
+            response = response.as_response()
         await response.prepare(request)
         await response.write_eof()
 
@@ -460,6 +468,25 @@ def _malformed(reason: str) -> _Refused:
     if "content-length" in reason.lower() and "duplicate" not in reason.lower():
         return _Refused(400, "invalid_request", f"Content-Length is not a valid length: {reason}")
     return _Refused(400, "malformed_request", f"the request could not be parsed: {reason}")
+
+
+_STATUS_LINES: dict[tuple[HttpVersion, int], str] = {}
+
+
+def _serialize_answer(version: HttpVersion, answer: Answer, keep: bool) -> bytes:
+    """An `Answer`'s bytes, as `_serialize` writes the same answer made a `web.Response`."""
+    head = _STATUS_LINES.get((version, answer.status))
+    if head is None:
+        head = _STATUS_LINES[version, answer.status] = (f"HTTP/{version.major}.{version.minor} {answer.status} "
+                                                        f"{HTTPStatus(answer.status).phrase}\r\nContent-Type: {JSON}\r\n")
+    extra = ""
+    for name, value in answer.headers.items():  # CORS's: never a line break in them (Origin is one header line)
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"a header value with a line break: {name}")
+        extra += f"{name}: {value}\r\n"
+    connection = "" if keep and version != HttpVersion10 else "Connection: keep-alive\r\n" if keep else "Connection: close\r\n"
+    return (f"{head}{extra}Content-Length: {len(answer.body)}\r\nDate: {http_date()}\r\nServer: splitter\r\n{connection}\r\n".encode("latin-1")
+            + answer.body)
 
 
 def _serialize(version: HttpVersion, response: web.Response, keep: bool) -> bytes:

@@ -27,7 +27,7 @@ from proxy.ingress.implementation import CHOSEN
 from proxy.ingress.plan_checks import PlanChecks
 from proxy.ingress.prepare import CallShape, Prepared, single_call_error
 from proxy.ingress.request import IngestRequest
-from proxy.ingress.responses import IngressError
+from proxy.ingress.responses import Answer, IngressError
 from proxy.log import get_logger
 from proxy.metrics import Metrics
 from proxy.observe.catalog import Catalog
@@ -68,7 +68,7 @@ def _prepare_request(rules: RuleSet, data: bytes, presented: str | None, shape: 
 
 
 def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-untyped-def]
-    async def handle(request: IngestRequest) -> web.Response:
+    async def handle(request: IngestRequest) -> Answer:
         rules = deps.active.current
         presented = request_key(request)  # Authorization header, else ?writeKey= (the body's is read later)
         if presented is not None and rules.source_for_key(presented) is None:
@@ -90,7 +90,7 @@ def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-unty
     return handle
 
 
-async def deliver(deps: IngressDeps, rules: RuleSet, prepared: Prepared, shape: CallShape) -> web.Response:
+async def deliver(deps: IngressDeps, rules: RuleSet, prepared: Prepared, shape: CallShape) -> Answer:
     """Count rejections, hand the submission to delivery (which drops duplicates when de-duplication is on), answer."""
     metrics, submission = deps.metrics, prepared.submission
     source, key, rejected = submission.source, submission.presented_key, submission.rejected
@@ -113,8 +113,8 @@ async def deliver(deps: IngressDeps, rules: RuleSet, prepared: Prepared, shape: 
         deps.catalog.record(rules.catalog, source.name, prepared.routed, prepared.sampled)
     if rejected:
         log.info("events_rejected", source=source.name, write_key=key, count=len(rejected), codes=sorted({r.code for r in rejected}))
-        return responses.success({"rejected": [r.as_json() for r in rejected]})
-    return responses.success()
+        return responses.accepted({"rejected": [r.as_json() for r in rejected]})
+    return responses.accepted()
 
 
 def telemetry_handler(deps: IngressDeps):  # type: ignore[no-untyped-def]

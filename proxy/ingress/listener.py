@@ -40,6 +40,7 @@ from proxy.ingress.app import FAST_INGRESS
 from proxy.ingress.body import BODY_DEADLINE
 from proxy.ingress.connection import IngestConnection
 from proxy.ingress.request import LightRequest
+from proxy.ingress.responses import Answer
 from proxy.log import get_logger
 
 log = get_logger("splitter.ingress")
@@ -153,7 +154,7 @@ async def listen(runner: web.AppRunner, host: str, port: int, *, reuse_port: boo
     guards = Guards(header_timeout, body_timeout, keepalive_timeout)
     loop = asyncio.get_running_loop()
 
-    async def handle(request: web.BaseRequest | LightRequest) -> web.StreamResponse:
+    async def handle(request: web.BaseRequest | LightRequest) -> web.StreamResponse | Answer:
         request[BODY_DEADLINE] = loop.time() + guards.body_timeout
         if isinstance(request, LightRequest) and ingest is not None:  # the common call: straight to its handler
             return await ingest.observer.observe(request, routes[request.path], request.path)

@@ -28,6 +28,35 @@ class IngressError(Exception):
         self.headers = dict(headers or {})
 
 
+class Answer:
+    """An ingest call's JSON answer, as light as a status, a body and a few headers: the connection
+    writes it in one piece (connection.py), and the application's routes get it as a `web.Response`
+    (`as_response`, done by the observer). A `web.Response` resolves its headers into a multidict on
+    the way; for the 200 of a single call that was about a fiftieth of the request's CPU."""
+
+    __slots__ = ("body", "headers", "keep_alive", "status")
+
+    def __init__(self, body: bytes = SUCCESS_BODY, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        self.body = body
+        self.status = status
+        self.headers: dict[str, str] = {} if headers is None else headers  # beside Content-Type: CORS's, for instance
+        self.keep_alive: bool | None = None  # False: the connection closes after this answer
+
+    def force_close(self) -> None:
+        self.keep_alive = False
+
+    def as_response(self) -> web.Response:
+        response = web.Response(status=self.status, body=self.body, content_type=JSON, headers=self.headers or None)
+        if self.keep_alive is False:
+            response.force_close()
+        return response
+
+
+def accepted(extra: Mapping[str, Any] | None = None) -> Answer:
+    """200: the events were taken (`extra`: what else the client should read, e.g. `rejected`)."""
+    return Answer() if not extra else Answer(orjson.dumps({"success": True, **extra}))
+
+
 def success(extra: Mapping[str, Any] | None = None) -> web.Response:
     if not extra:
         return web.Response(body=SUCCESS_BODY, content_type=JSON)

@@ -71,7 +71,7 @@ def _prepare_event(rules: RuleSet, data: bytes, source: Source, region: str | No
 
 
 def webhook_handler(deps: IngressDeps):  # type: ignore[no-untyped-def]
-    async def handle(request: web.Request) -> web.Response:
+    async def handle(request: web.Request) -> responses.Answer:
         rules = deps.active.current
         source = rules.sources.get(request.match_info["source"])
         if source is None or source.webhook_secret is None:
@@ -82,7 +82,7 @@ def webhook_handler(deps: IngressDeps):  # type: ignore[no-untyped-def]
         found = _prepare_event(rules, data, source, deps.region, deps.catalog)
         if found is None:
             log.info("webhook_notice_ignored", source=source.name, type=IGNORED_TYPE)
-            return responses.success({"ignored": IGNORED_TYPE})
+            return responses.accepted({"ignored": IGNORED_TYPE})
         prepared, shape = found
         return await deliver(deps, rules, prepared, shape)
 
