@@ -40,6 +40,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.frozen import quick_init
+
 # Format 4's markers start with what a release reading format 3 takes for the length of an 8-byte
 # frame that is no record: it refuses such a file by name (SpoolFormatError), as it should, rather
 # than cutting it off as a marker torn while being created ("SPLS" read as a length is 1.4 GB).
@@ -61,6 +63,7 @@ class SpoolFormatError(Exception):
     """A segment file this version cannot read: refusing to start beats silently dropping events."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Record:
     """One request's events for one destination, as spooled."""
@@ -100,6 +103,7 @@ def tag_of(segment: int) -> bytes:
     return TAG.pack(segment & 0xFFFFFFFF)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Frame:
     """A record ready to be written, in parts: its length and crc (`header`), the segment's tag, the

@@ -29,6 +29,7 @@ from typing import Any
 
 from proxy.engine import NAME_FIELDS as NAME_FIELDS  # an event's name: the engine's rule, shared with the event catalog
 from proxy.engine import Source
+from proxy.frozen import quick_init
 
 # How prepare() counts the events it files: (rule, primary, mirror, type) -> name -> events.
 Routed = Mapping[tuple[str, tuple[str, ...], tuple[str, ...], str], Mapping[str, int]]
@@ -83,6 +84,7 @@ class Rejection:
         return {"index": self.index, "code": self.code, "message": self.message}
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Submission:
     """One request's events on their way to the spools: built once by `prepare()`, then only read."""

@@ -48,6 +48,7 @@ from proxy.engine import (
     shared_decision,
     transformed_events,
 )
+from proxy.frozen import quick_init
 from proxy.ingress.body import MAX_BATCH_EVENTS, MAX_EVENT_BYTES
 from proxy.ingress.plan_checks import screen
 from proxy.ingress.responses import IngressError
@@ -90,6 +91,7 @@ class _Filing:
         self.sampled: list[Sampled] = []
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """One request, prepared: the submission for delivery, and what only ingress needs of it."""
@@ -147,6 +149,7 @@ def _reject(filing: _Filing, index: int, code: str, message: str) -> None:
     filing.rejected.append(Rejection(index, code, message))
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RequestScope:
     """What every event of one request shares, worked out once per request rather than per event."""
