@@ -9,11 +9,12 @@ path does one dictionary look-up instead of prometheus_client's label resolution
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Histogram, Metric, disable_created_metrics
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.engine import EVENT_TYPES, VIOLATION_KINDS, RuleSet
@@ -59,6 +60,47 @@ class Gauge(prometheus_client.Gauge):
                 child.set(child._function())
 
 
+class Tally:
+    """The request path's counts and latencies, added to their prometheus_client children whenever
+    the registry is collected (a scrape, a test's `get_sample_value`): a dictionary update per count
+    instead of a lock and three calls per increment, and a C bisection instead of a bucket search and
+    two locked increments per latency. Registered on the registry before any metric, so a collection
+    adds what is pending before reading anything. Collected on the event loop's thread, as the admin
+    port serves it. Not used in a `serve --workers N` worker (`Metrics` counts directly there): a
+    multiprocess scrape reads the workers' files and never collects a worker's registry."""
+
+    def __init__(self) -> None:
+        self._counts: dict[Any, float] = {}  # a Counter's child -> pending amount
+        self._latencies: dict[Any, tuple[list[float], list[int], list[float]]] = {}  # a Histogram's child -> (bounds, per bucket, [sum])
+
+    def count(self, child: Any, amount: float) -> None:
+        counts = self._counts
+        counts[child] = counts.get(child, 0.0) + amount
+
+    def observe(self, child: Any, value: float) -> None:
+        pending = self._latencies.get(child)
+        if pending is None:
+            bounds = list(child._upper_bounds)
+            pending = self._latencies[child] = (bounds, [0] * len(bounds), [0.0])
+        pending[1][bisect_left(pending[0], value)] += 1  # the first bucket whose `le` is at least `value`, as observe() picks
+        pending[2][0] += value
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        for child, amount in counts.items():
+            child.inc(amount)
+        latencies, self._latencies = self._latencies, {}
+        for child, (_, buckets, total) in latencies.items():
+            child._sum.inc(total[0])
+            for index, observed in enumerate(buckets):
+                if observed:
+                    child._buckets[index].inc(observed)
+
+    def collect(self) -> list[Metric]:
+        self.flush()
+        return []
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, counts_reloads: bool = True) -> None:
         """`counts_reloads=False` in a worker of `serve --workers N`: its supervisor reloads the same
@@ -67,6 +109,10 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.counts_reloads = counts_reloads
         r = self.registry
+        self._tally: Tally | None = None
+        if not is_multiprocess():
+            self._tally = Tally()
+            r.register(self._tally)  # first: its collect() runs before the metrics'
         self.requests = Counter("splitter_requests", "Client requests answered, by route and status code.", ["path", "code"], registry=r)
         self.request_duration = Histogram(
             "splitter_request_duration_seconds", "Time to answer a client request.", ["path"], buckets=LATENCY_BUCKETS, registry=r
@@ -211,6 +257,20 @@ class Metrics:
             self.child(self.tracking_plan_unchecked, source)
             for kind in VIOLATION_KINDS:
                 self.child(self.tracking_plan_violations, source, kind)
+
+    def count(self, child: Any, amount: float = 1.0) -> None:
+        """Add `amount` to a Counter's `child` (from `child()`): for the request path, where it is tallied."""
+        if self._tally is not None:
+            self._tally.count(child, amount)
+        else:
+            child.inc(amount)
+
+    def observe(self, child: Any, value: float) -> None:
+        """Observe `value` in a Histogram's `child`: for the request path, where it is tallied."""
+        if self._tally is not None:
+            self._tally.observe(child, value)
+        else:
+            child.observe(value)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """A cached labelled child: label resolution once per label set, not once per event."""

@@ -113,8 +113,9 @@ class Observer:
         return self.finish(request, response, path, started)
 
     def finish(self, request: IngestRequest, response: web.StreamResponse | Answer, path: str, started: float) -> web.StreamResponse | Answer:
-        self.metrics.child(self.metrics.requests, path, str(response.status)).inc()
-        self.metrics.child(self.metrics.request_duration, path).observe(time.perf_counter() - started)
+        metrics = self.metrics
+        metrics.count(metrics.child(metrics.requests, path, str(response.status)))
+        metrics.observe(metrics.child(metrics.request_duration, path), time.perf_counter() - started)
         _cors(request, response.headers, self.cors_origins)
         if type(response) is Answer and type(request) is not LightRequest:
             return response.as_response()

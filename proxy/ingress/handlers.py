@@ -108,7 +108,7 @@ async def deliver(deps: IngressDeps, rules: RuleSet, prepared: Prepared, shape: 
     if prepared.observed:
         deps.plan_checks.submit(rules, source.name, prepared.observed)
     for labels, count in prepared.routed_labels(source.name):
-        metrics.child(metrics.events, *labels).inc(count)
+        metrics.count(metrics.child(metrics.events, *labels), count)
     if deps.catalog is not None:
         deps.catalog.record(rules.catalog, source.name, prepared.routed, prepared.sampled)
     if rejected:
