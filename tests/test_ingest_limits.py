@@ -153,6 +153,40 @@ async def test_a_head_that_does_not_arrive_in_time_gets_408_and_the_connection_c
         client.close()
 
 
+async def test_a_head_waiting_behind_pipelined_answers_is_not_timed_out() -> None:
+    """More than 32 pipelined requests wait for their answers, so splitter stops reading; the head
+    begun after them waits on splitter, not on the client, so its header clock stands still."""
+    async with held_port(header_timeout=0.5) as (listener, route, observer):
+        client = await Client.open(listener.url)
+        last = request("/v1/track", track("m-33"))
+        await client.send(b"".join(request("/v1/track", track(f"m-{i}")) for i in range(33)) + last[:30])
+        await until(lambda: observer.in_flight == 1)
+        await asyncio.sleep(1.5)  # three header timeouts, and the sweeper's passes
+        route.release.set()
+        answers = [await client.response() for _ in range(33)]
+        assert [status for status, _, _ in answers] == [200] * 33
+        await client.send(last[30:])
+        status, _, body = await client.response()
+        assert status == 200, body
+        client.close()
+
+
+async def test_the_header_clock_runs_again_once_the_answers_caught_up() -> None:
+    async with held_port(header_timeout=0.5) as (listener, route, observer):
+        client = await Client.open(listener.url)
+        last = request("/v1/track", track("m-33"))
+        await client.send(b"".join(request("/v1/track", track(f"m-{i}")) for i in range(33)) + last[:30])
+        await until(lambda: observer.in_flight == 1)
+        await asyncio.sleep(1.0)
+        route.release.set()
+        assert [(await client.response())[0] for _ in range(33)] == [200] * 33
+        started = time.monotonic()
+        status, headers, body = await client.response(timeout=5)  # the rest of the head never comes
+        assert status == 408 and orjson.loads(body)["code"] == "header_timeout" and headers["connection"] == "close"
+        assert time.monotonic() - started < 3
+        client.close()
+
+
 async def test_an_idle_keepalive_connection_is_not_cut_by_the_header_timeout() -> None:
     """The header clock runs from a request's first byte, not while a connection waits for its next request."""
     async with held_port(header_timeout=0.3) as (listener, _, _observer):

@@ -126,6 +126,8 @@ class IngestConnection(BaseProtocol):
         self.max_field_size = MAX_FIELD  # what aiohttp's Request reads of its protocol (multipart bodies)
         self.max_headers = MAX_HEADERS
         self.head_since: float | None = None  # when the first byte of a request whose head is not complete came
+        self.behind = False  # reading held until the answers catch up (more than MAX_QUEUED wait, or input is held)
+        self._behind_since = 0.0
         self.idle_since: float | None = time.monotonic()  # since when nothing is being parsed or answered
         self.eof = False  # the client half-closed
         self.closing_all = False  # the listener is shutting down: answers say Connection: close
@@ -255,14 +257,27 @@ class IngestConnection(BaseProtocol):
         transport = self.transport
         if transport is None:
             return
-        hold = not self._lingering and (self._reading_paused or self._paused or len(self._queue) > MAX_QUEUED or bool(self._unparsed)
-                or self._refused or self._closing)
+        behind = len(self._queue) > MAX_QUEUED or bool(self._unparsed)
+        if behind != self.behind:
+            self._behind_changed(behind)
+        hold = not self._lingering and (self._reading_paused or self._paused or behind or self._refused or self._closing)
         if hold != self._transport_paused:
             self._transport_paused = hold
             if hold:
                 transport.pause_reading()
             else:
                 transport.resume_reading()
+
+    def _behind_changed(self, behind: bool) -> None:
+        """Reading held for the answers to catch up is splitter's wait, not the client's: the header
+        clock of a head begun before it stands still meanwhile (the sweeper skips a connection that is
+        `behind`, and the time is given back here when it ends)."""
+        now = time.monotonic()
+        self.behind = behind
+        if behind:
+            self._behind_since = now
+        elif self.head_since is not None and self.head_since < self._behind_since:
+            self.head_since += now - self._behind_since
 
     # -- llhttp's callbacks -------------------------------------------------------------------------
     def on_message_begin(self) -> None:

@@ -16,7 +16,8 @@ What this module adds, per listener:
 
 - a header timeout: a request whose head has started to arrive must be complete within
   `header_timeout`, or the client gets 408 (JSON, in its turn after the answers before it) and the
-  connection closes;
+  connection closes. The clock stands still while splitter holds reading for its own answers to
+  catch up (more than 32 pipelined requests waiting): that wait is not the client's;
 - a body deadline: each request carries `BODY_DEADLINE` (now + `body_timeout`); `read_body` answers 408
   past it, which frees the request's in-flight slot (a client sending one byte a second holds a slot
   for at most `body_timeout`; app.py also keeps such requests to half of the slots);
@@ -88,7 +89,7 @@ class Guards:
             await asyncio.sleep(min(SWEEP_INTERVAL, self.header_timeout / 2, self.keepalive_timeout / 2))
             now = time.monotonic()
             for connection in list(self.connections):
-                if connection.head_since is not None and connection.head_since < now - self.header_timeout:
+                if connection.head_since is not None and not connection.behind and connection.head_since < now - self.header_timeout:
                     refuse_slow_head(connection)
                 elif connection.idle() and connection.idle_since is not None and connection.idle_since < now - self.keepalive_timeout:
                     connection.force_close()
