@@ -103,6 +103,25 @@ async def test_shutdown_cancels_what_is_still_running_at_the_drain_timeout() -> 
         client.close()
 
 
+async def test_a_head_still_arriving_at_shutdown_gets_503_and_does_not_hold_the_drain() -> None:
+    async with held_port(header_timeout=30.0) as (listener, route, observer):
+        answered = await Client.open(listener.url)
+        await answered.send(request("/v1/track", track("held")))
+        await until(lambda: observer.in_flight == 1)
+        slow = await Client.open(listener.url)
+        await slow.send(request("/v1/batch", b"{}")[:25])  # a head that never ends
+        started = time.monotonic()
+        closing = asyncio.ensure_future(listener.close(drain_timeout=20.0))
+        status, headers, body = await slow.response(timeout=5)
+        assert status == 503 and headers["connection"] == "close" and orjson.loads(body)["code"] == "shutting_down"
+        route.release.set()  # the request being answered still gets its answer
+        assert (await answered.response())[0] == 200
+        await asyncio.wait_for(closing, timeout=10)
+        assert time.monotonic() - started < 10  # not the drain timeout
+        answered.close()
+        slow.close()
+
+
 async def test_a_reset_while_pipelined_requests_wait_leaves_no_loop_errors() -> None:
     """Behind a held request, a large pipelined one (reading pauses); then a RST."""
     errors: list[dict[str, object]] = []

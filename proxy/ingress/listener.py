@@ -24,7 +24,9 @@ What this module adds, per listener:
 - TCP keepalive probes after KEEPIDLE seconds of silence, so a phone that vanished mid-upload is
   noticed in about two minutes instead of the kernel's default two hours;
 - idle keep-alive connections closed after `keepalive_timeout`;
-- on shutdown, `Connection: close` on the answers still being written, and the drain timeout for them.
+- on shutdown, `Connection: close` on the answers still being written, and the drain timeout for them;
+  a head still arriving a second into the drain gets 503 `shutting_down`, so one slow client cannot
+  hold a shutdown for the whole drain timeout.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its h
 BODY_TIMEOUT = 30.0  # seconds from a request's headers to the end of its body
 KEEPIDLE, KEEPINTVL, KEEPCNT = 60, 10, 6  # TCP keepalive: first probe after 60 s of silence, gone after 6 unanswered
 SWEEP_INTERVAL = 1.0  # how often header deadlines are checked (the timeout is honoured to within this)
+SHUTDOWN_HEAD_GRACE = 1.0  # during the shutdown drain, a head incomplete for this long gets 503 and the connection closes
 
 
 def _tune_keepalive(transport: asyncio.BaseTransport) -> None:
@@ -120,8 +123,8 @@ class IngressListener:
 
     async def close(self, drain_timeout: float) -> None:
         """Stop accepting and close idle connections; requests in progress get `drain_timeout` to finish
-        (their bodies still read, their answers with `Connection: close`) and are cancelled past it; then
-        the application's cleanup."""
+        (their bodies still read, their answers with `Connection: close`) and are cancelled past it; a
+        head still incomplete after SHUTDOWN_HEAD_GRACE gets 503; then the application's cleanup."""
         if self._closed:
             return
         self._closed = True
@@ -130,9 +133,14 @@ class IngressListener:
         self._server.close()
         await self.guards.stop()
         while self.guards.connections and loop.time() < deadline:
+            now = time.monotonic()
             for connection in list(self.guards.connections):
                 if connection.idle():  # nothing to answer (any more): the ones answering close after their answer
                     connection.force_close()
+                elif connection.head_since is not None and not connection.behind and connection.head_since < now - SHUTDOWN_HEAD_GRACE:
+                    # A head still arriving: nothing of it was taken, so it gets 503 (in its turn) rather than
+                    # holding the shutdown for the whole drain timeout.
+                    connection.refuse(503, "shutting_down", "splitter is shutting down; send the request again")
             await asyncio.sleep(0.02)
         for connection in list(self.guards.connections):
             connection.abort()
