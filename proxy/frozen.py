@@ -11,6 +11,8 @@ own descriptor, which skips the frozen check by design: about half the cost.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import types
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -20,11 +22,15 @@ def quick_init(cls: type[T]) -> type[T]:
     """Replace the `__init__` of `cls`, a `@dataclass(frozen=True, slots=True)` without `__post_init__`
     or default factories, with one that takes the same arguments and stores them through the slots."""
     params = getattr(cls, "__dataclass_params__", None)
-    if params is None or not params.frozen or "__slots__" not in vars(cls) or hasattr(cls, "__post_init__"):
-        raise TypeError(f"{cls.__name__}: quick_init takes a frozen, slotted dataclass without __post_init__")
+    if (params is None or not params.frozen or not params.init or "__slots__" not in vars(cls) or hasattr(cls, "__post_init__")
+            or getattr(vars(cls).get("__init__"), "__code__", None) is None or vars(cls)["__init__"].__code__.co_filename != "<string>"):
+        raise TypeError(f"{cls.__name__}: quick_init takes a frozen, slotted dataclass with its generated __init__ and no __post_init__")
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    if list(inspect.signature(cls.__init__).parameters)[1:] != [field.name for field in fields]:  # an InitVar, a keyword-only field
+        raise TypeError(f"{cls.__name__}: quick_init takes only plain positional fields")
     namespace: dict[str, Any] = {}
     signature, body = ["self"], []
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for field in fields:
         if not field.init or field.kw_only or field.default_factory is not dataclasses.MISSING:
             raise TypeError(f"{cls.__name__}.{field.name}: quick_init takes only plain positional fields, with or without a default")
         if field.default is dataclasses.MISSING:
@@ -32,7 +38,10 @@ def quick_init(cls: type[T]) -> type[T]:
         else:
             namespace[f"_default_{field.name}"] = field.default
             signature.append(f"{field.name}=_default_{field.name}")
-        namespace[f"_set_{field.name}"] = vars(cls)[field.name].__set__
+        slot = inspect.getattr_static(cls, field.name)  # the slot's descriptor, in this class or the base that has it
+        if not isinstance(slot, types.MemberDescriptorType):
+            raise TypeError(f"{cls.__name__}.{field.name}: not a slot")
+        namespace[f"_set_{field.name}"] = slot.__set__
         body.append(f"    _set_{field.name}(self, {field.name})")
     source = f"def __init__({', '.join(signature)}):\n" + "\n".join(body or ["    pass"]) + "\n"
     exec(source, namespace)

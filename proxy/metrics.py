@@ -65,8 +65,9 @@ class Tally:
     the registry is collected (a scrape, a test's `get_sample_value`): a dictionary update per count
     instead of a lock and three calls per increment, and a C bisection instead of a bucket search and
     two locked increments per latency. Registered on the registry before any metric, so a collection
-    adds what is pending before reading anything. Collected on the event loop's thread, as the admin
-    port serves it. Not used in a `serve --workers N` worker (`Metrics` counts directly there): a
+    adds what is pending before reading anything; a scrape filtered by name (prometheus_client's
+    `restricted_registry`, which splitter does not use) would skip it. Collected on the event loop's
+    thread, as the admin port serves it. Not used in a `serve --workers N` worker (`Metrics` counts directly there): a
     multiprocess scrape reads the workers' files and never collects a worker's registry."""
 
     def __init__(self) -> None:
@@ -74,6 +75,8 @@ class Tally:
         self._latencies: dict[Any, tuple[list[float], list[int], list[float]]] = {}  # a Histogram's child -> (bounds, per bucket, [sum])
 
     def count(self, child: Any, amount: float) -> None:
+        if amount < 0:  # refused here, as Counter.inc refuses it, rather than failing a flush
+            raise ValueError("counters only go up")
         counts = self._counts
         counts[child] = counts.get(child, 0.0) + amount
 

@@ -54,9 +54,35 @@ def test_refuses_what_it_cannot_build() -> None:
     class KeywordOnly:
         value: int = field(kw_only=True)
 
-    for cls in (WithFactory, Mutable, Unslotted, KeywordOnly):
+    @dataclass(frozen=True, slots=True, init=False)
+    class NoInit:
+        value: int
+
+    @dataclass(frozen=True, slots=True)
+    class OwnInit:
+        value: int
+
+        def __init__(self, value: int) -> None:
+            object.__setattr__(self, "value", value * 2)
+
+    @dataclass(frozen=True, slots=True)
+    class WithInitVar:
+        value: int
+        scale: dataclasses.InitVar[int] = 1
+
+    for cls in (WithFactory, Mutable, Unslotted, KeywordOnly, NoInit, OwnInit, WithInitVar):
         with pytest.raises(TypeError):
             quick_init(cls)
+
+
+def test_fields_inherited_from_a_slotted_base() -> None:
+    @quick_init
+    @dataclass(frozen=True, slots=True)
+    class Triple(Pair):
+        third: float = 0.5
+
+    assert Triple(1, "x", 2.0) == Triple(left=1, right="x", third=2.0)
+    assert (Triple(3).left, Triple(3).right, Triple(3).third) == (3, "r", 0.5)
 
 
 def test_the_per_request_classes_use_it() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.metrics import LATENCY_BUCKETS, Metrics
@@ -42,3 +43,12 @@ def test_each_collection_adds_only_what_came_since_the_last() -> None:
     assert metrics.registry.get_sample_value("splitter_request_duration_seconds_sum", {"path": "/v1/t"}) == 0.2
     assert len(LATENCY_BUCKETS) + 1 == sum(
         1 for sample in metrics.request_duration.collect()[0].samples if sample.name.endswith("_bucket") and sample.labels["path"] == "/v1/t")
+
+
+def test_a_negative_count_is_refused_when_counted() -> None:
+    metrics = Metrics(CollectorRegistry())
+    child = metrics.child(metrics.requests, "/v1/t", "200")
+    metrics.count(child, 2)
+    with pytest.raises(ValueError):
+        metrics.count(child, -1)
+    assert metrics.registry.get_sample_value("splitter_requests_total", {"path": "/v1/t", "code": "200"}) == 2

@@ -46,7 +46,8 @@ class Answer:
         self.keep_alive = False
 
     def as_response(self) -> web.Response:
-        response = web.Response(status=self.status, body=self.body, content_type=JSON, headers=self.headers or None)
+        response = web.Response(status=self.status, body=self.body, content_type=JSON)
+        response.headers.extend(self.headers)  # after Content-Type, as the connection writes them
         if self.keep_alive is False:
             response.force_close()
         return response
