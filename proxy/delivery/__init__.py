@@ -164,6 +164,8 @@ class Delivery:
         """Spool a request's events (but those de-duplication drops); ok once they are on stable storage.
 
         Every destination named in `submission` must be in the rules last given to `apply()`."""
+        if self._dedup.settings is None:  # the common case, without a coroutine in between
+            return await self._write(submission)
         return await self._dedup.accept(submission, self._write, self.metrics)
 
     async def _write(self, submission: Submission) -> Outcome:
@@ -223,7 +225,9 @@ class Delivery:
         if account is not None:  # written: delivered whatever the fsync below says (see there)
             account.accepted([(name, PRIMARY, chunk) for _, _, name, chunk in staged] + mirrored, lost)
         try:
-            await self._group_commit.wait(tickets)
+            waiting = self._group_commit.commit(tickets)
+            if waiting is not None:
+                await waiting
         except OSError as exc:
             # Too late to take the records back (others were appended after them, and they may be on
             # disk): they stay and are delivered, so the client's retry duplicates them (same messageIds).

@@ -96,19 +96,26 @@ class GroupCommit:
     async def wait(self, tickets: Tickets) -> None:
         """Return once every (spool, ticket) is on stable storage (`fsync`) or written (`interval`);
         raises the OSError of a failed sync (`fsync` only: in `interval` the answer does not wait for it)."""
+        waiting = self.commit(tickets)
+        if waiting is not None:
+            await waiting
+
+    def commit(self, tickets: Tickets) -> asyncio.Future[None] | None:
+        """`wait` without a coroutine for the request path: None when there is nothing to wait for
+        (`interval`, or already synced), else the future to await."""
         pending = [(spool, ticket) for spool, ticket in tickets if ticket > spool.committed]
         if not pending:
-            return
+            return None
         if self.interval is not None:
             for spool, _ in pending:
                 self._unsynced[id(spool)] = spool
             if self._task is None or self._task.done():
                 self._task = asyncio.ensure_future(self._ticks(self.interval))
-            return
+            return None
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((pending, future))
         self._start_round()
-        await future
+        return future
 
     def soon(self, spool: Syncable) -> None:
         """`spool` sealed a segment: in `interval`, sync it now rather than at the next tick."""

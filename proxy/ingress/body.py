@@ -42,6 +42,21 @@ def too_large(limit: str) -> IngressError:
     return IngressError(413, "request_too_large", f"request body exceeds {limit} (Segment's limit, after decompression)")
 
 
+def body_at_hand(request: IngestRequest) -> bytes | None:
+    """The body when it has all arrived and is plain (the common call), read without a coroutine;
+    else None, and `read_body` reads it."""
+    content, headers = request.content, request.headers
+    if not content.is_eof() or content.exception() is not None or "Content-Encoding" in headers:
+        return None
+    length = headers.get("Content-Length")
+    if length is not None and not (len(length) <= 18 and length.isdigit()):  # what int() refuses or chokes on: read_body says so
+        return None
+    raw = content.read_nowait()
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise too_large("500 KB")
+    return raw
+
+
 async def read_body(request: IngestRequest) -> bytes:
     """The decompressed body, refused past the limits before it is all in memory."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()

@@ -21,7 +21,7 @@ from proxy.engine import EventContext, RuleSet
 from proxy.geoip import GeoIP
 from proxy.ingress import responses
 from proxy.ingress.auth import authenticate, request_key
-from proxy.ingress.body import parse_json, read_body
+from proxy.ingress.body import body_at_hand, parse_json, read_body
 from proxy.ingress.client_ip import client_address
 from proxy.ingress.implementation import CHOSEN
 from proxy.ingress.plan_checks import PlanChecks
@@ -73,7 +73,9 @@ def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-unty
         presented = request_key(request)  # Authorization header, else ?writeKey= (the body's is read later)
         if presented is not None and rules.source_for_key(presented) is None:
             raise IngressError(401, "invalid_write_key", "unknown write key")  # before reading the body
-        data = await read_body(request)
+        data = body_at_hand(request)
+        if data is None:
+            data = await read_body(request)
         client_ip, forwarded_for = client_address(request.remote, request.headers.get("X-Forwarded-For"), deps.trusted_proxies)
         country = rules.country_from_headers(request.headers)  # a CDN's header, then GeoIP; the event's own location is the engine's fallback
         if country is None and deps.geoip is not None:
