@@ -116,6 +116,40 @@ async def test_a_step_already_due_at_start_is_applied_before_traffic() -> None:
 LOOPBACK_ENV = {"SEGMENT_URL": "http://127.0.0.1:9", "RUDDERSTACK_DATA_PLANE_URL": "http://127.0.0.1:9"}
 
 
+class TickingClock(ManualClock):
+    """A clock that moves on by `tick` at every reading, as a busy machine's clock does between two
+    readings close together; sleeping just yields (the sleeper reads the clock again)."""
+
+    def __init__(self, now: datetime, tick: timedelta) -> None:
+        super().__init__(now)
+        self.tick = tick
+
+    def now(self) -> datetime:
+        now, self._now = self._now, self._now + self.tick
+        return now
+
+    async def sleep_until(self, when: datetime) -> None:
+        await asyncio.sleep(0)
+
+
+async def test_a_step_falling_between_two_readings_of_the_clock_is_still_applied(tmp_path: Path) -> None:
+    """The scheduler reads the clock once per pass: read twice, a step between the readings was neither
+    applied (the first was before it) nor waited for (the second was after it), and never taken."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(ramp_rules(10, (STEP, 60)))
+    active = ActiveRules(load_rules(str(path), LOOPBACK_ENV))
+    metrics = Metrics()
+    installer = RulesInstaller(active, metrics, clock=TickingClock(STEP - timedelta(seconds=0.5), timedelta(seconds=1)))
+    installer.ramps.start()
+    try:
+        deadline = time.monotonic() + 5
+        while metrics.registry.get_sample_value("splitter_rollout_percent", {"rule": "rollout", "destination": "rudderstack"}) != 60.0:
+            assert time.monotonic() < deadline, "the step between two readings was never applied"
+            await asyncio.sleep(0.01)
+    finally:
+        await installer.ramps.stop()
+
+
 def reload_setup(path: Path, text: str, clock: ManualClock) -> tuple[ActiveRules, Metrics, RampScheduler, Reloader]:
     path.write_text(text)
     active = ActiveRules(load_rules(str(path), LOOPBACK_ENV))

@@ -84,9 +84,10 @@ class RampScheduler:
         """The active rules were replaced: work out the next step time again (the installer calls this)."""
         self._wake.set()
 
-    def apply_due(self, trigger: str | None = RAMP) -> None:
-        """Install the steps due now, if any changed a split; at start-up this catches up at once (`trigger=None`)."""
-        now = self.now()
+    def apply_due(self, trigger: str | None = RAMP, *, now: datetime | None = None) -> None:
+        """Install the steps due now (or at `now`), if any changed a split; at start-up this catches up at once (`trigger=None`)."""
+        if now is None:
+            now = self.now()
         current = self._installer.current
         live = effective_rules(current, now)
         if live is current:
@@ -100,9 +101,12 @@ class RampScheduler:
 
     async def run(self) -> None:
         while True:
-            self.apply_due()
+            # One reading of the clock for both: a step falling between two readings would be neither
+            # applied (the first was before it) nor waited for (the second, after it), and never taken.
+            now = self.now()
+            self.apply_due(now=now)
             self._wake.clear()  # after: the install above replanned, and the next step is worked out just below
-            due = next_step_at(self._installer.current, self.now())
+            due = next_step_at(self._installer.current, now)
             if due is None:
                 await self._wake.wait()
             else:
