@@ -128,8 +128,7 @@ def observing(observer: Observer) -> Middleware:
     @web.middleware
     async def observe(request: web.Request, handler: AppHandler) -> web.StreamResponse:
         response = await observer.observe(request, handler, _route_label(request))
-        assert isinstance(response, web.StreamResponse), "the observer answers aiohttp's requests with a web.Response"
-        return response
+        return response.as_response() if isinstance(response, Answer) else response  # finish() made it one already
 
     return observe
 
