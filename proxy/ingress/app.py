@@ -21,7 +21,7 @@ from proxy.ingress.handlers import (
     telemetry_handler,
 )
 from proxy.ingress.prepare import CallShape
-from proxy.ingress.request import IngestRequest, LightRequest
+from proxy.ingress.request import IngestRequest
 from proxy.ingress.responses import Answer, IngressError
 from proxy.ingress.webhook import WEBHOOK_ROUTE, webhook_handler
 from proxy.log import get_logger
@@ -94,8 +94,9 @@ class Observer:
 
     async def observe(self, request: R, handler: Handler[R], path: str) -> web.StreamResponse | Answer:
         """Admit, answer, release, count, add CORS headers: the application's middleware, and what the
-        listener calls directly for an ingest POST (with its path: no route was resolved). An `Answer`
-        stays one for a `LightRequest` only (the connection writes it); aiohttp's requests get a `web.Response`."""
+        listener calls directly for an ingest POST (with its path: no route was resolved). An ingest
+        handler's `Answer` is returned as it is: the middleware and the connection make it a
+        `web.Response` where aiohttp writes the answer."""
         started = time.perf_counter()
         arriving = False
         if request.method == "POST":
@@ -117,8 +118,6 @@ class Observer:
         metrics.count(metrics.child(metrics.requests, path, str(response.status)))
         metrics.observe(metrics.child(metrics.request_duration, path), time.perf_counter() - started)
         _cors(request, response.headers, self.cors_origins)
-        if type(response) is Answer and type(request) is not LightRequest:
-            return response.as_response()
         return response
 
 
@@ -128,7 +127,7 @@ def observing(observer: Observer) -> Middleware:
     @web.middleware
     async def observe(request: web.Request, handler: AppHandler) -> web.StreamResponse:
         response = await observer.observe(request, handler, _route_label(request))
-        return response.as_response() if isinstance(response, Answer) else response  # finish() made it one already
+        return response.as_response() if isinstance(response, Answer) else response
 
     return observe
 

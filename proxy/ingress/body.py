@@ -43,22 +43,39 @@ def too_large(limit: str) -> IngressError:
 
 
 def body_at_hand(request: IngestRequest) -> bytes | None:
-    """The body when it has all arrived and is plain (the common call), read without a coroutine;
-    else None, and `read_body` reads it."""
-    content, headers = request.content, request.headers
-    if not content.is_eof() or content.exception() is not None or "Content-Encoding" in headers:
+    """The decompressed body when it has all arrived (the common call: read without a coroutine or a
+    timeout), refused past the limits; None while it is still arriving (`read_body` waits for it)."""
+    encoding, wire_limit = _limits(request)
+    if not request.content.is_eof():
         return None
-    length = headers.get("Content-Length")
-    if length is not None and not (len(length) <= 18 and length.isdigit()):  # what int() refuses or chokes on: read_body says so
-        return None
-    raw = content.read_nowait()
-    if len(raw) > MAX_REQUEST_BYTES:
+    try:
+        raw = request.content.read_nowait()
+    except (OSError, web.RequestPayloadError) as exc:  # the client went away, or sent a malformed chunked body
+        raise _incomplete(exc) from None
+    if len(raw) > wire_limit:
         raise too_large("500 KB")
-    return raw
+    return gunzip(raw) if encoding == "gzip" else raw
 
 
 async def read_body(request: IngestRequest) -> bytes:
     """The decompressed body, refused past the limits before it is all in memory."""
+    at_hand = body_at_hand(request)
+    if at_hand is not None:
+        return at_hand
+    encoding, wire_limit = _limits(request)
+    try:
+        async with asyncio.timeout_at(request.get(BODY_DEADLINE)):
+            raw = await _read(request, wire_limit)
+    except TimeoutError:
+        raise IngressError(408, "body_timeout", "the request body did not arrive in time; send it again") from None
+    except (OSError, web.RequestPayloadError) as exc:
+        raise _incomplete(exc) from None
+    return gunzip(raw) if encoding == "gzip" else raw
+
+
+def _limits(request: IngestRequest) -> tuple[str, int]:
+    """The body's encoding and the most bytes it may take on the wire; refuses an encoding splitter
+    does not inflate, and a declared length past that or not a number."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip", ""):
         raise IngressError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported (use gzip or none)")
@@ -69,19 +86,11 @@ async def read_body(request: IngestRequest) -> bytes:
         raise IngressError(400, "invalid_request", "Content-Length is not a valid length") from None
     if declared is not None and declared > wire_limit:
         raise too_large("500 KB")
-    try:
-        if request.content.is_eof():  # the common case: all there already, read without a timeout or a wait
-            raw = request.content.read_nowait()
-            if len(raw) > wire_limit:
-                raise too_large("500 KB")
-        else:
-            async with asyncio.timeout_at(request.get(BODY_DEADLINE)):
-                raw = await _read(request, wire_limit)
-    except TimeoutError:
-        raise IngressError(408, "body_timeout", "the request body did not arrive in time; send it again") from None
-    except (OSError, web.RequestPayloadError) as exc:  # the client went away, or sent a malformed chunked body
-        raise IngressError(400, "incomplete_body", f"the request body ended before it was complete: {exc}") from None
-    return gunzip(raw) if encoding == "gzip" else raw
+    return encoding, wire_limit
+
+
+def _incomplete(exc: Exception) -> IngressError:
+    return IngressError(400, "incomplete_body", f"the request body ended before it was complete: {exc}")
 
 
 async def _read(request: IngestRequest, wire_limit: int) -> bytes:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
@@ -270,7 +270,7 @@ class IngestConnection(BaseProtocol):
 
     def _behind_changed(self, behind: bool) -> None:
         """Reading held for the answers to catch up is splitter's wait, not the client's: the header
-        clock of a head begun before it stands still meanwhile (the sweeper skips a connection that is
+        clock of a head begun before it stands still meanwhile (`head_waiting` does not count while
         `behind`, and the time is given back here when it ends)."""
         now = time.monotonic()
         self.behind = behind
@@ -373,6 +373,10 @@ class IngestConnection(BaseProtocol):
         if self.transport is not None:
             self.transport.abort()  # not close(): a client that reads nothing would hold the socket forever
 
+    def head_waiting(self, now: float, seconds: float) -> bool:
+        """A head has been incomplete for more than `seconds` of the client's time (not while splitter is `behind`)."""
+        return self.head_since is not None and not self.behind and self.head_since < now - seconds
+
     def idle(self) -> bool:
         """Nothing being parsed, waiting or answered: the connection may be closed without losing anything."""
         return self._answering is None and not self._queue and self.head_since is None and self._payload is None
@@ -466,7 +470,7 @@ class IngestConnection(BaseProtocol):
                 response = responses.error(500, "internal_error", "splitter failed to handle the request; it is safe to retry")
             self.transport.write(_serialize(version, response, keep))
             return
-        if isinstance(response, Answer):  # the observer makes it a web.Response for aiohttp's requests: not reached
+        if isinstance(response, Answer):  # an ingest handler's, for an ingest path aiohttp's request carries (percent escapes)
             response = response.as_response()
         await response.prepare(request)
         await response.write_eof()
@@ -486,6 +490,7 @@ def _malformed(reason: str) -> _Refused:
 
 
 _STATUS_LINES: dict[tuple[HttpVersion, int], str] = {}
+_FRAMING = ("content-length", "connection", "date", "transfer-encoding")  # the connection writes these itself
 
 
 def _serialize_answer(version: HttpVersion, answer: Answer, keep: bool) -> bytes:
@@ -494,30 +499,27 @@ def _serialize_answer(version: HttpVersion, answer: Answer, keep: bool) -> bytes
     if head is None:
         head = _STATUS_LINES[version, answer.status] = (f"HTTP/{version.major}.{version.minor} {answer.status} "
                                                         f"{HTTPStatus(answer.status).phrase}\r\nContent-Type: {JSON}\r\n")
-    extra = ""
-    for name, value in answer.headers.items():  # CORS's: never a line break in them (Origin is one header line)
-        if "\r" in value or "\n" in value:
-            raise ValueError(f"a header value with a line break: {name}")
-        extra += f"{name}: {value}\r\n"
-    connection = "" if keep and version != HttpVersion10 else "Connection: keep-alive\r\n" if keep else "Connection: close\r\n"
-    return (f"{head}{extra}Content-Length: {len(answer.body)}\r\nDate: {http_date()}\r\nServer: splitter\r\n{connection}\r\n".encode("latin-1")
-            + answer.body)
+    return _framed(head + _header_lines(answer.headers.items()) if answer.headers else head, answer.body, version, keep)
 
 
 def _serialize(version: HttpVersion, response: web.Response, keep: bool) -> bytes:
     """A plain response's bytes: status line, its headers, length, date, connection, body."""
-    body = cast(bytes, response.body)
-    lines = [f"HTTP/{version.major}.{version.minor} {response.status} {response.reason}\r\n"]
-    for name, value in response.headers.items():
-        if name.lower() in ("content-length", "connection", "date", "transfer-encoding"):
+    head = f"HTTP/{version.major}.{version.minor} {response.status} {response.reason}\r\n" + _header_lines(response.headers.items())
+    return _framed(head, cast(bytes, response.body), version, keep)
+
+
+def _header_lines(headers: Iterable[tuple[str, str]]) -> str:
+    lines = []
+    for name, value in headers:
+        if name.lower() in _FRAMING:
             continue
         if "\r" in value or "\n" in value:
             raise ValueError(f"a header value with a line break: {name}")
         lines.append(f"{name}: {value}\r\n")
-    lines.append(f"Content-Length: {len(body)}\r\nDate: {http_date()}\r\nServer: splitter\r\n")
-    if not keep:
-        lines.append("Connection: close\r\n")
-    elif version == HttpVersion10:
-        lines.append("Connection: keep-alive\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1") + body
+    return "".join(lines)
+
+
+def _framed(head: str, body: bytes, version: HttpVersion, keep: bool) -> bytes:
+    """`head` (status line and headers) with the length, date, server and connection headers, then `body`."""
+    connection = "" if keep and version != HttpVersion10 else "Connection: keep-alive\r\n" if keep else "Connection: close\r\n"
+    return f"{head}Content-Length: {len(body)}\r\nDate: {http_date()}\r\nServer: splitter\r\n{connection}\r\n".encode("latin-1") + body

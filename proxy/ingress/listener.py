@@ -92,7 +92,7 @@ class Guards:
             await asyncio.sleep(min(SWEEP_INTERVAL, self.header_timeout / 2, self.keepalive_timeout / 2))
             now = time.monotonic()
             for connection in list(self.connections):
-                if connection.head_since is not None and not connection.behind and connection.head_since < now - self.header_timeout:
+                if connection.head_waiting(now, self.header_timeout):
                     refuse_slow_head(connection)
                 elif connection.idle() and connection.idle_since is not None and connection.idle_since < now - self.keepalive_timeout:
                     connection.force_close()
@@ -137,7 +137,7 @@ class IngressListener:
             for connection in list(self.guards.connections):
                 if connection.idle():  # nothing to answer (any more): the ones answering close after their answer
                     connection.force_close()
-                elif connection.head_since is not None and not connection.behind and connection.head_since < now - SHUTDOWN_HEAD_GRACE:
+                elif connection.head_waiting(now, SHUTDOWN_HEAD_GRACE):
                     # A head still arriving: nothing of it was taken, so it gets 503 (in its turn) rather than
                     # holding the shutdown for the whole drain timeout.
                     connection.refuse(503, "shutting_down", "splitter is shutting down; send the request again")

@@ -30,8 +30,8 @@ class IngressError(Exception):
 
 class Answer:
     """An ingest call's JSON answer, as light as a status, a body and a few headers: the connection
-    writes it in one piece (connection.py), and the application's routes get it as a `web.Response`
-    (`as_response`, done by the observer). A `web.Response` resolves its headers into a multidict on
+    writes it in one piece (connection.py); where aiohttp writes the answer (the application's
+    routes, an ingest path spelt with escapes) it becomes a `web.Response` (`as_response`). A `web.Response` resolves its headers into a multidict on
     the way; for the 200 of a single call that was about a fiftieth of the request's CPU."""
 
     __slots__ = ("body", "headers", "keep_alive", "status")
