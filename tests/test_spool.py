@@ -852,6 +852,38 @@ async def test_a_reader_behind_takes_the_newest_records_from_memory_and_only_the
     await spool.close()
 
 
+async def test_a_reader_behind_reads_each_record_of_the_files_once_though_its_reads_stop_short(tmp_path: Path) -> None:
+    """A read from the file scans more than its limits take; the next read starts with what it checked
+    then: the file emptied between the two does not matter, and the order and the limits hold."""
+    spool, _ = opened(tmp_path, fresh_limit=0)  # everything from the files
+    events = [ev(i, pad=100) for i in range(10)]
+    for e in events:
+        write_request(spool, "k", None, [e])
+    first = await read(spool, max_events=3)  # one read of the file scans all ten records
+    assert events_of(first) == events[:3]
+    os.truncate(tmp_path / "000000000001.seg", 0)  # were they read again, nothing would be found
+    second = await read(spool, max_events=4)
+    third = await read(spool, max_events=100)
+    assert (events_of(second), events_of(third)) == (events[3:7], events[7:])
+    spool.ack(first + second + third)
+    assert spool.pending == 0
+    await spool.close()
+
+
+async def test_reads_of_the_files_stopping_short_across_segments_hand_out_every_record_once_in_order(tmp_path: Path) -> None:
+    spool, _ = opened(tmp_path, fresh_limit=0, segment_bytes=600)  # ~150 bytes a record: four per segment
+    events = [ev(i, pad=100) for i in range(8)]
+    for e in events:
+        write_request(spool, "k", None, [e])
+    taken = await read(spool, max_events=2)
+    assert events_of(taken) == events[:2]
+    rest = await read_n(spool, 6, max_events=1)
+    assert events_of(rest) == events[2:]
+    spool.ack(taken + rest)
+    assert spool.pending == 0
+    await spool.close()
+
+
 async def test_the_steady_state_reads_nothing_back_from_the_files(tmp_path: Path) -> None:
     """A reader keeping up takes every record from memory: the segment file emptied under it does not matter."""
     spool, _ = opened(tmp_path)

@@ -85,16 +85,18 @@ def recover_file(path: Path, segment: int) -> tuple[int, list[bytes], int, int]:
     return start, payloads, torn, fmt
 
 
-def read_records(segment: Path, segment_id: int, offset: int, end: int, budget: int, fmt: int = FORMAT) -> list[bytes]:
+def read_records(segment: Path, segment_id: int, offset: int, end: int, budget: int, fmt: int = FORMAT) -> list[memoryview]:
     """Whole record payloads of `segment` from `offset`, about `budget` bytes of them (at least one if
-    there is one), never past `end`, the last whole record the spool knows of: a tear beyond is not read."""
-    with open(segment, "rb") as handle:
-        handle.seek(offset)
-        header = handle.read(HEADER.size)
+    there is one), never past `end`, the last whole record the spool knows of: a tear beyond is not read.
+    Views of one read's buffer: `decode` copies each record's events out once."""
+    fd = os.open(segment, os.O_RDONLY)
+    try:
+        header = os.pread(fd, HEADER.size, offset)
         wanted = header_size(fmt) + HEADER.unpack(header)[0] if len(header) == HEADER.size else 0
-        handle.seek(offset)
-        data = handle.read(min(end - offset, max(wanted, budget + READ_SLACK)))  # scan() checks every crc it reads: no more
-    return scan(data, 0, fmt, segment_id)[0]
+        data = os.pread(fd, min(end - offset, max(wanted, budget + READ_SLACK)), offset)  # scan() checks every crc it reads: no more
+    finally:
+        os.close(fd)
+    return scan(memoryview(data), 0, fmt, segment_id)[0]
 
 
 def appended_at(segment: Path, offset: int, fmt: int = FORMAT) -> float | None:

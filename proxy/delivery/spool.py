@@ -11,7 +11,9 @@ The record format is in `spool_format.py`, the files and descriptors in `segment
 Records are read back in order by the destination's sender, which acks what the upstream accepted.
 The steady state reads nothing back from disk: the latest records (up to `FRESH_LIMIT` bytes) are
 kept in memory as the sender will use them, and only a sender further behind than that (an upstream
-outage, a backlog at start-up) reads the files, until it reaches the records still in memory.
+outage, a backlog at start-up, a core saturated by clients) reads the files, until it reaches the
+records still in memory: each byte once, with one `pread` per read, the records a read checked past
+its limits kept for the next one, and the events copied out of the read's buffer once.
 A sealed segment whose records are all acked is deleted, or its file kept (up to `REUSE_FILES`) and
 written over by a later segment: freeing its blocks would hold up the fsyncs running meanwhile
 (`_remove`; the records' segment tags keep an earlier segment's leftovers out of a scan). The count
@@ -123,6 +125,10 @@ class Spool:
         self._fresh: deque[tuple[int, int, Record]] = deque()
         self._fresh_bytes = 0
         self._fresh_limit = fresh_limit
+        # What the last read of a file scanned (its crc checked) beyond the read's limits, as (segment id,
+        # offset, records or payloads): the next read starts there and takes them, rather than read and
+        # check them again. A sender behind the fresh records reads each byte of the files once.
+        self._ahead: tuple[int, int, list[Record | memoryview]] | None = None
         self._log = LogThrottle()  # a full disk fails every request: one line a second, with a count
         # Delivered segments' files, kept to be written over by the next segments (see `_remove`), with
         # their sizes; counted in disk_bytes, and given up first when room is needed.
@@ -243,6 +249,7 @@ class Spool:
         False when it cannot be (not the last write, or the cut failed): it stays and is delivered, and
         a retry of the request duplicates it (same messageIds)."""
         last, self._last = self._last, None
+        self._ahead = None  # (no read ran since the write, so it cannot hold it: dropped all the same)
         if last is None or last[0] != ticket or last[1] is not self._active or not self._files.cut(last[2]):
             return False
         _, segment, offset, records, events = last
@@ -342,9 +349,12 @@ class Spool:
             fresh.append((segment_id, offset, record))
             self._fresh_bytes += size
 
-    def _records_at(self, segment: _Segment, offset: int, budget: int) -> list[Record] | list[bytes]:
-        """What is in `segment` from `offset` on: records still in memory, else record payloads read
-        from the file (about `budget` bytes of them)."""
+    def _records_at(self, segment: _Segment, offset: int, budget: int) -> Sequence[Record | memoryview]:
+        """What is in `segment` from `offset` on: what the last read scanned past its limits, records
+        still in memory, else record payloads read from the file (about `budget` bytes of them)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == segment.id and ahead[1] == offset:
+            return ahead[2]
         fresh = self._fresh
         while fresh and (fresh[0][0], fresh[0][1]) < (segment.id, offset):  # read from the file meanwhile
             self._fresh_bytes -= fresh.popleft()[2].encoded_size
@@ -375,11 +385,12 @@ class Spool:
                 self._skip_unreadable(segment, offset)
                 continue
             full = False
-            for item in found:
+            for at, item in enumerate(found):
                 record = item if isinstance(item, Record) else decode(segment_id, item, segment.fmt)
                 count = record.count
                 if records and (events + count > max_events or size + record.size > max_bytes):
                     full = True  # the limits are reached: stop here, the rest is for the next read
+                    self._ahead = (segment_id, offset, [record, *found[at + 1:]])  # for the next read: a file is not read twice
                     break
                 records.append(record)
                 size += record.size

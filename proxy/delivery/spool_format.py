@@ -39,6 +39,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from proxy.frozen import quick_init
 
@@ -56,6 +57,7 @@ TAGGED = struct.Struct("<III")  # length, crc, tag: format 4
 TAG = struct.Struct("<I")
 PREFIX = struct.Struct("<dHHI")
 LENGTH = struct.Struct("<I")
+Buffer = TypeVar("Buffer", bytes, memoryview)  # what scan() reads: a file's bytes, or a view of a read's buffer
 MAX_RECORD = 64 * 1024 * 1024  # anything longer is corruption, not a request's events
 
 
@@ -152,32 +154,34 @@ def encode(appended_at: float, credential: str, forwarded_for: str | None, event
     return b"".join(frame(appended_at, credential, forwarded_for, events, tags).parts(tag_of(segment)))
 
 
-def decode(segment: int, payload: bytes, fmt: int = FORMAT) -> Record:
-    """The record in `payload`, from a segment of format `fmt`."""
+def decode(segment: int, payload: bytes | memoryview, fmt: int = FORMAT) -> Record:
+    """The record in `payload` (a view of a read's buffer is copied once, into the record's events),
+    from a segment of format `fmt`."""
     appended_at, cred_len, fwd_len, count = PREFIX.unpack_from(payload)
     start = PREFIX.size
-    credential = payload[start:start + cred_len].decode()
+    credential = str(payload[start:start + cred_len], "utf-8")
     start += cred_len
-    forwarded = payload[start:start + fwd_len].decode() or None
+    forwarded = str(payload[start:start + fwd_len], "utf-8") or None
     start += fwd_len
     lengths = struct.unpack_from(f"<{count}I", payload, start)
     start += LENGTH.size * count
     tags = b""
     if fmt >= 3:
         tags_len = LENGTH.unpack_from(payload, start)[0]
-        tags = payload[start + LENGTH.size:start + LENGTH.size + tags_len]
+        tags = bytes(payload[start + LENGTH.size:start + LENGTH.size + tags_len])
         start += LENGTH.size + tags_len
-    return Record(segment, appended_at, credential, forwarded, payload[start:], lengths, header_size(fmt) + len(payload), tags)
+    return Record(segment, appended_at, credential, forwarded, bytes(payload[start:]), lengths, header_size(fmt) + len(payload), tags)
 
 
-def event_count(payload: bytes) -> int:
+def event_count(payload: bytes | memoryview) -> int:
     return int(PREFIX.unpack_from(payload)[3])
 
 
-def scan(data: bytes, start: int = 0, fmt: int = FORMAT, segment: int = 0) -> tuple[list[bytes], int]:
+def scan(data: Buffer, start: int = 0, fmt: int = FORMAT, segment: int = 0) -> tuple[list[Buffer], int]:
     """Complete, valid record payloads (of format `fmt`; of segment `segment` in format 4) in `data`
-    from `start`, and the offset just past the last one."""
-    payloads, offset, end = [], start, len(data)
+    from `start`, and the offset just past the last one; views of it when it is a view (not copied)."""
+    payloads: list[Buffer] = []
+    offset, end = start, len(data)
     size, tag = header_size(fmt), segment & 0xFFFFFFFF
     while offset + size <= end:
         length, crc = HEADER.unpack_from(data, offset)
@@ -194,7 +198,7 @@ def scan(data: bytes, start: int = 0, fmt: int = FORMAT, segment: int = 0) -> tu
     return payloads, offset
 
 
-def _consistent(payload: bytes, fmt: int) -> bool:
+def _consistent(payload: bytes | memoryview, fmt: int) -> bool:
     """The framing inside a payload adds up (the crc guards the bytes, this guards a writer's bug)."""
     _, cred_len, fwd_len, count = PREFIX.unpack_from(payload)
     start = PREFIX.size + cred_len + fwd_len
