@@ -884,6 +884,27 @@ async def test_reads_of_the_files_stopping_short_across_segments_hand_out_every_
     await spool.close()
 
 
+async def test_a_file_that_cannot_be_read_after_a_read_took_records_loses_none_of_them(tmp_path: Path) -> None:
+    """A read that has taken records and then fails on the next segment's file hands out what it took;
+    the next read meets the error (and retries), and once the file is back every record comes once."""
+    spool, _ = opened(tmp_path, fresh_limit=0, segment_bytes=600)  # ~150 bytes a record: three per segment
+    events = [ev(i, pad=100) for i in range(8)]
+    for e in events:
+        write_request(spool, "k", None, [e])
+    second = tmp_path / "000000000002.seg"
+    assert second.exists()
+    taken = await read(spool, max_events=2)  # the first segment's file read: its third record kept for the next read
+    second.rename(tmp_path / "away")  # the next read takes that record, then cannot open the second segment's file
+    taken += await read(spool, max_events=100)
+    assert events_of(taken) == events[:3]
+    (tmp_path / "away").rename(second)
+    taken += await read_n(spool, 5)
+    assert events_of(taken) == events
+    spool.ack(taken)
+    assert spool.pending == 0
+    await spool.close()
+
+
 async def test_the_steady_state_reads_nothing_back_from_the_files(tmp_path: Path) -> None:
     """A reader keeping up takes every record from memory: the segment file emptied under it does not matter."""
     spool, _ = opened(tmp_path)

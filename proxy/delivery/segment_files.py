@@ -91,12 +91,31 @@ def read_records(segment: Path, segment_id: int, offset: int, end: int, budget: 
     Views of one read's buffer: `decode` copies each record's events out once."""
     fd = os.open(segment, os.O_RDONLY)
     try:
-        header = os.pread(fd, HEADER.size, offset)
-        wanted = header_size(fmt) + HEADER.unpack(header)[0] if len(header) == HEADER.size else 0
-        data = os.pread(fd, min(end - offset, max(wanted, budget + READ_SLACK)), offset)  # scan() checks every crc it reads: no more
+        data = read_at(fd, min(end - offset, budget + READ_SLACK), offset)  # scan() checks every crc it reads: no more
+        if len(data) >= HEADER.size:
+            wanted = header_size(fmt) + HEADER.unpack_from(data)[0]
+            if len(data) < wanted <= end - offset:  # a first record larger than the read: read again, whole
+                data = read_at(fd, wanted, offset)
     finally:
         os.close(fd)
     return scan(memoryview(data), 0, fmt, segment_id)[0]
+
+
+def read_at(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset`, fewer only at the end of the file: a `pread` may return less than
+    asked (a signal, a network file system) without that being the end."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def appended_at(segment: Path, offset: int, fmt: int = FORMAT) -> float | None:

@@ -12,8 +12,8 @@ Records are read back in order by the destination's sender, which acks what the 
 The steady state reads nothing back from disk: the latest records (up to `FRESH_LIMIT` bytes) are
 kept in memory as the sender will use them, and only a sender further behind than that (an upstream
 outage, a backlog at start-up, a core saturated by clients) reads the files, until it reaches the
-records still in memory: each byte once, with one `pread` per read, the records a read checked past
-its limits kept for the next one, and the events copied out of the read's buffer once.
+records still in memory: each byte once (the records a read checked past its limits are kept for
+the next one), one `pread` for most reads, the events copied out of the read's buffer once.
 A sealed segment whose records are all acked is deleted, or its file kept (up to `REUSE_FILES`) and
 written over by a later segment: freeing its blocks would hold up the fsyncs running meanwhile
 (`_remove`; the records' segment tags keep an earlier segment's leftovers out of a scan). The count
@@ -125,9 +125,10 @@ class Spool:
         self._fresh: deque[tuple[int, int, Record]] = deque()
         self._fresh_bytes = 0
         self._fresh_limit = fresh_limit
-        # What the last read of a file scanned (its crc checked) beyond the read's limits, as (segment id,
-        # offset, records or payloads): the next read starts there and takes them, rather than read and
-        # check them again. A sender behind the fresh records reads each byte of the files once.
+        # What the last read got beyond its limits (records from memory, or payloads read from a file
+        # with their crc checked), as (segment id, offset, items): the next read starts there and takes
+        # them, rather than read and check them again. A sender behind the fresh records reads each
+        # byte of the files once.
         self._ahead: tuple[int, int, list[Record | memoryview]] | None = None
         self._log = LogThrottle()  # a full disk fails every request: one line a second, with a count
         # Delivered segments' files, kept to be written over by the next segments (see `_remove`), with
@@ -380,7 +381,12 @@ class Spool:
                     break
                 self._cursor = (later[0], self._segments[later[0]].acked_offset)  # its acked head is not re-read
                 continue
-            found = self._records_at(segment, offset, max_bytes - size)
+            try:
+                found = self._records_at(segment, offset, max_bytes - size)
+            except OSError:
+                if records:  # handed out already (the cursor is past them): they go now, the next read meets the error
+                    break
+                raise
             if not found:
                 self._skip_unreadable(segment, offset)
                 continue
@@ -486,6 +492,7 @@ class Spool:
         if self._closed:
             return
         self._closed = True
+        self._ahead = None
         await self.group.idle()
         for segment in self._segments.values():
             if segment.acked != segment.noted:

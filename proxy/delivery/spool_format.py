@@ -57,7 +57,7 @@ TAGGED = struct.Struct("<III")  # length, crc, tag: format 4
 TAG = struct.Struct("<I")
 PREFIX = struct.Struct("<dHHI")
 LENGTH = struct.Struct("<I")
-Buffer = TypeVar("Buffer", bytes, memoryview)  # what scan() reads: a file's bytes, or a view of a read's buffer
+BytesLike = TypeVar("BytesLike", bytes, memoryview)  # what scan() reads: a file's bytes, or a view of a read's buffer
 MAX_RECORD = 64 * 1024 * 1024  # anything longer is corruption, not a request's events
 
 
@@ -177,10 +177,10 @@ def event_count(payload: bytes | memoryview) -> int:
     return int(PREFIX.unpack_from(payload)[3])
 
 
-def scan(data: Buffer, start: int = 0, fmt: int = FORMAT, segment: int = 0) -> tuple[list[Buffer], int]:
+def scan(data: BytesLike, start: int = 0, fmt: int = FORMAT, segment: int = 0) -> tuple[list[BytesLike], int]:
     """Complete, valid record payloads (of format `fmt`; of segment `segment` in format 4) in `data`
     from `start`, and the offset just past the last one; views of it when it is a view (not copied)."""
-    payloads: list[Buffer] = []
+    payloads: list[BytesLike] = []
     offset, end = start, len(data)
     size, tag = header_size(fmt), segment & 0xFFFFFFFF
     while offset + size <= end:
