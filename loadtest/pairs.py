@@ -5,8 +5,9 @@
 
 Make OLD_TREE with `git worktree add --detach /tmp/old <commit>` (copy `proxy/ingress/_compiled*.so`
 into it, or it runs the pure-Python `prepare()`). Each run starts `splitter serve` from its own tree,
-pinned to the proxy core, saturates it with wrk for `--seconds` after 2 s of warm-up, and prints the
-proxy's CPU per request. The run's Python starts in that tree's directory with only that tree on its
+pinned to the proxy core, saturates it with wrk for `--seconds` after 2 s of warm-up (and the
+delivery of what the warm-up spooled), and prints the proxy's CPU per request, counted until the
+run's events are delivered (saturated, part of them is sent after wrk stops), as `loadtest.bench` does. The run's Python starts in that tree's directory with only that tree on its
 path: `python -m` puts the working directory first on `sys.path`, so a run started elsewhere would
 measure whichever tree it was started from.
 
@@ -41,8 +42,10 @@ async def main() -> None:
         payload = batch_payload(bodies) if kind == "batch" else single_payload(rules, kind)
         async with subjects.splitter(env, mode) as subject:
             await asyncio.to_thread(run_wrk, subject.url, payload.path, payload.bodies, auth, seconds=2, connections=CONNECTIONS)
+            await subject.settle()
             before = cpu_seconds(subject.pids())
             run = await asyncio.to_thread(run_wrk, subject.url, payload.path, payload.bodies, auth, seconds=seconds, connections=CONNECTIONS)
+            await subject.settle()
             spent = cpu_seconds(subject.pids()) - before
             print(f"RESULT {run.requests / seconds:.0f} {1e6 * spent / run.requests:.1f}", flush=True)
     finally:

@@ -73,6 +73,8 @@ def test_quick_bench_runs_and_every_event_is_delivered(tmp_path: Path) -> None:
         if scenario in SPLITTERS:  # 50 % of its own saturated rate; the peers at splitter (interval)'s
             assert latency["offered_per_s"] == round(row["requests_per_s"] / 2, 1)
             assert row["cpu_us_per_event"] is not None
+            # counted until the run's events were delivered: the run alone, kept beside it, is no more
+            assert row["drain_s"] is not None and 0 < row["cpu_us_per_event_run"] <= row["cpu_us_per_event"]
         else:
             assert latency["offered_per_s"] == rows[("splitter (interval)", payload)]["latency"]["offered_per_s"]
     for name in SPLITTERS:
