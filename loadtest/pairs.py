@@ -7,9 +7,10 @@ Make OLD_TREE with `git worktree add --detach /tmp/old <commit>` (copy `proxy/in
 into it, or it runs the pure-Python `prepare()`). Each run starts `splitter serve` from its own tree,
 pinned to the proxy core, saturates it with wrk for `--seconds` after 2 s of warm-up (and the
 delivery of what the warm-up spooled), and prints the proxy's CPU per request, counted until the
-run's events are delivered (saturated, part of them is sent after wrk stops), as `loadtest.bench` does. The run's Python starts in that tree's directory with only that tree on its
-path: `python -m` puts the working directory first on `sys.path`, so a run started elsewhere would
-measure whichever tree it was started from.
+run's events are delivered (saturated, part of them is sent after wrk stops), as `loadtest.bench`
+does. The run's Python starts in that tree's directory with only that tree on its path: `python -m`
+puts the working directory first on `sys.path`, so a run started elsewhere would measure whichever
+tree it was started from.
 
 Runs alternate old, new, old, new: on a shared VM the machine drifts between runs by as much as a
 change moves, so only runs taken side by side compare, and the median of the pairs is the figure.
