@@ -96,8 +96,9 @@ async def saturate(subject: subjects.Subject, payload: Payload, receivers: Recei
     cpu = cpu_seconds(pids) - before
     received = await counts(receivers)
     complete, note = delivery(subject.expect, payload, received, run.ok, CONNECTIONS)
-    if subject.expect == "splitter" and settled is not None and settled >= DRAIN_NOTED and pids and run.ok:
-        note += f"; the rest delivered in {settled:.1f} s after the run, counted (the run alone {1e6 * during / (run.ok * payload.events):.2f} µs/ev)"
+    run_alone = round(1e6 * during / (run.ok * payload.events), 2) if pids and run.ok else None
+    if subject.expect == "splitter" and settled is not None and settled >= DRAIN_NOTED and run_alone is not None:
+        note += f"; the rest delivered in {settled:.1f} s after the run, counted (the run alone {run_alone:.2f} µs/ev)"
     await receivers.reset()
     rate = run.ok / run.seconds
     return {
@@ -105,7 +106,7 @@ async def saturate(subject: subjects.Subject, payload: Payload, receivers: Recei
         "requests_per_s": round(rate), "events_per_s": round(rate * payload.events),
         "cpu_us_per_event": round(1e6 * cpu / (run.ok * payload.events), 2) if pids and run.ok else None,
         "cpu_us_per_request": round(1e6 * cpu / run.ok, 1) if pids and run.ok else None,
-        "cpu_us_per_event_run": round(1e6 * during / (run.ok * payload.events), 2) if pids and run.ok else None,
+        "cpu_us_per_event_run": run_alone,
         "drain_s": settled if subject.expect == "splitter" else None,
         "wrk_p50_ms": run.p50_ms, "wrk_p99_ms": run.p99_ms, "non_2xx": run.non_2xx, "socket_errors": run.errors,
         "peak_rss_mb": round(peak, 1) if pids else None, "steady_rss_mb": round(steady, 1) if pids else None,

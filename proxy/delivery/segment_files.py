@@ -104,18 +104,15 @@ def read_records(segment: Path, segment_id: int, offset: int, end: int, budget: 
 def read_at(fd: int, size: int, offset: int) -> bytes:
     """`size` bytes at `offset`, fewer only at the end of the file: a `pread` may return less than
     asked (a signal, a network file system) without that being the end."""
-    data = os.pread(fd, size, offset)
-    if len(data) == size or not data:
-        return data
-    parts = [data]
-    got = len(data)
+    parts: list[bytes] = []
+    got = 0
     while got < size:
         more = os.pread(fd, size - got, offset + got)
         if not more:
             break
         parts.append(more)
         got += len(more)
-    return b"".join(parts)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def appended_at(segment: Path, offset: int, fmt: int = FORMAT) -> float | None:

@@ -250,7 +250,6 @@ class Spool:
         False when it cannot be (not the last write, or the cut failed): it stays and is delivered, and
         a retry of the request duplicates it (same messageIds)."""
         last, self._last = self._last, None
-        self._ahead = None  # (no read ran since the write, so it cannot hold it: dropped all the same)
         if last is None or last[0] != ticket or last[1] is not self._active or not self._files.cut(last[2]):
             return False
         _, segment, offset, records, events = last
