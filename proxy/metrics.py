@@ -151,6 +151,15 @@ class Metrics:
         self.spool_truncated_bytes = Counter(
             "splitter_spool_truncated_bytes", "Bytes of torn or corrupt spool tails cut off at start-up.", per_destination, registry=r
         )
+        self.spool_read_back_bytes = Counter(
+            "splitter_spool_read_back_bytes",
+            "Bytes of records the sender read back from its spool files: behind the records kept in memory (an outage, an overload) or after a restart.",
+            per_destination, registry=r,
+        )
+        self.requests_paced = Counter(
+            "splitter_requests_paced",
+            "Client requests that waited for their turn while a sender with an answering upstream was behind (--durability interval).", registry=r,
+        )
         self.spool_syncs = Counter(
             "splitter_spool_syncs", "Group-commit fsync rounds over the spools (per request group with --durability fsync, per interval with interval).",
             registry=r,

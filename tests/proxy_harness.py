@@ -191,9 +191,11 @@ async def proxy_stack(
     cdn_cache_seconds: float = 300.0,
     keepalive_timeout: float = 75.0,
     clock: Clock | None = None,
+    durability: Literal["fsync", "interval"] = "fsync",
 ) -> AsyncIterator[Stack]:
     """The default CDN is never contacted unless a test GETs a CDN route. `clock`: the ramp clock
-    (tests move a manual one); `drain_timeout`: the time the stack has to stop, as `--drain-timeout`."""
+    (tests move a manual one); `drain_timeout`: the time the stack has to stop, as `--drain-timeout`;
+    `durability`: as `--durability` (`interval` with its default 0.5 s)."""
     segment = await start_receiver("segment", record=True)
     rudder = await start_receiver("rudderstack", valid_keys=RUDDER_KEYS, record=True)
     proxy: Server | None = None
@@ -208,6 +210,7 @@ async def proxy_stack(
             config=str(scratch / "rules.yaml"), listen=("127.0.0.1", 0), admin=("127.0.0.1", 0), region=region, drain_timeout=drain_timeout,
             trusted_proxies=trusted_proxies, cors_origins=cors_origins, max_in_flight=max_in_flight, spool_dir=str(scratch / "spool"),
             dead_letter_dir=str(scratch / "dead-letter"), state_dir=str(scratch / "state"), cdn_url=cdn_url, public_url=public_url, cdn_cache_seconds=cdn_cache_seconds,
+            durability=durability,
         )
         proxy = Server(settings, env, rules=rules, clock=clock, handle_signals=False, keepalive_timeout=keepalive_timeout,
                        owns_interpreter=False)

@@ -840,6 +840,54 @@ async def test_a_reader_that_falls_behind_reads_the_files_and_then_memory_again(
     await spool.close()
 
 
+async def test_the_reader_lags_once_more_than_half_the_memory_is_unread_and_counts_what_it_reads_back(tmp_path: Path) -> None:
+    """`lagging` (the pacer's sign, proxy/delivery/pacing.py) counts the unread bytes only: records
+    read but still in memory do not make a caught-up reader lag. `read_back` counts the file bytes
+    read because memory no longer had them."""
+    spool, _ = opened(tmp_path, fresh_limit=1000)  # records of ~160 bytes: half the memory is three of them
+    events = [ev(i, pad=100) for i in range(16)]
+    assert not spool.lagging
+    for e in events[:3]:
+        write_request(spool, "k", None, [e])
+    assert not spool.lagging
+    write_request(spool, "k", None, [events[3]])
+    assert spool.lagging
+    assert events_of(await read(spool)) == events[:4]
+    assert (spool.lagging, spool.read_back) == (False, 0)  # all from memory
+    write_request(spool, "k", None, [events[4]])
+    assert not spool.lagging  # one unread record; the four read are still in memory, and do not count
+    for e in events[5:12]:
+        write_request(spool, "k", None, [e])  # eight unread, more than memory holds: the oldest went to the files only
+    assert spool.lagging
+    first = await read(spool, max_events=3)
+    assert events_of(first) == events[4:7]
+    assert spool.read_back > 0  # from the file
+    assert spool.lagging  # five left, still more than half
+    rest = await read(spool)
+    assert events_of(rest) == events[7:12]
+    assert not spool.lagging
+    spool.ack(first + rest)
+    await spool.close()
+
+
+async def test_a_reader_lags_across_segments_by_the_bytes_of_each(tmp_path: Path) -> None:
+    """Behind by whole segments, the lag adds up each one's size from the cursor on; a delivered
+    segment under the cursor is not counted."""
+    spool, _ = opened(tmp_path, fresh_limit=1200, segment_bytes=400)  # records of 165 bytes, two a segment (after its 8-byte marker)
+    events = [ev(i, pad=100) for i in range(8)]
+    for e in events[:2]:
+        write_request(spool, "k", None, [e])
+    spool.ack(await read(spool))  # the first segment delivered
+    for e in events[2:5]:
+        write_request(spool, "k", None, [e])  # over the next two segments: 511 bytes with their markers, under half
+    assert not spool.lagging
+    write_request(spool, "k", None, [events[5]])
+    assert spool.lagging  # 676 bytes over two segments
+    assert events_of(await read(spool, max_events=2)) == events[2:4]
+    assert not spool.lagging
+    await spool.close()
+
+
 async def test_a_reader_behind_takes_the_newest_records_from_memory_and_only_the_older_from_the_files(tmp_path: Path) -> None:
     spool, _ = opened(tmp_path, fresh_limit=350)  # records of ~160 bytes: memory keeps the last two
     events = [ev(i, pad=100) for i in range(5)]

@@ -32,6 +32,7 @@ from proxy.delivery.deadletter import DeadLetters
 from proxy.delivery.dedup import Deduplicator
 from proxy.delivery.errors import UpstreamError
 from proxy.delivery.options import DeliveryOptions
+from proxy.delivery.pacing import Pacer
 from proxy.delivery.pipeline import Pipeline
 from proxy.delivery.spool import Spool, SpoolFull
 from proxy.delivery.spool_format import Frame, frame
@@ -69,6 +70,9 @@ class Delivery:
         # the answer waits for the write only and the rounds run on that interval (proxy/delivery/commit.py)
         self._group_commit = GroupCommit(sync_interval, metrics.spool_syncs.inc)
         self._dedup = Deduplicator()  # the filter in front of the spool writes; on while the applied rules say so
+        self._senders: tuple[Pipeline, ...] = ()  # the pipelines, for the pacer's check on every request
+        # `interval`: requests take turns with a sender that fell behind for lack of CPU (proxy/delivery/pacing.py)
+        self._pacer = Pacer(self._lagging, metrics.requests_paced.inc) if sync_interval is not None else None
 
     # -- lifecycle --------------------------------------------------------------------------------------
     @property
@@ -107,6 +111,7 @@ class Delivery:
             if found.upstream.destination != destination:
                 self._reconfigure(found, destination)
         self._dedup.apply(rules.dedup, self.metrics)
+        self._senders = tuple(self._pipelines.values())
         self._applied = rules
 
     def _new_pipeline(self, destination: Destination) -> Pipeline:
@@ -160,6 +165,14 @@ class Delivery:
             self._lock_fd = None
 
     # -- the request path -----------------------------------------------------------------------------------
+    def turn(self) -> asyncio.Future[None] | None:
+        """Before a request's work: None to go on now, else a future done at its turn, while a sender
+        with an answering upstream is behind (`--durability interval`; proxy/delivery/pacing.py)."""
+        return self._pacer.turn() if self._pacer is not None else None
+
+    def _lagging(self) -> bool:
+        return any(pipeline.lagging for pipeline in self._senders)
+
     async def accept(self, submission: Submission) -> Outcome:
         """Spool a request's events (but those de-duplication drops); ok once they are on stable storage.
 

@@ -136,6 +136,7 @@ class Spool:
         self._reuse: deque[tuple[Path, int]] = deque()
         self.disk_bytes = 0
         self.pending = 0  # events appended and not yet acked
+        self.read_back = 0  # bytes of records read back from the files (behind the fresh ones, or after a restart)
 
     # -- start-up ---------------------------------------------------------------------------------
     def open(self, visit: Callable[[Record], None] | None = None) -> Recovery:
@@ -341,6 +342,27 @@ class Spool:
             self._readable.clear()  # counted but not readable (cannot happen): wait for a write rather than spin
             await self._readable.wait()
 
+    @property
+    def lagging(self) -> bool:
+        """Whether the reader is more than half the records kept in memory behind the writes: a sign
+        for intake to take turns with the sender (proxy/delivery/pacing.py). Counted in file bytes
+        from the cursor to the end of the active segment; a few segments looked at at most."""
+        if self._unread <= 0 or self._cursor is None:
+            return False
+        limit = self._fresh_limit // 2
+        cursor_id, offset = self._cursor
+        behind = 0
+        for segment_id in reversed(self._order):
+            if segment_id < cursor_id:
+                break  # the cursor's segment is gone (delivered): the unread records start after it
+            size = self._segments[segment_id].size
+            if segment_id == cursor_id:
+                return behind + size - offset > limit
+            behind += size
+            if behind > limit:
+                return True
+        return behind > limit
+
     def _keep_fresh(self, segment_id: int, offset: int, record: Record) -> None:
         fresh, size = self._fresh, record.encoded_size
         while fresh and self._fresh_bytes + size > self._fresh_limit:
@@ -366,7 +388,9 @@ class Spool:
                 records.append(record)
                 size += record.size
             return records
-        return read_records(segment.path, segment.id, offset, segment.size, budget, segment.fmt)
+        found = read_records(segment.path, segment.id, offset, segment.size, budget, segment.fmt)
+        self.read_back += sum(map(len, found))
+        return found
 
     def _read_now(self, max_events: int, max_bytes: int) -> list[Record]:
         records: list[Record] = []

@@ -69,6 +69,9 @@ def _prepare_request(rules: RuleSet, data: bytes, presented: str | None, shape: 
 
 def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-untyped-def]
     async def handle(request: IngestRequest) -> Answer:
+        turn = deps.delivery.turn()
+        if turn is not None:
+            await turn
         rules = deps.active.current
         presented = request_key(request)  # Authorization header, else ?writeKey= (the body's is read later)
         if presented is not None and rules.source_for_key(presented) is None:
