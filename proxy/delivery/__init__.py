@@ -70,7 +70,6 @@ class Delivery:
         # the answer waits for the write only and the rounds run on that interval (proxy/delivery/commit.py)
         self._group_commit = GroupCommit(sync_interval, metrics.spool_syncs.inc)
         self._dedup = Deduplicator()  # the filter in front of the spool writes; on while the applied rules say so
-        self._senders: tuple[Pipeline, ...] = ()  # the pipelines, for the pacer's check on every request
         # `interval`: requests take turns with a sender that fell behind for lack of CPU (proxy/delivery/pacing.py)
         self._pacer = Pacer(self._lagging, metrics.requests_paced.inc) if sync_interval is not None else None
 
@@ -111,7 +110,6 @@ class Delivery:
             if found.upstream.destination != destination:
                 self._reconfigure(found, destination)
         self._dedup.apply(rules.dedup, self.metrics)
-        self._senders = tuple(self._pipelines.values())
         self._applied = rules
 
     def _new_pipeline(self, destination: Destination) -> Pipeline:
@@ -171,7 +169,7 @@ class Delivery:
         return self._pacer.turn() if self._pacer is not None else None
 
     def _lagging(self) -> bool:
-        return any(pipeline.lagging for pipeline in self._senders)
+        return any(pipeline.lagging for pipeline in self._pipelines.values())
 
     async def accept(self, submission: Submission) -> Outcome:
         """Spool a request's events (but those de-duplication drops); ok once they are on stable storage.

@@ -93,6 +93,13 @@ class Pipeline:
 
     def start(self) -> None:
         self._runner = asyncio.ensure_future(self._run())
+        self._runner.add_done_callback(self._runner_ended)
+
+    def _runner_ended(self, runner: asyncio.Task[None]) -> None:
+        """A sender that stops other than by `stop()` must not stop silently: its spool would only grow."""
+        if not runner.cancelled() and runner.exception() is not None:
+            log.error("sender_stopped", destination=self.name, error=repr(runner.exception()),
+                      hint="nothing more is sent to this destination until a restart; its spool keeps what comes")
 
     def reconfigure(self, options: DeliveryOptions, upstream: Upstream | None = None) -> None:
         """A reload changed this destination: every setting takes effect for the next batch, the
@@ -119,16 +126,19 @@ class Pipeline:
                 self._room.clear()
                 await self._room.wait()
             records = await self.spool.read(self.options.batch_max_events, self.options.batch_max_bytes, self.options.flush_interval)
-            self._count_read_back()
             entry = _InFlight(records)
             self._in_flight.append(entry)
+            self._count_read_back()
             if self.options.max_in_flight == 1 and not self._tasks:
                 self._inline = True
                 try:
                     await self._deliver_until_done(entry)
                 finally:
                     self._inline = False
-                self._settle(entry)
+                try:
+                    self._settle(entry)
+                except Exception:  # as a task's done callback would have it: logged, and the sender goes on
+                    log.exception("delivery_ack_failed", destination=self.name)
                 if self._stopping:
                     return
                 continue

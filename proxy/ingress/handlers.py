@@ -69,13 +69,13 @@ def _prepare_request(rules: RuleSet, data: bytes, presented: str | None, shape: 
 
 def ingest_handler(deps: IngressDeps, shape: CallShape):  # type: ignore[no-untyped-def]
     async def handle(request: IngestRequest) -> Answer:
-        turn = deps.delivery.turn()
-        if turn is not None:
-            await turn
         rules = deps.active.current
         presented = request_key(request)  # Authorization header, else ?writeKey= (the body's is read later)
         if presented is not None and rules.source_for_key(presented) is None:
             raise IngressError(401, "invalid_write_key", "unknown write key")  # before reading the body
+        turn = deps.delivery.turn()  # while a sender is behind for lack of CPU, one request per pass (proxy/delivery/pacing.py)
+        if turn is not None:
+            await turn
         data = body_at_hand(request)
         if data is None:
             data = await read_body(request)

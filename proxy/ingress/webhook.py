@@ -72,13 +72,13 @@ def _prepare_event(rules: RuleSet, data: bytes, source: Source, region: str | No
 
 def webhook_handler(deps: IngressDeps):  # type: ignore[no-untyped-def]
     async def handle(request: web.Request) -> responses.Answer:
-        turn = deps.delivery.turn()  # as the ingest routes: a sender behind gets its turns (proxy/delivery/pacing.py)
-        if turn is not None:
-            await turn
         rules = deps.active.current
         source = rules.sources.get(request.match_info["source"])
         if source is None or source.webhook_secret is None:
             raise IngressError(401, "unknown_source", "no source with a webhook has this name (the URL ends in the source's name)")
+        turn = deps.delivery.turn()  # as the ingest routes: a sender behind gets its turns (proxy/delivery/pacing.py)
+        if turn is not None:
+            await turn
         data = await read_body(request)
         verify_signature(source.webhook_secret, data, request.headers.get(SIGNATURE_HEADER))
         request[SOURCE_KEY] = source.name
