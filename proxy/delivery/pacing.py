@@ -52,8 +52,7 @@ class Pacer:
             if not self._busy:
                 if not self._probing:
                     self._probing = True
-                    loop = asyncio.get_running_loop()
-                    loop.call_later(PROBE_EVERY, self._tick, loop.time() + PROBE_EVERY)
+                    self._schedule_tick(asyncio.get_running_loop())
                 return None
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
@@ -69,13 +68,15 @@ class Pacer:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def _schedule_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.call_later(PROBE_EVERY, self._tick, loop.time() + PROBE_EVERY)
+
     def _tick(self, due: float) -> None:
         """How late the loop came around: a busy loop is one whose passes are long. Runs while a sender lags."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        self._busy = now - due >= BUSY_LATE
+        self._busy = loop.time() - due >= BUSY_LATE
         if self._lagging():
-            loop.call_later(PROBE_EVERY, self._tick, now + PROBE_EVERY)
+            self._schedule_tick(loop)
         else:
             self._probing = self._busy = False
 

@@ -269,7 +269,7 @@ class Pipeline:
         if self._runner is not None:
             if self._inline:  # the runner's own batch is in flight: it ends after that one, or at the timeout
                 self._stopping = True
-                await asyncio.wait({self._runner}, timeout=max(0.0, timeout))
+                await asyncio.wait({self._runner}, timeout=max(0.0, deadline - loop.time()))
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
         if self._tasks:
